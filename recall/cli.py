@@ -1,0 +1,112 @@
+"""The `recall` command: toyworld, protocol, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def _compose(args):
+    from recall.config import compose
+    return compose(args.overrides, params_file=args.params)
+
+
+def cmd_toyworld(args) -> int:
+    from recall.data.toyworld import generate
+    cfg = _compose(args).toyworld
+    summary = generate(args.out, n_train=cfg.n_train, n_val=cfg.n_val, size=cfg.size, seed=cfg.seed,
+                       max_objects=cfg.max_objects)
+    counts = summary["class_image_counts"]["train"]
+    print(f"toy world in {args.out}: {cfg.n_train} train + {cfg.n_val} val images of {cfg.size}x{cfg.size}; "
+          f"train images per class: min {min(counts.values())}, max {max(counts.values())}")
+    return 0
+
+
+def cmd_protocol(args) -> int:
+    from recall.data.protocol import select_train_images, steps
+    from recall.data.voc import image_classes, read_split
+    cfg = _compose(args)
+    task = steps(str(cfg.protocol.name), int(cfg.dataset.num_classes))
+    root = Path(cfg.dataset.root)
+    ids = read_split(root, cfg.dataset.train_split)
+    classes = image_classes(root, ids, num_classes=int(cfg.dataset.num_classes), mask_dir=cfg.dataset.mask_dir,
+                            progress=False)
+    out = {"protocol": str(cfg.protocol.name), "setting": str(cfg.setting.name), "dataset": str(root),
+           "steps": []}
+    for t, new in enumerate(task):
+        chosen = select_train_images(classes, task, t, str(cfg.setting.name))
+        out["steps"].append({"step": t, "classes": new, "num_images": len(chosen), "images": chosen})
+    json.dump(out, sys.stdout, indent=1 if args.pretty else None)
+    print()
+    return 0
+
+
+def cmd_run(args) -> int:
+    from recall.experiment import run_protocol
+    from recall.tracking import Tracker
+    cfg = _compose(args)
+    tracker = None
+    if cfg.tracking.uri:
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or str(cfg.dataset.name))
+    payload = run_protocol(cfg, tracker)
+    final = payload["final"]["miou"]
+    print("final: " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if v is not None))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from recall.report import write_report
+    write_report([Path(p) for p in args.runs], Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recall", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_overrides(p):
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. protocol=15-1x5 method=ft seed=1")
+        p.add_argument("--params", default=None, help="take values from this params.yaml (what DVC stages do)")
+        return p
+
+    p = with_overrides(sub.add_parser("toyworld", help="generate the toy world in VOC layout"))
+    p.add_argument("out")
+    p.set_defaults(func=cmd_toyworld)
+    p = sub.add_parser("protocol", help="print each step's classes and training images as JSON")
+    p.add_argument("name", help="task string, e.g. 15-1x5")
+    with_overrides(p)
+    p.add_argument("--pretty", action="store_true")
+    p.set_defaults(func=cmd_protocol)
+    p = with_overrides(sub.add_parser("run", help="run (or resume) a protocol"))
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="tables and figures from finished run directories")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default="reports")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "protocol":
+        args.overrides = [f"protocol={args.name}", *args.overrides]
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        from recall.data.protocol import ProtocolError
+        from recall.data.voc import DatasetError
+        if isinstance(err, (ProtocolError, DatasetError, FileNotFoundError)) or type(err) is ValueError:
+            print(f"recall: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

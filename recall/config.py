@@ -1,0 +1,73 @@
+"""Configuration: Hydra composition of conf/, typed views of its sections, and the committed params.yaml.
+
+`compose(["protocol=15-1x5", "method=ft"])` composes conf/ like `recall run` does. Any task string of the
+protocol grammar works, not only the files in conf/protocol/. With `params_file`, the values of params.yaml
+(the file DVC tracks and `dvc exp run -S` edits) replace the composed defaults for every section whose
+group was not chosen on the command line, so a DVC stage runs exactly what params.yaml says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TypeVar
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval")
+
+T = TypeVar("T")
+
+
+def _group_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    groups, rest = {}, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in GROUPS:
+            groups[key] = value
+        else:
+            rest.append(item)
+    return groups, rest
+
+
+def _protocol_override(value: str) -> str:
+    """A task string with no file in conf/protocol/ becomes `protocol.name=...` (checked when the run starts)."""
+    if (CONF_DIR / "protocol" / f"{value}.yaml").is_file():
+        return f"protocol={value}"
+    return f"protocol.name={value}"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), params_file: str | Path | None = None) -> DictConfig:
+    overrides = list(overrides)
+    groups, rest = _group_overrides(overrides)
+    hydra_overrides = [f"{k}={v}" for k, v in groups.items() if k != "protocol"]
+    if "protocol" in groups:
+        hydra_overrides.append(_protocol_override(groups["protocol"]))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=hydra_overrides + rest)
+    if params_file is not None:
+        params = OmegaConf.load(params_file)
+        for key in params:
+            if key not in groups:
+                cfg[key] = params[key]
+        if rest:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+    return cfg
+
+
+def default_params() -> dict:
+    """What params.yaml must contain: the composed default configuration."""
+    return OmegaConf.to_container(compose(), resolve=True)
+
+
+def section(cfg: DictConfig, cls: type[T]) -> T:
+    """A typed view of a config section: unknown keys and wrong types fail here, not deep in training."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg.keys()) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(known)}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))

@@ -1,0 +1,1 @@
+"""Datasets (VOC layout readers, the toy world) and continual-learning protocols."""

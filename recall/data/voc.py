@@ -1,0 +1,227 @@
+"""One reader for Pascal VOC 2012, the SBD ``train_aug`` layout and the toy world.
+
+Layout: ``root/<image_dir>/<id>.jpg``, ``root/<mask_dir>/<id>.png`` (palette "P" or grey "L"
+PNGs holding class indices, 255 = ignore) and ``root/ImageSets/Segmentation/<split>.txt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+from recall.data.classes import BACKGROUND, IGNORE_INDEX
+
+SPLITS_DIR = Path("ImageSets") / "Segmentation"
+IMAGE_SUFFIX = ".jpg"
+MASK_SUFFIX = ".png"
+NUM_LABEL_VALUES = 256
+MASK_MODES = ("P", "L")
+CACHE_VERSION = 1
+
+# Errors PIL raises for unreadable / truncated / corrupt files.
+_PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+class DatasetError(ValueError):
+    """A problem with the dataset files on disk; the message names the offending file."""
+
+
+def split_file(root: str | Path, split: str) -> Path:
+    """Path of the id list of ``split``."""
+    return Path(root) / SPLITS_DIR / f"{split}.txt"
+
+
+def _parse_id(line: str) -> str:
+    """An id from a split-file line; also accepts ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` lines."""
+    first = line.split()[0]
+    return Path(first).stem if ("/" in first or "." in first) else first
+
+
+def read_split(root: str | Path, split: str) -> list[str]:
+    """The ids listed in ``root/ImageSets/Segmentation/<split>.txt``, in file order."""
+    path = split_file(root, split)
+    if not path.is_file():
+        raise DatasetError(f"{path}: split file is missing; is {Path(root)} a VOC-layout dataset root "
+                           f"with a '{split}' split (generate the toy world or point to VOC2012)?")
+    ids = [_parse_id(line) for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"{path}: split file is empty")
+    return ids
+
+
+def _missing(path: Path, what: str) -> DatasetError:
+    return DatasetError(f"{path}: file is missing; the {what} listed in the split has no file "
+                        f"(re-extract / regenerate the dataset, or remove the id from the split)")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load an image as RGB, raising ``DatasetError`` naming the file if missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path, "image")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except _PIL_ERRORS as error:
+        raise DatasetError(f"{path}: cannot read image ({error})") from error
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Load a label mask (palette "P" or grey "L" PNG) as an (H, W) uint8 array of class indices."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path, "mask")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in MASK_MODES:
+                raise DatasetError(f"{path}: mask has mode {image.mode!r}; expected a palette ('P') or "
+                                   f"grey ('L') PNG of class indices")
+            return np.array(image, dtype=np.uint8)
+    except _PIL_ERRORS as error:
+        if isinstance(error, DatasetError):
+            raise
+        raise DatasetError(f"{path}: cannot read mask ({error})") from error
+
+
+def present_labels(mask: np.ndarray) -> np.ndarray:
+    """The sorted label values occurring in ``mask``."""
+    return np.flatnonzero(np.bincount(mask.ravel(), minlength=NUM_LABEL_VALUES))
+
+
+def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """Raise ``DatasetError`` if a label is neither in 0..num_classes nor 255."""
+    bad = labels[(labels > num_classes) & (labels != IGNORE_INDEX)]
+    if bad.size:
+        raise DatasetError(f"{path}: mask has label values {bad.tolist()} outside 0..{num_classes} "
+                           f"and {IGNORE_INDEX} (wrong num_classes, or a colour-coded mask?)")
+
+
+def _check_label_map(label_map: torch.Tensor | None) -> torch.Tensor | None:
+    if label_map is None:
+        return None
+    if label_map.shape != (NUM_LABEL_VALUES,) or label_map.dtype.is_floating_point:
+        raise ValueError(f"label_map must be an integer tensor of shape ({NUM_LABEL_VALUES},), "
+                         f"got {tuple(label_map.shape)} {label_map.dtype}")
+    return label_map.long()
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """(image, mask) pairs from a VOC-layout root: image ``tv_tensors.Image`` uint8 CHW, mask int64 HW."""
+
+    def __init__(self, root: str | Path, split: str = "train", ids: Sequence[str] | None = None,
+                 num_classes: int = 20, mask_dir: str = "SegmentationClass", image_dir: str = "JPEGImages",
+                 transform: Callable | None = None, label_map: torch.Tensor | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.ids: list[str] = list(ids) if ids is not None else read_split(self.root, split)
+        self.num_classes = num_classes
+        self.image_dir = self.root / image_dir
+        self.mask_dir = self.root / mask_dir
+        self.transform = transform
+        self.label_map = _check_label_map(label_map)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, i: int) -> Path:
+        return self.image_dir / f"{self.ids[i]}{IMAGE_SUFFIX}"
+
+    def mask_path(self, i: int) -> Path:
+        return self.mask_dir / f"{self.ids[i]}{MASK_SUFFIX}"
+
+    def load_raw(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        """The validated PIL image and uint8 mask of item ``i``."""
+        image_path, mask_path = self.image_path(i), self.mask_path(i)
+        image, mask = load_image(image_path), load_mask(mask_path)
+        mask_size = (mask.shape[1], mask.shape[0])
+        if image.size != mask_size:
+            raise DatasetError(f"{mask_path}: mask size {mask_size} differs from image size {image.size} "
+                               f"of {image_path} (sizes are width x height)")
+        check_labels(present_labels(mask), self.num_classes, mask_path)
+        return image, mask
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pil_image, array = self.load_raw(i)
+        image = tv_tensors.Image(torch.from_numpy(np.array(pil_image)).permute(2, 0, 1).contiguous())
+        mask = torch.from_numpy(array.astype(np.int64))
+        if self.label_map is not None:  # before the transform, so that padding added by a crop stays 255
+            mask = self.label_map[mask]
+        mask = tv_tensors.Mask(mask)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image, mask
+
+    def __repr__(self) -> str:
+        return f"VOCSegmentation(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+# ------------------------------------------------------------------------ class index
+
+def _fingerprint(mask_paths: Iterable[Path], num_classes: int) -> str:
+    """A hash of the mask files' names, sizes and mtimes (changes when any mask changes)."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION};{num_classes}".encode())
+    for path in mask_paths:
+        try:
+            st = path.stat()
+        except FileNotFoundError as error:
+            raise _missing(path, "mask") from error
+        digest.update(f"\n{path.name};{st.st_size};{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(cache: Path, fingerprint: str) -> dict[str, frozenset[int]] | None:
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+        return None
+    return {k: frozenset(v) for k, v in data["classes"].items()}
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
+                  mask_dir: str = "SegmentationClass", cache: Path | None = None,
+                  progress: bool = True) -> dict[str, frozenset[int]]:
+    """For each id, the classes in its mask excluding background (0) and ignore (255).
+
+    With ``cache`` (a JSON file), results are reused while the ids and mask files are unchanged.
+    """
+    mask_paths = [Path(root) / mask_dir / f"{i}{MASK_SUFFIX}" for i in ids]
+    fingerprint = None
+    if cache is not None:
+        cache = Path(cache)
+        fingerprint = _fingerprint(mask_paths, num_classes)
+        cached = _read_cache(cache, fingerprint)
+        if cached is not None and list(cached) == list(ids):
+            return cached
+
+    result: dict[str, frozenset[int]] = {}
+    items = zip(ids, mask_paths)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=len(mask_paths), desc="indexing classes", unit="mask")
+    for image_id, path in items:
+        labels = present_labels(load_mask(path))
+        check_labels(labels, num_classes, path)
+        result[image_id] = frozenset(int(c) for c in labels if c not in (BACKGROUND, IGNORE_INDEX))
+
+    if cache is not None:
+        payload = {"fingerprint": fingerprint, "classes": {k: sorted(v) for k, v in result.items()}}
+        _write_json_atomic(cache, payload)
+    return result

@@ -1,0 +1,229 @@
+"""A protocol run: every step of a task, with resumable checkpoints, evaluation and the output contract.
+
+Run directory (DESIGN.md §4):
+    config.yaml              the resolved configuration
+    steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
+    steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
+    metrics.json, curve.csv  per-step results for people, DVC and the report
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from recall.config import section
+from recall.data.classes import VOC_CLASSES
+from recall.data.protocol import (Conventions, eval_label_map, get_convention, introduced_at,
+                                  select_eval_images, select_train_images, steps, train_label_map)
+from recall.data.transforms import eval_transform, train_transform
+from recall.data.voc import VOCSegmentation, image_classes, read_split
+from recall.methods import Method, StepContext, build_method
+from recall.metrics import ConfusionMatrix, forgetting, summarize
+from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
+from recall.train import TrainConfig, evaluate, train_step
+
+CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    name = f"{cfg.protocol.name}_{cfg.setting.name}_{cfg.method.name}_{cfg.replay.name}_s{cfg.seed}"
+    return Path("runs") / name
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+class ProtocolRun:
+    """Everything one run needs, built once from the configuration."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+        self.root = Path(cfg.dataset.root)
+        self.num_classes = int(cfg.dataset.num_classes)
+        self.task = steps(str(cfg.protocol.name), self.num_classes)
+        self.setting = str(cfg.setting.name)
+        self.convention: Conventions = get_convention(cfg.eval.convention)
+        self.model_cfg = section(cfg.model, ModelConfig)
+        self.train_cfg = section(cfg.train, TrainConfig)
+        method_opts = OmegaConf.to_container(cfg.method, resolve=True)
+        self.method: Method = build_method(method_opts.pop("name"), **method_opts)
+        self.class_names = list(VOC_CLASSES) if self.num_classes == 20 else [str(i) for i in range(self.num_classes + 1)]
+        self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
+
+    # ------------------------------------------------------------------ data
+    def _dataset_kwargs(self) -> dict:
+        d = self.cfg.dataset
+        return dict(num_classes=self.num_classes, mask_dir=d.mask_dir, image_dir=d.image_dir)
+
+    def _classes_of(self, split: str) -> dict[str, frozenset[int]]:
+        ids = read_split(self.root, split)
+        cache = self.run_dir / f"image_classes_{split}.json"
+        return image_classes(self.root, ids, num_classes=self.num_classes, mask_dir=self.cfg.dataset.mask_dir,
+                             cache=cache, progress=False)
+
+    def train_loader(self, step: int, generator: torch.Generator) -> DataLoader:
+        classes = self._classes_of(self.cfg.dataset.train_split)
+        if self.method.data == "cumulative":  # joint: every image with a class seen so far, all labels kept
+            ids = sorted({i for s in range(step + 1) for i in select_train_images(classes, self.task, s, "overlapped")})
+            lut = eval_label_map(self.task, step, self.num_classes, future="background")
+            if self.convention.border_to_background:
+                lut[255] = 0
+        else:
+            ids = select_train_images(classes, self.task, step, self.setting)
+            lut = train_label_map(self.task, step, self.setting, self.num_classes, self.convention.border_to_background)
+        if not ids:
+            raise RuntimeError(f"step {step} of {self.cfg.protocol.name} ({self.setting}) has no training image "
+                               f"in {self.root}; check dataset.root and the protocol")
+        t = self.train_cfg
+        data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale),
+                               label_map=lut, **self._dataset_kwargs())
+        return DataLoader(data, batch_size=t.batch_size, shuffle=True, drop_last=len(ids) > t.batch_size,
+                          num_workers=t.num_workers, generator=generator)
+
+    def eval_loader(self, step: int) -> DataLoader:
+        classes = self._classes_of(self.cfg.dataset.val_split)
+        ids = select_eval_images(classes, self.task, step, self.convention.name)
+        lut = eval_label_map(self.task, step, self.num_classes, future=self.convention.future_at_test)
+        data = VOCSegmentation(self.root, self.cfg.dataset.val_split, ids=ids, transform=eval_transform(),
+                               label_map=lut, **self._dataset_kwargs())
+        return DataLoader(data, batch_size=self.train_cfg.eval_batch_size, num_workers=self.train_cfg.num_workers)
+
+    # ------------------------------------------------------------------ steps
+    def step_dir(self, step: int) -> Path:
+        return self.run_dir / "steps" / str(step)
+
+    def meta(self, step: int) -> dict:
+        return {"task": self.task[: step + 1], "classes_per_step": [len(c) for c in self.task[: step + 1]],
+                "setting": self.setting, "step": step, "backbone": self.model_cfg.backbone,
+                "protocol": str(self.cfg.protocol.name), "method": self.method.name, "seed": int(self.cfg.seed)}
+
+    def context(self, step: int, prev_model: SegmentationModel | None) -> StepContext:
+        old = [c for s in range(step) for c in self.task[s]]
+        return StepContext(step=step, task=self.task, new_classes=list(self.task[step]), old_classes=old,
+                           prev_model=prev_model if self.method.needs_previous_model else None)
+
+    def model_for(self, step: int) -> tuple[SegmentationModel, SegmentationModel | None]:
+        """The model to train at `step` (previous checkpoint + grown classifier) and the frozen previous model."""
+        if step == 0:
+            return SegmentationModel(self.model_cfg, [len(self.task[0])]), None
+        prev, _ = load_checkpoint(self.step_dir(step - 1) / "model.pt", self.model_cfg)
+        model = copy.deepcopy(prev)
+        model.add_classes(len(self.task[step]), init=self.method.classifier_init)
+        prev.eval().requires_grad_(False)
+        return model, prev
+
+    def adopt_step0(self, source: Path) -> None:
+        """Start from a shared step-0 run (DVC's `step0` stage) after checking it fits this protocol."""
+        src = source / "steps" / "0"
+        meta = torch.load(src / "model.pt", map_location="cpu", weights_only=True)["meta"]
+        mine = self.meta(0)
+        for key in ("task", "setting", "backbone", "seed"):
+            if meta[key] != mine[key]:
+                raise ValueError(f"step0={source}: its {key} is {meta[key]!r} but this run needs {mine[key]!r}; "
+                                 "train a matching step-0 model (recall run last_step=0 ...) or drop step0=")
+        dst = self.step_dir(0)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("model.pt", "eval.json"):
+            shutil.copyfile(src / name, dst / (name + ".tmp"))
+        os.replace(dst / "eval.json.tmp", dst / "eval.json")
+        os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
+
+    def train(self, step: int) -> None:
+        torch.manual_seed(int(self.cfg.seed) * 1000 + step)
+        model, prev = self.model_for(step)
+        ctx = self.context(step, prev)
+        self.method.on_step_start(model, ctx)
+        generator = torch.Generator().manual_seed(int(self.cfg.seed) * 1000 + step)
+        losses = train_step(model, self.method, self.train_loader(step, generator), ctx, self.train_cfg)
+        save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
+
+    def evaluate(self, step: int, history: list[np.ndarray]) -> dict:
+        """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
+        model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
+        seen = [c for s in range(step + 1) for c in self.task[s]]
+        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1)
+        return self.result(step, matrix, history)
+
+    def result(self, step: int, matrix: ConfusionMatrix, history: list[np.ndarray]) -> dict:
+        iou = matrix.iou(absent=self.convention.absent_class)
+        history = history + [iou]
+        old, new = self.task[0], [c for s in range(1, step + 1) for c in self.task[s]]
+        intro = {0: 0, **introduced_at(self.task)}
+        forgot = forgetting(history, intro)
+        nan_to_none = lambda v: None if v is None or np.isnan(v) else float(v)  # noqa: E731
+        return {"step": step, "new_classes": [self.class_names[c] for c in self.task[step]],
+                "iou": {self.class_names[c]: nan_to_none(v) for c, v in enumerate(iou)},
+                "miou": summarize(iou, old, new),
+                "forgetting": {self.class_names[c]: nan_to_none(v) for c, v in forgot.items()},
+                "confusion_matrix": matrix.to_dict()}
+
+
+def _iou_array(result: dict) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in result["iou"].values()], dtype=np.float64)
+
+
+def run_protocol(cfg: DictConfig, tracker=None) -> dict:
+    """Run (or resume) every step of the configured protocol; returns the metrics.json payload."""
+    run = ProtocolRun(cfg)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if tracker is not None:
+        tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
+                "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
+                "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir)}
+        tracker.start(run.run_dir, run.run_dir.name, tags, OmegaConf.to_container(cfg, resolve=True))
+    results: list[dict] = []
+    for step in range(run.last_step + 1):
+        done = run.step_dir(step) / "model.pt"
+        if step == 0 and cfg.step0 and not done.exists():
+            run.adopt_step0(Path(cfg.step0))
+        if not done.exists():
+            run.train(step)
+        eval_file = run.step_dir(step) / "eval.json"
+        if eval_file.exists():
+            result = json.loads(eval_file.read_text())
+        else:
+            result = run.evaluate(step, [_iou_array(r) for r in results])
+            write_json(eval_file, result)
+        results.append(result)
+        print(f"step {step} ({', '.join(result['new_classes'])}): " +
+              ", ".join(f"{k}={v:.3f}" for k, v in result["miou"].items() if v is not None), flush=True)
+        if tracker is not None:
+            tracker.log_step(result)
+    payload = write_outputs(run, results)
+    if tracker is not None:
+        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "config.yaml"])
+    return payload
+
+
+def write_outputs(run: ProtocolRun, results: list[dict]) -> dict:
+    strip = lambda r: {k: v for k, v in r.items() if k != "confusion_matrix"}  # noqa: E731
+    payload = {"protocol": str(run.cfg.protocol.name), "setting": run.setting, "method": run.method.name,
+               "replay": str(run.cfg.replay.name), "seed": int(run.cfg.seed), "convention": run.convention.name,
+               "method_options": run.method.options(),
+               "classes": run.class_names, "steps": [strip(r) for r in results], "final": strip(results[-1])}
+    write_json(run.run_dir / "metrics.json", payload)
+    tmp = run.run_dir / "curve.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({"step": r["step"], **{k: ("" if r["miou"][k] is None else round(r["miou"][k], 5))
+                                                   for k in CURVE_FIELDS[1:]}})
+    os.replace(tmp, run.run_dir / "curve.csv")
+    return payload

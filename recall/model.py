@@ -1,0 +1,145 @@
+"""Segmentation model: a timm encoder (features_only) + a DeepLab ASPP head + a classifier that grows per step.
+
+The classifier is a list of 1×1 convolutions, one per step (MiB's layout): step 0 predicts background and
+the base classes, every later step appends the logits of its new classes. Old weights are kept untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "test_resnet"
+    output_stride: int = 8
+    head_channels: int = 64
+    aspp_rates: list[int] = field(default_factory=lambda: [2, 4, 6])
+    frozen_bn: bool = False
+    pretrained_file: str | None = None  # local weights for the backbone; never downloaded
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLab): 1×1 + dilated 3×3 branches + image pooling, fused by 1×1."""
+
+    def __init__(self, in_channels: int, channels: int, rates: list[int]):
+        super().__init__()
+
+        def conv_bn(kernel: int, dilation: int = 1) -> nn.Sequential:
+            pad = 0 if kernel == 1 else dilation
+            return nn.Sequential(
+                nn.Conv2d(in_channels, channels, kernel, padding=pad, dilation=dilation, bias=False),
+                nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+        self.branches = nn.ModuleList([conv_bn(1)] + [conv_bn(3, r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False),
+                                  nn.ReLU(inplace=True))
+        self.project = nn.Sequential(
+            nn.Conv2d(channels * (len(rates) + 2), channels, 1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class SegmentationModel(nn.Module):
+    """Encoder + ASPP head + per-step classifiers. `forward` returns logits and the features the methods need."""
+
+    def __init__(self, cfg: ModelConfig, classes_per_step: list[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _make_encoder(cfg)
+        in_channels = self.encoder.feature_info.channels()[-1]
+        self.head = ASPP(in_channels, cfg.head_channels, list(cfg.aspp_rates))
+        self.classifiers = nn.ModuleList()
+        for i, n in enumerate(classes_per_step):
+            self.add_classes(n + (1 if i == 0 else 0), init="random")
+        if cfg.frozen_bn:
+            self.encoder = _freeze_bn(self.encoder)
+
+    @property
+    def num_outputs(self) -> int:
+        return sum(c.out_channels for c in self.classifiers)
+
+    def add_classes(self, n: int, init: str = "random") -> nn.Conv2d:
+        """Append a classifier for `n` new classes. init: "random" or "background" (MiB's init)."""
+        conv = nn.Conv2d(self.cfg.head_channels, n, 1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        if init == "background" and len(self.classifiers) > 0:
+            _background_aware_init(self.classifiers[0], conv)
+        elif init != "random":
+            raise ValueError(f"unknown classifier init {init!r}; expected 'random' or 'background'")
+        self.classifiers.append(conv)
+        return conv
+
+    def decoder_parameters(self):
+        yield from self.head.parameters()
+        yield from self.classifiers.parameters()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        encoded = self.encoder(x)[-1]
+        features = self.head(encoded)
+        logits = torch.cat([c(features) for c in self.classifiers], dim=1)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": logits, "features": features, "encoder": encoded}
+
+
+def _background_aware_init(background: nn.Conv2d, new: nn.Conv2d) -> None:
+    """MiB: new classes start as copies of background, and the background probability is split among them."""
+    with torch.no_grad():
+        shift = math.log(new.out_channels + 1)
+        new.weight.copy_(background.weight[0:1].expand_as(new.weight))
+        new.bias.copy_(background.bias[0:1].expand_as(new.bias) - shift)
+        background.bias[0] -= shift
+
+
+def _make_encoder(cfg: ModelConfig) -> nn.Module:
+    kwargs = dict(features_only=True, out_indices=(-1,), output_stride=cfg.output_stride)
+    if cfg.pretrained_file:
+        path = Path(cfg.pretrained_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_file={path}: no such file. Download the backbone "
+                                    "weights once and point model.pretrained_file at them, or set it to null.")
+        return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+
+
+def _freeze_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by torchvision's FrozenBatchNorm2d (statistics and affine fixed)."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        frozen.weight.copy_(module.weight.detach())
+        frozen.bias.copy_(module.bias.detach())
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, _freeze_bn(child))
+    return module
+
+
+def save_checkpoint(model: SegmentationModel, path: Path, meta: dict) -> None:
+    """Write {state_dict, meta} atomically (temp file + rename), so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, cfg: ModelConfig) -> tuple[SegmentationModel, dict]:
+    """Rebuild the model a checkpoint was saved from (its meta holds the classes per step) and load it."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = blob["meta"]
+    model = SegmentationModel(cfg, meta["classes_per_step"])
+    model.load_state_dict(blob["state_dict"])
+    return model, meta

@@ -1,0 +1,106 @@
+"""MLflow logging: the only module that imports mlflow.
+
+One parent run per protocol run (tags: protocol, setting, method, replay, seed, git commit) with one child
+run per step. Per-class IoU and the old/new/all means are logged as metrics with `step=t` on the parent
+(so `mlflow ui` draws curves over steps) and on the step's child run. The parent run id is stored in the
+run directory, so a resumed run keeps logging into the same parent and never duplicates a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+RUN_ID_FILE = "mlflow_run.json"
+SECRET_MARKERS = ("key", "secret", "token", "password")
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config → {"a.b": "value"} for mlflow params; keys that look like secrets are dropped."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if any(marker in str(key).lower() for marker in SECRET_MARKERS):
+            continue
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+def _metric_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
+
+
+def step_metrics(result: dict) -> dict[str, float]:
+    metrics = {f"miou/{k}": v for k, v in result["miou"].items() if v is not None}
+    metrics.update({f"iou/{_metric_name(c)}": v for c, v in result["iou"].items() if v is not None})
+    metrics.update({f"forgetting/{_metric_name(c)}": v for c, v in result["forgetting"].items() if v is not None})
+    return metrics
+
+
+class Tracker:
+    """Logs a protocol run to MLflow; resumable through `<run_dir>/mlflow_run.json`."""
+
+    def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.parent_id: str | None = None
+
+    def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
+        id_file = run_dir / RUN_ID_FILE
+        if id_file.is_file():
+            self.parent_id = json.loads(id_file.read_text())["run_id"]
+            self.client.update_run(self.parent_id, status="RUNNING")
+            return self.parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "git_commit": git_commit()})
+        self.parent_id = run.info.run_id
+        for key, value in flatten(params).items():
+            self.client.log_param(self.parent_id, key, value)
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri}))
+        os.replace(tmp, id_file)
+        return self.parent_id
+
+    def _logged_steps(self) -> set[int]:
+        children = self.client.search_runs([self.experiment_id],
+                                           filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'")
+        return {int(r.data.tags["step"]) for r in children if r.info.status == "FINISHED"}
+
+    def log_step(self, result: dict) -> None:
+        step = result["step"]
+        if step in self._logged_steps():
+            return
+        metrics = step_metrics(result)
+        parent = self.client.get_run(self.parent_id)
+        child = self.client.create_run(self.experiment_id, run_name=f"{parent.info.run_name} step {step}",
+                                       tags={"mlflow.parentRunId": self.parent_id, "step": str(step),
+                                             **{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}})
+        for run_id in (self.parent_id, child.info.run_id):
+            for key, value in metrics.items():
+                self.client.log_metric(run_id, key, value, step=step)
+        self.client.log_param(child.info.run_id, "new_classes", ",".join(result["new_classes"]))
+        self.client.set_terminated(child.info.run_id)
+
+    def finish(self, artifacts: list[Path], status: str = "FINISHED") -> None:
+        for path in artifacts:
+            if path.exists():
+                self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_terminated(self.parent_id, status=status)

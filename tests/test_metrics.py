@@ -1,0 +1,133 @@
+"""Tests for recall.metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix, jaccard_score
+
+from recall.metrics import ConfusionMatrix, forgetting, mean_iou, summarize
+
+N = 6
+
+
+def random_batch(gen: torch.Generator, shape=(2, 9, 11), n: int = N):
+    target = torch.randint(0, n, shape, generator=gen)
+    target[torch.rand(shape, generator=gen) < 0.1] = 255
+    pred = torch.randint(0, n, shape, generator=gen)
+    return pred, target
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_matches_sklearn_over_several_updates(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    cm = ConfusionMatrix(N)
+    preds, targets = [], []
+    for _ in range(4):
+        p, t = random_batch(gen)
+        cm.update(p, t)
+        preds.append(p.flatten())
+        targets.append(t.flatten())
+    p, t = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    keep = t != 255
+    labels = list(range(N))
+    expected = confusion_matrix(t[keep], p[keep], labels=labels)
+    np.testing.assert_array_equal(cm.mat.numpy(), expected)
+    assert cm.mat.dtype == torch.int64
+    np.testing.assert_allclose(
+        cm.iou(), jaccard_score(t[keep], p[keep], labels=labels, average=None, zero_division=0)
+    )
+    assert cm.pixel_accuracy() == pytest.approx((t[keep] == p[keep]).mean())
+
+
+def test_reset_merge_and_json_roundtrip() -> None:
+    gen = torch.Generator().manual_seed(7)
+    a, b, both = ConfusionMatrix(N), ConfusionMatrix(N), ConfusionMatrix(N)
+    for cm in (a, b):
+        p, t = random_batch(gen)
+        cm.update(p, t)
+        both.update(p, t)
+    a += b
+    assert torch.equal(a.mat, both.mat)
+    restored = ConfusionMatrix.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert torch.equal(restored.mat, a.mat)
+    a.reset()
+    assert int(a.mat.sum()) == 0 and a.pixel_accuracy() is None
+    with pytest.raises(ValueError):
+        a.merge(ConfusionMatrix(N + 1))
+
+
+def test_only_ignore_pixels_is_noop() -> None:
+    cm = ConfusionMatrix(3)
+    cm.update(torch.zeros(4, dtype=torch.long), torch.full((4,), 255))
+    assert int(cm.mat.sum()) == 0
+
+
+def test_absent_class_conventions() -> None:
+    # 4 classes: 0 and 1 in the ground truth; 2 predicted but absent; 3 never seen.
+    target = torch.tensor([0, 0, 1, 1, 255])
+    pred = torch.tensor([0, 2, 1, 1, 3])  # the 3 falls on an ignored pixel -> dropped
+    cm = ConfusionMatrix(4)
+    cm.update(pred, target)
+    rec, mib, plop = cm.iou("recall"), cm.iou("mib"), cm.iou("plop")
+    np.testing.assert_allclose(rec[:2], [0.5, 1.0])
+    np.testing.assert_allclose(mib[:2], [0.5, 1.0])
+    np.testing.assert_allclose(plop[:2], [0.5, 1.0])
+    assert rec[2] == 0.0 and math.isnan(mib[2]) and plop[2] == 0.0  # predicted but absent
+    assert math.isnan(rec[3]) and math.isnan(mib[3]) and plop[3] == 0.0  # never seen
+    assert cm.iou().dtype == np.float64
+    with pytest.raises(ValueError, match="recall"):
+        cm.iou("voc")
+
+
+@pytest.mark.parametrize(
+    "pred, target, match",
+    [
+        (torch.tensor([0, 1]), torch.tensor([0, 3]), "target"),
+        (torch.tensor([0, 1]), torch.tensor([0, -1]), "target"),
+        (torch.tensor([0, 3]), torch.tensor([0, 1]), "pred"),
+        (torch.tensor([0, -2]), torch.tensor([0, 1]), "pred"),
+        (torch.tensor([0, 1, 2]), torch.tensor([0, 1]), "number of elements"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), "integer"),
+    ],
+)
+def test_invalid_inputs(pred, target, match) -> None:
+    cm = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match=match):
+        cm.update(pred, target)
+    assert int(cm.mat.sum()) == 0
+
+
+def test_mean_iou_and_summarize() -> None:
+    iou = np.array([0.9, 0.5, np.nan, 0.3, 0.1])
+    assert mean_iou(iou, []) is None
+    assert mean_iou(iou, [2]) is None
+    assert mean_iou(iou, [1, 2]) == pytest.approx(0.5)
+    s = summarize(iou, old_classes=[1, 2], new_classes=[3, 4])
+    assert s["all"] == pytest.approx((0.9 + 0.5 + 0.3 + 0.1) / 4)
+    assert s["all_no_bg"] == pytest.approx((0.5 + 0.3 + 0.1) / 3)
+    assert s["old"] == pytest.approx((0.9 + 0.5) / 2)
+    assert s["old_no_bg"] == pytest.approx(0.5)
+    assert s["new"] == pytest.approx(0.2)
+    assert summarize(iou, [1], [])["new"] is None
+
+
+def test_forgetting() -> None:
+    history = [
+        np.array([0.9, 0.8, np.nan, np.nan]),  # step 0: classes 0, 1
+        np.array([0.8, 0.6, 0.7, np.nan]),  # step 1: class 2 added
+        np.array([0.7, 0.5, 0.4, 0.6]),  # step 2: class 3 added
+    ]
+    introduced = {0: 0, 1: 0, 2: 1, 3: 2}
+    f = forgetting(history, introduced)
+    assert f[0] == pytest.approx(0.2)
+    assert f[1] == pytest.approx(0.3)
+    assert f[2] == pytest.approx(0.3)
+    assert f[3] is None  # introduced at the current step
+    assert forgetting(history[:1], {0: 0, 1: 0}) == {0: None, 1: None}
+    assert 3 not in forgetting(history[:2], introduced)  # not yet introduced
+    assert forgetting([], introduced) == {}
