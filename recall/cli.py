@@ -63,7 +63,11 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from recall.report import write_report
-    write_report([Path(p) for p in args.runs], Path(args.out))
+    runs = [Path(p) for p in args.runs]
+    if not runs:  # the demo pipeline's runs, as listed in the configuration
+        pipeline = _compose(args).pipeline
+        runs = [Path("runs") / key for key in pipeline.runs] + [Path("runs") / "joint"]
+    write_report(runs, Path(args.out))
     return 0
 
 
@@ -87,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_overrides(sub.add_parser("run", help="run (or resume) a protocol"))
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="tables and figures from finished run directories")
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="*", help="run directories (default: the pipeline's runs)")
     p.add_argument("--out", default="reports")
+    p.add_argument("--params", default=None)
+    p.set_defaults(overrides=[])
     p.set_defaults(func=cmd_report)
     return parser
 

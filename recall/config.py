@@ -71,3 +71,14 @@ def section(cfg: DictConfig, cls: type[T]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(known)}")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+
+
+def write_params(path: str | Path = "params.yaml") -> None:
+    """Regenerate params.yaml from conf/ (what `dvc exp run` does through DVC's Hydra integration)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(default_params(), sort_keys=False))
+
+
+if __name__ == "__main__":
+    write_params()

@@ -1,7 +1,8 @@
 """A protocol run: every step of a task, with resumable checkpoints, evaluation and the output contract.
 
 Run directory (DESIGN.md §4):
-    config.yaml              the resolved configuration
+    steps/config.yaml        the resolved configuration (a resumed run must match it)
+    steps/mlflow_run.json    the MLflow parent run, so a resumed run logs into the same one
     steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
     steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
     metrics.json, curve.csv  per-step results for people, DVC and the report
@@ -91,7 +92,7 @@ class ProtocolRun:
                                f"in {self.root}; check dataset.root and the protocol")
         t = self.train_cfg
         data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale),
-                               label_map=lut, **self._dataset_kwargs())
+                               label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
         return DataLoader(data, batch_size=t.batch_size, shuffle=True, drop_last=len(ids) > t.batch_size,
                           num_workers=t.num_workers, generator=generator)
 
@@ -144,6 +145,7 @@ class ProtocolRun:
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
     def train(self, step: int) -> None:
+        torch.set_num_threads(self.train_cfg.threads)
         torch.manual_seed(int(self.cfg.seed) * 1000 + step)
         model, prev = self.model_for(step)
         ctx = self.context(step, prev)
@@ -154,6 +156,7 @@ class ProtocolRun:
 
     def evaluate(self, step: int, history: list[np.ndarray]) -> dict:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
+        torch.set_num_threads(self.train_cfg.threads)
         model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
         seen = [c for s in range(step + 1) for c in self.task[s]]
         matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1)
@@ -173,6 +176,28 @@ class ProtocolRun:
                 "confusion_matrix": matrix.to_dict()}
 
 
+IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "run_dir", "last_step")
+
+
+def check_same_config(path: Path, cfg: DictConfig) -> None:
+    """Resume only a run with the same configuration; write the configuration on a fresh start."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    relevant = {k: v for k, v in current.items() if k not in IGNORED_FOR_RESUME}
+    if path.is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        saved = {k: v for k, v in saved.items() if k not in IGNORED_FOR_RESUME}
+        if saved != relevant:
+            changed = sorted(k for k in set(saved) | set(relevant) if saved.get(k) != relevant.get(k))
+            raise ValueError(f"{path.parent.parent} holds a run with a different configuration (sections differ: "
+                             f"{', '.join(changed)}); resume it with the same settings, or delete that directory "
+                             "or pass another run_dir= to start afresh")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
 def _iou_array(result: dict) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in result["iou"].values()], dtype=np.float64)
 
@@ -180,13 +205,11 @@ def _iou_array(result: dict) -> np.ndarray:
 def run_protocol(cfg: DictConfig, tracker=None) -> dict:
     """Run (or resume) every step of the configured protocol; returns the metrics.json payload."""
     run = ProtocolRun(cfg)
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if tracker is not None:
-        tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
+    check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
+    if tracker is not None:        tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
                 "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir)}
-        tracker.start(run.run_dir, run.run_dir.name, tags, OmegaConf.to_container(cfg, resolve=True))
+        tracker.start(run.run_dir / "steps", run.run_dir.name, tags, OmegaConf.to_container(cfg, resolve=True))
     results: list[dict] = []
     for step in range(run.last_step + 1):
         done = run.step_dir(step) / "model.pt"
@@ -207,7 +230,7 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
             tracker.log_step(result)
     payload = write_outputs(run, results)
     if tracker is not None:
-        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "config.yaml"])
+        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"])
     return payload
 
 

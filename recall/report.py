@@ -76,6 +76,10 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table)
+    summary = {r["dir"].name: {k: r["final"]["miou"].get(k) for k in COLUMNS[6:]} for r in runs}
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
     plot_curves(runs, out / "curves.png")
     print(markdown_table(table))
     return table

@@ -17,7 +17,7 @@ from recall.metrics import ConfusionMatrix
 class TrainConfig:
     batch_size: int = 16
     epochs: int = 8  # step 0
-    epochs_incremental: int = 15  # every later step
+    epochs_incremental: int = 10  # every later step
     lr: float = 0.05
     lr_incremental: float = 0.01
     momentum: float = 0.9
@@ -28,6 +28,7 @@ class TrainConfig:
     eval_batch_size: int = 50
     num_workers: int = 0
     threads: int = 2
+    cache_images: bool = True  # keep decoded images in memory (toy world; off for real VOC)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig, total_iters: int):

@@ -118,7 +118,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, split: str = "train", ids: Sequence[str] | None = None,
                  num_classes: int = 20, mask_dir: str = "SegmentationClass", image_dir: str = "JPEGImages",
-                 transform: Callable | None = None, label_map: torch.Tensor | None = None) -> None:
+                 transform: Callable | None = None, label_map: torch.Tensor | None = None,
+                 cache_in_memory: bool = False) -> None:
         self.root = Path(root)
         self.split = split
         self.ids: list[str] = list(ids) if ids is not None else read_split(self.root, split)
@@ -127,6 +128,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
         self.mask_dir = self.root / mask_dir
         self.transform = transform
         self.label_map = _check_label_map(label_map)
+        # decoded, validated samples kept after their first read (small datasets like the toy world only)
+        self._memory: dict[int, tuple[Image.Image, np.ndarray]] | None = {} if cache_in_memory else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -139,6 +142,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def load_raw(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """The validated PIL image and uint8 mask of item ``i``."""
+        if self._memory is not None and i in self._memory:
+            return self._memory[i]
         image_path, mask_path = self.image_path(i), self.mask_path(i)
         image, mask = load_image(image_path), load_mask(mask_path)
         mask_size = (mask.shape[1], mask.shape[0])
@@ -146,6 +151,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
             raise DatasetError(f"{mask_path}: mask size {mask_size} differs from image size {image.size} "
                                f"of {image_path} (sizes are width x height)")
         check_labels(present_labels(mask), self.num_classes, mask_path)
+        if self._memory is not None:
+            self._memory[i] = (image, mask)
         return image, mask
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
