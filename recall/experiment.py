@@ -206,7 +206,8 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
     """Run (or resume) every step of the configured protocol; returns the metrics.json payload."""
     run = ProtocolRun(cfg)
     check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
-    if tracker is not None:        tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
+    if tracker is not None:
+        tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
                 "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir)}
         tracker.start(run.run_dir / "steps", run.run_dir.name, tags, OmegaConf.to_container(cfg, resolve=True))

@@ -48,7 +48,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     """mIoU of old classes (no bg) and of all classes over steps, one line per run."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in runs:
-        label = f"{r['protocol']} {r['method']}" + ("" if r["replay"] == "none" else f" ({r['replay']})")
+        label = r["protocol"] if r["protocol"] == r["method"] else f"{r['protocol']} {r['method']}" + ("" if r["replay"] == "none" else f" ({r['replay']})")
         x = [s["step"] for s in r["steps"]]
         for ax, key in zip(axes, ("old_no_bg", "all")):
             y = [s["miou"][key] if s["miou"][key] is not None else float("nan") for s in r["steps"]]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from recall.methods.base import Method, StepContext
+from recall.methods.distillation import ILT, LwF, MiB
 from recall.methods.finetune import FineTuning, Joint
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB)}
 
 
 def build_method(name: str, **options) -> Method:

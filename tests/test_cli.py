@@ -1,0 +1,127 @@
+"""End to end through the `recall` command on a tiny toy world, with a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FAST
+from recall.cli import main
+
+
+def _run(tmp_path: Path, world: Path, *overrides: str) -> int:
+    return main(["run", f"dataset.root={world}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST, *overrides])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_protocol_command_prints_steps_and_images(tiny_world, capsys):
+    assert main(["protocol", "15-1x5", f"dataset.root={tiny_world}", "setting=disjoint"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["classes"] for s in out["steps"]] == [list(range(1, 16)), [16], [17], [18], [19], [20]]
+    ids = [i for s in out["steps"] for i in s["images"]]
+    assert len(ids) == len(set(ids)), "disjoint steps share no image"
+
+
+def test_bad_protocol_is_a_clear_error(tiny_world, capsys):
+    assert main(["protocol", "15-6", f"dataset.root={tiny_world}"]) == 2
+    assert "15-6" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert main(["run", f"dataset.root={tmp_path}/nowhere", "tracking.uri="]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_run_writes_the_output_contract_and_mlflow(tmp_path, tiny_world):
+    run_dir = tmp_path / "run"
+    assert _run(tmp_path, tiny_world, "protocol=10-5-5", f"run_dir={run_dir}") == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["protocol"] == "10-5-5" and metrics["method"] == "ft" and metrics["convention"] == "recall"
+    assert [s["step"] for s in metrics["steps"]] == [0, 1, 2]
+    assert set(metrics["final"]["miou"]) == {"all", "old", "new", "all_no_bg", "old_no_bg"}
+    assert len(metrics["final"]["iou"]) == 21 and "aeroplane" in metrics["final"]["forgetting"]
+    for t in range(3):
+        assert (run_dir / "steps" / str(t) / "model.pt").is_file()
+    rows = list(csv.DictReader((run_dir / "curve.csv").open()))
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("toy")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert {"protocol", "setting", "method", "replay", "seed", "git_commit"} <= set(parent.data.tags)
+    history = client.get_metric_history(parent.info.run_id, "iou/aeroplane")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert parent.data.params["train.epochs"] == "1"
+
+
+def test_shared_step0_is_adopted_and_checked(tmp_path, tiny_world):
+    base = tmp_path / "step0"
+    assert _run(tmp_path, tiny_world, "protocol=15-5", "last_step=0", f"run_dir={base}") == 0
+    assert not (base / "steps" / "1").exists()
+    run_dir = tmp_path / "run"
+    assert _run(tmp_path, tiny_world, "protocol=15-1x5", f"step0={base}", f"run_dir={run_dir}", "last_step=1") == 0
+    assert _sha(run_dir / "steps/0/model.pt") == _sha(base / "steps/0/model.pt")
+    with pytest.raises(ValueError, match="task"):
+        from recall.config import compose
+        from recall.experiment import run_protocol
+        cfg = compose([f"dataset.root={tiny_world}", "protocol=10-10", f"step0={base}",
+                       f"run_dir={tmp_path}/bad", *FAST, "tracking.uri="])
+        run_protocol(cfg)
+
+
+def test_joint_method_trains_all_classes(tmp_path, tiny_world):
+    run_dir = tmp_path / "joint"
+    assert _run(tmp_path, tiny_world, "protocol=joint", "method=joint", f"run_dir={run_dir}") == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["steps"]) == 1 and metrics["final"]["miou"]["new"] is None
+
+
+def test_changed_config_does_not_resume_silently(tmp_path, tiny_world):
+    run_dir = tmp_path / "run"
+    assert _run(tmp_path, tiny_world, "protocol=15-5", "last_step=0", f"run_dir={run_dir}") == 0
+    assert _run(tmp_path, tiny_world, "protocol=15-5", "last_step=0", f"run_dir={run_dir}", "train.lr=0.2") == 2
+
+
+def test_killed_run_resumes_at_last_finished_step(tmp_path, tiny_world):
+    """Kill a real `recall run` process after step 1's checkpoint lands; the restart keeps steps 0-1."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}", "protocol=15-1x5",
+           f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done = run_dir / "steps" / "1" / "model.pt"
+    deadline = time.time() + 240
+    while not done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done.exists(), "the run did not reach step 1 before the deadline"
+    assert not (run_dir / "steps" / "5" / "model.pt").exists(), "the run finished before it was killed"
+    kept = {t: _sha(run_dir / "steps" / str(t) / "model.pt") for t in (0, 1)}
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert {t: _sha(run_dir / "steps" / str(t) / "model.pt") for t in (0, 1)} == kept
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == [0, 1, 2, 3, 4, 5]
+    assert not list(run_dir.rglob("*.tmp"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(int(r.data.tags["step"]) for r in children) == [0, 1, 2, 3, 4, 5], "one child run per step"
+    assert len(runs) - len(children) == 1, "the restart logs into the same parent run"

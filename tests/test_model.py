@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import torch
+
+from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
+
+CFG = ModelConfig(head_channels=16)
+
+
+def test_output_shape_and_growth_keeps_old_weights():
+    model = SegmentationModel(CFG, [3])
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x)["out"].shape == (2, 4, 64, 64)
+    old = model.classifiers[0].weight.detach().clone()
+    model.add_classes(2)
+    assert model(x)["out"].shape == (2, 6, 64, 64)
+    assert torch.equal(model.classifiers[0].weight, old)
+
+
+def test_encoder_output_stride_8():
+    model = SegmentationModel(CFG, [3])
+    assert model(torch.randn(1, 3, 64, 64))["encoder"].shape[-1] == 8
+
+
+def test_background_aware_init_splits_background_probability():
+    model = SegmentationModel(CFG, [3]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        p_bg_before = model(x)["out"].softmax(1)[:, 0]
+        model.add_classes(2, init="background")
+        probs = model(x)["out"].softmax(1)
+    # background's old probability is now shared by background and the 2 new classes, equally
+    torch.testing.assert_close(probs[:, 0] + probs[:, 4] + probs[:, 5], p_bg_before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probs[:, 4], probs[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = SegmentationModel(CFG, [3, 1])
+    save_checkpoint(model, tmp_path / "m.pt", {"classes_per_step": [3, 1]})
+    loaded, meta = load_checkpoint(tmp_path / "m.pt", CFG)
+    x = torch.randn(1, 3, 64, 64)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x)["out"], loaded(x)["out"]) and meta["classes_per_step"] == [3, 1]
+    assert not (tmp_path / "m.pt.tmp").exists()
+
+
+def test_frozen_bn_has_no_batchnorm_left():
+    model = SegmentationModel(ModelConfig(head_channels=16, frozen_bn=True), [3])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
