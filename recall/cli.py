@@ -61,6 +61,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_classmap(args) -> int:
+    from recall.stages.replay import class_mapping
+    cfg = _compose(args)
+    mapping = class_mapping(cfg)
+    for c, m in mapping.items():
+        print(f"{m['name']:>12} -> {m['source_name']}  (top: {', '.join(f'{n} {s:.2f}' for _, n, s in m['top_k'])})")
+    print(f"mapping written to {cfg.replay.mapping}")
+    return 0
+
+
+def cmd_pool(args) -> int:
+    from recall.stages.replay import replay_pool
+    replay_pool(_compose(args))
+    return 0
+
+
 def cmd_report(args) -> int:
     from recall.report import write_report
     runs = [Path(p) for p in args.runs]
@@ -90,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_protocol)
     p = with_overrides(sub.add_parser("run", help="run (or resume) a protocol"))
     p.set_defaults(func=cmd_run)
+    p = with_overrides(sub.add_parser("classmap", help="map target classes to a generator's source classes"))
+    p.set_defaults(func=cmd_classmap)
+    p = with_overrides(sub.add_parser("pool", help="build (or resume) the replay pool of replay.name"))
+    p.set_defaults(func=cmd_pool)
     p = sub.add_parser("report", help="tables and figures from finished run directories")
     p.add_argument("runs", nargs="*", help="run directories (default: the pipeline's runs)")
     p.add_argument("--out", default="reports")

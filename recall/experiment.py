@@ -28,8 +28,11 @@ from recall.data.protocol import (Conventions, eval_label_map, get_convention, i
                                   select_eval_images, select_train_images, steps, train_label_map)
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
+from recall.labeling import label_pool
 from recall.methods import Method, StepContext, build_method
+from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
+from recall.replay.pool import PoolDataset, describe_problems
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
 from recall.train import TrainConfig, evaluate, train_step
 
@@ -77,7 +80,8 @@ class ProtocolRun:
         return image_classes(self.root, ids, num_classes=self.num_classes, mask_dir=self.cfg.dataset.mask_dir,
                              cache=cache, progress=False)
 
-    def train_loader(self, step: int, generator: torch.Generator) -> DataLoader:
+    def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
+                     label_map: torch.Tensor | None = None) -> DataLoader:
         classes = self._classes_of(self.cfg.dataset.train_split)
         if self.method.data == "cumulative":  # joint: every image with a class seen so far, all labels kept
             ids = sorted({i for s in range(step + 1) for i in select_train_images(classes, self.task, s, "overlapped")})
@@ -90,11 +94,70 @@ class ProtocolRun:
         if not ids:
             raise RuntimeError(f"step {step} of {self.cfg.protocol.name} ({self.setting}) has no training image "
                                f"in {self.root}; check dataset.root and the protocol")
+        if label_map is not None:  # e.g. a helper decoder's own label space, composed after the step's map
+            lut = label_map[lut]
         t = self.train_cfg
+        batch_size = batch_size or t.batch_size
         data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale),
                                label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
-        return DataLoader(data, batch_size=t.batch_size, shuffle=True, drop_last=len(ids) > t.batch_size,
+        return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(ids) > batch_size,
                           num_workers=t.num_workers, generator=generator)
+
+    # ------------------------------------------------------------------ replay (methods with uses_replay)
+    def replay_sizes(self) -> tuple[int, int]:
+        """(current, replay) samples per batch for the method's replay ratio."""
+        n_replay = round(self.train_cfg.batch_size * self.method.replay_ratio) if self.method.uses_replay else 0
+        return self.train_cfg.batch_size - n_replay, n_replay
+
+    def replay_batches(self, step: int, generator: torch.Generator):
+        """An endless iterator of labelled replay batches of every class learnt before `step`."""
+        pool = self.cfg.replay.get("pool")
+        if not pool:
+            raise ValueError(f"method={self.method.name} replays old classes: choose a replay source with a pool, "
+                             "e.g. replay=toy_gan (built by `dvc repro`) or replay=folder replay.pool=DIR")
+        old = [c for s in range(step) for c in self.task[s]]
+        labels_dir = self.ensure_replay_labels(step)
+        t = self.train_cfg
+        data = PoolDataset(pool, classes=old, labels_dir=labels_dir, transform=train_transform(t.crop, t.scale))
+        if data.problems:
+            print(f"replay: {describe_problems(data.problems, len(data) + len(data.problems))}", flush=True)
+        if len(data) == 0:
+            raise ValueError(f"replay pool {pool} has no usable image of classes {old}; rebuild it")
+        loader = DataLoader(data, batch_size=self.replay_sizes()[1], shuffle=True, drop_last=True, generator=generator)
+        while True:
+            yield from loader
+
+    def ensure_replay_labels(self, step: int) -> Path:
+        """Label evaluation, once per class group: classes of step k are labelled by the step-0 model (k = 0)
+        or by the helper decoder trained at step k (k >= 1). Labels are uint8 PNGs in the full label space."""
+        labels_dir = self.run_dir / "replay_labels"
+        for k in range(step):
+            done = labels_dir / f"step{k}.done"
+            if done.exists():
+                continue
+            ckpt = self.step_dir(0) / "model.pt" if k == 0 else self.step_dir(k) / "helper.pt"
+            model, _ = load_checkpoint(ckpt, self.model_cfg)
+            label_pool(model, PoolDataset(self.cfg.replay.pool, classes=self.task[k], transform=eval_transform()),
+                       channels={c: (c if k == 0 else 1 + i) for i, c in enumerate(self.task[k])},
+                       out=labels_dir, threshold=self.method.label_threshold)
+            done.write_text("ok\n")
+        return labels_dir
+
+    def train_helper(self, step: int, generator: torch.Generator) -> None:
+        """RECALL's helper decoder for step k: the frozen step-0 encoder + a decoder for background and step k's
+        classes, trained on step k's data. It labels the replay images of step k's classes later."""
+        helper, _ = load_checkpoint(self.step_dir(0) / "model.pt", self.model_cfg)
+        helper.classifiers = torch.nn.ModuleList()
+        helper.add_classes(1 + len(self.task[step]))
+        remap = torch.full((256,), 255, dtype=torch.long)
+        remap[0] = 0
+        for i, c in enumerate(self.task[step]):
+            remap[c] = 1 + i
+        ctx = StepContext(step=step, task=self.task, new_classes=list(self.task[step]), old_classes=[])
+        train_step(helper, FineTuning(freeze_encoder=True), self.train_loader(step, generator, label_map=remap), ctx,
+                   self.train_cfg)
+        save_checkpoint(helper, self.step_dir(step) / "helper.pt",
+                        {"classes_per_step": [len(self.task[step])], "helper_for": self.task[step]})
 
     def eval_loader(self, step: int) -> DataLoader:
         classes = self._classes_of(self.cfg.dataset.val_split)
@@ -151,7 +214,12 @@ class ProtocolRun:
         ctx = self.context(step, prev)
         self.method.on_step_start(model, ctx)
         generator = torch.Generator().manual_seed(int(self.cfg.seed) * 1000 + step)
-        losses = train_step(model, self.method, self.train_loader(step, generator), ctx, self.train_cfg)
+        n_current, n_replay = self.replay_sizes()
+        replay = self.replay_batches(step, generator) if step > 0 and n_replay > 0 else None
+        losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
+                            self.train_cfg, replay)
+        if self.method.uses_replay and 0 < step < len(self.task) - 1:
+            self.train_helper(step, generator)
         save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
 
     def evaluate(self, step: int, history: list[np.ndarray]) -> dict:
@@ -205,6 +273,7 @@ def _iou_array(result: dict) -> np.ndarray:
 def run_protocol(cfg: DictConfig, tracker=None) -> dict:
     """Run (or resume) every step of the configured protocol; returns the metrics.json payload."""
     run = ProtocolRun(cfg)
+    read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
     check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
     if tracker is not None:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,12 +39,20 @@ def make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig, tota
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
 
+def blend(current: tuple[torch.Tensor, torch.Tensor], replay: tuple[torch.Tensor, torch.Tensor] | None):
+    """One batch of current-step samples followed by replay samples (already labelled)."""
+    if replay is None:
+        return current
+    return torch.cat([current[0], replay[0]]), torch.cat([current[1], replay[1]])
+
+
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer, scheduler,
-                    ctx: StepContext, desc: str = "train") -> float:
+                    ctx: StepContext, desc: str = "train", replay: Iterator | None = None) -> float:
     method.set_train_mode(model, ctx)
     total, seen = 0.0, 0
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        targets = method.rewrite_targets(images, targets, ctx)
+        targets = method.rewrite_targets(images, targets, ctx)  # e.g. RECALL's background inpainting
+        images, targets = blend((images, targets), next(replay) if replay is not None else None)
         outputs = model(images)
         loss = method.loss(outputs, targets, images, ctx)
         optimizer.zero_grad(set_to_none=True)
@@ -55,13 +64,13 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
 
 
 def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
-               cfg: TrainConfig) -> list[float]:
-    """Train one protocol step; returns the mean loss of every epoch."""
+               cfg: TrainConfig, replay: Iterator | None = None) -> list[float]:
+    """Train one protocol step; returns the mean loss of every epoch. `replay` yields labelled replay batches."""
     epochs, lr = (cfg.epochs, cfg.lr) if ctx.step == 0 else (cfg.epochs_incremental, cfg.lr_incremental)
     params = method.trainable_parameters(model, ctx)
     optimizer, scheduler = make_optimizer(params, lr, cfg, epochs * len(loader))
-    return [train_one_epoch(model, method, loader, optimizer, scheduler, ctx, f"step {ctx.step} epoch {e + 1}/{epochs}")
-            for e in range(epochs)]
+    return [train_one_epoch(model, method, loader, optimizer, scheduler, ctx, f"step {ctx.step} epoch {e + 1}/{epochs}",
+                            replay) for e in range(epochs)]
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ def test_bad_protocol_is_a_clear_error(tiny_world, capsys):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
-    assert main(["run", f"dataset.root={tmp_path}/nowhere", "tracking.uri="]) == 2
+    assert main(["run", f"dataset.root={tmp_path}/nowhere", "tracking.uri=", f"run_dir={tmp_path}/run"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from recall.methods.base import Method, StepContext
 from recall.methods.distillation import ILT, LwF, MiB
 from recall.methods.finetune import FineTuning, Joint
+from recall.methods.recall import Recall
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB, Recall)}
 
 
 def build_method(name: str, **options) -> Method:

@@ -33,6 +33,8 @@ class Method:
 
     name = "base"
     needs_previous_model = False
+    uses_replay = False  # True: the loop mixes replay samples into each batch (`replay_ratio` of it)
+    replay_ratio = 0.0
     data = "current"  # "current": only this step's images (privacy); "cumulative": all seen so far (joint)
 
     def __init__(self, freeze_encoder: bool = False, classifier_init: str = "random"):

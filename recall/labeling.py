@@ -1,0 +1,70 @@
+"""RECALL's label evaluation and background inpainting, as pure tensor functions (no in-place edits).
+
+* `label_replay`: pixel labels for a replay image that carries only an image-level class. The labelling
+  model's prediction is restricted to {background, that class}; optionally pixels whose restricted
+  confidence is below a threshold become 255 (ignored).
+* `inpaint_background`: in the current step's ground truth, background pixels (and, as an option, 255)
+  take the previous model's prediction where its confidence is at least tau. tau = 0 is the original
+  RECALL: every background pixel takes the previous model's argmax (which may itself be background).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from recall.data.classes import BACKGROUND, IGNORE_INDEX
+
+
+def label_replay(logits: torch.Tensor, class_channel: torch.Tensor | int, class_index: torch.Tensor | int,
+                 threshold: float = 0.0) -> torch.Tensor:
+    """Labels [B, H, W] from a labelling model's logits [B, C, H, W].
+
+    class_channel: which logit channel holds the image's class in that model (per image or one int);
+    class_index: the label to write for it (the class's index in the full label space).
+    Background is channel 0. Pixels whose two-way softmax confidence is below `threshold` become 255.
+    """
+    batch = logits.shape[0]
+    channel = torch.as_tensor(class_channel, device=logits.device).expand(batch).long()
+    label = torch.as_tensor(class_index, device=logits.device).expand(batch).long()
+    pair = torch.stack([logits[:, 0], logits[torch.arange(batch), channel]], dim=1)  # [B, 2, H, W]
+    confidence, winner = pair.softmax(dim=1).max(dim=1)
+    labels = torch.where(winner == 1, label[:, None, None], torch.full_like(winner, BACKGROUND))
+    return torch.where(confidence >= threshold, labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def inpaint_background(targets: torch.Tensor, prev_logits: torch.Tensor, threshold: float = 0.0,
+                       include_ignore: bool = False) -> torch.Tensor:
+    """New targets [B, H, W]: background (and 255 if `include_ignore`) replaced by the previous model's
+    argmax over its classes (background + old classes) where its softmax confidence >= `threshold`."""
+    confidence, prediction = prev_logits.softmax(dim=1).max(dim=1)
+    replaceable = targets == BACKGROUND
+    if include_ignore:
+        replaceable = replaceable | (targets == IGNORE_INDEX)
+    return torch.where(replaceable & (confidence >= threshold), prediction, targets)
+
+
+@torch.no_grad()
+def label_pool(model: torch.nn.Module, data, channels: dict[int, int], out: Path, threshold: float = 0.0,
+               batch_size: int = 32) -> int:
+    """Label every image of a replay `PoolDataset` (eval transform, no labels) with `model`, restricted to
+    {background, the image's class}; writes `<out>/<id>.png` (uint8, full label space) atomically.
+    `channels` maps each class to its logit channel in `model`. Returns the number of images labelled."""
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    classes = torch.tensor(data.target_classes)
+    for start in tqdm(range(0, len(data), batch_size), desc="label evaluation", leave=False):
+        idx = list(range(start, min(start + batch_size, len(data))))
+        images = torch.stack([data[i][0] for i in idx])
+        labels = label_replay(model(images)["out"], torch.tensor([channels[int(classes[i])] for i in idx]),
+                              classes[idx], threshold)
+        for i, mask in zip(idx, labels):
+            path = out / f"{data.records[i]['id']}.png"
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(mask.to(torch.uint8).numpy(), mode="L").save(tmp, format="PNG")
+            os.replace(tmp, path)
+    return len(data)

@@ -1,0 +1,258 @@
+"""Class mapping: which generator class replays which target class (RECALL's procedure).
+
+RECALL classifies the VOC training images containing class c with an ImageNet classifier,
+averages the softmax over them and takes the ImageNet class with the highest mean. On the toy
+domain the "ImageNet classifier" is a small timm model trained on the generator's own images
+(``train_source_classifier``); ``map_classes`` is the same code for both.
+
+Classifiers here take float images in [0, 1] (N, 3, H, W) and return source-class logits; the
+normalisation lives inside the module (``SourceClassifier``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recall.data.classes import VOC_CLASSES
+from recall.data.voc import image_classes, load_image, read_split
+from recall.replay.pool import ReplayError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCORE_DECIMALS = 6
+# Zoom-out augmentation: generator images are object-centric, dataset objects are smaller and
+# several per image. A sample is shrunk by a random factor and pasted at a random place on a
+# smooth canvas (the image averaged to a coarse grid and upsampled, like the toy backgrounds).
+ZOOM_OUT_PROBABILITY = 0.5
+ZOOM_OUT_SCALE = (0.35, 0.9)
+CANVAS_GRID = 4
+
+
+class SourceClassifier(nn.Module):
+    """Normalisation + a timm classifier over the generator's classes; knows their names."""
+
+    def __init__(self, model: nn.Module, source_names: Sequence[str], mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.model = model
+        self.source_names = list(source_names)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def generator_images(generator, per_class: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` samples of every source class: (uint8 N,3,H,W images, int64 N labels)."""
+    images, labels = [], []
+    for source_class in range(generator.num_source_classes):
+        for image in generator.sample(source_class, per_class, start):
+            images.append(np.asarray(image))
+            labels.append(source_class)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+def zoom_out(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shrink a random part (``ZOOM_OUT_PROBABILITY``) of a float (N,3,H,W) batch onto smooth canvases.
+
+    One scale per batch (a single resize); each image gets its own position.
+    """
+    n, _, height, width = images.shape
+    chosen = torch.rand(n, generator=generator) < ZOOM_OUT_PROBABILITY
+    if not chosen.any():
+        return images
+    scale = ZOOM_OUT_SCALE[0] + float(torch.rand(1, generator=generator)) * (ZOOM_OUT_SCALE[1] - ZOOM_OUT_SCALE[0])
+    h, w = max(int(height * scale), 1), max(int(width * scale), 1)
+    picked = images[chosen]
+    canvas = nn.functional.interpolate(nn.functional.adaptive_avg_pool2d(picked, CANVAS_GRID), size=(height, width),
+                                       mode="bilinear", align_corners=False)
+    small = nn.functional.interpolate(picked, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    corners = torch.rand(len(picked), 2, generator=generator)
+    for k in range(len(picked)):
+        top, left = int(corners[k, 0] * (height - h)), int(corners[k, 1] * (width - w))
+        canvas[k, :, top:top + h, left:left + w] = small[k]
+    out = images.clone()
+    out[chosen] = canvas
+    return out
+
+
+def train_source_classifier(generator, per_class: int = 40, epochs: int = 8, seed: int = 0, batch_size: int = 64,
+                            lr: float = 3e-3, weight_decay: float = 1e-4, max_seconds: float | None = None,
+                            model_name: str = "test_resnet", augment: bool = True,
+                            progress: bool = False) -> SourceClassifier:
+    """A small classifier of the generator's source classes, trained on its own samples.
+
+    With ``augment``, samples are randomly zoomed out (``zoom_out``), standing in for the scale
+    augmentation an ImageNet classifier is trained with.
+
+    Deterministic for a seed: trains ``epochs`` epochs (8 epochs of 40 images per class take ~30 s
+    on 2 idle cores). ``max_seconds`` is an optional safety limit (checked per batch) that makes
+    the result depend on machine speed; leave it None in pipeline stages. Returned in eval mode.
+    """
+    import timm
+
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    images, labels = generator_images(generator, per_class)
+    model = SourceClassifier(timm.create_model(model_name, num_classes=generator.num_source_classes),
+                             generator.source_names)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(len(labels) // batch_size, 1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    generator_rng = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(labels), generator=generator_rng)
+        total, correct, count = 0.0, 0, 0
+        for step in range(steps_per_epoch):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            inputs = images[batch].float() / 255
+            logits = model(zoom_out(inputs, generator_rng) if augment else inputs)
+            loss = nn.functional.cross_entropy(logits, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+            correct += int((logits.argmax(1) == labels[batch]).sum())
+            count += len(batch)
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                break
+        if progress:
+            print(f"source classifier epoch {epoch}: loss {total / count:.3f}, train acc {correct / count:.3f}")
+        if max_seconds is not None and time.monotonic() - started > max_seconds:
+            break
+    return model.eval()
+
+
+@torch.inference_mode()
+def _softmax(classifier: nn.Module, images: list[torch.Tensor], batch_size: int,
+             input_size: int | None) -> torch.Tensor:
+    """Softmax of each uint8 CHW image (batched when sizes agree)."""
+    out = []
+    for first in range(0, len(images), batch_size):
+        chunk = [x.float().unsqueeze(0) / 255 for x in images[first:first + batch_size]]
+        if input_size is not None:
+            chunk = [nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear",
+                                               align_corners=False, antialias=True) for x in chunk]
+        if all(x.shape == chunk[0].shape for x in chunk):
+            logits = classifier(torch.cat(chunk))
+        else:
+            logits = torch.cat([classifier(x) for x in chunk])
+        out.append(logits.float().softmax(dim=1))
+    return torch.cat(out)
+
+
+def map_classes(classifier: nn.Module, dataset_root: str | Path, split: str = "train", num_classes: int = 20,
+                top_k: int = 3, max_images_per_class: int = 50, source_names: Sequence[str] | None = None,
+                class_names: Sequence[str] = VOC_CLASSES, batch_size: int = 32, input_size: int | None = None,
+                image_dir: str = "JPEGImages", mask_dir: str = "SegmentationClass",
+                progress: bool = False) -> dict[int, dict]:
+    """For each target class, the source class with the highest mean softmax over its training images.
+
+    Uses the first ``max_images_per_class`` images of ``split`` (in split order) whose mask
+    contains the class. Returns ``{c: {"name", "source_class", "source_name", "top_k":
+    [[index, name, mean score], ...] (best first), "n_images"}}``; a class without images gets
+    ``source_class`` None.
+    """
+    root = Path(dataset_root)
+    names = list(source_names if source_names is not None else getattr(classifier, "source_names", []))
+    ids = read_split(root, split)
+    present = image_classes(root, ids, num_classes=num_classes, mask_dir=mask_dir, progress=progress)
+    chosen = {c: [i for i in ids if c in present[i]][:max_images_per_class] for c in range(1, num_classes + 1)}
+    position = {image_id: k for k, image_id in enumerate(ids)}
+    needed = sorted({i for members in chosen.values() for i in members}, key=position.__getitem__)
+    images = [torch.from_numpy(np.array(load_image(root / image_dir / f"{i}.jpg"))).permute(2, 0, 1)
+              for i in needed]
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        probabilities = _softmax(classifier, images, batch_size, input_size) if images else torch.empty(0)
+    finally:
+        classifier.train(was_training)
+    row = {image_id: k for k, image_id in enumerate(needed)}
+
+    def name_of(index: int) -> str:
+        return names[index] if index < len(names) else str(index)
+
+    mapping: dict[int, dict] = {}
+    for c, members in chosen.items():
+        entry = {"name": class_names[c] if c < len(class_names) else str(c), "source_class": None,
+                 "source_name": None, "top_k": [], "n_images": len(members)}
+        if members:
+            mean = probabilities[[row[i] for i in members]].mean(dim=0)
+            scores, order = mean.topk(min(top_k, mean.numel()))
+            entry["top_k"] = [[int(k), name_of(int(k)), round(float(s), SCORE_DECIMALS)]
+                              for s, k in zip(scores, order)]
+            entry["source_class"], entry["source_name"] = entry["top_k"][0][0], entry["top_k"][0][1]
+        mapping[c] = entry
+    return mapping
+
+
+# ------------------------------------------------------------------------------ files
+
+def save_mapping(mapping: dict[int, dict], path: str | Path) -> None:
+    """Write a mapping (from ``map_classes``) as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({str(c): v for c, v in sorted(mapping.items())}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _normalise(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def load_mapping(path: str | Path, source_names: Sequence[str] | None = None,
+                 class_names: Sequence[str] = VOC_CLASSES) -> dict[int, int]:
+    """Target class index -> source class index, from ``save_mapping`` output or a hand-written file.
+
+    A hand-written file is ``{"<class name or index>": <source index or name>}``, e.g.
+    ``{"aeroplane": 7, "potted plant": "src12_star_dots"}``; names need ``source_names``.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ReplayError(f"{path}: cannot read class mapping ({error})") from error
+    if not isinstance(raw, dict):
+        raise ReplayError(f"{path}: a class mapping is a JSON object {{\"<class>\": <source class>}}")
+    by_name = {_normalise(n): i for i, n in enumerate(class_names)}
+    sources = list(source_names) if source_names is not None else None
+    mapping: dict[int, int] = {}
+    for key, value in raw.items():
+        key_text = str(key).strip()
+        if key_text.isdigit():
+            target = int(key_text)
+        elif _normalise(key_text) in by_name:
+            target = by_name[_normalise(key_text)]
+        else:
+            raise ReplayError(f"{path}: unknown target class {key!r}; use an index or one of {list(class_names)}")
+        if isinstance(value, dict):
+            value = value.get("source_class")
+        if value is None:
+            raise ReplayError(f"{path}: class {key!r} has no source class (no training image contained it?); "
+                              f"write one by hand")
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+            source = int(value)
+        elif isinstance(value, str) and sources is not None and value in sources:
+            source = sources.index(value)
+        elif isinstance(value, str):
+            hint = f"known: {sources[:5]}..." if sources else "pass source_names to resolve names"
+            raise ReplayError(f"{path}: class {key!r}: unknown source class {value!r} ({hint})")
+        else:
+            raise ReplayError(f"{path}: class {key!r}: source class must be an index or a name, got {value!r}")
+        if sources is not None and not 0 <= source < len(sources):
+            raise ReplayError(f"{path}: class {key!r}: source class {source} out of range 0..{len(sources) - 1}")
+        mapping[target] = source
+    return mapping

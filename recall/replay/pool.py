@@ -1,0 +1,517 @@
+"""The on-disk replay pool: images from outside the training set, one JSON record per image.
+
+Layout (a single directory, so DVC can cache it as one stage output)::
+
+    <root>/images/<id>.jpg     the replay images (RGB JPEG)
+    <root>/manifest.jsonl      one record per image, appended as images are written
+    <root>/pool.json           summary written when a build finishes (counts, drops, params)
+
+A record holds ``id``, ``target_class`` (1-based VOC index), ``target_name``, ``source``,
+``source_class`` (the source's own class name, or the query for web sources), ``source_index``
+(the index the source produced it at), ``license``, ``owner`` (None when unknown), ``sha256``
+(of the file bytes), ``pixel_sha256`` (of the decoded RGB pixels), ``width``, ``height``, plus
+any extra JSON values the source attached (e.g. ``url``).
+
+Writes are crash-safe: an image is written to a temp file and renamed, then its manifest line is
+appended and fsynced. A killed build leaves at most one truncated manifest line (ignored with a
+note) and one orphan image (overwritten on resume, removed when a build completes). A *source*
+yields images deterministically per index, so a resumed build continues where the manifest ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+from recall.data.classes import VOC_CLASSES
+from recall.data.voc import DatasetError, load_mask, read_split
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IMAGES_DIR = "images"
+MANIFEST_NAME = "manifest.jsonl"
+SUMMARY_NAME = "pool.json"
+IMAGE_SUFFIX = ".jpg"
+JPEG_QUALITY = 95
+# A source whose images keep being rejected (duplicates, dataset copies) is abandoned for a class
+# after this many rejected indices per requested image, so a degenerate source cannot loop forever.
+MAX_REJECTS_PER_IMAGE = 10
+
+CORE_FIELDS = ("id", "target_class", "target_name", "source", "source_class", "source_index", "license",
+               "owner", "sha256", "pixel_sha256", "width", "height")
+REQUIRED_FIELDS = ("id", "target_class", "sha256")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+_ID_PATTERN = re.compile(r"^c(\d+)_(\d+)$")
+# Errors PIL raises for unreadable / truncated / corrupt files.
+PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ReplayError(ValueError):
+    """A problem with a replay source or pool; the message names the offending path or value."""
+
+
+class ReplaySource(Protocol):
+    """What ``build_pool`` asks of a source (``FolderSource``, ``ToyGenerator``, a web client...).
+
+    ``images`` yields ``(image, meta)`` for the source indices ``start .. start + count - 1`` of
+    the target class, deterministically per index; an index the source cannot deliver (a corrupt
+    file) is simply not yielded. ``meta`` holds ``index`` (the source index), ``source_class``,
+    ``license``, ``owner`` and optionally ``file_sha256`` (bytes of an original file) and extra
+    JSON values. ``available`` returns how many indices exist for a class (None: unlimited).
+    """
+
+    name: str
+
+    def images(self, class_index: int, class_name: str, start: int, count: int
+               ) -> Iterator[tuple[Image.Image, dict]]: ...
+
+    def available(self, class_index: int, class_name: str) -> int | None: ...
+
+    @property
+    def params(self) -> dict: ...
+
+
+# ------------------------------------------------------------------------------ hashing
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels (with the size), equal for byte-different encodings of one image."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    digest = hashlib.sha256(f"rgb:{array.shape[1]}x{array.shape[0]}:".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def dataset_hashes(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
+                   suffix: str = ".jpg", progress: bool = False) -> set[str]:
+    """sha256 of the file bytes and of the decoded RGB pixels of every image of ``splits``.
+
+    Used by ``build_pool`` to keep exact copies of the dataset's own images out of the replay pool.
+    """
+    root = Path(root)
+    ids = [image_id for split in splits for image_id in read_split(root, split)]
+    if progress:
+        from tqdm import tqdm
+
+        ids = tqdm(ids, desc="hashing dataset images", unit="img")
+    hashes: set[str] = set()
+    for image_id in ids:
+        path = root / image_dir / f"{image_id}{suffix}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as error:
+            raise DatasetError(f"{path}: file is missing; the image listed in the split has no file") from error
+        hashes.add(sha256_bytes(data))
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                hashes.add(pixel_sha256(image))
+        except PIL_ERRORS as error:
+            raise DatasetError(f"{path}: cannot read image ({error})") from error
+    return hashes
+
+
+# --------------------------------------------------------------------------------- pool
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _is_record(value: Any) -> bool:
+    return isinstance(value, dict) and all(k in value for k in REQUIRED_FIELDS)
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def describe_problems(problems: list[tuple[str | None, str]], total: int) -> str:
+    """E.g. ``skipped 3 of 600 replay images (2 missing, 1 corrupt)``."""
+    if not problems:
+        return f"all {total} replay images ok"
+    reasons = Counter(reason.split(":")[0] for _, reason in problems)  # "missing", "corrupt", ...
+    detail = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    return f"skipped {len(problems)} of {total} replay images ({detail})"
+
+
+class ReplayPool:
+    """A replay pool directory (see the module docstring). One writer at a time."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.image_dir = self.root / IMAGES_DIR
+        self.manifest_path = self.root / MANIFEST_NAME
+        self.summary_path = self.root / SUMMARY_NAME
+        self.notes: list[str] = []  # e.g. a truncated manifest line, filled by reading
+        self._next_index: dict[int, int] | None = None
+        self._tail_checked = False
+
+    def __repr__(self) -> str:
+        return f"ReplayPool(root={str(self.root)!r})"
+
+    def image_path(self, image_id: str) -> Path:
+        return self.image_dir / f"{image_id}{IMAGE_SUFFIX}"
+
+    # ---------------------------------------------------------------- reading
+    def _read_manifest(self) -> tuple[list[dict], list[tuple[str | None, str]]]:
+        """Parsed records and per-line problems; a truncated last line is only noted."""
+        self.notes = []
+        if not self.manifest_path.is_file():
+            return [], []
+        text = self.manifest_path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        records: list[dict] = []
+        problems: list[tuple[str | None, str]] = []
+        seen: set[str] = set()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            last = number == len(lines)  # no newline after it: possibly cut by a killed writer
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not _is_record(record):
+                if last:
+                    note = f"{self.manifest_path}: ignored a truncated last line (a build was interrupted)"
+                    self.notes.append(note)
+                    log.warning(note)
+                else:
+                    problems.append((None, f"bad manifest line: line {number} is not a record"))
+                continue
+            image_id = str(record["id"])
+            if not _SAFE_ID.match(image_id):
+                problems.append((image_id, "unsafe id: only [A-Za-z0-9_-] allowed"))
+            elif image_id in seen:
+                problems.append((image_id, f"duplicate id: line {number}"))
+            else:
+                seen.add(image_id)
+                records.append(record)
+        return records, problems
+
+    def records(self, target_class: int | None = None) -> list[dict]:
+        """The manifest's records (no file checks), optionally of one target class."""
+        records, _ = self._read_manifest()
+        if target_class is None:
+            return records
+        return [r for r in records if int(r["target_class"]) == int(target_class)]
+
+    def load(self, verify: bool = True) -> tuple[list[dict], list[tuple[str | None, str]]]:
+        """Records whose image is usable, and ``(id, reason)`` for those skipped; never raises on bad files.
+
+        Reasons start with ``missing`` or ``corrupt`` (bytes changed, or undecodable). With ``verify=False``
+        only the files' existence is checked (no decoding, no hashing).
+        """
+        records, problems = self._read_manifest()
+        good: list[dict] = []
+        for record in records:
+            path = self.image_path(record["id"])
+            if not path.is_file():
+                problems.append((record["id"], f"missing: {path}"))
+                continue
+            if verify:
+                data = path.read_bytes()
+                if sha256_bytes(data) != record["sha256"]:
+                    problems.append((record["id"], f"corrupt: {path} changed since it was written (sha256 mismatch)"))
+                    continue
+                try:
+                    with Image.open(io.BytesIO(data)) as image:
+                        image.load()
+                except PIL_ERRORS as error:
+                    problems.append((record["id"], f"corrupt: {path} cannot be decoded ({error})"))
+                    continue
+            good.append(record)
+        return good, problems
+
+    def summary(self) -> dict | None:
+        """The ``pool.json`` of the last finished build, if any."""
+        try:
+            return json.loads(self.summary_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # ---------------------------------------------------------------- writing
+    def _repair_tail(self) -> None:
+        """Make the manifest end with a newline: drop a truncated last line, keep a complete one."""
+        if self._tail_checked or not self.manifest_path.is_file():
+            self._tail_checked = True
+            return
+        data = self.manifest_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            try:
+                complete = _is_record(json.loads(data[cut:]))
+            except ValueError:
+                complete = False
+            with open(self.manifest_path, "r+b") as handle:
+                if complete:
+                    handle.seek(0, os.SEEK_END)
+                    handle.write(b"\n")
+                else:
+                    log.warning("%s: dropped a truncated last line (a build was interrupted)", self.manifest_path)
+                    handle.truncate(cut)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._tail_checked = True
+
+    def _allocate_id(self, target_class: int) -> str:
+        if self._next_index is None:
+            self._next_index = {}
+            for record in self._read_manifest()[0]:
+                match = _ID_PATTERN.match(str(record["id"]))
+                if match:
+                    c, k = int(match.group(1)), int(match.group(2))
+                    self._next_index[c] = max(self._next_index.get(c, 0), k + 1)
+        k = self._next_index.get(target_class, 0)
+        self._next_index[target_class] = k + 1
+        return re.sub(r"[^A-Za-z0-9_-]", "_", f"c{target_class:03d}_{k:06d}")
+
+    def add(self, image: Image.Image, record: dict) -> dict:
+        """Write ``image`` as a new pool image and append its record; returns the full record.
+
+        ``record`` needs ``target_class``; ``id``, hashes and size are computed here (a given
+        ``id`` is ignored: ids come from the target class and a counter, never from external strings).
+        """
+        return self._add_encoded(encode_jpeg(image), image.size, pixel_sha256(image), record)
+
+    def _add_encoded(self, data: bytes, size: tuple[int, int], pixels_sha: str, record: Mapping) -> dict:
+        if "target_class" not in record:
+            raise ReplayError("a replay record needs 'target_class' (1-based VOC class index)")
+        target = int(record["target_class"])
+        self._repair_tail()
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        full = {
+            "id": self._allocate_id(target),
+            "target_class": target,
+            "target_name": record.get("target_name") or (VOC_CLASSES[target] if target < len(VOC_CLASSES) else None),
+            "source": record.get("source"),
+            "source_class": record.get("source_class"),
+            "source_index": record.get("source_index"),
+            "license": record.get("license"),
+            "owner": record.get("owner"),
+            "sha256": sha256_bytes(data),
+            "pixel_sha256": pixels_sha,
+            "width": int(size[0]),
+            "height": int(size[1]),
+        }
+        full.update({k: v for k, v in record.items() if k not in full and k != "index" and _jsonable(v)})
+        _fsync_write(self.image_path(full["id"]), data)
+        line = (json.dumps(full, sort_keys=False) + "\n").encode()
+        with open(self.manifest_path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return full
+
+    def remove_orphans(self) -> int:
+        """Delete image / temp files that no manifest record refers to; returns how many."""
+        if not self.image_dir.is_dir():
+            return 0
+        keep = {f"{r['id']}{IMAGE_SUFFIX}" for r in self._read_manifest()[0]}
+        removed = 0
+        for path in self.image_dir.iterdir():
+            if path.is_file() and path.name not in keep and (path.suffix in (IMAGE_SUFFIX, ".tmp")):
+                path.unlink()
+                removed += 1
+        return removed
+
+
+# --------------------------------------------------------------------------------- build
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    _fsync_write(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int, root: str | Path,
+               forbidden_sha256: Iterable[str] = frozenset(), progress: bool = True) -> dict:
+    """Fill ``root`` with ``per_class`` replay images for every target class; returns the summary.
+
+    Resumable and idempotent: each class continues after the last source index in the manifest,
+    and a complete pool is left untouched. Images whose file bytes or pixels hash into
+    ``forbidden_sha256`` (see ``dataset_hashes``) are dropped as dataset copies; repeats of an
+    image already in the pool are dropped as duplicates.
+    """
+    if per_class < 0:
+        raise ReplayError(f"per_class must be >= 0, got {per_class}")
+    classes = {int(c): str(name) for c, name in classes.items()}
+    forbidden = frozenset(forbidden_sha256)
+    pool = ReplayPool(root)
+    pool.root.mkdir(parents=True, exist_ok=True)
+    params = {"source": getattr(source, "name", type(source).__name__), "source_params": source.params,
+              "per_class": per_class, "classes": {str(c): n for c, n in sorted(classes.items())},
+              "forbidden_hashes": len(forbidden), "jpeg_quality": JPEG_QUALITY, "format_version": FORMAT_VERSION}
+
+    existing = pool.records()
+    have = Counter(int(r["target_class"]) for r in existing)
+    previous = pool.summary()
+    if all(have[c] >= per_class for c in classes) and previous is not None and previous.get("params") == params:
+        if progress:
+            print(f"replay pool {pool.root}: complete ({sum(have[c] for c in classes)} images), nothing to do",
+                  file=sys.stderr)
+        return previous
+
+    next_index: dict[int, int] = {}
+    for record in existing:
+        c, index = int(record["target_class"]), record.get("source_index")
+        if isinstance(index, int):
+            next_index[c] = max(next_index.get(c, 0), index + 1)
+        else:  # no source index recorded (added by hand): count it
+            next_index[c] = max(next_index.get(c, 0), have[c])
+    known = {r["sha256"] for r in existing} | {r["pixel_sha256"] for r in existing if r.get("pixel_sha256")}
+
+    dropped = Counter()
+    shortfall: dict[str, dict] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(max(per_class - have[c], 0) for c in classes), desc=f"replay pool ({params['source']})",
+                   unit="img")
+    for c, name in sorted(classes.items()):
+        start = next_index.get(c, 0)
+        available = source.available(c, name)
+        rejects, limit = 0, MAX_REJECTS_PER_IMAGE * max(per_class, 1)
+        while have[c] < per_class:
+            if available is not None and start >= available:
+                shortfall[name] = {"missing": per_class - have[c], "reason": f"source has only {available} images"}
+                break
+            if rejects > limit:
+                shortfall[name] = {"missing": per_class - have[c],
+                                   "reason": f"source kept yielding rejected images ({rejects} in a row)"}
+                break
+            count = per_class - have[c]
+            yielded = 0
+            for position, (image, meta) in enumerate(source.images(c, name, start, count)):
+                yielded += 1
+                data, pixels_sha = encode_jpeg(image), pixel_sha256(image)
+                hashes = {sha256_bytes(data), pixels_sha}
+                if meta.get("file_sha256"):
+                    hashes.add(str(meta["file_sha256"]))
+                if hashes & forbidden:
+                    dropped["dataset_copies"] += 1
+                    rejects += 1
+                    continue
+                if hashes & known:
+                    dropped["duplicates"] += 1
+                    rejects += 1
+                    continue
+                record = {"target_class": c, "target_name": name, "source": params["source"], **meta,
+                          "source_index": int(meta.get("index", start + position))}
+                full = pool._add_encoded(data, image.size, pixels_sha, record)
+                known.update({full["sha256"], full["pixel_sha256"]})
+                have[c] += 1
+                rejects = 0
+                if bar is not None:
+                    bar.update(1)
+            start += count
+            if yielded == 0 and available is None:
+                shortfall[name] = {"missing": per_class - have[c], "reason": "source yielded no more images"}
+                break
+    if bar is not None:
+        bar.close()
+
+    orphans = pool.remove_orphans()
+    final = Counter(int(r["target_class"]) for r in pool.records())
+    before = previous or {}
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "total": sum(final[c] for c in classes),
+        "counts": {name: final[c] for c, name in sorted(classes.items())},
+        "dropped_dataset_copies": before.get("dropped_dataset_copies", 0) + dropped["dataset_copies"],
+        "dropped_duplicates": before.get("dropped_duplicates", 0) + dropped["duplicates"],
+        "source_skipped": dict(getattr(source, "skipped", {}) or {}),
+        "shortfall": shortfall,
+        "orphans_removed": orphans,
+        "params": params,
+    }
+    _write_json_atomic(pool.summary_path, summary)
+    if progress:
+        short = f", {sum(v['missing'] for v in shortfall.values())} short" if shortfall else ""
+        print(f"replay pool {pool.root}: {summary['total']} images for {len(classes)} classes "
+              f"(dropped {dropped['dataset_copies']} dataset copies, {dropped['duplicates']} duplicates, "
+              f"source skipped {sum(summary['source_skipped'].values())}{short})", file=sys.stderr)
+    return summary
+
+
+# ------------------------------------------------------------------------------ dataset
+
+class PoolDataset(torch.utils.data.Dataset):
+    """Replay images as ``(image tv_tensors.Image uint8 CHW, mask tv_tensors.Mask int64 HW or None)``.
+
+    ``classes`` keeps only records of those target classes; ``labels_dir`` holds the pixel labels
+    made by label evaluation (``<labels_dir>/<id>.png``, uint8). Unusable images are skipped at
+    construction and listed in ``.problems``; ``.records[i]["target_class"]`` is item i's class.
+    Without labels the mask is None (use a collate function that accepts it).
+    """
+
+    def __init__(self, pool_root: str | Path, classes: Iterable[int] | None = None,
+                 labels_dir: str | Path | None = None, transform: Callable | None = None,
+                 verify: bool = True) -> None:
+        self.pool = ReplayPool(pool_root)
+        records, self.problems = self.pool.load(verify=verify)
+        wanted = None if classes is None else {int(c) for c in classes}
+        self.records = [r for r in records if wanted is None or int(r["target_class"]) in wanted]
+        self.labels_dir = None if labels_dir is None else Path(labels_dir)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def target_classes(self) -> list[int]:
+        return [int(r["target_class"]) for r in self.records]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        record = self.records[i]
+        path = self.pool.image_path(record["id"])
+        try:
+            with Image.open(path) as pil:
+                array = np.array(pil.convert("RGB"))
+        except (FileNotFoundError, *PIL_ERRORS) as error:
+            raise DatasetError(f"{path}: cannot read replay image ({error})") from error
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        mask = None
+        if self.labels_dir is not None:
+            mask_path = self.labels_dir / f"{record['id']}.png"
+            labels = load_mask(mask_path)
+            if labels.shape != array.shape[:2]:
+                raise DatasetError(f"{mask_path}: label size {labels.shape[::-1]} differs from replay image "
+                                   f"size {array.shape[1::-1]} of {path} (stale labels? re-run label evaluation)")
+            mask = tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64)))
+        if self.transform is not None:
+            if mask is None:
+                image = self.transform(image)
+            else:
+                image, mask = self.transform(image, mask)
+        return image, mask
+
+    def __repr__(self) -> str:
+        return f"PoolDataset(root={str(self.pool.root)!r}, n={len(self)})"

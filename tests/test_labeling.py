@@ -1,0 +1,48 @@
+"""Label evaluation and background inpainting on hand-made tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from recall.labeling import inpaint_background, label_replay
+
+
+def _logits(*channels: list[list[float]]) -> torch.Tensor:
+    """[1, C, H, W] logits from per-channel 2-D lists."""
+    return torch.tensor(channels, dtype=torch.float32)[None]
+
+
+def test_label_replay_restricts_to_background_and_the_image_class():
+    # 3 channels (bg, class 1, class 2) over a 1x3 image; channel 2 dominates pixel 0 but the image is class 1
+    logits = _logits([[0.0, 0.0, 5.0]], [[1.0, -1.0, 0.0]], [[9.0, 9.0, 9.0]])
+    labels = label_replay(logits, class_channel=1, class_index=7)
+    assert labels.tolist() == [[[7, 0, 0]]]  # written in the full label space (7), class 2 never appears
+
+
+def test_label_replay_threshold_marks_unsure_pixels_ignored():
+    logits = _logits([[0.0, 0.0, 0.0]], [[0.1, 3.0, -3.0]])
+    assert label_replay(logits, 1, 1, threshold=0.9).tolist() == [[[255, 1, 0]]]
+    assert label_replay(logits, 1, 1, threshold=0.0).tolist() == [[[1, 1, 0]]]
+
+
+def test_label_replay_per_image_channels():
+    logits = torch.stack([_logits([[0.0]], [[2.0]], [[-2.0]])[0], _logits([[0.0]], [[-2.0]], [[2.0]])[0]])
+    labels = label_replay(logits, torch.tensor([1, 2]), torch.tensor([3, 4]))
+    assert labels.flatten().tolist() == [3, 4]
+
+
+def test_inpainting_tau_zero_is_the_original():
+    targets = torch.tensor([[[0, 0, 5, 255]]])
+    prev = _logits([[2.0, 0.0, 0.0, 0.0]], [[0.0, 0.1, 0.0, 3.0]], [[0.0, 3.0, 0.0, 0.0]])  # bg, class 1, class 2
+    out = inpaint_background(targets, prev, threshold=0.0, include_ignore=True)
+    assert out.tolist() == [[[0, 2, 5, 1]]]  # bg stays bg where the old model says bg; current class 5 kept
+    assert targets.tolist() == [[[0, 0, 5, 255]]], "inputs are not modified"
+    assert inpaint_background(targets, prev, 0.0, include_ignore=False).tolist() == [[[0, 2, 5, 255]]]
+
+
+def test_inpainting_threshold_keeps_unsure_background():
+    targets = torch.zeros(1, 1, 2, dtype=torch.long)
+    prev = _logits([[0.0, 0.0]], [[0.5, 4.0]])  # pixel 0: p(class 1)=0.62, pixel 1: 0.98
+    assert inpaint_background(targets, prev, threshold=0.9).tolist() == [[[0, 1]]]
+    assert inpaint_background(targets, prev, threshold=0.5).tolist() == [[[1, 1]]]
+    assert inpaint_background(targets, prev, threshold=1.01).tolist() == [[[0, 0]]]
