@@ -125,3 +125,33 @@ def test_killed_run_resumes_at_last_finished_step(tmp_path, tiny_world):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(int(r.data.tags["step"]) for r in children) == [0, 1, 2, 3, 4, 5], "one child run per step"
     assert len(runs) - len(children) == 1, "the restart logs into the same parent run"
+
+
+def test_recall_method_runs_with_a_generated_replay_pool(tmp_path, tiny_world):
+    """RECALL end to end: pool from the toy generator, label evaluation (step-0 model and a helper decoder),
+    inpainting, blending; labels are cached per step group and written in the full label space."""
+    import numpy as np
+    from PIL import Image
+
+    from recall.replay import ToyGenerator, build_pool
+
+    pool = tmp_path / "pool"
+    generator = ToyGenerator(mapping=ToyGenerator().lookalike_mapping())
+    build_pool(generator, {c: f"c{c}" for c in range(1, 21)}, per_class=4, root=pool, progress=False)
+    run_dir = tmp_path / "recall"
+    assert _run(tmp_path, tiny_world, "protocol=18-1x2", "method=recall", "replay=toy_gan", f"replay.pool={pool}",
+                f"run_dir={run_dir}") == 0
+    assert (run_dir / "steps/1/helper.pt").is_file(), "helper decoder of step 1 (its class is replayed at step 2)"
+    labels = run_dir / "replay_labels"
+    assert (labels / "step0.done").exists() and (labels / "step1.done").exists()
+    helper_labelled = sorted(labels.glob("c019_*.png"))  # class 19 was added at step 1: labelled by the helper
+    assert len(helper_labelled) == 4
+    for png in helper_labelled:
+        assert set(np.unique(np.array(Image.open(png)))) <= {0, 19}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "recall" and metrics["method_options"]["replay_ratio"] == 0.5
+
+
+def test_recall_without_a_pool_is_a_clear_error(tmp_path, tiny_world, capsys):
+    assert _run(tmp_path, tiny_world, "protocol=19-1", "method=recall", f"run_dir={tmp_path}/r") == 2
+    assert "replay" in capsys.readouterr().err
