@@ -76,26 +76,6 @@ class _Distillation(Method):
         return F.cross_entropy(outputs["out"], targets, ignore_index=IGNORE_INDEX)
 
 
-class LwF(_Distillation):
-    """Learning without Forgetting: cross-entropy + kd_weight * distillation of the old model's outputs."""
-
-    name = "lwf"
-
-    def __init__(self, kd_weight: float = 100.0, temperature: float = 1.0, freeze_encoder: bool = False,
-                 classifier_init: str = "random"):
-        super().__init__(freeze_encoder=freeze_encoder, classifier_init=classifier_init)
-        self.kd_weight = kd_weight
-        self.temperature = temperature
-
-    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, images: torch.Tensor,
-             ctx: StepContext) -> torch.Tensor:
-        ce = self.cross_entropy(outputs, targets)
-        if ctx.prev_model is None or self.kd_weight == 0:
-            return ce
-        old = self.previous_outputs(images, ctx)
-        return ce + self.kd_weight * knowledge_distillation(outputs["out"], old["out"], self.temperature)
-
-
 class ILT(_Distillation):
     """Incremental Learning Techniques (Michieli & Zanuttigh): LwF's output distillation plus an L2
     distillation of the encoder's features (MiB's `features['body']`)."""
@@ -120,6 +100,18 @@ class ILT(_Distillation):
         if self.de_weight > 0:
             loss = loss + self.de_weight * feature_distillation(outputs["encoder"], old["encoder"])
         return loss
+
+
+class LwF(ILT):
+    """Learning without Forgetting: cross-entropy + kd_weight * distillation of the old model's outputs
+    (ILT without its feature term)."""
+
+    name = "lwf"
+
+    def __init__(self, kd_weight: float = 100.0, temperature: float = 1.0, freeze_encoder: bool = False,
+                 classifier_init: str = "random"):
+        super().__init__(kd_weight=kd_weight, de_weight=0.0, temperature=temperature,
+                         freeze_encoder=freeze_encoder, classifier_init=classifier_init)
 
 
 class MiB(_Distillation):
