@@ -32,7 +32,7 @@ from recall.labeling import label_pool
 from recall.methods import Method, StepContext, build_method
 from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
-from recall.replay.pool import PoolDataset, describe_problems
+from recall.replay.pool import PoolDataset, dataset_hashes, describe_problems
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
 from recall.train import TrainConfig, evaluate, train_step
 
@@ -90,6 +90,7 @@ class ProtocolRun:
                 lut[255] = 0
         else:
             ids = select_train_images(classes, self.task, step, self.setting)
+            self.check_no_earlier_images(classes, step, ids)
             lut = train_label_map(self.task, step, self.setting, self.num_classes, self.convention.border_to_background)
         if not ids:
             raise RuntimeError(f"step {step} of {self.cfg.protocol.name} ({self.setting}) has no training image "
@@ -102,6 +103,26 @@ class ProtocolRun:
                                label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
         return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(ids) > batch_size,
                           num_workers=t.num_workers, generator=generator)
+
+    def check_no_earlier_images(self, classes: dict, step: int, ids: list[str]) -> None:
+        """Privacy: in the disjoint and sequential settings a step never reads an image of an earlier step.
+        (Overlapped admits, by its definition, an image again when it holds a current class.)"""
+        if self.setting == "overlapped":
+            return
+        earlier = {i for s in range(step) for i in select_train_images(classes, self.task, s, self.setting)}
+        reused = sorted(earlier.intersection(ids))
+        if reused:
+            raise RuntimeError(f"privacy violation: step {step} would read {len(reused)} images of earlier steps "
+                               f"(e.g. {reused[:3]})")
+
+    def check_pool_is_not_the_dataset(self, data: PoolDataset) -> None:
+        """Privacy: replay images must come from outside the dataset (exact-hash check at training time too)."""
+        d = self.cfg.dataset
+        forbidden = dataset_hashes(self.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir)
+        leaked = [r["id"] for r in data.records if r["sha256"] in forbidden or r.get("pixel_sha256") in forbidden]
+        if leaked:
+            raise RuntimeError(f"privacy violation: replay pool {self.cfg.replay.pool} holds {len(leaked)} images of "
+                               f"the dataset itself (e.g. {leaked[:3]}); rebuild it with `recall pool`, which drops them")
 
     # ------------------------------------------------------------------ replay (methods with uses_replay)
     def replay_sizes(self) -> tuple[int, int]:
@@ -123,6 +144,7 @@ class ProtocolRun:
             print(f"replay: {describe_problems(data.problems, len(data) + len(data.problems))}", flush=True)
         if len(data) == 0:
             raise ValueError(f"replay pool {pool} has no usable image of classes {old}; rebuild it")
+        self.check_pool_is_not_the_dataset(data)
         loader = DataLoader(data, batch_size=self.replay_sizes()[1], shuffle=True, drop_last=True, generator=generator)
         while True:
             yield from loader

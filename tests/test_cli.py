@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST
@@ -155,3 +156,41 @@ def test_recall_method_runs_with_a_generated_replay_pool(tmp_path, tiny_world):
 def test_recall_without_a_pool_is_a_clear_error(tmp_path, tiny_world, capsys):
     assert _run(tmp_path, tiny_world, "protocol=19-1", "method=recall", f"run_dir={tmp_path}/r") == 2
     assert "replay" in capsys.readouterr().err
+
+
+def test_replay_pool_holding_a_dataset_image_is_refused(tmp_path, tiny_world):
+    """Privacy at training time: a pool that (by hand editing) contains a dataset image stops the run."""
+    import shutil
+
+    from recall.config import compose
+    from recall.experiment import run_protocol
+    from recall.replay import ReplayPool, ToyGenerator, build_pool
+
+    pool = tmp_path / "pool"
+    build_pool(ToyGenerator(mapping=ToyGenerator().lookalike_mapping()), {c: f"c{c}" for c in range(1, 21)},
+               per_class=2, root=pool, progress=False)
+    first = ReplayPool(pool).records()[0]
+    stolen = sorted((tiny_world / "JPEGImages").glob("*.jpg"))[0]
+    shutil.copyfile(stolen, pool / "images" / f"{first['id']}.jpg")
+    manifest = pool / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["sha256"] = _sha(stolen)
+    record.pop("pixel_sha256", None)
+    manifest.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    with pytest.raises(RuntimeError, match="privacy"):
+        run_protocol(compose([f"dataset.root={tiny_world}", "protocol=19-1", "method=recall", "replay=toy_gan",
+                              f"replay.pool={pool}", f"run_dir={tmp_path}/r", "tracking.uri=", *FAST]))
+
+
+def test_disjoint_steps_never_reread_earlier_images(tmp_path, tiny_world):
+    from recall.config import compose
+    from recall.experiment import ProtocolRun
+
+    run = ProtocolRun(compose([f"dataset.root={tiny_world}", "protocol=10-5-5", "setting=disjoint",
+                               f"run_dir={tmp_path}/r"]))
+    classes = run._classes_of("train")
+    steps_ids = [set(run.train_loader(t, torch.Generator()).dataset.ids) for t in range(3)]
+    assert not (steps_ids[0] & steps_ids[1]) and not ((steps_ids[0] | steps_ids[1]) & steps_ids[2])
+    with pytest.raises(RuntimeError, match="privacy"):
+        run.check_no_earlier_images(classes, 1, sorted(steps_ids[0]))
