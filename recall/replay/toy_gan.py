@@ -45,6 +45,7 @@ VARIANT_VALUE_DROP = (0.15, 0.25)
 
 # How z drives a sample (fractions of the image size unless noted).
 POSITION_STD_FRAC = 0.07
+DISTRACTOR_LABEL = 2  # in the scratch mask; the main object is 1
 RADIUS_FRAC = 0.34  # mean object radius: an object-centric image
 RADIUS_STD_FRAC = 0.045
 ROTATION_STD_RAD = 0.15
@@ -171,6 +172,11 @@ class ToyGenerator:
 
     def render(self, source_class: int, z: np.ndarray) -> Image.Image:
         """The image of ``source_class`` at latent ``z`` (a deterministic function of both)."""
+        return self.render_with_mask(source_class, z)[0]
+
+    def render_with_mask(self, source_class: int, z: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+        """The image and a mask of its main object (1; 0 elsewhere): ground truth that a real GAN never
+        gives, used only to measure label evaluation (`recall.replay.oracle`)."""
         if not 0 <= source_class < self.num_source_classes:
             raise ReplayError(f"source class {source_class} out of range 0..{self.num_source_classes - 1}")
         size = self.size
@@ -182,14 +188,14 @@ class ToyGenerator:
             style = self._distractors[int(abs(z[7]) * 1000) % len(self._distractors)]
             offset = DISTRACTOR_OFFSET_FRAC * size
             spot = (size / 2 - np.sign(z[0] or 1) * offset, size / 2 - np.sign(z[1] or 1) * offset)
-            draw_object(image, scratch, 1, spot, DISTRACTOR_RADIUS_FRAC * size, rng, style=style)
+            draw_object(image, scratch, DISTRACTOR_LABEL, spot, DISTRACTOR_RADIUS_FRAC * size, rng, style=style)
         base = self.classes[source_class].style
         style = replace(base, hue=(base.hue + z[4] * HUE_JITTER_STD_DEG) % 360,
                         value=float(np.clip(base.value + z[5] * VALUE_JITTER_STD, 0.2, 1.0)))
         radius = max(size * (RADIUS_FRAC + RADIUS_STD_FRAC * z[2]), 2.0)
         draw_object(image, scratch, 1, centre, radius, rng, angle=float(z[3] * ROTATION_STD_RAD), style=style)
         image = image + rng.normal(0, PIXEL_NOISE_STD, image.shape).astype(np.float32)
-        return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+        return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)), (scratch == 1).astype(np.uint8)
 
     def sample(self, source_class: int, n: int, start_index: int = 0) -> list[Image.Image]:
         """Samples ``start_index .. start_index + n - 1`` of ``source_class``."""
