@@ -82,7 +82,8 @@ def cmd_report(args) -> int:
     runs = [Path(p) for p in args.runs]
     if not runs:  # the demo pipeline's runs, as listed in the configuration
         pipeline = _compose(args).pipeline
-        runs = [Path("runs") / key for key in pipeline.runs] + [Path("runs") / "joint"]
+        keys = [*pipeline.runs, *pipeline.get("replay_runs", {}), "joint"]
+        runs = [Path("runs") / key for key in keys]
     write_report(runs, Path(args.out))
     return 0
 
