@@ -82,8 +82,7 @@ def cmd_report(args) -> int:
     runs = [Path(p) for p in args.runs]
     if not runs:  # the demo pipeline's runs, as listed in the configuration
         pipeline = _compose(args).pipeline
-        keys = [*pipeline.runs, *pipeline.get("replay_runs", {}), "joint"]
-        runs = [Path("runs") / key for key in keys]
+        runs = [Path("runs") / key for key in pipeline.runs] + [Path("runs") / "joint"]
     write_report(runs, Path(args.out))
     return 0
 
