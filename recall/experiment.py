@@ -135,7 +135,8 @@ class ProtocolRun:
         pool = self.cfg.replay.get("pool")
         if not pool:
             raise ValueError(f"method={self.method.name} replays old classes: choose a replay source with a pool, "
-                             "e.g. replay=toy_gan (built by `dvc repro`) or replay=folder replay.pool=DIR")
+                             "e.g. replay=toy_gan after `recall classmap replay=toy_gan` and `recall pool replay=toy_gan`, "
+                             "or replay=folder with replay.pool=DIR")
         old = [c for s in range(step) for c in self.task[s]]
         labels_dir = self.ensure_replay_labels(step)
         t = self.train_cfg
