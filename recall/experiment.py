@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import os
 import shutil
@@ -115,10 +116,15 @@ class ProtocolRun:
             raise RuntimeError(f"privacy violation: step {step} would read {len(reused)} images of earlier steps "
                                f"(e.g. {reused[:3]})")
 
+    @functools.cached_property
+    def dataset_hashes(self) -> set[str]:
+        """sha256 of the bytes and pixels of every train and val image; computed once per run, not per step."""
+        d = self.cfg.dataset
+        return dataset_hashes(self.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir)
+
     def check_pool_is_not_the_dataset(self, data: PoolDataset) -> None:
         """Privacy: replay images must come from outside the dataset (exact-hash check at training time too)."""
-        d = self.cfg.dataset
-        forbidden = dataset_hashes(self.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir)
+        forbidden = self.dataset_hashes
         leaked = [r["id"] for r in data.records if r["sha256"] in forbidden or r.get("pixel_sha256") in forbidden]
         if leaked:
             raise RuntimeError(f"privacy violation: replay pool {self.cfg.replay.pool} holds {len(leaked)} images of "
@@ -231,7 +237,6 @@ class ProtocolRun:
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
     def train(self, step: int) -> None:
-        torch.set_num_threads(self.train_cfg.threads)
         torch.manual_seed(int(self.cfg.seed) * 1000 + step)
         model, prev = self.model_for(step)
         ctx = self.context(step, prev)
@@ -247,7 +252,6 @@ class ProtocolRun:
 
     def evaluate(self, step: int, history: list[np.ndarray]) -> dict:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
-        torch.set_num_threads(self.train_cfg.threads)
         model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
         seen = [c for s in range(step + 1) for c in self.task[s]]
         matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1)
@@ -296,6 +300,7 @@ def _iou_array(result: dict) -> np.ndarray:
 def run_protocol(cfg: DictConfig, tracker=None) -> dict:
     """Run (or resume) every step of the configured protocol; returns the metrics.json payload."""
     run = ProtocolRun(cfg)
+    torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
     check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
     if tracker is not None:
