@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 

@@ -16,7 +16,6 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval")
 

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from recall.atomic import write_json, write_text
 from recall.config import section
 from recall.data.classes import VOC_CLASSES
 from recall.data.protocol import (Conventions, eval_label_map, get_convention, introduced_at,
@@ -33,8 +34,8 @@ from recall.labeling import label_pool
 from recall.methods import Method, StepContext, build_method
 from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
-from recall.replay.pool import PoolDataset, dataset_hashes, describe_problems
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
+from recall.replay.pool import PoolDataset, dataset_hashes, describe_problems
 from recall.train import TrainConfig, evaluate, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
@@ -43,13 +44,6 @@ CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
 def default_run_dir(cfg: DictConfig) -> Path:
     name = f"{cfg.protocol.name}_{cfg.setting.name}_{cfg.method.name}_{cfg.replay.name}_s{cfg.seed}"
     return Path("runs") / name
-
-
-def write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 class ProtocolRun:
@@ -287,10 +281,7 @@ def check_same_config(path: Path, cfg: DictConfig) -> None:
                              f"{', '.join(changed)}); resume it with the same settings, or delete that directory "
                              "or pass another run_dir= to start afresh")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _iou_array(result: dict) -> np.ndarray:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import matplotlib
 
+from recall.atomic import write_json
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -77,9 +79,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows(table)
     summary = {r["dir"].name: {k: r["final"]["miou"].get(k) for k in COLUMNS[6:]} for r in runs}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", summary)
     plot_curves(runs, out / "curves.png")
     print(markdown_table(table))
     return table

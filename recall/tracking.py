@@ -9,12 +9,12 @@ run directory, so a resumed run keeps logging into the same parent and never dup
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
+
+from recall.atomic import write_json
 
 RUN_ID_FILE = "mlflow_run.json"
 SECRET_MARKERS = ("key", "secret", "token", "password")
@@ -74,9 +74,7 @@ class Tracker:
         self.parent_id = run.info.run_id
         for key, value in flatten(params).items():
             self.client.log_param(self.parent_id, key, value)
-        tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri}))
-        os.replace(tmp, id_file)
+        write_json(id_file, {"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri})
         return self.parent_id
 
     def _logged_steps(self) -> set[int]:

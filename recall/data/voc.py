@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
+from recall.atomic import write_json
 from recall.data.classes import BACKGROUND, IGNORE_INDEX
 
 SPLITS_DIR = Path("ImageSets") / "Segmentation"
@@ -194,11 +194,6 @@ def _read_cache(cache: Path, fingerprint: str) -> dict[str, frozenset[int]] | No
     return {k: frozenset(v) for k, v in data["classes"].items()}
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
@@ -230,5 +225,5 @@ def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
 
     if cache is not None:
         payload = {"fingerprint": fingerprint, "classes": {k: sorted(v) for k, v in result.items()}}
-        _write_json_atomic(cache, payload)
+        write_json(cache, payload, indent=None)
     return result

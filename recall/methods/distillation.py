@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from recall.data.classes import IGNORE_INDEX
 from recall.methods.base import Method, StepContext

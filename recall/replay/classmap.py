@@ -12,7 +12,6 @@ normalisation lives inside the module (``SourceClassifier``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recall.atomic import write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import image_classes, load_image, read_split
 from recall.replay.pool import ReplayError
@@ -202,11 +202,7 @@ def map_classes(classifier: nn.Module, dataset_root: str | Path, split: str = "t
 
 def save_mapping(mapping: dict[int, dict], path: str | Path) -> None:
     """Write a mapping (from ``map_classes``) as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({str(c): v for c, v in sorted(mapping.items())}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {str(c): v for c, v in sorted(mapping.items())})
 
 
 def _normalise(name: str) -> str:

@@ -37,6 +37,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
+from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import DatasetError, load_mask, read_split
 
@@ -135,14 +136,6 @@ def dataset_hashes(root: str | Path, splits: Iterable[str] = ("train", "val"), i
 
 
 # --------------------------------------------------------------------------------- pool
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _is_record(value: Any) -> bool:
@@ -323,7 +316,7 @@ class ReplayPool:
             "height": int(size[1]),
         }
         full.update({k: v for k, v in record.items() if k not in full and k != "index" and _jsonable(v)})
-        _fsync_write(self.image_path(full["id"]), data)
+        write_bytes(self.image_path(full["id"]), data)
         line = (json.dumps(full, sort_keys=False) + "\n").encode()
         with open(self.manifest_path, "ab") as handle:
             handle.write(line)
@@ -345,9 +338,6 @@ class ReplayPool:
 
 
 # --------------------------------------------------------------------------------- build
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    _fsync_write(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int, root: str | Path,
@@ -452,7 +442,7 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
         "orphans_removed": orphans,
         "params": params,
     }
-    _write_json_atomic(pool.summary_path, summary)
+    write_json(pool.summary_path, summary)
     if progress:
         short = f", {sum(v['missing'] for v in shortfall.values())} short" if shortfall else ""
         print(f"replay pool {pool.root}: {summary['total']} images for {len(classes)} classes "
