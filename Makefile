@@ -26,6 +26,7 @@ test: install
 bench: install
 	python benchmarks/train_throughput.py
 	python benchmarks/metrics.py
+	python benchmarks/transforms.py
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000 --workers 1

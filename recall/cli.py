@@ -80,7 +80,7 @@ def cmd_report(args) -> int:
     runs = [Path(p) for p in args.runs]
     if not runs:  # the demo pipeline's runs, as listed in the configuration
         pipeline = _compose(args).pipeline
-        runs = [Path("runs") / key for key in pipeline.runs] + [Path("runs") / "joint"]
+        runs = [Path("runs") / key for key in [*pipeline.runs, *pipeline.replay_runs, "joint"]]
     write_report(runs, Path(args.out))
     return 0
 
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default=None, help="take values from this params.yaml (what DVC stages do)")
         return p
 
-    p = with_overrides(sub.add_parser("toyworld", help="generate the toy world in VOC layout"))
+    p = sub.add_parser("toyworld", help="generate the toy world in VOC layout")
     p.add_argument("out")
+    p = with_overrides(p)
     p.set_defaults(func=cmd_toyworld)
     p = sub.add_parser("protocol", help="print each step's classes and training images as JSON")
     p.add_argument("name", help="task string, e.g. 15-1x5")
@@ -118,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Hydra overrides may also follow options (`recall toyworld OUT --params params.yaml toyworld.n_train=500`)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command == "protocol":
         args.overrides = [f"protocol={args.name}", *args.overrides]
     try:

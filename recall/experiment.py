@@ -30,7 +30,7 @@ from recall.data.protocol import (Conventions, eval_label_map, get_convention, i
                                   select_eval_images, select_train_images, steps, train_label_map)
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
-from recall.labeling import label_pool
+from recall.labeling import label_pool, labelled_share
 from recall.methods import Method, StepContext, build_method
 from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
@@ -140,9 +140,16 @@ class ProtocolRun:
         old = [c for s in range(step) for c in self.task[s]]
         labels_dir = self.ensure_replay_labels(step)
         t = self.train_cfg
-        data = PoolDataset(pool, classes=old, labels_dir=labels_dir, transform=train_transform(t.crop, t.scale))
+        data = PoolDataset(pool, classes=old, labels_dir=labels_dir, transform=train_transform(t.crop, t.scale),
+                           cache_in_memory=t.cache_images)
         if data.problems:
             print(f"replay: {describe_problems(data.problems, len(data) + len(data.problems))}", flush=True)
+        min_labelled = getattr(self.method, "min_labelled", 0.0)
+        if min_labelled > 0:  # images label evaluation found (almost) nothing in would teach "class = background"
+            total = len(data)
+            dropped = data.keep([share >= min_labelled for share in labelled_share(labels_dir, data.records)])
+            print(f"replay: dropped {dropped} of {total} images whose evaluated label covers < {min_labelled:.0%} "
+                  "of the image", flush=True)
         if len(data) == 0:
             raise ValueError(f"replay pool {pool} has no usable image of classes {old}; rebuild it")
         self.check_pool_is_not_the_dataset(data)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -68,3 +69,12 @@ def label_pool(model: torch.nn.Module, data, channels: dict[int, int], out: Path
             Image.fromarray(mask.to(torch.uint8).numpy(), mode="L").save(tmp, format="PNG")
             os.replace(tmp, path)
     return len(data)
+
+
+def labelled_share(labels_dir: Path, records: list[dict]) -> list[float]:
+    """For each pool record, the share of its evaluated label's pixels that carry the record's class."""
+    shares = []
+    for record in records:
+        with Image.open(labels_dir / f"{record['id']}.png") as label:
+            shares.append(float((np.asarray(label) == int(record["target_class"])).mean()))
+    return shares

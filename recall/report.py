@@ -4,17 +4,22 @@ figures of the per-step curves, from finished run directories (their metrics.jso
 from __future__ import annotations
 
 import csv
+import io
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
 
-from recall.atomic import write_json
+from recall.atomic import write_json, write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ("protocol", "setting", "method", "replay", "seed", "steps", "old_no_bg", "new", "all", "all_no_bg")
+KEY = ("protocol", "setting", "method", "replay")
+METRICS = ("old_no_bg", "new", "all", "all_no_bg")
+METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
+COLUMNS = (*KEY, "seeds", "steps", *METRICS)
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
@@ -27,22 +32,45 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
     return runs
 
 
+def _order(key: tuple) -> tuple:
+    protocol, setting, method, replay = key
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (protocol == "joint", protocol, setting, rank, method, replay)
+
+
 def rows(runs: list[dict]) -> list[dict]:
-    out = []
+    """One row per protocol x setting x method x replay source: final mIoU, mean and std over its seeds
+    (population std, ddof 0; None when only one seed ran). Values missing in a run (no new classes) stay None."""
+    groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        final = r["final"]["miou"]
-        out.append({"protocol": r["protocol"], "setting": r["setting"], "method": r["method"], "replay": r["replay"],
-                    "seed": r.get("seed", ""), "steps": len(r["steps"]), **{k: final.get(k) for k in COLUMNS[6:]}})
-    return sorted(out, key=lambda x: (x["protocol"], x["setting"], x["method"], x["replay"], str(x["seed"])))
+        groups.setdefault(tuple(r[k] for k in KEY), []).append(r)
+    out = []
+    for key in sorted(groups, key=_order):
+        members = groups[key]
+        row = {**dict(zip(KEY, key)), "seeds": ",".join(str(r.get("seed", "")) for r in members),
+               "steps": len(members[0]["steps"])}
+        for m in METRICS:
+            values = [r["final"]["miou"].get(m) for r in members]
+            values = [v for v in values if v is not None]
+            row[m] = statistics.fmean(values) if values else None
+            row[f"{m}_std"] = statistics.pstdev(values) if len(values) > 1 else None
+        out.append(row)
+    return out
 
 
-def _fmt(v) -> str:
-    return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+def _fmt(row: dict, column: str) -> str:
+    value = row[column]
+    if value is None:
+        return "–"
+    if column in METRICS:
+        std = row.get(f"{column}_std")
+        return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
+    return str(value)
 
 
 def markdown_table(table: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in table]
+    lines += ["| " + " | ".join(_fmt(row, c) for c in COLUMNS) + " |" for row in table]
     return "\n".join(lines) + "\n"
 
 
@@ -71,14 +99,16 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs)
     table = rows(runs)
-    (out / "summary.md").write_text("# Final mIoU per protocol × method × replay source\n\n"
-                                    "old = step-0 classes without background; all = every class with background.\n\n"
-                                    + markdown_table(table))
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    summary = {r["dir"].name: {k: r["final"]["miou"].get(k) for k in COLUMNS[6:]} for r in runs}
+    write_text(out / "summary.md", "# Final mIoU per protocol × method × replay source\n\n"
+               "old = step-0 classes without background; new = classes added later; all = every class, with "
+               "background (all_no_bg: without). Mean ± std over seeds where several ran.\n\n" + markdown_table(table))
+    fields = [*COLUMNS, *(f"{m}_std" for m in METRICS)]
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    write_text(out / "summary.csv", buffer.getvalue())
+    summary = {r["dir"].name: {k: r["final"]["miou"].get(k) for k in METRICS} for r in runs}
     write_json(out / "summary.json", summary)
     plot_curves(runs, out / "curves.png")
     print(markdown_table(table))

@@ -61,8 +61,12 @@ def test_unknown_option_is_named():
 def test_pipeline_lists_match_dvc_yaml():
     """The report stage's deps are spelled out in dvc.yaml; they must follow params.yaml's run list."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    runs = default_params()["pipeline"]["runs"]
+    pipeline = default_params()["pipeline"]
+    runs = {**pipeline["runs"], **pipeline["replay_runs"]}
     deps = {d for d in dvc["stages"]["report"]["deps"] if d.startswith("runs/")}
     assert deps == {f"runs/{k}/metrics.json" for k in runs} | {"runs/joint/metrics.json"}
     for run in runs.values():
-        assert run["step0"] in default_params()["pipeline"]["step0"]
+        assert run["step0"] in pipeline["step0"]
+    for run in pipeline["replay_runs"].values():
+        assert f"pool_{run['replay']}" in dvc["stages"], f"no stage builds pools/{run['replay']}"
+        assert (ROOT / "conf" / "replay" / f"{run['replay']}.yaml").is_file()

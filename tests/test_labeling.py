@@ -46,3 +46,23 @@ def test_inpainting_threshold_keeps_unsure_background():
     assert inpaint_background(targets, prev, threshold=0.9).tolist() == [[[0, 1]]]
     assert inpaint_background(targets, prev, threshold=0.5).tolist() == [[[1, 1]]]
     assert inpaint_background(targets, prev, threshold=1.01).tolist() == [[[0, 0]]]
+
+
+def test_labelled_share_counts_only_the_image_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recall.labeling import labelled_share
+    Image.fromarray(np.array([[3, 3, 0, 255]], dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 5, 0, 0]], dtype=np.uint8)).save(tmp_path / "b.png")
+    shares = labelled_share(tmp_path, [{"id": "a", "target_class": 3}, {"id": "b", "target_class": 3}])
+    assert shares == [0.5, 0.0]  # b's pixel of class 5 is not its class
+
+
+def test_min_labelled_is_checked():
+    import pytest
+
+    from recall.methods import build_method
+    assert build_method("recall", min_labelled=0.05).min_labelled == 0.05
+    with pytest.raises(ValueError, match="min_labelled"):
+        build_method("recall", min_labelled=1.5)

@@ -15,6 +15,7 @@ from torch import nn
 
 from recall.data.classes import VOC_CLASSES
 from recall.data.toyworld import generate
+from recall.data.transforms import eval_transform
 from recall.data.voc import load_image, read_split
 from recall.replay import (FolderSource, PoolDataset, ReplayError, ReplayPool, ToyGenerator, build_pool,
                            build_source, dataset_hashes, describe_problems)
@@ -222,3 +223,23 @@ def test_classmap_structure_with_a_briefly_trained_classifier(world: Path) -> No
         assert len(scores) == 3 and scores == sorted(scores, reverse=True)
         assert entry["source_class"] == entry["top_k"][0][0]
         assert entry["source_name"] == generator.source_names[entry["source_class"]]
+
+
+def test_pool_dataset_cache_and_keep(tmp_path: Path, generator: ToyGenerator) -> None:
+    root = tmp_path / "pool"
+    build_pool(generator, CLASSES, 2, root, progress=False)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for record in ReplayPool(root).records():
+        Image.fromarray(np.full((32, 32), record["target_class"], dtype=np.uint8)).save(labels / f"{record['id']}.png")
+    cached = PoolDataset(root, labels_dir=labels, transform=eval_transform(), cache_in_memory=True)
+    plain = PoolDataset(root, labels_dir=labels, transform=eval_transform())
+    for i in range(len(plain)):
+        for a, b in zip(cached[i], plain[i]):
+            assert torch.equal(a, b)
+    (root / "images" / f"{cached.records[0]['id']}.jpg").unlink()
+    assert cached[0][1].unique().tolist() == [1]  # served from memory after the file is gone
+    assert cached.keep([c == 7 for c in cached.target_classes]) == 4 and set(cached.target_classes) == {7}
+    assert len(cached) == 2 and cached[0][1].unique().tolist() == [7]  # cache dropped with the records
+    with pytest.raises(ValueError, match="flags"):
+        cached.keep([True])

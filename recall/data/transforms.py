@@ -1,32 +1,96 @@
-"""Joint image/mask transforms (torchvision.transforms.v2): the paper's random scale, crop and flip."""
+"""Joint image/mask transforms: the paper's random scale, crop and flip, then normalisation.
+
+They take what the datasets return (uint8 CHW image tensor, int64 HW mask tensor or None) and give
+(float32 normalised CHW image, int64 HW mask). The work is done per sample with PIL and numpy, which
+is single-threaded: torch's own kernels on 64x64 tensors spend more time waking their thread pool
+than computing (torchvision.transforms.v2 took 2.5 ms per toy sample with 2 threads, these ~0.15 ms;
+see benchmarks/transforms.py). Randomness comes from torch's generator, so `torch.manual_seed`
+makes a run repeatable as before.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from PIL import Image
 
 from recall.data.classes import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255
+_INV_STD = 1 / (np.asarray(IMAGENET_STD, dtype=np.float32) * 255)
 
 
-def _to_model_input() -> list:
-    return [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return torch.Tensor.numpy(image.as_subclass(torch.Tensor)).transpose(1, 2, 0)
 
 
-def train_transform(crop: int, scale: tuple[float, float]) -> v2.Compose:
-    """Random scale (relative to `crop`), random crop padded with 255 in the mask, horizontal flip."""
-    return v2.Compose([
-        v2.ScaleJitter(target_size=(crop, crop), scale_range=tuple(scale), antialias=True),
-        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-        v2.RandomHorizontalFlip(),
-        *_to_model_input(),
-    ])
+def to_model_input(image_hwc: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW, normalised with the ImageNet mean and std."""
+    normalised = (image_hwc.astype(np.float32) - _MEAN) * _INV_STD
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
 
-def eval_transform() -> v2.Compose:
-    """Full image, no resizing (RECALL evaluates whole images)."""
-    return v2.Compose(_to_model_input())
+def _mask_out(mask: np.ndarray | None) -> torch.Tensor | None:
+    return None if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+
+
+class TrainTransform:
+    """Random scale s ~ U(scale) of the image resized to fit `crop` (torchvision's ScaleJitter), random
+    crop of `crop` x `crop` padded with 0 (image) and 255 (mask), horizontal flip with probability 0.5."""
+
+    def __init__(self, crop: int, scale: tuple[float, float]):
+        low, high = float(scale[0]), float(scale[1])
+        if crop <= 0 or not 0 < low <= high:
+            raise ValueError(f"train transform: need crop > 0 and 0 < scale[0] <= scale[1], got crop={crop}, "
+                             f"scale={list(scale)}")
+        self.crop, self.scale = int(crop), (low, high)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(crop={self.crop}, scale={list(self.scale)})"
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None):
+        array = _hwc(image)
+        labels = None if mask is None else torch.Tensor.numpy(mask.as_subclass(torch.Tensor)).astype(np.uint8)
+        height, width = array.shape[:2]
+        s = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
+        ratio = min(self.crop / height, self.crop / width) * s
+        size = (max(round(width * ratio), 1), max(round(height * ratio), 1))
+        if size != (width, height):
+            array = np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))  # PIL antialiases downscaling
+            if labels is not None:
+                labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+        pad_h, pad_w = max(self.crop - array.shape[0], 0), max(self.crop - array.shape[1], 0)
+        if pad_h or pad_w:
+            array = np.pad(array, ((0, pad_h), (0, pad_w), (0, 0)))
+            if labels is not None:
+                labels = np.pad(labels, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        top = int(torch.randint(array.shape[0] - self.crop + 1, ()))
+        left = int(torch.randint(array.shape[1] - self.crop + 1, ()))
+        window = (slice(top, top + self.crop), slice(left, left + self.crop))
+        array = array[window]
+        labels = None if labels is None else labels[window]
+        if float(torch.rand(())) < 0.5:
+            array = array[:, ::-1]
+            labels = None if labels is None else labels[:, ::-1]
+        return to_model_input(array), _mask_out(labels)
+
+
+class EvalTransform:
+    """Full image, no resizing (RECALL evaluates whole images); only normalisation."""
+
+    def __repr__(self) -> str:
+        return "EvalTransform()"
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None):
+        labels = None if mask is None else torch.Tensor.numpy(mask.as_subclass(torch.Tensor))
+        return to_model_input(_hwc(image)), _mask_out(labels)
+
+
+def train_transform(crop: int, scale: tuple[float, float]) -> TrainTransform:
+    return TrainTransform(crop, scale)
+
+
+def eval_transform() -> EvalTransform:
+    return EvalTransform()

@@ -20,14 +20,18 @@ class Recall(Method):
     uses_replay = True
 
     def __init__(self, replay_ratio: float = 0.5, inpaint_threshold: float = 0.0, inpaint_ignore: bool = True,
-                 label_threshold: float = 0.0, freeze_encoder: bool = True, classifier_init: str = "random"):
+                 label_threshold: float = 0.0, min_labelled: float = 0.0, freeze_encoder: bool = True,
+                 classifier_init: str = "random"):
         super().__init__(freeze_encoder=freeze_encoder, classifier_init=classifier_init)
         if not 0.0 <= replay_ratio < 1.0:
             raise ValueError(f"method.replay_ratio={replay_ratio}: must be in [0, 1) (share of replay samples per batch)")
         self.replay_ratio = replay_ratio
         self.inpaint_threshold = inpaint_threshold
         self.inpaint_ignore = inpaint_ignore
+        if not 0.0 <= min_labelled < 1.0:
+            raise ValueError(f"method.min_labelled={min_labelled}: must be in [0, 1) (share of an image's pixels)")
         self.label_threshold = label_threshold
+        self.min_labelled = min_labelled
 
     def rewrite_targets(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if ctx.prev_model is None:

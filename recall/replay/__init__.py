@@ -13,8 +13,9 @@ from recall.replay.folder import FolderSource
 from recall.replay.pool import (PoolDataset, ReplayError, ReplayPool, build_pool, dataset_hashes,
                                 describe_problems)
 from recall.replay.toy_gan import ToyGenerator
+from recall.replay.toy_web import ToyWebPhotos
 
-SOURCES: dict[str, type] = {"folder": FolderSource, "toy_gan": ToyGenerator}
+SOURCES: dict[str, type] = {"folder": FolderSource, "toy_gan": ToyGenerator, "toy_web": ToyWebPhotos}
 
 
 def build_source(name: str, **options):
@@ -31,5 +32,5 @@ def build_source(name: str, **options):
     return cls(**options)
 
 
-__all__ = ["SOURCES", "FolderSource", "PoolDataset", "ReplayError", "ReplayPool", "ToyGenerator", "build_pool",
-           "build_source", "dataset_hashes", "describe_problems"]
+__all__ = ["SOURCES", "FolderSource", "PoolDataset", "ReplayError", "ReplayPool", "ToyGenerator", "ToyWebPhotos",
+           "build_pool", "build_source", "dataset_hashes", "describe_problems"]

@@ -28,7 +28,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -464,22 +464,48 @@ class PoolDataset(torch.utils.data.Dataset):
 
     def __init__(self, pool_root: str | Path, classes: Iterable[int] | None = None,
                  labels_dir: str | Path | None = None, transform: Callable | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, cache_in_memory: bool = False) -> None:
         self.pool = ReplayPool(pool_root)
         records, self.problems = self.pool.load(verify=verify)
         wanted = None if classes is None else {int(c) for c in classes}
         self.records = [r for r in records if wanted is None or int(r["target_class"]) in wanted]
         self.labels_dir = None if labels_dir is None else Path(labels_dir)
         self.transform = transform
+        # decoded (image, labels) kept after their first read: pools of small images (the toy world) only
+        self._memory: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache_in_memory else None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def keep(self, mask: Sequence[bool]) -> int:
+        """Keep only the records whose entry in ``mask`` is true; returns how many were dropped."""
+        if len(mask) != len(self.records):
+            raise ValueError(f"keep: {len(mask)} flags for {len(self.records)} records")
+        before = len(self.records)
+        self.records = [r for r, flag in zip(self.records, mask) if flag]
+        if self._memory is not None:
+            self._memory.clear()
+        return before - len(self.records)
 
     @property
     def target_classes(self) -> list[int]:
         return [int(r["target_class"]) for r in self.records]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._memory is not None and i in self._memory:
+            array, labels = self._memory[i]
+        else:
+            array, labels = self.load_raw(i)
+            if self._memory is not None:
+                self._memory[i] = (array, labels)
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
+        mask = None if labels is None else tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64)))
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image, mask
+
+    def load_raw(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Item ``i``'s uint8 HWC image and, with ``labels_dir``, its uint8 label array (checked sizes)."""
         record = self.records[i]
         path = self.pool.image_path(record["id"])
         try:
@@ -487,21 +513,14 @@ class PoolDataset(torch.utils.data.Dataset):
                 array = np.array(pil.convert("RGB"))
         except (FileNotFoundError, *PIL_ERRORS) as error:
             raise DatasetError(f"{path}: cannot read replay image ({error})") from error
-        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-        mask = None
+        labels = None
         if self.labels_dir is not None:
             mask_path = self.labels_dir / f"{record['id']}.png"
             labels = load_mask(mask_path)
             if labels.shape != array.shape[:2]:
                 raise DatasetError(f"{mask_path}: label size {labels.shape[::-1]} differs from replay image "
                                    f"size {array.shape[1::-1]} of {path} (stale labels? re-run label evaluation)")
-            mask = tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64)))
-        if self.transform is not None:
-            if mask is None:
-                image = self.transform(image)
-            else:
-                image, mask = self.transform(image, mask)
-        return image, mask
+        return array, labels
 
     def __repr__(self) -> str:
         return f"PoolDataset(root={str(self.pool.root)!r}, n={len(self)})"

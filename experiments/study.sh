@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The measurements behind the README's result tables (issue 4's "done means"), beyond the demo pipeline:
+#   seeds   15-1x5: ft, MiB, RECALL (GAN and web replay) for seeds 0, 1, 2  -> mean ± std
+#   10-2x5  the same methods, seed 0
+#   knobs   RECALL 15-1x5 with other inpainting thresholds tau, replay ratios r and min_labelled
+# Every run resumes where it stopped (re-run the script after an interruption); step 0 is trained once per
+# (base classes, seed) and shared. Needs the demo's data and pools: run `make demo` (or `dvc repro`) first.
+#   bash experiments/study.sh [seeds|10-2x5|knobs|report] ...     (no argument: all of them)
+# ~35 minutes on 2 CPU cores. Results: study/<run>/metrics.json, tables in reports/study/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
+OUT=study
+run() {  # run NAME OVERRIDES...
+    local name=$1; shift
+    if [ -f "$OUT/$name/metrics.json" ]; then echo "done: $name"; return; fi
+    echo "run: $name ($*)"
+    recall run --params params.yaml tracking.experiment=study "$@" run_dir="$OUT/$name" 2>&1 \
+        | tr '\r' '\n' | grep -E '^(step [0-9]+ \(|replay:|final|recall: error)' || true
+    [ -f "$OUT/$name/metrics.json" ] || { echo "run $name failed; see above" >&2; exit 1; }
+}
+step0() {  # step0 BASE_PROTOCOL SEED
+    run "step0_${1}_s$2" protocol="$1" method=ft seed="$2" last_step=0
+}
+methods() {  # methods PROTOCOL STEP0_PROTOCOL SEED
+    local p=$1 s0="$OUT/step0_${2}_s$3" seed=$3
+    run "${p}_ft_s$seed" protocol="$p" method=ft seed="$seed" step0="$s0"
+    run "${p}_mib_s$seed" protocol="$p" method=mib seed="$seed" step0="$s0"
+    run "${p}_recall_gan_s$seed" protocol="$p" method=recall replay=toy_gan seed="$seed" step0="$s0"
+    run "${p}_recall_web_s$seed" protocol="$p" method=recall replay=toy_web seed="$seed" step0="$s0"
+}
+seeds() {
+    for seed in 0 1 2; do step0 15-5 "$seed"; methods 15-1x5 15-5 "$seed"; done
+}
+ten() {
+    step0 10-10 0
+    methods 10-2x5 10-10 0
+}
+knobs() {
+    step0 15-5 0
+    local s0="$OUT/step0_15-5_s0" common=(protocol=15-1x5 method=recall replay=toy_gan)
+    run 15-1x5_recall_gan_tau0.5 "${common[@]}" step0="$s0" method.inpaint_threshold=0.5
+    run 15-1x5_recall_gan_tau0.9 "${common[@]}" step0="$s0" method.inpaint_threshold=0.9
+    run 15-1x5_recall_gan_r0.25 "${common[@]}" step0="$s0" method.replay_ratio=0.25
+    run 15-1x5_recall_gan_r0.75 "${common[@]}" step0="$s0" method.replay_ratio=0.75
+    run 15-1x5_recall_gan_minlab0 "${common[@]}" step0="$s0" method.min_labelled=0.0
+}
+report() {
+    recall report $(ls -d "$OUT"/*/ | grep -v '/step0_') --out reports/study > /dev/null
+    cat reports/study/summary.md
+}
+for part in "${@:-seeds 10-2x5 knobs report}"; do
+    for p in $part; do
+        case $p in seeds) seeds;; 10-2x5) ten;; knobs) knobs;; report) report;;
+            *) echo "unknown part $p (seeds|10-2x5|knobs|report)" >&2; exit 2;; esac
+    done
+done
