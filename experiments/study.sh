@@ -6,7 +6,7 @@
 # Every run resumes where it stopped (re-run the script after an interruption); step 0 is trained once per
 # (base classes, seed) and shared. Needs the demo's data and pools: run `make demo` (or `dvc repro`) first.
 #   bash experiments/study.sh [seeds|10-2x5|knobs|report] ...     (no argument: all of them)
-# ~35 minutes on 2 CPU cores. Results: study/<run>/metrics.json, tables in reports/study/.
+# ~30 minutes on 2 CPU cores. Results: study/<run>/metrics.json, tables in reports/study/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
@@ -38,18 +38,19 @@ ten() {
 }
 knobs() {
     step0 15-5 0
-    local s0="$OUT/step0_15-5_s0" common=(protocol=15-1x5 method=recall replay=toy_gan)
-    run 15-1x5_recall_gan_tau0.5 "${common[@]}" step0="$s0" method.inpaint_threshold=0.5
-    run 15-1x5_recall_gan_tau0.9 "${common[@]}" step0="$s0" method.inpaint_threshold=0.9
-    run 15-1x5_recall_gan_r0.25 "${common[@]}" step0="$s0" method.replay_ratio=0.25
-    run 15-1x5_recall_gan_r0.75 "${common[@]}" step0="$s0" method.replay_ratio=0.75
-    run 15-1x5_recall_gan_minlab0 "${common[@]}" step0="$s0" method.min_labelled=0.0
+    local s0="$OUT/step0_15-5_s0" common=(protocol=15-1x5 method=recall)
+    run 15-1x5_recall_gan_tau0.5 "${common[@]}" replay=toy_gan step0="$s0" method.inpaint_threshold=0.5
+    run 15-1x5_recall_gan_tau0.9 "${common[@]}" replay=toy_gan step0="$s0" method.inpaint_threshold=0.9
+    run 15-1x5_recall_gan_r0.25 "${common[@]}" replay=toy_gan step0="$s0" method.replay_ratio=0.25
+    run 15-1x5_recall_gan_r0.75 "${common[@]}" replay=toy_gan step0="$s0" method.replay_ratio=0.75
+    run 15-1x5_recall_gan_minlab0.05 "${common[@]}" replay=toy_gan step0="$s0" method.min_labelled=0.05
+    run 15-1x5_recall_web_minlab0.05 "${common[@]}" replay=toy_web step0="$s0" method.min_labelled=0.05
 }
 report() {
     recall report $(ls -d "$OUT"/*/ | grep -v '/step0_') --out reports/study > /dev/null
     cat reports/study/summary.md
 }
-for part in "${@:-seeds 10-2x5 knobs report}"; do
+for part in "${@:-10-2x5 knobs seeds report}"; do
     for p in $part; do
         case $p in seeds) seeds;; 10-2x5) ten;; knobs) knobs;; report) report;;
             *) echo "unknown part $p (seeds|10-2x5|knobs|report)" >&2; exit 2;; esac

@@ -120,6 +120,10 @@ def test_method_trains_an_incremental_step(name, previous_model):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses), losses
     assert losses[-1] < losses[0], losses
+    frozen = method.encoder_frozen(ctx)
+    assert all((p.grad is None) == frozen for p in model.encoder.parameters()), "a frozen encoder gets no gradient"
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), previous_model.encoder.parameters())) \
+        or not frozen
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
@@ -47,3 +49,17 @@ def test_checkpoint_round_trip(tmp_path):
 def test_frozen_bn_has_no_batchnorm_left():
     model = SegmentationModel(ModelConfig(head_channels=16, frozen_bn=True), [3])
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    plain = SegmentationModel(CFG, [3]).eval()
+    fast = SegmentationModel(dataclasses.replace(CFG, channels_last=True), [3]).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.add_classes(2)
+    plain.add_classes(2)
+    fast.classifiers[1].load_state_dict(plain.classifiers[1].state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(plain(x)["out"], fast(x)["out"], atol=1e-5)
+    assert fast.classifiers[1].weight.is_contiguous(memory_format=torch.channels_last)

@@ -52,9 +52,9 @@ class Method:
         """Called once the classifier has grown for the step's new classes."""
 
     def trainable_parameters(self, model: nn.Module, ctx: StepContext) -> list[nn.Parameter]:
-        if self.encoder_frozen(ctx):
-            return list(model.decoder_parameters())
-        return list(model.parameters())
+        frozen = self.encoder_frozen(ctx)
+        model.encoder.requires_grad_(not frozen)  # no gradient through a frozen encoder (half the backward)
+        return list(model.decoder_parameters()) if frozen else list(model.parameters())
 
     def set_train_mode(self, model: nn.Module, ctx: StepContext) -> None:
         model.train()
