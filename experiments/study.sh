@@ -3,9 +3,10 @@
 #   seeds   15-1x5: ft, MiB, RECALL (GAN and web replay) for seeds 0, 1, 2  -> mean ± std
 #   10-2x5  the same methods, seed 0
 #   knobs   RECALL 15-1x5 with other inpainting thresholds tau, replay ratios r and min_labelled
+#   oracle  RECALL 15-1x5 with the toy generator's true masks as replay labels (label evaluation's upper bound)
 # Every run resumes where it stopped (re-run the script after an interruption); step 0 is trained once per
 # (base classes, seed) and shared. Needs the demo's data and pools: run `make demo` (or `dvc repro`) first.
-#   bash experiments/study.sh [seeds|10-2x5|knobs|report] ...     (no argument: all of them)
+#   bash experiments/study.sh [seeds|10-2x5|knobs|oracle|report] ...     (no argument: all of them)
 # ~30 minutes on 2 CPU cores. Results: study/<run>/metrics.json, tables in reports/study/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,13 +47,23 @@ knobs() {
     run 15-1x5_recall_gan_minlab0.05 "${common[@]}" replay=toy_gan step0="$s0" method.min_labelled=0.05
     run 15-1x5_recall_web_minlab0.05 "${common[@]}" replay=toy_web step0="$s0" method.min_labelled=0.05
 }
+oracle() {  # label evaluation's share of the gap: the same GAN run with the generator's true masks as labels
+    step0 15-5 0
+    local d="$OUT/15-1x5_recall_gan_oracle" map=pools/toy_gan_mapping.json
+    [ -f "$d/metrics.json" ] || python -m recall.replay.oracle pools/toy_gan "$d/steps/replay_labels" --mapping $map --write 5
+    run 15-1x5_recall_gan_oracle protocol=15-1x5 method=recall replay=toy_gan step0="$OUT/step0_15-5_s0"
+    mkdir -p reports/study
+    python -m recall.replay.oracle pools/toy_gan "$OUT/15-1x5_recall_gan_s0/steps/replay_labels" --mapping $map \
+        > reports/study/label_quality_toy_gan.json
+    echo "label quality of 15-1x5_recall_gan_s0 (IoU with the true masks, share of empty labels): reports/study/label_quality_toy_gan.json"
+}
 report() {
     recall report $(ls -d "$OUT"/*/ | grep -v '/step0_') --out reports/study > /dev/null
     cat reports/study/summary.md
 }
-for part in "${@:-10-2x5 knobs seeds report}"; do
+for part in "${@:-10-2x5 knobs seeds oracle report}"; do
     for p in $part; do
-        case $p in seeds) seeds;; 10-2x5) ten;; knobs) knobs;; report) report;;
-            *) echo "unknown part $p (seeds|10-2x5|knobs|report)" >&2; exit 2;; esac
+        case $p in seeds) seeds;; 10-2x5) ten;; knobs) knobs;; oracle) oracle;; report) report;;
+            *) echo "unknown part $p (seeds|10-2x5|knobs|oracle|report)" >&2; exit 2;; esac
     done
 done

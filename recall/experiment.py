@@ -5,6 +5,8 @@ Run directory (DESIGN.md §4):
     steps/mlflow_run.json    the MLflow parent run, so a resumed run logs into the same one
     steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
     steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
+    steps/<t>/helper.pt      RECALL's helper decoder of step t (labels the replay images of step t's classes)
+    steps/replay_labels/     RECALL's evaluated replay labels (<id>.png) and step<k>.done markers
     metrics.json, curve.csv  per-step results for people, DVC and the report
 """
 
@@ -160,7 +162,7 @@ class ProtocolRun:
     def ensure_replay_labels(self, step: int) -> Path:
         """Label evaluation, once per class group: classes of step k are labelled by the step-0 model (k = 0)
         or by the helper decoder trained at step k (k >= 1). Labels are uint8 PNGs in the full label space."""
-        labels_dir = self.run_dir / "replay_labels"
+        labels_dir = self.run_dir / "steps" / "replay_labels"  # with the checkpoints: DVC output, removed with them
         for k in range(step):
             done = labels_dir / f"step{k}.done"
             if done.exists():

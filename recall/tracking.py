@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from recall.atomic import write_json
 
 RUN_ID_FILE = "mlflow_run.json"
+PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
+METRICS_PER_BATCH = 1000
 SECRET_MARKERS = ("key", "secret", "token", "password")
 
 
@@ -72,8 +76,9 @@ class Tracker:
             return self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "git_commit": git_commit()})
         self.parent_id = run.info.run_id
-        for key, value in flatten(params).items():
-            self.client.log_param(self.parent_id, key, value)
+        params = [Param(key, value) for key, value in flatten(params).items()]
+        for first in range(0, len(params), PARAMS_PER_BATCH):  # one sqlite transaction per batch, not per value
+            self.client.log_batch(self.parent_id, params=params[first:first + PARAMS_PER_BATCH])
         write_json(id_file, {"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri})
         return self.parent_id
 
@@ -91,9 +96,11 @@ class Tracker:
         child = self.client.create_run(self.experiment_id, run_name=f"{parent.info.run_name} step {step}",
                                        tags={"mlflow.parentRunId": self.parent_id, "step": str(step),
                                              **{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}})
+        now = int(time.time() * 1000)
+        batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         for run_id in (self.parent_id, child.info.run_id):
-            for key, value in metrics.items():
-                self.client.log_metric(run_id, key, value, step=step)
+            for first in range(0, len(batch), METRICS_PER_BATCH):
+                self.client.log_batch(run_id, metrics=batch[first:first + METRICS_PER_BATCH])
         self.client.log_param(child.info.run_id, "new_classes", ",".join(result["new_classes"]))
         self.client.set_terminated(child.info.run_id)
 

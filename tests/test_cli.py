@@ -143,7 +143,7 @@ def test_recall_method_runs_with_a_generated_replay_pool(tmp_path, tiny_world):
     assert _run(tmp_path, tiny_world, "protocol=18-1x2", "method=recall", "replay=toy_gan", f"replay.pool={pool}",
                 f"run_dir={run_dir}") == 0
     assert (run_dir / "steps/1/helper.pt").is_file(), "helper decoder of step 1 (its class is replayed at step 2)"
-    labels = run_dir / "replay_labels"
+    labels = run_dir / "steps" / "replay_labels"
     assert (labels / "step0.done").exists() and (labels / "step1.done").exists()
     helper_labelled = sorted(labels.glob("c019_*.png"))  # class 19 was added at step 1: labelled by the helper
     assert len(helper_labelled) == 4

@@ -47,6 +47,12 @@ def test_small_scale_pads_image_with_zero_and_mask_with_ignore():
     assert padded.float().mean() == pytest.approx(0.75)
     assert np.allclose(_denormalise(x)[:, padded.numpy()], 0)
     assert set(y[~padded].unique().tolist()) <= set(range(16))
+    corners = set()
+    for _ in range(10):  # the smaller image is placed anywhere in the crop, not always top-left
+        _, y = train_transform(64, (0.5, 0.5))(image, mask)
+        kept = (y != IGNORE_INDEX).nonzero()
+        corners.add(tuple(kept.min(0).values.tolist()))
+    assert len(corners) > 3
 
 
 def test_same_seed_same_sample_and_eval_is_exact():

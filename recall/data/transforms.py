@@ -62,10 +62,12 @@ class TrainTransform:
             if labels is not None:
                 labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
         pad_h, pad_w = max(self.crop - array.shape[0], 0), max(self.crop - array.shape[1], 0)
-        if pad_h or pad_w:
-            array = np.pad(array, ((0, pad_h), (0, pad_w), (0, 0)))
+        if pad_h or pad_w:  # a smaller image lands at a random place in the crop (as padding both sides would)
+            top, left = int(torch.randint(pad_h + 1, ())), int(torch.randint(pad_w + 1, ()))
+            widths = ((top, pad_h - top), (left, pad_w - left))
+            array = np.pad(array, (*widths, (0, 0)))
             if labels is not None:
-                labels = np.pad(labels, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+                labels = np.pad(labels, widths, constant_values=IGNORE_INDEX)
         top = int(torch.randint(array.shape[0] - self.crop + 1, ()))
         left = int(torch.randint(array.shape[1] - self.crop + 1, ()))
         window = (slice(top, top + self.crop), slice(left, left + self.crop))
