@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 KEY = ("protocol", "setting", "method", "replay")
 METRICS = ("old_no_bg", "new", "all", "all_no_bg")
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
-COLUMNS = (*KEY, "seeds", "steps", *METRICS)
+COLUMNS = (*KEY, "options", "seeds", "steps", *METRICS)
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
@@ -33,21 +33,32 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
 
 
 def _order(key: tuple) -> tuple:
-    protocol, setting, method, replay = key
+    protocol, setting, method, replay, variant = key
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return (protocol == "joint", protocol, setting, rank, method, replay)
+    return (protocol == "joint", protocol, setting, rank, method, replay, variant)
+
+
+def variants(runs: list[dict]) -> list[str]:
+    """For each run, the method options in which it differs from other runs of the same method, e.g.
+    "inpaint_threshold=0.5" ("" when all runs of that method share their options)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r.get("method_options", {}))
+    varying = {m: sorted({k for o in opts for k in o if len({json.dumps(x.get(k)) for x in opts}) > 1})
+               for m, opts in by_method.items()}
+    return [", ".join(f"{k}={r.get('method_options', {}).get(k)}" for k in varying[r["method"]]) for r in runs]
 
 
 def rows(runs: list[dict]) -> list[dict]:
-    """One row per protocol x setting x method x replay source: final mIoU, mean and std over its seeds
-    (population std, ddof 0; None when only one seed ran). Values missing in a run (no new classes) stay None."""
+    """One row per protocol x setting x method x replay source x method options: final mIoU, mean and std over
+    its seeds (population std, ddof 0; None when only one seed ran). Values missing in a run stay None."""
     groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(tuple(r[k] for k in KEY), []).append(r)
+    for r, variant in zip(runs, variants(runs)):
+        groups.setdefault((*(r[k] for k in KEY), variant), []).append(r)
     out = []
     for key in sorted(groups, key=_order):
         members = groups[key]
-        row = {**dict(zip(KEY, key)), "seeds": ",".join(str(r.get("seed", "")) for r in members),
+        row = {**dict(zip(KEY, key)), "options": key[-1], "seeds": ",".join(str(r.get("seed", "")) for r in members),
                "steps": len(members[0]["steps"])}
         for m in METRICS:
             values = [r["final"]["miou"].get(m) for r in members]
@@ -75,21 +86,28 @@ def markdown_table(table: list[dict]) -> str:
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
-    """mIoU of old classes (no bg) and of all classes over steps, one line per run."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    """mIoU of old classes (no bg) and of all classes over steps, one line per run; joint (the upper
+    bound) as a dashed horizontal line at its final value."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+    last = max((len(r["steps"]) - 1 for r in runs), default=1) or 1
     for r in runs:
-        label = r["protocol"] if r["protocol"] == r["method"] else f"{r['protocol']} {r['method']}" + ("" if r["replay"] == "none" else f" ({r['replay']})")
+        label = r["method"] if r["protocol"] == r["method"] else f"{r['protocol']} {r['method']}"
+        label += "" if r["replay"] == "none" else f" ({r['replay']})"
         x = [s["step"] for s in r["steps"]]
         for ax, key in zip(axes, ("old_no_bg", "all")):
             y = [s["miou"][key] if s["miou"][key] is not None else float("nan") for s in r["steps"]]
-            ax.plot(x, y, marker="o", label=label)
+            if r["method"] == "joint":
+                ax.axhline(y[-1], color="black", linestyle="--", linewidth=1, label=f"{label} (upper bound)")
+            else:
+                ax.plot(x, y, marker="o", label=label)
     for ax, title in zip(axes, ("old classes (step 0, no bg)", "all seen classes (with bg)")):
         ax.set_title(f"mIoU of {title}")
         ax.set_xlabel("step")
+        ax.set_xlim(-0.2, last + 0.2)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mIoU")
     axes[0].set_ylim(0, 1)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,13 +12,15 @@ import pytest
 from recall.report import write_report
 
 
-def _run(tmp: Path, name: str, method: str, replay: str, seed: int, old: float, new: float | None) -> Path:
+def _run(tmp: Path, name: str, method: str, replay: str, seed: int, old: float, new: float | None,
+         tau: float = 0.0) -> Path:
     d = tmp / name
     d.mkdir()
     miou = {"all": 0.5, "all_no_bg": 0.45, "old": old, "old_no_bg": old, "new": new}
     steps = [{"step": 0, "miou": {**miou, "new": None}}, {"step": 1, "miou": miou}]
     (d / "metrics.json").write_text(json.dumps({"protocol": "15-5", "setting": "overlapped", "method": method,
                                                 "replay": replay, "seed": seed, "steps": steps,
+                                                "method_options": {"inpaint_threshold": tau, "replay_ratio": 0.5},
                                                 "final": {"miou": miou}}))
     return d
 
@@ -26,20 +28,21 @@ def _run(tmp: Path, name: str, method: str, replay: str, seed: int, old: float, 
 def test_seeds_are_averaged_and_rows_follow_the_papers_order(tmp_path: Path) -> None:
     runs = [_run(tmp_path, "r0", "recall", "toy_gan", 0, 0.50, 0.30), _run(tmp_path, "r1", "recall", "toy_gan", 1, 0.60, 0.40),
             _run(tmp_path, "r2", "recall", "toy_web", 0, 0.55, 0.35), _run(tmp_path, "m0", "mib", "none", 0, 0.40, None),
-            _run(tmp_path, "f0", "ft", "none", 0, 0.0, 0.2)]
+            _run(tmp_path, "f0", "ft", "none", 0, 0.0, 0.2), _run(tmp_path, "t0", "recall", "toy_gan", 0, 0.1, 0.1, tau=0.9)]
     table = write_report(runs, tmp_path / "out")
-    assert [(r["method"], r["replay"]) for r in table] == [("ft", "none"), ("mib", "none"), ("recall", "toy_gan"),
-                                                           ("recall", "toy_web")]
+    assert [(r["method"], r["replay"], r["options"]) for r in table] == [
+        ("ft", "none", ""), ("mib", "none", ""), ("recall", "toy_gan", "inpaint_threshold=0.0"),
+        ("recall", "toy_gan", "inpaint_threshold=0.9"), ("recall", "toy_web", "inpaint_threshold=0.0")]
     gan = table[2]
     assert gan["seeds"] == "0,1" and gan["old_no_bg"] == pytest.approx(0.55)
     assert gan["old_no_bg_std"] == pytest.approx(statistics.pstdev([0.5, 0.6]))
     assert table[1]["new"] is None and table[1]["old_no_bg_std"] is None
     markdown = (tmp_path / "out" / "summary.md").read_text()
-    assert "0.550 ± 0.050" in markdown and "| 15-5 | overlapped | mib | none | 0 | 2 | 0.400 | – |" in markdown
+    assert "0.550 ± 0.050" in markdown and "| 15-5 | overlapped | mib | none |  | 0 | 2 | 0.400 | – |" in markdown
     with (tmp_path / "out" / "summary.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 5
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert set(summary) == {"r0", "r1", "r2", "m0", "f0"} and summary["r1"]["old_no_bg"] == 0.6
+    assert set(summary) == {"r0", "r1", "r2", "m0", "f0", "t0"} and summary["r1"]["old_no_bg"] == 0.6
     assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
 
 

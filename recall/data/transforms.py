@@ -1,11 +1,11 @@
 """Joint image/mask transforms: the paper's random scale, crop and flip, then normalisation.
 
 They take what the datasets return (uint8 CHW image tensor, int64 HW mask tensor or None) and give
-(float32 normalised CHW image, int64 HW mask). The work is done per sample with PIL and numpy, which
-is single-threaded: torch's own kernels on 64x64 tensors spend more time waking their thread pool
-than computing (torchvision.transforms.v2 took 2.5 ms per toy sample with 2 threads, these ~0.15 ms;
-see benchmarks/transforms.py). Randomness comes from torch's generator, so `torch.manual_seed`
-makes a run repeatable as before.
+(float32 normalised CHW image, int64 HW mask). The work is done per sample with PIL and numpy, which is
+single-threaded: on 64x64 samples, torch's own kernels (torchvision.transforms.v2) spend much of their time
+in dispatch and thread-pool start-up; this is 1.7x the samples/s of the v2 pipeline on the toy world
+(benchmarks/transforms.py). Randomness comes from torch's
+generator, so `torch.manual_seed` makes a run repeatable as before.
 """
 
 from __future__ import annotations
