@@ -7,7 +7,7 @@
 # Every run resumes where it stopped (re-run the script after an interruption); step 0 is trained once per
 # (base classes, seed) and shared. Needs the demo's data and pools: run `make demo` (or `dvc repro`) first.
 #   bash experiments/study.sh [seeds|10-2x5|knobs|oracle|report] ...     (no argument: all of them)
-# ~30 minutes on 2 CPU cores. Results: study/<run>/metrics.json, tables in reports/study/.
+# ~27 minutes on 2 CPU cores. Results: study/<run>/metrics.json, tables in reports/study/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
