@@ -307,7 +307,29 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
                 "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir)}
-        tracker.start(run.run_dir / "steps", run.run_dir.name, tags, OmegaConf.to_container(cfg, resolve=True))
+        tracker.start(run.run_dir / "steps", run_name(cfg), tags, OmegaConf.to_container(cfg, resolve=True))
+    try:
+        results = run_steps(run, cfg, tracker)
+    except BaseException as error:  # the MLflow run says what happened; a restart resumes it (RUNNING again)
+        if tracker is not None:
+            tracker.finish([], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    payload = write_outputs(run, results)
+    if tracker is not None:
+        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"])
+    return payload
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A name a person can read in `mlflow ui`, e.g. "15-1x5 · recall · toy_gan · seed 0"."""
+    parts = [str(cfg.protocol.name), str(cfg.method.name)]
+    if str(cfg.replay.name) != "none":
+        parts.append(str(cfg.replay.name))
+    return " · ".join([*parts, f"seed {cfg.seed}"])
+
+
+def run_steps(run: ProtocolRun, cfg: DictConfig, tracker=None) -> list[dict]:
+    """Train (or resume) and evaluate every step; returns the per-step result records."""
     results: list[dict] = []
     for step in range(run.last_step + 1):
         done = run.step_dir(step) / "model.pt"
@@ -326,10 +348,7 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
               ", ".join(f"{k}={v:.3f}" for k, v in result["miou"].items() if v is not None), flush=True)
         if tracker is not None:
             tracker.log_step(result)
-    payload = write_outputs(run, results)
-    if tracker is not None:
-        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"])
-    return payload
+    return results
 
 
 def write_outputs(run: ProtocolRun, results: list[dict]) -> dict:

@@ -93,7 +93,7 @@ class Tracker:
             return
         metrics = step_metrics(result)
         parent = self.client.get_run(self.parent_id)
-        child = self.client.create_run(self.experiment_id, run_name=f"{parent.info.run_name} step {step}",
+        child = self.client.create_run(self.experiment_id, run_name=f"{parent.info.run_name} · step {step}",
                                        tags={"mlflow.parentRunId": self.parent_id, "step": str(step),
                                              **{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}})
         now = int(time.time() * 1000)

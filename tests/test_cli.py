@@ -156,6 +156,12 @@ def test_recall_method_runs_with_a_generated_replay_pool(tmp_path, tiny_world):
 def test_recall_without_a_pool_is_a_clear_error(tmp_path, tiny_world, capsys):
     assert _run(tmp_path, tiny_world, "protocol=19-1", "method=recall", f"run_dir={tmp_path}/r") == 2
     assert "replay" in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in runs if r is not parent] == ["FINISHED"]  # step 0 finished before the error
+    assert parent.info.status == "FAILED", "a run that stopped with an error is not left RUNNING"
+    assert parent.info.run_name == "19-1 · recall · seed 0"
 
 
 def test_replay_pool_holding_a_dataset_image_is_refused(tmp_path, tiny_world):
