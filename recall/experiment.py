@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import io
 import json
 import os
 import shutil
@@ -146,7 +147,7 @@ class ProtocolRun:
                            cache_in_memory=t.cache_images)
         if data.problems:
             print(f"replay: {describe_problems(data.problems, len(data) + len(data.problems))}", flush=True)
-        min_labelled = getattr(self.method, "min_labelled", 0.0)
+        min_labelled = self.method.min_labelled
         if min_labelled > 0:  # images label evaluation found (almost) nothing in would teach "class = background"
             total = len(data)
             dropped = data.keep([share >= min_labelled for share in labelled_share(labels_dir, data.records)])
@@ -358,12 +359,11 @@ def write_outputs(run: ProtocolRun, results: list[dict]) -> dict:
                "method_options": run.method.options(),
                "classes": run.class_names, "steps": [strip(r) for r in results], "final": strip(results[-1])}
     write_json(run.run_dir / "metrics.json", payload)
-    tmp = run.run_dir / "curve.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({"step": r["step"], **{k: ("" if r["miou"][k] is None else round(r["miou"][k], 5))
-                                                   for k in CURVE_FIELDS[1:]}})
-    os.replace(tmp, run.run_dir / "curve.csv")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS)
+    writer.writeheader()
+    for r in results:
+        writer.writerow({"step": r["step"], **{k: ("" if r["miou"][k] is None else round(r["miou"][k], 5))
+                                               for k in CURVE_FIELDS[1:]}})
+    write_text(run.run_dir / "curve.csv", buffer.getvalue())
     return payload

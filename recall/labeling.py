@@ -64,11 +64,15 @@ def label_pool(model: torch.nn.Module, data, channels: dict[int, int], out: Path
         labels = label_replay(model(images)["out"], torch.tensor([channels[int(classes[i])] for i in idx]),
                               classes[idx], threshold)
         for i, mask in zip(idx, labels):
-            path = out / f"{data.records[i]['id']}.png"
-            tmp = path.with_name(path.name + ".tmp")
-            Image.fromarray(mask.to(torch.uint8).numpy(), mode="L").save(tmp, format="PNG")
-            os.replace(tmp, path)
+            save_label_png(out / f"{data.records[i]['id']}.png", mask.to(torch.uint8).numpy())
     return len(data)
+
+
+def save_label_png(path: Path, labels: np.ndarray) -> None:
+    """A uint8 label map as a greyscale PNG, written to a temp file and renamed (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(labels, mode="L").save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def labelled_share(labels_dir: Path, records: list[dict]) -> list[float]:

@@ -35,6 +35,8 @@ class Method:
     needs_previous_model = False
     uses_replay = False  # True: the loop mixes replay samples into each batch (`replay_ratio` of it)
     replay_ratio = 0.0
+    label_threshold = 0.0  # replay methods: label-evaluation confidence below which a pixel becomes 255
+    min_labelled = 0.0  # replay methods: drop replay images whose evaluated label covers less of the image
     data = "current"  # "current": only this step's images (privacy); "cumulative": all seen so far (joint)
 
     def __init__(self, freeze_encoder: bool = False, classifier_init: str = "random"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from recall.labeling import save_label_png
 from recall.replay.classmap import load_mapping
 from recall.replay.pool import ReplayPool
 from recall.replay.toy_gan import ToyGenerator
@@ -51,9 +51,7 @@ def write_oracle_labels(pool: Path, labels_dir: Path, generator: ToyGenerator, n
     records = ReplayPool(pool).records()
     for record in records:
         labels = np.where(true_mask(generator, record), int(record["target_class"]), 0).astype(np.uint8)
-        tmp = labels_dir / f"{record['id']}.png.tmp"
-        Image.fromarray(labels, mode="L").save(tmp, format="PNG")
-        os.replace(tmp, labels_dir / f"{record['id']}.png")
+        save_label_png(labels_dir / f"{record['id']}.png", labels)
     for k in range(num_steps_done):
         (labels_dir / f"step{k}.done").write_text("oracle\n")
     return len(records)
