@@ -1,4 +1,4 @@
-"""The `recall` command: toyworld, protocol, run, report."""
+"""The `recall` command: toyworld, protocol, run, classmap, pool, report, standin-weights, flickr-standin."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def cmd_classmap(args) -> int:
     cfg = _compose(args)
     mapping = class_mapping(cfg)
     for c, m in mapping.items():
-        print(f"{m['name']:>12} -> {m['source_name']}  (top: {', '.join(f'{n} {s:.2f}' for _, n, s in m['top_k'])})")
+        print(f"{m['name']:>12} -> {m['source_name']}  (top: {', '.join(f'{n} {s:.3g}' for _, n, s in m['top_k'])})")
     print(f"mapping written to {cfg.replay.mapping}")
     return 0
 
@@ -72,6 +72,20 @@ def cmd_classmap(args) -> int:
 def cmd_pool(args) -> int:
     from recall.stages.replay import replay_pool
     replay_pool(_compose(args))
+    return 0
+
+
+def cmd_standin_weights(args) -> int:
+    from recall.stages.replay import standin_weights
+    for name, path in standin_weights(args.out, seed=args.seed).items():
+        print(f"stand-in {name}: {path}")
+    return 0
+
+
+def cmd_flickr_standin(args) -> int:
+    from recall.replay.flickr_standin import serve
+    serve(host="127.0.0.1", port=args.port, size=args.size, seed=args.seed, tag_noise=args.tag_noise,
+          per_class_limit=args.per_class_limit, latency_seconds=args.latency)
     return 0
 
 
@@ -109,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classmap)
     p = with_overrides(sub.add_parser("pool", help="build (or resume) the replay pool of replay.name"))
     p.set_defaults(func=cmd_pool)
+    p = sub.add_parser("standin-weights", help="write the demo's tiny random BigGAN and ImageNet classifier")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_standin_weights)
+    p = sub.add_parser("flickr-standin", help="serve the local Flickr stand-in on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--size", type=int, default=64, help="photo side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag-noise", type=float, default=0.15, help="share of results not showing the queried class")
+    p.add_argument("--per-class-limit", type=int, default=1000, help="results per query")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds of delay per photo (a slow network)")
+    p.set_defaults(func=cmd_flickr_standin)
     p = sub.add_parser("report", help="tables and figures from finished run directories")
     p.add_argument("runs", nargs="*", help="run directories (default: the pipeline's runs)")
     p.add_argument("--out", default="reports")
@@ -134,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         from recall.data.protocol import ProtocolError
         from recall.data.voc import DatasetError
-        if isinstance(err, (ProtocolError, DatasetError, FileNotFoundError)) or type(err) is ValueError:
+        from recall.replay.pool import ReplayError
+        if isinstance(err, (ProtocolError, DatasetError, ReplayError, FileNotFoundError)) or type(err) is ValueError:
             print(f"recall: error: {err}", file=sys.stderr)
             return 2
         raise

@@ -38,7 +38,7 @@ from recall.methods import Method, StepContext, build_method
 from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
-from recall.replay.pool import PoolDataset, dataset_hashes, describe_problems
+from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems
 from recall.train import TrainConfig, evaluate, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
@@ -308,7 +308,10 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
                 "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir)}
-        tracker.start(run.run_dir / "steps", run_name(cfg), tags, OmegaConf.to_container(cfg, resolve=True))
+        params = OmegaConf.to_container(cfg, resolve=True)
+        if pool_statistics(cfg):
+            params["pool_built"] = pool_statistics(cfg)
+        tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)
     try:
         results = run_steps(run, cfg, tracker)
     except BaseException as error:  # the MLflow run says what happened; a restart resumes it (RUNNING again)
@@ -319,6 +322,19 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
     if tracker is not None:
         tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"])
     return payload
+
+
+def pool_statistics(cfg: DictConfig) -> dict | None:
+    """What the replay pool's build reported (images, copies of dataset images dropped, ...), for the run's record."""
+    pool = cfg.replay.get("pool") if "replay" in cfg else None
+    summary = ReplayPool(pool).summary() if pool else None
+    if not summary:
+        return None
+    keys = ("total", "dropped_dataset_copies", "dropped_near_copies", "dropped_duplicates")
+    stats = {k: summary.get(k, 0) for k in keys}
+    stats["source_skipped"] = sum((summary.get("source_skipped") or {}).values())
+    stats["shortfall"] = sum(v["missing"] for v in (summary.get("shortfall") or {}).values())
+    return stats
 
 
 def run_name(cfg: DictConfig) -> str:

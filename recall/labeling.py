@@ -58,14 +58,22 @@ def label_pool(model: torch.nn.Module, data, channels: dict[int, int], out: Path
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     classes = torch.tensor(data.target_classes)
-    for start in tqdm(range(0, len(data), batch_size), desc="label evaluation", leave=False):
-        idx = list(range(start, min(start + batch_size, len(data))))
+    for idx in tqdm(same_size_batches(data.records, batch_size), desc="label evaluation", leave=False):
         images = torch.stack([data[i][0] for i in idx])
         labels = label_replay(model(images)["out"], torch.tensor([channels[int(classes[i])] for i in idx]),
                               classes[idx], threshold)
         for i, mask in zip(idx, labels):
             save_label_png(out / f"{data.records[i]['id']}.png", mask.to(torch.uint8).numpy())
     return len(data)
+
+
+def same_size_batches(records: list[dict], batch_size: int) -> list[list[int]]:
+    """Indices of ``records`` in batches of equal image size (web photos come in many sizes), in pool order
+    within a size."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, record in enumerate(records):
+        by_size.setdefault((record.get("height"), record.get("width")), []).append(i)
+    return [group[first:first + batch_size] for group in by_size.values() for first in range(0, len(group), batch_size)]
 
 
 def save_label_png(path: Path, labels: np.ndarray) -> None:

@@ -68,5 +68,5 @@ def test_pipeline_lists_match_dvc_yaml():
     for run in runs.values():
         assert run["step0"] in pipeline["step0"]
     for run in pipeline["replay_runs"].values():
-        assert f"pool_{run['replay']}" in dvc["stages"], f"no stage builds pools/{run['replay']}"
+        assert run["replay"] in dvc["stages"]["replay_pool"]["foreach"], f"no stage builds pools/{run['replay']}"
         assert (ROOT / "conf" / "replay" / f"{run['replay']}.yaml").is_file()

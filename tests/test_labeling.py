@@ -66,3 +66,13 @@ def test_min_labelled_is_checked():
     assert build_method("recall", min_labelled=0.05).min_labelled == 0.05
     with pytest.raises(ValueError, match="min_labelled"):
         build_method("recall", min_labelled=1.5)
+
+
+def test_pool_images_of_different_sizes_are_labelled_in_same_size_batches():
+    from recall.labeling import same_size_batches
+
+    records = [{"height": h, "width": w} for h, w in [(64, 64), (51, 51), (64, 64), (64, 48), (51, 51), (64, 64)]]
+    batches = same_size_batches(records, batch_size=2)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    assert all(len({(records[i]["height"], records[i]["width"]) for i in batch}) == 1 for batch in batches)
+    assert [0, 2] in batches and [5] in batches and [1, 4] in batches

@@ -20,6 +20,7 @@ from recall.data.voc import load_image, read_split
 from recall.replay import (FolderSource, PoolDataset, ReplayError, ReplayPool, ToyGenerator, build_pool,
                            build_source, dataset_hashes, describe_problems)
 from recall.replay.classmap import load_mapping, map_classes, save_mapping, train_source_classifier
+from recall.replay.leakage import LeakageGuard
 
 CLASSES = {1: "aeroplane", 7: "car", 15: "person"}
 PER_CLASS = 6
@@ -116,7 +117,7 @@ def test_load_reports_corrupt_image_with_matching_hash(tmp_path: Path) -> None:
     assert records == [] and problems[0][1].startswith("corrupt") and "decode" in problems[0][1]
 
 
-def test_forbidden_hashes_drop_dataset_copies(tmp_path: Path, world: Path) -> None:
+def test_exact_hashes_drop_dataset_copies(tmp_path: Path, world: Path) -> None:
     folder = tmp_path / "mine"
     (folder / "car").mkdir(parents=True)
     train_id = read_split(world, "train")[0]
@@ -125,7 +126,7 @@ def test_forbidden_hashes_drop_dataset_copies(tmp_path: Path, world: Path) -> No
         Image.new("RGB", (16, 16), (40 * k, 90, 200)).save(folder / "car" / f"own_{k}.png")
     forbidden = dataset_hashes(world)
     assert len(forbidden) == 2 * (60 + 4)
-    summary = build_pool(FolderSource(folder), {7: "car"}, 10, tmp_path / "pool", forbidden_sha256=forbidden,
+    summary = build_pool(FolderSource(folder), {7: "car"}, 10, tmp_path / "pool", guard=LeakageGuard(forbidden),
                          progress=False)
     records = ReplayPool(tmp_path / "pool").records()
     assert summary["dropped_dataset_copies"] == 1 and len(records) == 3

@@ -10,12 +10,15 @@ from __future__ import annotations
 import inspect
 
 from recall.replay.folder import FolderSource
+from recall.replay.gan import BigGANSource
 from recall.replay.pool import (PoolDataset, ReplayError, ReplayPool, build_pool, dataset_hashes,
                                 describe_problems)
 from recall.replay.toy_gan import ToyGenerator
 from recall.replay.toy_web import ToyWebPhotos
+from recall.replay.web import FlickrSource
 
-SOURCES: dict[str, type] = {"folder": FolderSource, "toy_gan": ToyGenerator, "toy_web": ToyWebPhotos}
+SOURCES: dict[str, type] = {"folder": FolderSource, "gan": BigGANSource, "toy_gan": ToyGenerator,
+                            "toy_web": ToyWebPhotos, "web": FlickrSource}
 
 
 def build_source(name: str, **options):
@@ -32,5 +35,5 @@ def build_source(name: str, **options):
     return cls(**options)
 
 
-__all__ = ["SOURCES", "FolderSource", "PoolDataset", "ReplayError", "ReplayPool", "ToyGenerator", "ToyWebPhotos",
+__all__ = ["SOURCES", "BigGANSource", "FlickrSource", "FolderSource", "PoolDataset", "ReplayError", "ReplayPool", "ToyGenerator", "ToyWebPhotos",
            "build_pool", "build_source", "dataset_hashes", "describe_problems"]

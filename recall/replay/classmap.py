@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from recall.atomic import write_json
+from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import image_classes, load_image, read_split
 from recall.replay.pool import ReplayError
+from recall.replay.weights import IMAGENET_NUM_CLASSES, imagenet_names, load_strictly, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,16 +35,20 @@ SCORE_DECIMALS = 6
 ZOOM_OUT_PROBABILITY = 0.5
 ZOOM_OUT_SCALE = (0.35, 0.9)
 CANVAS_GRID = 4
+# RECALL's ImageNet classifier, and the tiny random-weight timm model standing in for it in the demo.
+IMAGENET_MODEL = "efficientnet_b2"
+STANDIN_MODEL = "test_efficientnet"
 
 
 class SourceClassifier(nn.Module):
     """Normalisation + a timm classifier over the generator's classes; knows their names."""
 
     def __init__(self, model: nn.Module, source_names: Sequence[str], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+                 std: Sequence[float] = IMAGENET_STD, input_size: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.source_names = list(source_names)
+        self.input_size = input_size  # the side the model expects (pass to map_classes), None: any
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -196,6 +201,66 @@ def map_classes(classifier: nn.Module, dataset_root: str | Path, split: str = "t
             entry["source_class"], entry["source_name"] = entry["top_k"][0][0], entry["top_k"][0][1]
         mapping[c] = entry
     return mapping
+
+
+# ------------------------------------------------------------------------------ ImageNet classifier
+
+def _weights_hint(model_name: str, path: str | Path) -> str:
+    return (f"on a machine with internet run `import timm, torch; model = timm.create_model({model_name!r}, "
+            f"pretrained=True); torch.save(model.state_dict(), {str(path)!r})` and copy the file here "
+            f"(or make a random stand-in with recall.replay.classmap.make_standin_classifier)")
+
+
+def _create_timm_model(model_name: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=IMAGENET_NUM_CLASSES)
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise ReplayError(f"cannot create timm model {model_name!r} ({error}); see timm.list_models()") from error
+
+
+def imagenet_classifier(model_name: str = IMAGENET_MODEL, *, weights: str | Path,
+                        input_size: int | None = None) -> SourceClassifier:
+    """RECALL's ImageNet classifier (EfficientNet-B2 by default) from a local weights file, in eval mode.
+
+    ``weights`` is a state dict saved with ``torch.save`` (``.pth``/``.bin``/``.pt``, possibly wrapped
+    under "state_dict" or "model") or a ``.safetensors`` file; it is loaded strictly. ``source_names``
+    are the ImageNet class descriptions; ``input_size`` (default: timm's ``pretrained_cfg`` input
+    size, 256 for EfficientNet-B2) is stored on the classifier for ``map_classes(..., input_size=...)``.
+    """
+    model = _create_timm_model(model_name)
+    state = read_state_dict(weights, _weights_hint(model_name, weights))
+    load_strictly(model, state, weights)
+    config = getattr(model, "pretrained_cfg", None) or {}
+    size = input_size if input_size is not None else (config.get("input_size") or (None,))[-1]
+    classifier = SourceClassifier(model, imagenet_names(), mean=config.get("mean", IMAGENET_MEAN),
+                                  std=config.get("std", IMAGENET_STD), input_size=size)
+    return classifier.eval()
+
+
+def make_standin_classifier(path: str | Path, model_name: str = STANDIN_MODEL, seed: int = 0) -> Path:
+    """Write the state dict of a random-weight 1000-class timm model to ``path`` (atomically); returns it.
+
+    The demo's stand-in for the EfficientNet-B2 ImageNet weights (``test_efficientnet``: 0.36M
+    parameters). Deterministic from ``seed``; ``.safetensors`` paths are written in that format.
+    """
+    import io
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = _create_timm_model(model_name).state_dict()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in state.items()})
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    write_bytes(path, data)
+    return path
 
 
 # ------------------------------------------------------------------------------ files

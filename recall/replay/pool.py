@@ -5,6 +5,7 @@ Layout (a single directory, so DVC can cache it as one stage output)::
     <root>/images/<id>.jpg     the replay images (RGB JPEG)
     <root>/manifest.jsonl      one record per image, appended as images are written
     <root>/pool.json           summary written when a build finishes (counts, drops, params)
+    <root>/leakage.jsonl       candidates dropped as copies of dataset images (see recall.replay.leakage)
 
 A record holds ``id``, ``target_class`` (1-based VOC index), ``target_name``, ``source``,
 ``source_class`` (the source's own class name, or the query for web sources), ``source_index``
@@ -40,6 +41,7 @@ from torchvision import tv_tensors
 from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import DatasetError, load_mask, read_split
+from recall.replay.leakage import LeakageGuard
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ FORMAT_VERSION = 1
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "pool.json"
+LEAKAGE_NAME = "leakage.jsonl"  # one line per candidate dropped as a copy of a dataset image
 IMAGE_SUFFIX = ".jpg"
 JPEG_QUALITY = 95
 # A source whose images keep being rejected (duplicates, dataset copies) is abandoned for a class
@@ -324,6 +327,14 @@ class ReplayPool:
             os.fsync(handle.fileno())
         return full
 
+    def note_leak(self, record: Mapping) -> None:
+        """Append a dropped dataset copy to ``leakage.jsonl`` (for inspection; never read back by a build)."""
+        line = (json.dumps({k: v for k, v in record.items() if _jsonable(v)}) + "\n").encode()
+        with open(self.root / LEAKAGE_NAME, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def remove_orphans(self) -> int:
         """Delete image / temp files that no manifest record refers to; returns how many."""
         if not self.image_dir.is_dir():
@@ -341,23 +352,24 @@ class ReplayPool:
 
 
 def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int, root: str | Path,
-               forbidden_sha256: Iterable[str] = frozenset(), progress: bool = True) -> dict:
+               guard: LeakageGuard | None = None, progress: bool = True) -> dict:
     """Fill ``root`` with ``per_class`` replay images for every target class; returns the summary.
 
     Resumable and idempotent: each class continues after the last source index in the manifest,
-    and a complete pool is left untouched. Images whose file bytes or pixels hash into
-    ``forbidden_sha256`` (see ``dataset_hashes``) are dropped as dataset copies; repeats of an
-    image already in the pool are dropped as duplicates.
+    and a complete pool is left untouched. Images that ``guard`` finds to be copies of dataset
+    images (exact or perceptual, see ``recall.replay.leakage``) are dropped and listed in
+    ``leakage.jsonl``; repeats of an image already in the pool (same content or same
+    ``source_id``, e.g. a Flickr photo id) are dropped as duplicates. The summary counts both.
     """
     if per_class < 0:
         raise ReplayError(f"per_class must be >= 0, got {per_class}")
     classes = {int(c): str(name) for c, name in classes.items()}
-    forbidden = frozenset(forbidden_sha256)
+    guard = guard if guard is not None else LeakageGuard()
     pool = ReplayPool(root)
     pool.root.mkdir(parents=True, exist_ok=True)
     params = {"source": getattr(source, "name", type(source).__name__), "source_params": source.params,
               "per_class": per_class, "classes": {str(c): n for c, n in sorted(classes.items())},
-              "forbidden_hashes": len(forbidden), "jpeg_quality": JPEG_QUALITY, "format_version": FORMAT_VERSION}
+              "leakage_guard": guard.params, "jpeg_quality": JPEG_QUALITY, "format_version": FORMAT_VERSION}
 
     existing = pool.records()
     have = Counter(int(r["target_class"]) for r in existing)
@@ -376,6 +388,7 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
         else:  # no source index recorded (added by hand): count it
             next_index[c] = max(next_index.get(c, 0), have[c])
     known = {r["sha256"] for r in existing} | {r["pixel_sha256"] for r in existing if r.get("pixel_sha256")}
+    known_ids = {str(r["source_id"]) for r in existing if r.get("source_id") is not None}
 
     dropped = Counter()
     shortfall: dict[str, dict] = {}
@@ -405,18 +418,26 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
                 hashes = {sha256_bytes(data), pixels_sha}
                 if meta.get("file_sha256"):
                     hashes.add(str(meta["file_sha256"]))
-                if hashes & forbidden:
-                    dropped["dataset_copies"] += 1
+                index = int(meta.get("index", start + position))
+                match = guard.check(image, hashes)
+                if match is not None:
+                    dropped["dataset_copies" if match.kind == "exact" else "near_copies"] += 1
                     rejects += 1
+                    pool.note_leak({"target_class": c, "source_index": index, "source_id": meta.get("source_id"),
+                                    "url": meta.get("url"), "match": match.kind, "dataset_id": match.dataset_id,
+                                    "distance": match.distance})
                     continue
-                if hashes & known:
+                source_id = meta.get("source_id")
+                if hashes & known or (source_id is not None and str(source_id) in known_ids):
                     dropped["duplicates"] += 1
                     rejects += 1
                     continue
                 record = {"target_class": c, "target_name": name, "source": params["source"], **meta,
-                          "source_index": int(meta.get("index", start + position))}
+                          "source_index": index}
                 full = pool._add_encoded(data, image.size, pixels_sha, record)
                 known.update({full["sha256"], full["pixel_sha256"]})
+                if source_id is not None:
+                    known_ids.add(str(source_id))
                 have[c] += 1
                 rejects = 0
                 if bar is not None:
@@ -436,6 +457,7 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
         "total": sum(final[c] for c in classes),
         "counts": {name: final[c] for c, name in sorted(classes.items())},
         "dropped_dataset_copies": before.get("dropped_dataset_copies", 0) + dropped["dataset_copies"],
+        "dropped_near_copies": before.get("dropped_near_copies", 0) + dropped["near_copies"],
         "dropped_duplicates": before.get("dropped_duplicates", 0) + dropped["duplicates"],
         "source_skipped": dict(getattr(source, "skipped", {}) or {}),
         "shortfall": shortfall,
@@ -446,7 +468,8 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
     if progress:
         short = f", {sum(v['missing'] for v in shortfall.values())} short" if shortfall else ""
         print(f"replay pool {pool.root}: {summary['total']} images for {len(classes)} classes "
-              f"(dropped {dropped['dataset_copies']} dataset copies, {dropped['duplicates']} duplicates, "
+              f"(dropped {dropped['dataset_copies']} dataset copies, {dropped['near_copies']} near copies of dataset "
+              f"images, {dropped['duplicates']} duplicates, "
               f"source skipped {sum(summary['source_skipped'].values())}{short})", file=sys.stderr)
     return summary
 
