@@ -27,6 +27,7 @@ bench: install
 	python benchmarks/train_throughput.py
 	python benchmarks/metrics.py
 	python benchmarks/transforms.py
+	python benchmarks/replay.py
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000 --workers 1

@@ -64,6 +64,8 @@ report() {
     recall report $(ls -d "$OUT"/*/ | grep -v '/step0_\|_oracle/') --out reports/study > /dev/null  # oracle: not a method
     cat reports/study/summary.md
 }
+# web replay here renders the Flickr stand-in's photos directly (replay=toy_web, as when these tables were measured)
+[ -f pools/toy_web/pool.json ] || recall pool --params params.yaml replay=toy_web 2>&1 | tail -1
 for part in "${@:-10-2x5 knobs seeds oracle report}"; do
     for p in $part; do
         case $p in seeds) seeds;; 10-2x5) ten;; knobs) knobs;; oracle) oracle;; report) report;;

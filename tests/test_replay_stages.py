@@ -87,3 +87,28 @@ def test_web_pool_and_recall_run_never_leak_the_key(tmp_path: Path, tiny_world: 
     assert not [k for k in json.dumps(dict(replay), default=str).lower().split('"') if "secret" in k or "api_key" in k]
     repo_params = (Path(__file__).parents[1] / "params.yaml").read_text()
     assert KEY not in repo_params and SECRET not in repo_params
+
+
+def test_val_images_planted_in_the_flickr_standin_are_caught(tmp_path: Path, tiny_world: Path) -> None:
+    """VOC's photos came from Flickr: a crawl may return evaluation images, resized and recompressed."""
+    import io
+
+    from PIL import Image
+
+    from recall.data.voc import read_split
+    from recall.replay import FlickrSource, build_pool
+    from recall.replay.leakage import LeakageGuard
+
+    val_ids = read_split(tiny_world, "val")[:2]
+    with FlickrStandIn(size=64) as server:
+        for position, (image_id, size) in enumerate(zip(val_ids, [(96, 96), (48, 48)])):
+            buffer = io.BytesIO()
+            Image.open(tiny_world / "JPEGImages" / f"{image_id}.jpg").resize(size).save(buffer, "JPEG", quality=70)
+            server.plant("bird", 2 * position + 1, buffer.getvalue())
+        with FlickrSource(endpoint="standin", rest_url=server.rest_url, min_size=32) as source:
+            summary = build_pool(source, {3: "bird"}, 6, tmp_path / "pool",
+                                 guard=LeakageGuard.from_dataset(tiny_world), progress=False)
+    assert summary["dropped_near_copies"] == 2 and summary["counts"] == {"bird": 6}
+    leaks = [json.loads(line) for line in (tmp_path / "pool" / "leakage.jsonl").read_text().splitlines()]
+    assert [leak["dataset_id"] for leak in leaks] == [f"val/{i}" for i in val_ids]
+    assert sorted(leak["source_index"] for leak in leaks) == [1, 3]
