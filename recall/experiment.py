@@ -33,12 +33,14 @@ from recall.data.protocol import (Conventions, eval_label_map, get_convention, i
                                   select_eval_images, select_train_images, steps, train_label_map)
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
+from recall.diagnostics import replay_statistics, write_figures
 from recall.labeling import label_pool, labelled_share
 from recall.methods import Method, StepContext, build_method
 from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
 from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems
+from recall.provenance import dvc_hash
 from recall.train import TrainConfig, evaluate, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
@@ -307,7 +309,10 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
     if tracker is not None:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
-                "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir)}
+                "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir),
+                "dvc.dataset": dvc_hash(cfg.dataset.root)}
+        if cfg.replay.get("pool"):
+            tags["dvc.replay_pool"] = dvc_hash(cfg.replay.pool)
         params = OmegaConf.to_container(cfg, resolve=True)
         if pool_statistics(cfg):
             params["pool_built"] = pool_statistics(cfg)
@@ -319,8 +324,10 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
             tracker.finish([], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     payload = write_outputs(run, results)
+    figures = write_figures(run, results, run_name(cfg))
     if tracker is not None:
-        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"])
+        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"],
+                       figures=figures)
     return payload
 
 
@@ -359,6 +366,8 @@ def run_steps(run: ProtocolRun, cfg: DictConfig, tracker=None) -> list[dict]:
             result = json.loads(eval_file.read_text())
         else:
             result = run.evaluate(step, [_iou_array(r) for r in results])
+            if run.method.uses_replay and step >= 1:
+                result["replay"] = replay_statistics(run, step)
             write_json(eval_file, result)
         results.append(result)
         print(f"step {step} ({', '.join(result['new_classes'])}): " +

@@ -113,6 +113,44 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+REPLAY_BARS = (("old_no_bg", "old (no bg)", "tab:blue"), ("new", "new", "tab:orange"), ("all", "all (with bg)", "0.3"))
+
+
+def plot_replay_comparison(table: list[dict], path: Path) -> bool:
+    """Final old / new / all mIoU of each replay source, one panel per protocol (error bars: std over seeds);
+    MiB (dotted) and joint (dashed) as reference lines for all classes. False when no run replays."""
+    replayed = [r for r in table if r["replay"] != "none"]
+    if not replayed:
+        return False
+    protocols = sorted({r["protocol"] for r in replayed})
+    joint = next((r["all"] for r in table if r["method"] == "joint"), None)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols) + 1, 3.6), sharey=True, squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        mine = [r for r in replayed if r["protocol"] == protocol]
+        labels = [f"{r['method']}\n{r['replay']}" + (f"\n{r['options']}" if r["options"] else "") for r in mine]
+        width = 0.8 / len(REPLAY_BARS)
+        for k, (key, name, colour) in enumerate(REPLAY_BARS):
+            values = [float("nan") if r[key] is None else r[key] for r in mine]
+            errors = [r.get(f"{key}_std") or 0.0 for r in mine]
+            ax.bar([i + (k - 1) * width for i in range(len(mine))], values, width, yerr=errors, label=name,
+                   color=colour, capsize=2)
+        mib = next((r["all"] for r in table if r["protocol"] == protocol and r["method"] == "mib"), None)
+        if mib is not None:
+            ax.axhline(mib, color="tab:green", linestyle=":", label="MiB, all")
+        if joint is not None:
+            ax.axhline(joint, color="black", linestyle="--", linewidth=1, label="joint, all")
+        ax.set_xticks(range(len(mine)), labels, fontsize=8)
+        ax.set_title(protocol)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set(ylabel="final mIoU", ylim=(0, 1))
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.suptitle("Replay sources compared (final step)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs)
@@ -129,5 +167,6 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
     summary = {r["dir"].name: {k: r["final"]["miou"].get(k) for k in METRICS} for r in runs}
     write_json(out / "summary.json", summary)
     plot_curves(runs, out / "curves.png")
+    plot_replay_comparison(table, out / "replay_comparison.png")
     print(markdown_table(table))
     return table

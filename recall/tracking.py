@@ -56,6 +56,10 @@ def step_metrics(result: dict) -> dict[str, float]:
     metrics = {f"miou/{k}": v for k, v in result["miou"].items() if v is not None}
     metrics.update({f"iou/{_metric_name(c)}": v for c, v in result["iou"].items() if v is not None})
     metrics.update({f"forgetting/{_metric_name(c)}": v for c, v in result["forgetting"].items() if v is not None})
+    known = [v for v in result["forgetting"].values() if v is not None]
+    if known:
+        metrics["forgetting/mean"] = sum(known) / len(known)
+    metrics.update(result.get("replay", {}))  # replay/pool_images, replay/labelled_share, replay/inpainted_share
     return metrics
 
 
@@ -104,8 +108,11 @@ class Tracker:
         self.client.log_param(child.info.run_id, "new_classes", ",".join(result["new_classes"]))
         self.client.set_terminated(child.info.run_id)
 
-    def finish(self, artifacts: list[Path], status: str = "FINISHED") -> None:
+    def finish(self, artifacts: list[Path], status: str = "FINISHED", figures: list[Path] = ()) -> None:
+        """Log the run's files (figures under `figures/`) and close the parent run with ``status``."""
         for path in artifacts:
             if path.exists():
                 self.client.log_artifact(self.parent_id, str(path))
+        for path in figures:
+            self.client.log_artifact(self.parent_id, str(path), artifact_path="figures")
         self.client.set_terminated(self.parent_id, status=status)

@@ -70,3 +70,14 @@ def test_pipeline_lists_match_dvc_yaml():
     for run in pipeline["replay_runs"].values():
         assert run["replay"] in dvc["stages"]["replay_pool"]["foreach"], f"no stage builds pools/{run['replay']}"
         assert (ROOT / "conf" / "replay" / f"{run['replay']}.yaml").is_file()
+
+
+def test_dvc_plots_draw_every_run():
+    """The top-level plots give one line per run of the pipeline: they must follow params.yaml's run list."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    pipeline = default_params()["pipeline"]
+    expected = {f"runs/{k}/curve.csv" for k in [*pipeline["runs"], *pipeline["replay_runs"]]}
+    assert len(dvc["plots"]) == 2
+    for plot in dvc["plots"]:
+        (definition,) = plot.values()
+        assert set(definition["y"]) == expected and definition["x"] == "step"
