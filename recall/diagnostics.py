@@ -14,13 +14,14 @@ import torch
 
 from recall.data.transforms import eval_transform
 from recall.figures import plot_class_heatmap, plot_forgetting, plot_grid, plot_miou_curves
-from recall.labeling import labelled_share
+from recall.labeling import labelled_share, same_size_batches
 from recall.model import load_checkpoint
 from recall.replay.pool import PoolDataset
 
 PREDICTION_SAMPLES = 6  # val images in predictions.png
 REPLAY_SAMPLES = 8  # replay images in replay_labels.png (spread over the old classes)
 INPAINT_SAMPLE = 256  # replay images the inpainted share is measured on, per step (evenly spaced)
+TARGET_BATCH = 64
 
 
 def write_figures(run, results: list[dict], title: str) -> list[Path]:
@@ -62,17 +63,21 @@ def _spread(n: int, k: int) -> list[int]:
     return list(range(n)) if n <= k else sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
 
 
+@torch.no_grad()
 def _targets(run, step: int, data: PoolDataset, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(evaluated label, training target after the method's target rewriting) for replay items ``indices``."""
     prev, _ = load_checkpoint(run.step_dir(step - 1) / "model.pt", run.model_cfg)
     prev.eval()
     ctx = run.context(step, prev)
-    pairs = []
-    for i in indices:
-        image, label = data[i]
-        target = run.method.rewrite_targets(image[None], label[None].clone(), ctx)[0]
-        pairs.append((label.numpy(), target.numpy()))
-    return pairs
+    pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    records = [data.records[i] for i in indices]
+    for batch in same_size_batches(records, TARGET_BATCH):  # positions in `indices`, images of one size each
+        items = [data[indices[k]] for k in batch]
+        images, labels = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+        targets = run.method.rewrite_targets(images, labels.clone(), ctx)
+        for k, label, target in zip(batch, labels, targets):
+            pairs[k] = (label.numpy(), target.numpy())
+    return [pairs[k] for k in range(len(indices))]
 
 
 def replay_grid(run, step: int, title: str, path: Path) -> None:

@@ -132,8 +132,8 @@ def plot_replay_comparison(table: list[dict], path: Path) -> bool:
         for k, (key, name, colour) in enumerate(REPLAY_BARS):
             values = [float("nan") if r[key] is None else r[key] for r in mine]
             errors = [r.get(f"{key}_std") or 0.0 for r in mine]
-            ax.bar([i + (k - 1) * width for i in range(len(mine))], values, width, yerr=errors, label=name,
-                   color=colour, capsize=2)
+            ax.bar([i + (k - 1) * width for i in range(len(mine))], values, width, label=name, color=colour,
+                   yerr=errors if any(errors) else None, capsize=2)
         mib = next((r["all"] for r in table if r["protocol"] == protocol and r["method"] == "mib"), None)
         if mib is not None:
             ax.axhline(mib, color="tab:green", linestyle=":", label="MiB, all")
