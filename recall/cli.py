@@ -1,4 +1,4 @@
-"""The `recall` command: toyworld, protocol, run, classmap, pool, report, standin-weights, flickr-standin."""
+"""The `recall` command: toyworld, protocol, run, tune, classmap, pool, report, standin-weights, flickr-standin."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def cmd_run(args) -> int:
     final = payload["final"]["miou"]
     print("final: " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if v is not None))
     return 0
+
+
+def cmd_tune(args) -> int:
+    from recall.tune import tune
+    return tune(args.overrides, params_file=args.params)
 
 
 def cmd_classmap(args) -> int:
@@ -119,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_protocol)
     p = with_overrides(sub.add_parser("run", help="run (or resume) a protocol"))
     p.set_defaults(func=cmd_run)
+    p = with_overrides(sub.add_parser(
+        "tune", help="run (or continue) an Optuna study of RECALL's replay ratio, thresholds and lr",
+        description="Optuna study over tune.space (conf/tune/): every trial runs the protocol from tune.step0 with "
+                    "sampled values and may be pruned after each step. tune.n_trials = trials to ADD in this "
+                    "invocation: re-running continues the study in tune.storage; several workers may run at once "
+                    "(give each train.threads=1). e.g. recall tune protocol=15-1x5 method=recall replay=toy_gan "
+                    "tune=r_tau tune.step0=models/step0/15-overlapped"))
+    p.set_defaults(func=cmd_tune)
     p = with_overrides(sub.add_parser("classmap", help="map target classes to a generator's source classes"))
     p.set_defaults(func=cmd_classmap)
     p = with_overrides(sub.add_parser("pool", help="build (or resume) the replay pool of replay.name"))

@@ -17,7 +17,7 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval")
+GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval", "tune")
 
 T = TypeVar("T")
 

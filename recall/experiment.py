@@ -277,7 +277,7 @@ class ProtocolRun:
                 "confusion_matrix": matrix.to_dict()}
 
 
-IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "run_dir", "last_step")
+IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "tune", "run_dir", "last_step")
 
 
 def check_same_config(path: Path, cfg: DictConfig) -> None:
@@ -300,8 +300,9 @@ def _iou_array(result: dict) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in result["iou"].values()], dtype=np.float64)
 
 
-def run_protocol(cfg: DictConfig, tracker=None) -> dict:
-    """Run (or resume) every step of the configured protocol; returns the metrics.json payload."""
+def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
+    """Run (or resume) every step of the configured protocol; returns the metrics.json payload.
+    figures=False skips the run's figures (seconds per run; `recall tune` trials do without them)."""
     run = ProtocolRun(cfg)
     torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
@@ -324,10 +325,10 @@ def run_protocol(cfg: DictConfig, tracker=None) -> dict:
             tracker.finish([], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     payload = write_outputs(run, results)
-    figures = write_figures(run, results, run_name(cfg))
+    figure_files = write_figures(run, results, run_name(cfg)) if figures else []
     if tracker is not None:
         tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"],
-                       figures=figures)
+                       figures=figure_files)
     return payload
 
 

@@ -4,6 +4,9 @@ One parent run per protocol run (tags: protocol, setting, method, replay, seed, 
 run per step. Per-class IoU and the old/new/all means are logged as metrics with `step=t` on the parent
 (so `mlflow ui` draws curves over steps) and on the step's child run. The parent run id is stored in the
 run directory, so a resumed run keeps logging into the same parent and never duplicates a step.
+
+`recall tune` (StudyTracker, TrialTracker): one parent run per Optuna study with one child run per trial, whose
+final tag `optuna.state` is COMPLETE, PRUNED or FAIL (MLflow status FINISHED, KILLED, FAILED).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from recall.atomic import write_json
@@ -116,3 +120,116 @@ class Tracker:
         for path in figures:
             self.client.log_artifact(self.parent_id, str(path), artifact_path="figures")
         self.client.set_terminated(self.parent_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------- recall tune
+TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # optuna state -> MLflow status
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class StudyTracker:
+    """The MLflow side of an Optuna study (`recall tune`): one parent run per study (`tune · <study>`), shared by
+    every worker through its id (an Optuna study attribute), and one child run per trial."""
+
+    def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = _experiment_id(self.client, experiment)
+
+    def open_parent(self, run_id: str | None, study: str, tags: dict[str, str], params: dict) -> str:
+        """The study's parent run: `run_id` when a worker created it already (marked RUNNING again), else a new one."""
+        if run_id:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except MlflowException:  # the study's run lives in another MLflow store (tracking.uri changed)
+                pass
+        run = self.client.create_run(self.experiment_id, run_name=f"tune · {study}",
+                                     tags={**tags, "optuna.study": study, "git_commit": git_commit()})
+        flat = [Param(key, value) for key, value in flatten(params).items()]
+        for first in range(0, len(flat), PARAMS_PER_BATCH):
+            self.client.log_batch(run.info.run_id, params=flat[first:first + PARAMS_PER_BATCH])
+        return run.info.run_id
+
+    def trial(self, parent_id: str, study: str, number: int, params: dict, objective, on_step=None,
+              on_start=None) -> TrialTracker:
+        return TrialTracker(self.client, self.experiment_id, parent_id, study, number, params, objective, on_step,
+                            on_start)
+
+    def close_run(self, run_id: str, state: str) -> None:
+        """Mark a trial's run with its final Optuna state (also for a killed worker's trial, found stale later)."""
+        self.client.set_tag(run_id, "optuna.state", state)
+        self.client.set_terminated(run_id, status=TRIAL_STATUS.get(state, "FAILED"))
+
+    def close_parent(self, parent_id: str, metrics: dict[str, float], artifacts: list[Path] = (),
+                     figures: list[Path] = ()) -> None:
+        """The end of one worker's invocation: study counts and best value, best.yaml and the study's figures."""
+        now = int(time.time() * 1000)
+        if metrics:
+            self.client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        for path in artifacts:
+            if path.exists():
+                self.client.log_artifact(parent_id, str(path))
+        for path in figures:
+            self.client.log_artifact(parent_id, str(path), artifact_path="figures")
+        self.client.set_terminated(parent_id, status="FINISHED")
+
+
+class TrialTracker:
+    """What `run_protocol` calls for one Optuna trial (start / log_step / finish), logging to the trial's child run.
+
+    After each step it logs the step's metrics and `objective` (``objective(result)``, None when the step has no
+    value), then calls ``on_step(step, value)``, which may raise (Optuna's TrialPruned). The run stays open until
+    `close(state)`: only the caller knows whether the trial completed, was pruned or failed.
+    """
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study: str, number: int,
+                 params: dict, objective, on_step=None, on_start=None):
+        self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.study, self.number, self.params = study, number, params
+        self.objective, self.on_step, self.on_start = objective, on_step, on_start
+        self.run_id: str | None = None
+
+    def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.study} · trial {self.number}",
+                                     tags={**tags, "mlflow.parentRunId": self.parent_id, "optuna.study": self.study,
+                                           "optuna.trial": str(self.number), "optuna.state": "RUNNING"})
+        self.run_id = run.info.run_id
+        values = [Param(k, str(v)[:500]) for k, v in {**self.params, "trial": self.number}.items()]
+        self.client.log_batch(self.run_id, params=values)
+        if self.on_start is not None:
+            self.on_start(self.run_id)
+        return self.run_id
+
+    def log_step(self, result: dict) -> None:
+        step = result["step"]
+        metrics = step_metrics(result)
+        value = self.objective(result)
+        if value is not None:
+            metrics["objective"] = value
+        now = int(time.time() * 1000)
+        batch = [Metric(key, value, now, step) for key, value in metrics.items()]
+        for first in range(0, len(batch), METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[first:first + METRICS_PER_BATCH])
+        if self.on_step is not None:
+            self.on_step(step, value)
+
+    def finish(self, artifacts: list[Path], status: str = "FINISHED", figures: list[Path] = ()) -> None:
+        if self.run_id is None:
+            return
+        for path in [*artifacts, *figures]:
+            if path.exists():
+                self.client.log_artifact(self.run_id, str(path))
+
+    def close(self, state: str) -> None:
+        if self.run_id is not None:
+            self.client.set_tag(self.run_id, "optuna.state", state)
+            self.client.set_terminated(self.run_id, status=TRIAL_STATUS.get(state, "FAILED"))
