@@ -53,9 +53,12 @@ def outputs(tmp_path_factory, tiny_world) -> tuple[str, list[Path]]:
 
 
 def _parent(client: MlflowClient, run_dir: Path):
+    """The newest finished parent run of ``run_dir`` (its `run_dir` tag is as given: relative to the project in
+    DVC stages, absolute here)."""
     found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               filter_string=f"tags.run_dir = '{run_dir}' and attributes.status = 'FINISHED'")
-    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+                               filter_string="attributes.status = 'FINISHED'")
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags and "run_dir" in r.data.tags
+               and (ROOT / r.data.tags["run_dir"]).resolve() == run_dir.resolve()]
     assert parents, f"no finished MLflow parent run for {run_dir}"
     return max(parents, key=lambda r: r.info.start_time)
 
