@@ -168,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if args.command == "protocol":
         args.overrides = [f"protocol={args.name}", *args.overrides]
+    from hydra.errors import OverrideParseException
     try:
         return args.func(args)
+    except OverrideParseException as err:  # e.g. a list value holding "=" without quotes
+        print(f"recall: error: cannot parse an override: {err} (quote list items: 'key=[\"a=1\"]')", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         from recall.data.protocol import ProtocolError
         from recall.data.voc import DatasetError

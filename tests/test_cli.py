@@ -200,3 +200,9 @@ def test_disjoint_steps_never_reread_earlier_images(tmp_path, tiny_world):
     assert not (steps_ids[0] & steps_ids[1]) and not ((steps_ids[0] | steps_ids[1]) & steps_ids[2])
     with pytest.raises(RuntimeError, match="privacy"):
         run.check_no_earlier_images(classes, 1, sorted(steps_ids[0]))
+
+
+def test_an_unparsable_override_is_a_clear_error(capsys):
+    assert main(["run", "tune.trial_overrides=[train.epochs_incremental=3]", "tracking.uri="]) == 2
+    err = capsys.readouterr().err
+    assert "cannot parse an override" in err and "quote" in err
