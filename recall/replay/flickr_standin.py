@@ -123,7 +123,7 @@ class Faults:
     tiny: set[str] = field(default_factory=set)  # photo ids served as a 4x4 JPEG
     broken: set[str] = field(default_factory=set)  # photo ids that always answer HTTP 503
     repeat: dict[int, int] = field(default_factory=dict)  # result position -> earlier position it repeats
-    fail_after_images: int | None = None  # after N images served, every request answers HTTP 503
+    fail_after_images: int | None = None  # after N image requests admitted, every request answers HTTP 503
 
 
 @dataclass(frozen=True)
@@ -544,9 +544,12 @@ class _Handler(BaseHTTPRequestHandler):
         scope = "api" if path == REST_PATH else "images"
         standin.count("requests")
         standin.count(scope)
-        with standin._lock:
-            limit, served = standin.faults.fail_after_images, standin.stats["images_served"]
-        if limit is not None and served >= limit:
+        with standin._lock:  # check and admit in one step: concurrent downloads never pass the limit together
+            limit = standin.faults.fail_after_images
+            down = limit is not None and standin.stats["images_admitted"] >= limit
+            if not down and scope == "images":
+                standin.stats["images_admitted"] += 1
+        if down:
             standin.count("network_down")
             self._send(503, b"Service Unavailable", "text/plain")
             return
