@@ -67,13 +67,38 @@ def step_metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    """A (nested) config as params, secrets dropped: one sqlite transaction per batch, not per value."""
+    flat = [Param(key, value) for key, value in flatten(params).items()]
+    for first in range(0, len(flat), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=flat[first:first + PARAMS_PER_BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Metrics of one step, in batches."""
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    for first in range(0, len(batch), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[first:first + METRICS_PER_BATCH])
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if needed (another process may create it at the same moment)."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
 class Tracker:
     """Logs a protocol run to MLflow; resumable through `<run_dir>/mlflow_run.json`."""
 
     def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = experiment_id(self.client, experiment)
         self.parent_id: str | None = None
 
     def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
@@ -84,9 +109,7 @@ class Tracker:
             return self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "git_commit": git_commit()})
         self.parent_id = run.info.run_id
-        params = [Param(key, value) for key, value in flatten(params).items()]
-        for first in range(0, len(params), PARAMS_PER_BATCH):  # one sqlite transaction per batch, not per value
-            self.client.log_batch(self.parent_id, params=params[first:first + PARAMS_PER_BATCH])
+        log_params(self.client, self.parent_id, params)
         write_json(id_file, {"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri})
         return self.parent_id
 
@@ -104,11 +127,8 @@ class Tracker:
         child = self.client.create_run(self.experiment_id, run_name=f"{parent.info.run_name} · step {step}",
                                        tags={"mlflow.parentRunId": self.parent_id, "step": str(step),
                                              **{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}})
-        now = int(time.time() * 1000)
-        batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         for run_id in (self.parent_id, child.info.run_id):
-            for first in range(0, len(batch), METRICS_PER_BATCH):
-                self.client.log_batch(run_id, metrics=batch[first:first + METRICS_PER_BATCH])
+            log_metrics(self.client, run_id, metrics, step)
         self.client.log_param(child.info.run_id, "new_classes", ",".join(result["new_classes"]))
         self.client.set_terminated(child.info.run_id)
 
@@ -126,14 +146,10 @@ class Tracker:
 TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # optuna state -> MLflow status
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another worker created it in the meantime
-        return client.get_experiment_by_name(name).experiment_id
+def close_trial_run(client: MlflowClient, run_id: str, state: str) -> None:
+    """Mark a trial's run with its final Optuna state and the matching MLflow status."""
+    client.set_tag(run_id, "optuna.state", state)
+    client.set_terminated(run_id, status=TRIAL_STATUS.get(state, "FAILED"))
 
 
 class StudyTracker:
@@ -142,7 +158,7 @@ class StudyTracker:
 
     def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = _experiment_id(self.client, experiment)
+        self.experiment_id = experiment_id(self.client, experiment)
 
     def open_parent(self, run_id: str | None, study: str, tags: dict[str, str], params: dict) -> str:
         """The study's parent run: `run_id` when a worker created it already (marked RUNNING again), else a new one."""
@@ -154,9 +170,7 @@ class StudyTracker:
                 pass
         run = self.client.create_run(self.experiment_id, run_name=f"tune · {study}",
                                      tags={**tags, "optuna.study": study, "git_commit": git_commit()})
-        flat = [Param(key, value) for key, value in flatten(params).items()]
-        for first in range(0, len(flat), PARAMS_PER_BATCH):
-            self.client.log_batch(run.info.run_id, params=flat[first:first + PARAMS_PER_BATCH])
+        log_params(self.client, run.info.run_id, params)
         return run.info.run_id
 
     def trial(self, parent_id: str, study: str, number: int, params: dict, objective, on_step=None,
@@ -166,15 +180,13 @@ class StudyTracker:
 
     def close_run(self, run_id: str, state: str) -> None:
         """Mark a trial's run with its final Optuna state (also for a killed worker's trial, found stale later)."""
-        self.client.set_tag(run_id, "optuna.state", state)
-        self.client.set_terminated(run_id, status=TRIAL_STATUS.get(state, "FAILED"))
+        close_trial_run(self.client, run_id, state)
 
     def close_parent(self, parent_id: str, metrics: dict[str, float], artifacts: list[Path] = (),
                      figures: list[Path] = ()) -> None:
         """The end of one worker's invocation: study counts and best value, best.yaml and the study's figures."""
-        now = int(time.time() * 1000)
         if metrics:
-            self.client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            log_metrics(self.client, parent_id, metrics, step=0)
         for path in artifacts:
             if path.exists():
                 self.client.log_artifact(parent_id, str(path))
@@ -203,8 +215,7 @@ class TrialTracker:
                                      tags={**tags, "mlflow.parentRunId": self.parent_id, "optuna.study": self.study,
                                            "optuna.trial": str(self.number), "optuna.state": "RUNNING"})
         self.run_id = run.info.run_id
-        values = [Param(k, str(v)[:500]) for k, v in {**self.params, "trial": self.number}.items()]
-        self.client.log_batch(self.run_id, params=values)
+        log_params(self.client, self.run_id, {**self.params, "trial": self.number})
         if self.on_start is not None:
             self.on_start(self.run_id)
         return self.run_id
@@ -215,10 +226,7 @@ class TrialTracker:
         value = self.objective(result)
         if value is not None:
             metrics["objective"] = value
-        now = int(time.time() * 1000)
-        batch = [Metric(key, value, now, step) for key, value in metrics.items()]
-        for first in range(0, len(batch), METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[first:first + METRICS_PER_BATCH])
+        log_metrics(self.client, self.run_id, metrics, step)
         if self.on_step is not None:
             self.on_step(step, value)
 
@@ -231,5 +239,4 @@ class TrialTracker:
 
     def close(self, state: str) -> None:
         if self.run_id is not None:
-            self.client.set_tag(self.run_id, "optuna.state", state)
-            self.client.set_terminated(self.run_id, status=TRIAL_STATUS.get(state, "FAILED"))
+            close_trial_run(self.client, self.run_id, state)
