@@ -315,8 +315,9 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
         if cfg.replay.get("pool"):
             tags["dvc.replay_pool"] = dvc_hash(cfg.replay.pool)
         params = OmegaConf.to_container(cfg, resolve=True)
-        if pool_statistics(cfg):
-            params["pool_built"] = pool_statistics(cfg)
+        pool_built = pool_statistics(cfg)
+        if pool_built:
+            params["pool_built"] = pool_built
         tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)
     try:
         results = run_steps(run, cfg, tracker)

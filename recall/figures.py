@@ -11,7 +11,6 @@ Pure functions of arrays and result records; ``recall.experiment.write_figures``
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -124,15 +123,3 @@ def plot_grid(rows: list[list[np.ndarray]], column_titles: list[str], row_titles
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
-
-def write_csv_rows(path: Path, rows: list[dict]) -> None:
-    """Rows of dicts (same keys) as CSV, atomically."""
-    if not rows:
-        write_text(path, "")
-        return
-    header = list(rows[0])
-    with open(path.with_name(path.name + ".tmp"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    path.with_name(path.name + ".tmp").replace(path)
