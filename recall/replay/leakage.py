@@ -16,7 +16,6 @@ pool is built, every candidate image is compared with every train and val image 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from recall.data.voc import DatasetError, read_split
 
 HASH_SIZE = 8  # 8×8 low frequencies = 64 bits
 THUMBNAIL = 32  # the grey thumbnail the DCT is taken of (4× the hash size, as pHash does)
@@ -104,31 +102,16 @@ class LeakageGuard:
                      suffix: str = ".jpg", max_distance: int = DEFAULT_MAX_DISTANCE,
                      progress: bool = False) -> LeakageGuard:
         """Hash every image of ``splits`` (file bytes, decoded pixels, pHash); ids are ``<split>/<image id>``."""
-        from recall.replay.pool import PIL_ERRORS, pixel_sha256, sha256_bytes
+        from recall.replay.pool import dataset_images, pixel_sha256, sha256_bytes
 
-        root = Path(root)
-        items = [(split, image_id) for split in splits for image_id in read_split(root, split)]
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(items, desc="leakage guard: hashing dataset images", unit="img")
         exact: set[str] = set()
         perceptual: dict[str, int] = {}
         thumbnails: dict[str, np.ndarray] = {}
-        for split, image_id in items:
-            path = root / image_dir / f"{image_id}{suffix}"
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError as error:
-                raise DatasetError(f"{path}: file is missing; the image listed in split {split!r} has no file") from error
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-                    exact.update({sha256_bytes(data), pixel_sha256(image)})
-                    perceptual.setdefault(f"{split}/{image_id}", perceptual_hash(image))
-                    thumbnails.setdefault(f"{split}/{image_id}", colour_thumbnail(image))
-            except PIL_ERRORS as error:
-                raise DatasetError(f"{path}: cannot read image ({error})") from error
+        for split, image_id, data, image in dataset_images(root, splits, image_dir, suffix, progress,
+                                                           desc="leakage guard: hashing dataset images"):
+            exact.update({sha256_bytes(data), pixel_sha256(image)})
+            perceptual.setdefault(f"{split}/{image_id}", perceptual_hash(image))
+            thumbnails.setdefault(f"{split}/{image_id}", colour_thumbnail(image))
         return cls(exact, perceptual, thumbnails, max_distance=max_distance)
 
     def check(self, image: Image.Image, hashes: Iterable[str] = ()) -> Match | None:

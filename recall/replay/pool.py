@@ -110,32 +110,53 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def dataset_hashes(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
-                   suffix: str = ".jpg", progress: bool = False) -> set[str]:
-    """sha256 of the file bytes and of the decoded RGB pixels of every image of ``splits``.
+def dataset_images(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
+                   suffix: str = ".jpg", progress: bool = False, desc: str = "hashing dataset images"
+                   ) -> Iterator[tuple[str, str, bytes, Image.Image]]:
+    """``(split, image id, file bytes, decoded image)`` of every image of ``splits``, for hashing them.
 
-    Used by ``build_pool`` to keep exact copies of the dataset's own images out of the replay pool.
+    A missing or undecodable file raises ``DatasetError`` naming it. The image is closed after each step.
     """
     root = Path(root)
-    ids = [image_id for split in splits for image_id in read_split(root, split)]
+    items = [(split, image_id) for split in splits for image_id in read_split(root, split)]
     if progress:
         from tqdm import tqdm
 
-        ids = tqdm(ids, desc="hashing dataset images", unit="img")
-    hashes: set[str] = set()
-    for image_id in ids:
+        items = tqdm(items, desc=desc, unit="img")
+    for split, image_id in items:
         path = root / image_dir / f"{image_id}{suffix}"
         try:
             data = path.read_bytes()
         except FileNotFoundError as error:
-            raise DatasetError(f"{path}: file is missing; the image listed in the split has no file") from error
-        hashes.add(sha256_bytes(data))
+            raise DatasetError(f"{path}: file is missing; the image listed in split {split!r} has no file") from error
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                hashes.add(pixel_sha256(image))
+            image = Image.open(io.BytesIO(data))
+            image.load()
         except PIL_ERRORS as error:
             raise DatasetError(f"{path}: cannot read image ({error})") from error
+        with image:
+            yield split, image_id, data, image
+
+
+def dataset_hashes(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
+                   suffix: str = ".jpg", progress: bool = False) -> set[str]:
+    """sha256 of the file bytes and of the decoded RGB pixels of every image of ``splits``.
+
+    A run checks its replay pool against them before training (``recall.replay.leakage`` does more when a
+    pool is built).
+    """
+    hashes: set[str] = set()
+    for _, _, data, image in dataset_images(root, splits, image_dir, suffix, progress):
+        hashes.update({sha256_bytes(data), pixel_sha256(image)})
     return hashes
+
+
+def _append_line(path: Path, record: Mapping) -> None:
+    """Append ``record`` as one JSON line and fsync: a killed writer leaves at most a truncated last line."""
+    with open(path, "ab") as handle:
+        handle.write((json.dumps(record, sort_keys=False) + "\n").encode())
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 # --------------------------------------------------------------------------------- pool
@@ -320,20 +341,12 @@ class ReplayPool:
         }
         full.update({k: v for k, v in record.items() if k not in full and k != "index" and _jsonable(v)})
         write_bytes(self.image_path(full["id"]), data)
-        line = (json.dumps(full, sort_keys=False) + "\n").encode()
-        with open(self.manifest_path, "ab") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _append_line(self.manifest_path, full)
         return full
 
     def note_leak(self, record: Mapping) -> None:
         """Append a dropped dataset copy to ``leakage.jsonl`` (for inspection; never read back by a build)."""
-        line = (json.dumps({k: v for k, v in record.items() if _jsonable(v)}) + "\n").encode()
-        with open(self.root / LEAKAGE_NAME, "ab") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _append_line(self.root / LEAKAGE_NAME, {k: v for k, v in record.items() if _jsonable(v)})
 
     def remove_orphans(self) -> int:
         """Delete image / temp files that no manifest record refers to; returns how many."""
