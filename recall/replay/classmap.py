@@ -263,6 +263,23 @@ def make_standin_classifier(path: str | Path, model_name: str = STANDIN_MODEL, s
     return path
 
 
+def checked_mapping(mapping, num_source_classes: int, what: str = "source class") -> dict[int, int]:
+    """Target class -> source class index as ints (keys may be strings, e.g. from a config), each source index
+    checked against ``0 .. num_source_classes - 1``; ``what`` names the source classes in errors."""
+    checked = {}
+    for target, source in mapping.items():
+        try:
+            source_index, target_index = int(source), int(target)
+        except (TypeError, ValueError):
+            raise ReplayError(f"mapping {target!r} -> {source!r}: expected integer class indices "
+                              f"(use classmap.load_mapping to resolve names)") from None
+        if not 0 <= source_index < num_source_classes:
+            raise ReplayError(f"mapping {target!r} -> {source_index}: {what} out of range "
+                              f"0..{num_source_classes - 1}")
+        checked[target_index] = source_index
+    return checked
+
+
 # ------------------------------------------------------------------------------ files
 
 def save_mapping(mapping: dict[int, dict], path: str | Path) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from recall.replay.classmap import checked_mapping
 from recall.replay.pool import ReplayError
 from recall.replay.weights import IMAGENET_NUM_CLASSES, file_sha256, imagenet_names, load_strictly, read_state_dict
 
@@ -390,18 +391,7 @@ class BigGANSource:
 
     def set_mapping(self, mapping: Mapping[int | str, int]) -> None:
         """Set target class -> ImageNet class index (keys may be strings, e.g. from a config)."""
-        checked = {}
-        for target, source in mapping.items():
-            try:
-                source_index, target_index = int(source), int(target)
-            except (TypeError, ValueError):
-                raise ReplayError(f"mapping {target!r} -> {source!r}: expected integer class indices "
-                                  f"(use classmap.load_mapping to resolve names)") from None
-            if not 0 <= source_index < self.num_classes:
-                raise ReplayError(f"mapping {target!r} -> {source_index}: ImageNet class out of range "
-                                  f"0..{self.num_classes - 1}")
-            checked[target_index] = source_index
-        self.mapping = checked
+        self.mapping = checked_mapping(mapping, self.num_classes, what="ImageNet class")
 
     def available(self, class_index: int, class_name: str) -> None:
         return None  # a generator never runs out

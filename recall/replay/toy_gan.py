@@ -26,6 +26,7 @@ from PIL import Image
 
 from recall.data.toyworld import (CLASS_STYLES, PIXEL_NOISE_STD, SHAPES, ClassStyle, draw_object,
                                   render_background, shifted_style)
+from recall.replay.classmap import checked_mapping
 from recall.replay.pool import ReplayError
 
 LATENT_DIM = 8
@@ -144,14 +145,7 @@ class ToyGenerator:
 
     def set_mapping(self, mapping: Mapping[int | str, int]) -> None:
         """Set target class -> source class index (keys may be strings, e.g. from a config)."""
-        checked = {}
-        for target, source in mapping.items():
-            source = int(source)
-            if not 0 <= source < self.num_source_classes:
-                raise ReplayError(f"mapping {target!r} -> {source}: source class out of range "
-                                  f"0..{self.num_source_classes - 1}")
-            checked[int(target)] = source
-        self.mapping = checked
+        self.mapping = checked_mapping(mapping, self.num_source_classes)
 
     def lookalike_mapping(self) -> dict[int, int]:
         """The ground truth: each toy class -> the source class made to look like it (for evaluation)."""
