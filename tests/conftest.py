@@ -23,3 +23,21 @@ def tiny_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     generate(root, n_train=60, n_val=16, seed=3, progress=False)
     return root
+
+
+def kill_when_written(args: list[str], path: Path, timeout: float) -> None:
+    """Run `python -m recall.cli ARGS` in its own process group and SIGKILL the group as soon as ``path`` exists
+    (or the process ended, or ``timeout`` seconds passed): a run killed mid-way, as by `kill -9`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "recall.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -5,18 +5,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST
+from conftest import FAST, kill_when_written
 from recall.cli import main
 
 
@@ -103,20 +100,15 @@ def test_changed_config_does_not_resume_silently(tmp_path, tiny_world):
 def test_killed_run_resumes_at_last_finished_step(tmp_path, tiny_world):
     """Kill a real `recall run` process after step 1's checkpoint lands; the restart keeps steps 0-1."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}", "protocol=15-1x5",
-           f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["run", f"dataset.root={tiny_world}", "protocol=15-1x5", f"run_dir={run_dir}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST]
     done = run_dir / "steps" / "1" / "model.pt"
-    deadline = time.time() + 240
-    while not done.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_written(args, done, timeout=240)
     assert done.exists(), "the run did not reach step 1 before the deadline"
     assert not (run_dir / "steps" / "5" / "model.pt").exists(), "the run finished before it was killed"
     kept = {t: _sha(run_dir / "steps" / str(t) / "model.pt") for t in (0, 1)}
 
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    subprocess.run([sys.executable, "-m", "recall.cli", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert {t: _sha(run_dir / "steps" / str(t) / "model.pt") for t in (0, 1)} == kept
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [s["step"] for s in metrics["steps"]] == [0, 1, 2, 3, 4, 5]

@@ -7,8 +7,6 @@ the pruner must stop after step 1); the tests read it through Optuna, MLflow and
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import FAST
+from conftest import FAST, kill_when_written
 from recall.cli import main
 from recall.tune import CurrentValuePruner, final_values, step_value
 
@@ -148,14 +146,8 @@ def test_a_killed_workers_trial_fails_and_is_retried_once(world):
     MLflow run and runs it again with the same parameters."""
     args = world.args("tune.n_trials=1", "tune.heartbeat_interval=1", "tune.grace_period=2", study="killed",
                       storage="killed.db")
-    proc = subprocess.Popen([sys.executable, "-m", "recall.cli", *args, "train.epochs_incremental=15"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     step1 = world.tmp / "tune" / "killed" / "trial_0" / "steps" / "1" / "model.pt"
-    deadline = time.time() + 120
-    while not step1.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_written([*args, "train.epochs_incremental=15"], step1, timeout=120)
     assert step1.exists(), "the worker did not reach step 1 before the deadline"
     time.sleep(3)  # > grace_period since its last heartbeat
     assert main(args) == 0
