@@ -27,11 +27,11 @@ DPI = 110
 IGNORE_COLOUR = (255, 255, 255)
 
 
-def _save(fig, path: Path) -> None:
-    """Write a figure atomically (temp file + rename)."""
+def save_figure(fig, path: Path, dpi: int = DPI, bbox_inches: str | None = "tight") -> None:
+    """Write a figure as PNG atomically (temp file + rename) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches, format="png")
     plt.close(fig)
     tmp.replace(path)
 
@@ -52,7 +52,7 @@ def plot_miou_curves(steps: list[dict], title: str, path: Path) -> None:
     ax.set(xlabel="step", ylabel="mIoU", ylim=(0, 1), title=title, xticks=x)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def class_iou_matrix(steps: list[dict], classes: list[str]) -> np.ndarray:
@@ -76,7 +76,7 @@ def plot_class_heatmap(steps: list[dict], classes: list[str], title: str, path: 
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
     ax.set(xlabel="step", title=title)
     fig.colorbar(image, ax=ax, label="IoU", fraction=0.05)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_forgetting(forgetting: dict[str, float | None], title: str, path: Path) -> None:
@@ -95,7 +95,7 @@ def plot_forgetting(forgetting: dict[str, float | None], title: str, path: Path)
         ax.text(0.5, 0.5, "no forgetting to show (a single step)", ha="center", va="center", transform=ax.transAxes)
     ax.set(ylabel="forgetting (IoU)", title=title)
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def colourise(labels: np.ndarray) -> np.ndarray:
@@ -121,5 +121,5 @@ def plot_grid(rows: list[list[np.ndarray]], column_titles: list[str], row_titles
             if j == 0:
                 ax.set_ylabel(row_titles[i], fontsize=7)
     fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib
 
 from recall.atomic import write_json, write_text
+from recall.figures import save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -109,8 +110,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     axes[0].set_ylim(0, 1)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches=None)
 
 
 REPLAY_BARS = (("old_no_bg", "old (no bg)", "tab:blue"), ("new", "new", "tab:orange"), ("all", "all (with bg)", "0.3"))
@@ -146,8 +146,7 @@ def plot_replay_comparison(table: list[dict], path: Path) -> bool:
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle("Replay sources compared (final step)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches=None)
     return True
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import os
 import re
 import shlex
 import shutil
@@ -687,8 +686,9 @@ def write_study_figures(study: optuna.Study, out: Path, names: list[str]) -> lis
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as vis
+
+    from recall.figures import save_figure
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -724,12 +724,8 @@ def write_study_figures(study: optuna.Study, out: Path, names: list[str]) -> lis
             except (ValueError, RuntimeError, ZeroDivisionError) as error:  # e.g. importances of constant values
                 print(f"tune: figure {name} skipped: {error}", flush=True)
                 continue
-            figure = np.asarray(axes).ravel()[0].figure
             path = out / f"{name}.png"
-            tmp = out / f".{name}.{os.getpid()}.png"
-            figure.savefig(tmp, dpi=100, bbox_inches="tight")
-            plt.close(figure)
-        os.replace(tmp, path)
+            save_figure(np.asarray(axes).ravel()[0].figure, path, dpi=100)
         written.append(path)
     return written
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from recall.atomic import write_bytes
 from recall.replay.classmap import checked_mapping
 from recall.replay.pool import ReplayError
 from recall.replay.weights import IMAGENET_NUM_CLASSES, file_sha256, imagenet_names, load_strictly, read_state_dict
@@ -266,10 +267,7 @@ def _write_dir_atomically(out_dir: Path, files: Mapping[str, bytes]) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     for name, data in files.items():
-        with open(tmp / name, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_bytes(tmp / name, data)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
