@@ -330,3 +330,24 @@ def test_get_convention_error():
     assert get_convention("mib") is CONVENTIONS["mib"]
     with pytest.raises(ProtocolError, match="unknown evaluation convention 'MiB'"):
         get_convention("MiB")
+
+
+# --------------------------------------------------------------------------- ADE20K
+
+
+# MiB's tasks.py, tasks_ade (class lists without background 0): "100-50", "100-10", and "50" (its paper's 50-50)
+MIB_ADE_TASKS = {
+    "100-50": [list(range(1, 101)), list(range(101, 151))],
+    "100-10": [list(range(1, 101)), *[list(range(s, s + 10)) for s in range(101, 151, 10)]],
+    "50-50": [list(range(1, 51)), list(range(51, 101)), list(range(101, 151))],
+}
+
+
+@pytest.mark.parametrize("option", sorted(MIB_ADE_TASKS))
+def test_ade20k_protocols_are_mibs(option):
+    from recall.config import compose
+
+    name = str(compose(["dataset=ade20k", f"protocol={option}"]).protocol.name)
+    assert steps(name, 150) == MIB_ADE_TASKS[option]
+    with pytest.raises(ProtocolError, match="add up to 150"):
+        steps(name, 20)

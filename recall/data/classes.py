@@ -1,4 +1,4 @@
-"""Pascal VOC class names and palette, shared by the toy world and the real-data readers."""
+"""Class names (Pascal VOC, ADE20K) and the VOC palette, shared by the toy world and the real-data readers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,27 @@ VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
+)
+
+# ADE20K (SceneParsing, ADEChallengeData2016): the 150 classes in annotation order, as listed by MiB's
+# dataset/ade.py and mmsegmentation's ADE20KDataset (objectInfo150). Index 0 is ADE's "other" (pixels of none of
+# the 150 classes, MiB's "void"), which takes the background slot.
+ADE20K_CLASSES: tuple[str, ...] = (
+    "background", "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car",
+    "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence",
+    "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
 
 
@@ -25,3 +46,14 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette.extend((r, g, b))
     return palette
+
+
+def class_names(dataset_name: str, num_classes: int) -> list[str]:
+    """Names of classes 0..num_classes (background first): VOC's for voc and the toy world, ADE20K's for ade20k,
+    numbers for any other dataset. A known dataset with another class count is a configuration error."""
+    known = {"voc": VOC_CLASSES, "toy": VOC_CLASSES, "ade20k": ADE20K_CLASSES}.get(dataset_name)
+    if known is None:
+        return [str(c) for c in range(num_classes + 1)]
+    if num_classes != len(known) - 1:
+        raise ValueError(f"dataset {dataset_name!r} has {len(known) - 1} classes, not num_classes={num_classes}")
+    return list(known)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from recall.data.classes import VOC_CLASSES
+from recall.data.classes import class_names
 from recall.replay import build_pool, build_source
 from recall.replay.classmap import (imagenet_classifier, load_mapping, make_standin_classifier, map_classes,
                                     save_mapping, train_source_classifier)
@@ -62,8 +62,9 @@ def replay_pool(cfg: DictConfig) -> dict:
     with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
         if cfg.replay.get("mapping"):
             source.set_mapping(load_mapping(cfg.replay.mapping, source_names=getattr(source, "source_names", None)))
-        n = int(cfg.dataset.num_classes)
-        classes = {c: VOC_CLASSES[c] if n == 20 else str(c) for c in range(1, n + 1)}
+        names = class_names(str(cfg.dataset.name), int(cfg.dataset.num_classes))
+        classes = dict(enumerate(names))
+        del classes[0]  # background is never replayed
         d = cfg.dataset
         guard = LeakageGuard.from_dataset(d.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir,
                                           max_distance=int(cfg.replay.get("leakage_max_distance",

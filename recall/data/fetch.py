@@ -1,0 +1,232 @@
+"""Getting the official dataset archives: a resumable download and a SHA-256 check.
+
+``obtain(sources, downloads, expected)`` returns a local archive whose digest is the expected one. A source is a
+local file or directory (used in place) or an http(s) URL, downloaded into ``downloads/<name>`` through
+``<name>.part``: an interrupted download (a cut connection, a killed process) keeps the bytes received so far and
+the next attempt asks only for the rest (HTTP ``Range``). Several sources are alternatives (mirrors), tried in order.
+
+The digests of the official archives are in :data:`KNOWN_ARCHIVES`, copied from projects that verify them on
+every download (never computed here): a user's ``--sha256`` replaces them, e.g. for a repackaged archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from recall.data.voc import DatasetError
+
+CHUNK_BYTES = 1 << 20
+HASH_CHUNK_BYTES = 8 << 20
+DOWNLOAD_ATTEMPTS = 5         # per source and command; the .part file keeps what they received
+CONNECT_TIMEOUT = 30.0        # seconds
+READ_TIMEOUT = 120.0          # seconds without a byte before an attempt is given up
+BACKOFF_SECONDS = 2.0         # doubled after each failed attempt, at most MAX_BACKOFF_SECONDS
+MAX_BACKOFF_SECONDS = 60.0
+PART_SUFFIX = ".part"
+PROGRESS_DELAY = 1.0          # seconds before a progress bar shows (none for a quick step)
+
+
+class ArchiveError(DatasetError):
+    """A download that failed, or an archive that is truncated or not the expected one; names the file."""
+
+
+@dataclass(frozen=True)
+class KnownArchive:
+    """An official archive: where it is published, its SHA-256 and size (bytes, None if no source gives it)."""
+
+    dataset: str
+    name: str
+    url: str
+    sha256: str
+    size: int | None
+    source: str  # where the digest was copied from
+
+
+# SHA-256 digests as published by projects that check them on download. The MD5s torchvision checks
+# (datasets/voc.py: VOC 6cd6e144f989b92b3379bac3b3de84fd, SBD 82b4d87ceb2ed10f6038a1cba92111cb) name the same files.
+KNOWN_ARCHIVES: dict[str, KnownArchive] = {
+    "voc": KnownArchive(
+        "voc", "VOCtrainval_11-May-2012.tar",
+        "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+        "e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb", 1_999_639_040,
+        "tensorflow/datasets url_checksums/voc.txt; torchvision prototype datasets/_builtin/voc.py"),
+    "sbd": KnownArchive(
+        "sbd", "benchmark.tgz",
+        "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
+        "6a5a2918d5c73ce032fdeba876574d150d9d04113ab87540a1304cbcc715be53", None,
+        "torchvision prototype datasets/_builtin/sbd.py"),
+    "ade20k": KnownArchive(
+        "ade20k", "ADEChallengeData2016.zip",
+        "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+        "7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29", 967_382_037,
+        "tensorflow/datasets url_checksums/ade20k.txt"),
+}
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A local archive ready to be read; ``official`` when its digest is the published one."""
+
+    path: Path
+    sha256: str | None  # None for a directory (an already extracted archive: nothing to hash)
+    official: bool
+
+
+# --------------------------------------------------------------------------- download
+
+
+def is_url(source: str) -> bool:
+    return urlsplit(str(source)).scheme in ("http", "https")
+
+
+def url_file_name(url: str) -> str:
+    """The file name a URL downloads to (its last path segment)."""
+    name = Path(unquote(urlsplit(url).path)).name
+    if not name:
+        raise ArchiveError(f"{url}: the URL does not end with a file name")
+    return name
+
+
+def _part_size(part: Path) -> int:
+    return part.stat().st_size if part.is_file() else 0
+
+
+def _receive(url: str, part: Path, session, progress: bool) -> None:
+    """One attempt: append the rest of ``url`` to ``part`` (asking for it with Range). Raises on a short read."""
+    offset = _part_size(part)
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
+        if offset and response.status_code == 416:  # nothing after offset: the part is whole (the digest decides)
+            return
+        response.raise_for_status()
+        if offset and response.status_code != 206:  # the server ignores Range: start again
+            offset = 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        received = _append(response, part, offset, total, progress)
+    if total is not None and received != total:
+        raise ConnectionError(f"the connection closed after {received} of {total} bytes")
+
+
+def _append(response, part: Path, offset: int, total: int | None, progress: bool) -> int:
+    """Write the response body after the first ``offset`` bytes of ``part``; returns the part's size."""
+    from tqdm import tqdm
+
+    with open(part, "r+b" if offset else "wb") as handle, \
+            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.name, disable=not progress,
+                 file=sys.stderr, delay=PROGRESS_DELAY) as bar:
+        handle.seek(offset)
+        handle.truncate()
+        # the raw bytes (never decoded: a .tgz sent with Content-Encoding: gzip stays a .tgz), and a short body
+        # keeps what it brought: the caller compares the size with Content-Length
+        response.raw.enforce_content_length = False
+        while chunk := response.raw.read(CHUNK_BYTES, decode_content=False):
+            handle.write(chunk)
+            bar.update(len(chunk))
+        handle.flush()
+        os.fsync(handle.fileno())
+        return handle.tell()
+
+
+def download(url: str, dest: Path, attempts: int = DOWNLOAD_ATTEMPTS, backoff: float = BACKOFF_SECONDS,
+             progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming it after a failure (at most ``attempts`` tries).
+
+    ``dest`` exists only once every byte arrived, so an existing ``dest`` is not downloaded again.
+    """
+    import requests
+    import urllib3
+
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + PART_SUFFIX)
+    error: Exception | None = None
+    with requests.Session() as session:
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS))
+            try:
+                _receive(url, part, session, progress)
+                os.replace(part, dest)
+                return dest
+            except requests.HTTPError as err:
+                if err.response is not None and err.response.status_code < 500:  # 404, 403: retrying will not help
+                    raise ArchiveError(f"{url}: the server answered {err}; check the URL") from err
+                error = err
+            except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as err:
+                error = err  # a network failure: the next attempt resumes
+    raise ArchiveError(f"{url}: download failed after {attempts} attempts ({error}); {part} keeps the "
+                       f"{_part_size(part)} bytes received: run the same command again to resume")
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def sha256_of(path: Path, progress: bool = True) -> str:
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                          desc=f"sha256 {path.name}", disable=not progress, file=sys.stderr,
+                                          delay=PROGRESS_DELAY) as bar:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def verify(path: Path, expected: str | None, size: int | None = None, progress: bool = True) -> str:
+    """The SHA-256 of ``path``; raises ``ArchiveError`` if it (or the size) differs from the expected one."""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise ArchiveError(f"{path}: {actual_size} bytes, expected {size}: the archive is truncated or not the "
+                           f"official one; delete it and download it again (or pass --sha256 for another archive)")
+    actual = sha256_of(path, progress)
+    if expected is not None and actual != expected.lower():
+        raise ArchiveError(f"{path}: SHA-256 mismatch: expected {expected.lower()}, got {actual}; the file is "
+                           f"damaged, partial or another archive: delete it and download it again, or pass "
+                           f"--sha256 {actual} if you trust this file")
+    return actual
+
+
+def _local(source: str, downloads: Path, attempts: int, backoff: float, progress: bool) -> Path:
+    if is_url(source):
+        return download(source, downloads / url_file_name(source), attempts, backoff, progress)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ArchiveError(f"{path}: no such file; give the path of the downloaded archive or its URL")
+    return path
+
+
+def obtain(dataset: str, sources: list[str], downloads: Path, sha256: str | None = None,
+           attempts: int = DOWNLOAD_ATTEMPTS, backoff: float = BACKOFF_SECONDS, progress: bool = True) -> Archive:
+    """The first of ``sources`` that can be fetched, verified against ``sha256`` or the official digest.
+
+    A directory (an archive extracted by hand) is taken as it is: there are no bytes to hash.
+    A checksum mismatch is an error at once (another mirror would not make this file right).
+    """
+    known = KNOWN_ARCHIVES.get(dataset)
+    expected = sha256 or (known.sha256 if known else None)
+    size = known.size if known and not sha256 else None
+    failures = []
+    for source in sources:
+        try:
+            path = _local(source, downloads, attempts, backoff, progress)
+        except ArchiveError as err:
+            failures.append(str(err))
+            continue
+        if path.is_dir():
+            return Archive(path, None, official=False)
+        digest = verify(path, expected, size, progress)
+        if expected is None:
+            print(f"recall: warning: no known SHA-256 for {path.name}; not verified (sha256 {digest})", file=sys.stderr)
+        return Archive(path, digest, official=known is not None and digest == known.sha256)
+    raise ArchiveError("no source could be fetched:\n  " + "\n  ".join(failures))
