@@ -1,4 +1,5 @@
-"""The `recall` command: toyworld, protocol, run, tune, classmap, pool, report, standin-weights, flickr-standin."""
+"""The `recall` command: toyworld, protocol, run, tune, classmap, pool, report, data, standin-weights,
+flickr-standin."""
 
 from __future__ import annotations
 
@@ -47,15 +48,25 @@ def cmd_protocol(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.dry_run:  # the plan only: nothing is trained or written
+        from recall.plan import print_plan
+        return print_plan(_compose(args), as_json=args.json)
+    from recall import distributed
     from recall.experiment import run_protocol
     from recall.tracking import Tracker
     cfg = _compose(args)
-    tracker = None
-    if cfg.tracking.uri:
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or str(cfg.dataset.name))
-    payload = run_protocol(cfg, tracker)
-    final = payload["final"]["miou"]
-    print("final: " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if v is not None))
+    distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
+    main = distributed.is_main()
+    try:
+        tracker = None
+        if cfg.tracking.uri and main:  # rank 0 alone logs to MLflow
+            tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment or str(cfg.dataset.name))
+        payload = run_protocol(cfg, tracker)
+    finally:
+        distributed.shutdown()
+    if main:
+        final = payload["final"]["miou"]
+        print("final: " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if v is not None))
     return 0
 
 
@@ -94,6 +105,12 @@ def cmd_flickr_standin(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from recall.data.prepare import describe, prepare
+    print(describe(prepare(args.dataset, args.root, args.archive, sha256=args.sha256, downloads=args.downloads)))
+    return 0
+
+
 def cmd_report(args) -> int:
     from recall.report import write_report
     runs = [Path(p) for p in args.runs]
@@ -123,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true")
     p.set_defaults(func=cmd_protocol)
     p = with_overrides(sub.add_parser("run", help="run (or resume) a protocol"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (dataset, steps, iterations, replay pool, checkpoints reused, compute "
+                        "estimate) without training or writing anything")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     p.set_defaults(func=cmd_run)
     p = with_overrides(sub.add_parser(
         "tune", help="run (or continue) an Optuna study of RECALL's replay ratio, thresholds and lr",
@@ -154,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None)
     p.set_defaults(overrides=[])
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("data", help="real datasets: check or prepare Pascal VOC 2012, SBD (train_aug) or ADE20K")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="without --archive, check ROOT; with it, fetch, verify and extract into ROOT",
+                        description="Check that ROOT holds the prepared dataset (VOC layout), or build it from the "
+                                    "official archive: a file, an extracted directory or an http(s) URL (downloaded "
+                                    "with resume, SHA-256 checked). sbd needs voc prepared in the same ROOT first.")
+    p.add_argument("dataset", choices=["voc", "sbd", "ade20k"])
+    p.add_argument("--root", required=True, help="the dataset root, e.g. data/voc (conf/dataset/*.yaml: root)")
+    p.add_argument("--archive", nargs="+", default=[], metavar="FILE_OR_URL",
+                   help="the archive; several values are alternatives (mirrors), tried in order")
+    p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (default: the official one)")
+    p.add_argument("--downloads", default=None, help="where URLs are downloaded to (default: ROOT/../downloads)")
+    p.set_defaults(func=cmd_data)
     return parser
 
 

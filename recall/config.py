@@ -3,7 +3,8 @@
 `compose(["protocol=15-1x5", "method=ft"])` composes conf/ like `recall run` does. Any task string of the
 protocol grammar works, not only the files in conf/protocol/. With `params_file`, the values of params.yaml
 (the file DVC tracks and `dvc exp run -S` edits) replace the composed defaults for every section whose
-group was not chosen on the command line, so a DVC stage runs exactly what params.yaml says.
+group was not chosen on the command line, so a DVC stage runs exactly what params.yaml says. An
+`experiment=` profile (conf/experiment/, e.g. paper_voc) counts as choosing every section it changes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval", "tune")
+GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval", "tune", "experiment")
 
 T = TypeVar("T")
 
@@ -50,12 +51,19 @@ def compose(overrides: list[str] | tuple[str, ...] = (), params_file: str | Path
         cfg = hydra_compose(config_name="config", overrides=hydra_overrides + rest)
     if params_file is not None:
         params = OmegaConf.load(params_file)
+        chosen = set(groups) | (_changed_by_experiment(cfg, overrides) if "experiment" in groups else set())
         for key in params:
-            if key not in groups:
+            if key not in chosen:
                 cfg[key] = params[key]
         if rest:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
     return cfg
+
+
+def _changed_by_experiment(cfg: DictConfig, overrides: list[str]) -> set[str]:
+    """The sections an `experiment=` profile changes (params.yaml must not replace them)."""
+    without = compose([o for o in overrides if o.partition("=")[0] != "experiment"])
+    return {key for key in cfg if cfg.get(key) != without.get(key)}
 
 
 def default_params() -> dict:

@@ -2,6 +2,7 @@
 
 Run directory (DESIGN.md §4):
     steps/config.yaml        the resolved configuration (a resumed run must match it)
+    steps/inputs.json        hashes of the code, data and step-0 model (on_config_change=restart compares them)
     steps/mlflow_run.json    the MLflow parent run, so a resumed run logs into the same one
     steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
     steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
@@ -15,10 +16,12 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import hashlib
 import io
 import json
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +29,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from recall import distributed
 from recall.atomic import write_json, write_text
 from recall.config import section
-from recall.data.classes import VOC_CLASSES
+from recall.data.classes import class_names
 from recall.data.protocol import (Conventions, eval_label_map, get_convention, introduced_at,
                                   select_eval_images, select_train_images, steps, train_label_map)
 from recall.data.transforms import eval_transform, train_transform
@@ -66,7 +70,7 @@ class ProtocolRun:
         self.train_cfg = section(cfg.train, TrainConfig)
         method_opts = OmegaConf.to_container(cfg.method, resolve=True)
         self.method: Method = build_method(method_opts.pop("name"), **method_opts)
-        self.class_names = list(VOC_CLASSES) if self.num_classes == 20 else [str(i) for i in range(self.num_classes + 1)]
+        self.class_names = class_names(str(cfg.dataset.name), self.num_classes)
         self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
 
     # ------------------------------------------------------------------ data
@@ -74,7 +78,7 @@ class ProtocolRun:
         d = self.cfg.dataset
         return dict(num_classes=self.num_classes, mask_dir=d.mask_dir, image_dir=d.image_dir)
 
-    def _classes_of(self, split: str) -> dict[str, frozenset[int]]:
+    def classes_of(self, split: str) -> dict[str, frozenset[int]]:
         ids = read_split(self.root, split)
         cache = self.run_dir / f"image_classes_{split}.json"
         return image_classes(self.root, ids, num_classes=self.num_classes, mask_dir=self.cfg.dataset.mask_dir,
@@ -82,7 +86,7 @@ class ProtocolRun:
 
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> DataLoader:
-        classes = self._classes_of(self.cfg.dataset.train_split)
+        classes = self.classes_of(self.cfg.dataset.train_split)
         if self.method.data == "cumulative":  # joint: every image with a class seen so far, all labels kept
             ids = sorted({i for s in range(step + 1) for i in select_train_images(classes, self.task, s, "overlapped")})
             lut = eval_label_map(self.task, step, self.num_classes, future="background")
@@ -98,11 +102,19 @@ class ProtocolRun:
         if label_map is not None:  # e.g. a helper decoder's own label space, composed after the step's map
             lut = label_map[lut]
         t = self.train_cfg
-        batch_size = batch_size or t.batch_size
+        batch_size = distributed.per_process(batch_size or t.batch_size, "train.batch_size (current-step samples)")
         data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale),
                                label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
-        return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(ids) > batch_size,
-                          num_workers=t.num_workers, generator=generator)
+        drop_last = len(ids) > batch_size * distributed.world_size()
+        sampler = distributed.train_sampler(data, seed=int(self.cfg.seed) * 1000 + step, drop_last=drop_last)
+        return DataLoader(data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
+                          generator=generator, **self.loader_options())
+
+    def loader_options(self) -> dict:
+        """Worker processes, and page-locked memory when batches go to a GPU."""
+        t = self.train_cfg
+        pin = t.pin_memory and distributed.device(t.device).type == "cuda"
+        return dict(num_workers=t.num_workers, pin_memory=pin, persistent_workers=t.num_workers > 0)
 
     def check_no_earlier_images(self, classes: dict, step: int, ids: list[str]) -> None:
         """Privacy: in the disjoint and sequential settings a step never reads an image of an earlier step.
@@ -130,9 +142,11 @@ class ProtocolRun:
                                f"the dataset itself (e.g. {leaked[:3]}); rebuild it with `recall pool`, which drops them")
 
     # ------------------------------------------------------------------ replay (methods with uses_replay)
-    def replay_sizes(self) -> tuple[int, int]:
-        """(current, replay) samples per batch for the method's replay ratio."""
-        n_replay = round(self.train_cfg.batch_size * self.method.replay_ratio) if self.method.uses_replay else 0
+    def replay_sizes(self, step: int) -> tuple[int, int]:
+        """(current, replay) samples per batch at `step` for the method's replay ratio (step 0 replays nothing:
+        its batch is all current samples)."""
+        replays = self.method.uses_replay and step > 0
+        n_replay = round(self.train_cfg.batch_size * self.method.replay_ratio) if replays else 0
         return self.train_cfg.batch_size - n_replay, n_replay
 
     def replay_batches(self, step: int, generator: torch.Generator):
@@ -158,7 +172,8 @@ class ProtocolRun:
         if len(data) == 0:
             raise ValueError(f"replay pool {pool} has no usable image of classes {old}; rebuild it")
         self.check_pool_is_not_the_dataset(data)
-        loader = DataLoader(data, batch_size=self.replay_sizes()[1], shuffle=True, drop_last=True, generator=generator)
+        batch_size = distributed.per_process(self.replay_sizes(step)[1], "the replay samples per batch")
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
         while True:
             yield from loader
 
@@ -166,16 +181,18 @@ class ProtocolRun:
         """Label evaluation, once per class group: classes of step k are labelled by the step-0 model (k = 0)
         or by the helper decoder trained at step k (k >= 1). Labels are uint8 PNGs in the full label space."""
         labels_dir = self.run_dir / "steps" / "replay_labels"  # with the checkpoints: DVC output, removed with them
-        for k in range(step):
-            done = labels_dir / f"step{k}.done"
-            if done.exists():
-                continue
-            ckpt = self.step_dir(0) / "model.pt" if k == 0 else self.step_dir(k) / "helper.pt"
-            model, _ = load_checkpoint(ckpt, self.model_cfg)
-            label_pool(model, PoolDataset(self.cfg.replay.pool, classes=self.task[k], transform=eval_transform()),
-                       channels={c: (c if k == 0 else 1 + i) for i, c in enumerate(self.task[k])},
-                       out=labels_dir, threshold=self.method.label_threshold)
-            done.write_text("ok\n")
+        with distributed.main_first():  # rank 0 labels, the others find the labels written
+            for k in range(step):
+                done = labels_dir / f"step{k}.done"
+                if done.exists():
+                    continue
+                ckpt = self.step_dir(0) / "model.pt" if k == 0 else self.step_dir(k) / "helper.pt"
+                model, _ = load_checkpoint(ckpt, self.model_cfg)
+                label_pool(model, PoolDataset(self.cfg.replay.pool, classes=self.task[k], transform=eval_transform()),
+                           channels={c: (c if k == 0 else 1 + i) for i, c in enumerate(self.task[k])},
+                           out=labels_dir, threshold=self.method.label_threshold,
+                           device=distributed.device(self.train_cfg.device))
+                done.write_text("ok\n")
         return labels_dir
 
     def train_helper(self, step: int, generator: torch.Generator) -> None:
@@ -191,16 +208,18 @@ class ProtocolRun:
         ctx = StepContext(step=step, task=self.task, new_classes=list(self.task[step]), old_classes=[])
         train_step(helper, FineTuning(freeze_encoder=True), self.train_loader(step, generator, label_map=remap), ctx,
                    self.train_cfg)
-        save_checkpoint(helper, self.step_dir(step) / "helper.pt",
-                        {"classes_per_step": [len(self.task[step])], "helper_for": self.task[step]})
+        if distributed.is_main():
+            save_checkpoint(helper, self.step_dir(step) / "helper.pt",
+                            {"classes_per_step": [len(self.task[step])], "helper_for": self.task[step]})
 
     def eval_loader(self, step: int) -> DataLoader:
-        classes = self._classes_of(self.cfg.dataset.val_split)
+        classes = self.classes_of(self.cfg.dataset.val_split)
         ids = select_eval_images(classes, self.task, step, self.convention.name)
         lut = eval_label_map(self.task, step, self.num_classes, future=self.convention.future_at_test)
         data = VOCSegmentation(self.root, self.cfg.dataset.val_split, ids=ids, transform=eval_transform(),
                                label_map=lut, **self._dataset_kwargs())
-        return DataLoader(data, batch_size=self.train_cfg.eval_batch_size, num_workers=self.train_cfg.num_workers)
+        return DataLoader(data, batch_size=self.train_cfg.eval_batch_size, sampler=distributed.eval_sampler(data),
+                          **self.loader_options())
 
     # ------------------------------------------------------------------ steps
     def step_dir(self, step: int) -> Path:
@@ -243,24 +262,30 @@ class ProtocolRun:
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
     def train(self, step: int) -> None:
-        torch.manual_seed(int(self.cfg.seed) * 1000 + step)
+        # one process: seed*1000+step. Under torchrun, rank r adds r*7919 to the seed of its augmentations and
+        # replay draws (DDP copies rank 0's initial weights to all; the shard shuffle has its own shared seed).
+        seed = int(self.cfg.seed) * 1000 + step + distributed.rank() * 7919
+        torch.manual_seed(seed)
         model, prev = self.model_for(step)
         ctx = self.context(step, prev)
         self.method.on_step_start(model, ctx)
-        generator = torch.Generator().manual_seed(int(self.cfg.seed) * 1000 + step)
-        n_current, n_replay = self.replay_sizes()
-        replay = self.replay_batches(step, generator) if step > 0 and n_replay > 0 else None
+        generator = torch.Generator().manual_seed(seed)
+        n_current, n_replay = self.replay_sizes(step)
+        replay = self.replay_batches(step, generator) if n_replay > 0 else None
         losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
                             self.train_cfg, replay)
         if self.method.uses_replay and 0 < step < len(self.task) - 1:
             self.train_helper(step, generator)
-        save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
+        if distributed.is_main():
+            save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
+        distributed.barrier()  # the others load this checkpoint next
 
     def evaluate(self, step: int, history: list[np.ndarray]) -> dict:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
         model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
         seen = [c for s in range(step + 1) for c in self.task[s]]
-        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1)
+        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1,
+                          device=distributed.device(self.train_cfg.device), amp=self.train_cfg.amp)
         return self.result(step, matrix, history)
 
     def result(self, step: int, matrix: ConfusionMatrix, history: list[np.ndarray]) -> dict:
@@ -277,23 +302,72 @@ class ProtocolRun:
                 "confusion_matrix": matrix.to_dict()}
 
 
-IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "tune", "run_dir", "last_step")
+IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "tune", "plan", "run_dir", "last_step", "on_config_change")
+ON_CONFIG_CHANGE = ("error", "restart")
+
+
+def run_inputs(cfg: DictConfig) -> dict[str, str]:
+    """What a run's checkpoints depend on besides its configuration (DVC re-runs a stage when one changes):
+    recall's source, the dataset and replay pool as dvc.lock hashed them, and the step-0 model it starts from."""
+    package = Path(__file__).resolve().parent
+    code = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        code.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    inputs = {"code": code.hexdigest(), "dataset": dvc_hash(cfg.dataset.root)}
+    if cfg.replay.get("pool"):
+        inputs["replay_pool"] = dvc_hash(cfg.replay.pool)
+    step0 = Path(str(cfg.step0)) / "steps" / "0" / "model.pt"
+    if cfg.step0 and step0.is_file():
+        with step0.open("rb") as f:
+            inputs["step0"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return inputs
 
 
 def check_same_config(path: Path, cfg: DictConfig) -> None:
-    """Resume only a run with the same configuration; write the configuration on a fresh start."""
+    """Resume only a run with the same configuration; write it (and steps/inputs.json) on a fresh start.
+    on_config_change=restart (DVC stages: DVC re-runs a stage after its params or deps changed, leaving its
+    persisted steps/ in place) moves the steps/ of a run with another configuration or other inputs aside
+    and starts afresh, instead of refusing it."""
+    policy = cfg.get("on_config_change") or "error"
+    if policy not in ON_CONFIG_CHANGE:
+        raise ValueError(f"on_config_change={policy!r}: expected one of {', '.join(ON_CONFIG_CHANGE)}")
     current = OmegaConf.to_container(cfg, resolve=True)
     relevant = {k: v for k, v in current.items() if k not in IGNORED_FOR_RESUME}
+    inputs, inputs_file = run_inputs(cfg), path.with_name("inputs.json")
     if path.is_file():
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         saved = {k: v for k, v in saved.items() if k not in IGNORED_FOR_RESUME}
-        if saved != relevant:
-            changed = sorted(k for k in set(saved) | set(relevant) if saved.get(k) != relevant.get(k))
+        changed = sorted(k for k in set(saved) | set(relevant) if saved.get(k) != relevant.get(k))
+        if policy == "restart":  # interactive runs resume after code edits; DVC stages must reflect their deps
+            old = json.loads(inputs_file.read_text()) if inputs_file.is_file() else {}
+            changed += [f"inputs.{k}" for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
+        if not changed:
+            return
+        if policy == "error":
             raise ValueError(f"{path.parent.parent} holds a run with a different configuration (sections differ: "
-                             f"{', '.join(changed)}); resume it with the same settings, or delete that directory "
-                             "or pass another run_dir= to start afresh")
-        return
-    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+                             f"{', '.join(changed)}); resume it with the same settings, delete that directory, "
+                             "pass another run_dir=, or pass on_config_change=restart to move it aside")
+        move_aside(path.parent, changed)
+    write_json(inputs_file, inputs)
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))  # last: config.yaml marks a started run
+
+
+def move_aside(steps: Path, changed: list[str]) -> Path:
+    """Move a stale run's steps/ (checkpoints, eval.json, MLflow run id) to <run_dir>/../.stale/<run>-<UTC time>/:
+    outside DVC's outputs, so nothing finished is lost (it is a run directory: with its old settings,
+    `recall run run_dir=<it>` resumes it)."""
+    run_dir = steps.parent
+    stale = run_dir.parent / ".stale" / f"{run_dir.name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    dest, n = stale, 1
+    while dest.exists():
+        n += 1
+        dest = stale.with_name(f"{stale.name}-{n}")
+    dest.mkdir(parents=True)
+    os.replace(steps, dest / "steps")
+    print(f"{run_dir}: its run had another configuration or other inputs (differs: {', '.join(changed)}); "
+          f"on_config_change=restart moved its steps/ (checkpoints, MLflow run id) to {dest} and starts afresh",
+          flush=True)
+    return dest
 
 
 def _iou_array(result: dict) -> np.ndarray:
@@ -306,7 +380,10 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
     run = ProtocolRun(cfg)
     torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
-    check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
+    with distributed.main_first():  # rank 0 checks (and on a fresh start writes) the configuration and caches
+        check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
+        for split in (cfg.dataset.train_split, cfg.dataset.val_split):
+            run.classes_of(split)
     if tracker is not None:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
@@ -325,8 +402,11 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
         if tracker is not None:
             tracker.finish([], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
+    if not distributed.is_main():  # rank 0 writes the outputs and figures
+        return outputs(run, results)
     payload = write_outputs(run, results)
-    figure_files = write_figures(run, results, run_name(cfg)) if figures else []
+    with distributed.alone():
+        figure_files = write_figures(run, results, run_name(cfg)) if figures else []
     if tracker is not None:
         tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"],
                        figures=figure_files)
@@ -359,32 +439,42 @@ def run_steps(run: ProtocolRun, cfg: DictConfig, tracker=None) -> list[dict]:
     results: list[dict] = []
     for step in range(run.last_step + 1):
         done = run.step_dir(step) / "model.pt"
-        if step == 0 and cfg.step0 and not done.exists():
-            run.adopt_step0(Path(cfg.step0))
+        if step == 0 and cfg.step0:
+            with distributed.main_first():
+                if not done.exists():
+                    run.adopt_step0(Path(cfg.step0))
         if not done.exists():
             run.train(step)
         eval_file = run.step_dir(step) / "eval.json"
         if eval_file.exists():
             result = json.loads(eval_file.read_text())
-        else:
+        else:  # every process scores its shard; rank 0 writes (no file changes before all have decided)
             result = run.evaluate(step, [_iou_array(r) for r in results])
-            if run.method.uses_replay and step >= 1:
-                result["replay"] = replay_statistics(run, step)
-            write_json(eval_file, result)
+            if distributed.is_main():
+                if run.method.uses_replay and step >= 1:
+                    with distributed.alone():
+                        result["replay"] = replay_statistics(run, step)
+                write_json(eval_file, result)
         results.append(result)
-        print(f"step {step} ({', '.join(result['new_classes'])}): " +
-              ", ".join(f"{k}={v:.3f}" for k, v in result["miou"].items() if v is not None), flush=True)
+        if distributed.is_main():
+            print(f"step {step} ({', '.join(result['new_classes'])}): " +
+                  ", ".join(f"{k}={v:.3f}" for k, v in result["miou"].items() if v is not None), flush=True)
         if tracker is not None:
             tracker.log_step(result)
     return results
 
 
-def write_outputs(run: ProtocolRun, results: list[dict]) -> dict:
+def outputs(run: ProtocolRun, results: list[dict]) -> dict:
+    """The metrics.json payload of a run's per-step results."""
     strip = lambda r: {k: v for k, v in r.items() if k != "confusion_matrix"}  # noqa: E731
-    payload = {"protocol": str(run.cfg.protocol.name), "setting": run.setting, "method": run.method.name,
+    return {"protocol": str(run.cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                "replay": str(run.cfg.replay.name), "seed": int(run.cfg.seed), "convention": run.convention.name,
                "method_options": run.method.options(),
                "classes": run.class_names, "steps": [strip(r) for r in results], "final": strip(results[-1])}
+
+
+def write_outputs(run: ProtocolRun, results: list[dict]) -> dict:
+    payload = outputs(run, results)
     write_json(run.run_dir / "metrics.json", payload)
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS)

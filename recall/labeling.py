@@ -32,7 +32,7 @@ def label_replay(logits: torch.Tensor, class_channel: torch.Tensor | int, class_
     batch = logits.shape[0]
     channel = torch.as_tensor(class_channel, device=logits.device).expand(batch).long()
     label = torch.as_tensor(class_index, device=logits.device).expand(batch).long()
-    pair = torch.stack([logits[:, 0], logits[torch.arange(batch), channel]], dim=1)  # [B, 2, H, W]
+    pair = torch.stack([logits[:, 0], logits[torch.arange(batch, device=logits.device), channel]], dim=1)  # [B, 2, H, W]
     confidence, winner = pair.softmax(dim=1).max(dim=1)
     labels = torch.where(winner == 1, label[:, None, None], torch.full_like(winner, BACKGROUND))
     return torch.where(confidence >= threshold, labels, torch.full_like(labels, IGNORE_INDEX))
@@ -51,17 +51,18 @@ def inpaint_background(targets: torch.Tensor, prev_logits: torch.Tensor, thresho
 
 @torch.no_grad()
 def label_pool(model: torch.nn.Module, data, channels: dict[int, int], out: Path, threshold: float = 0.0,
-               batch_size: int = 32) -> int:
+               batch_size: int = 32, device: str | torch.device = "cpu") -> int:
     """Label every image of a replay `PoolDataset` (eval transform, no labels) with `model`, restricted to
     {background, the image's class}; writes `<out>/<id>.png` (uint8, full label space) atomically.
     `channels` maps each class to its logit channel in `model`. Returns the number of images labelled."""
-    model.eval()
+    device = torch.device(device)
+    model.to(device).eval()
     out.mkdir(parents=True, exist_ok=True)
     classes = torch.tensor(data.target_classes)
     for idx in tqdm(same_size_batches(data.records, batch_size), desc="label evaluation", leave=False):
-        images = torch.stack([data[i][0] for i in idx])
-        labels = label_replay(model(images)["out"], torch.tensor([channels[int(classes[i])] for i in idx]),
-                              classes[idx], threshold)
+        images = torch.stack([data[i][0] for i in idx]).to(device)
+        labels = label_replay(model(images)["out"], torch.tensor([channels[int(classes[i])] for i in idx], device=device),
+                              classes[idx].to(device), threshold).cpu()
         for i, mask in zip(idx, labels):
             save_label_png(out / f"{data.records[i]['id']}.png", mask.to(torch.uint8).numpy())
     return len(data)

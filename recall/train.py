@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -10,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from recall import distributed
+from recall.distributed import is_main
 from recall.methods import Method, StepContext
 from recall.metrics import ConfusionMatrix
 
@@ -30,6 +34,11 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 2
     cache_images: bool = True  # keep decoded images in memory (toy world; off for real VOC)
+    iters_per_class: int | None = None  # set: a step trains len(new classes) x this many iterations (epochs ignored)
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    amp: str | None = None  # mixed precision: null (fp32), bf16 or fp16 (fp16 adds a gradient scaler)
+    compile: bool = False  # torch.compile the model for training
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (ignored on CPU)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig, total_iters: int):
@@ -46,38 +55,107 @@ def blend(current: tuple[torch.Tensor, torch.Tensor], replay: tuple[torch.Tensor
     return torch.cat([current[0], replay[0]]), torch.cat([current[1], replay[1]])
 
 
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Mixed precision as one object: the autocast context of forward passes and the gradient scaler fp16
+    needs (bf16 and fp32 need none: their scaler is a pass-through, so fp32 training is unchanged)."""
+
+    def __init__(self, amp: str | None, device: torch.device):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"train.amp={amp!r}: expected null, bf16 or fp16")
+        self.device, self.dtype = device, AMP_DTYPES[amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer, scheduler,
-                    ctx: StepContext, desc: str = "train", replay: Iterator | None = None) -> float:
+                    ctx: StepContext, desc: str = "train", replay: Iterator | None = None, *,
+                    net: nn.Module | None = None, precision: Precision | None = None,
+                    iterations: int | None = None) -> float:
+    """One pass over `loader` (at most `iterations` batches). `net` is what runs the forward pass (the model,
+    or its DistributedDataParallel / compiled wrapper); the method's hooks always see the model itself."""
+    net = model if net is None else net
+    precision = Precision(None, torch.device("cpu")) if precision is None else precision
+    device = precision.device
     method.set_train_mode(model, ctx)
     total, seen = 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        targets = method.rewrite_targets(images, targets, ctx)  # e.g. RECALL's background inpainting
-        images, targets = blend((images, targets), next(replay) if replay is not None else None)
-        outputs = model(images)
-        loss = method.loss(outputs, targets, images, ctx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    n = len(loader) if iterations is None else min(iterations, len(loader))
+    # a full pass iterates the loader to its end (an abandoned iterator would skip the sampler's last draw from
+    # the generator, and change every later shuffle); a partial one (iters_per_class) stops after n batches
+    batches = loader if n == len(loader) else itertools.islice(loader, n)
+    for images, targets in tqdm(batches, total=n, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with precision.autocast():
+            targets = method.rewrite_targets(images, targets, ctx)  # e.g. RECALL's background inpainting
+            extra = next(replay) if replay is not None else None
+            if extra is not None:
+                extra = (extra[0].to(device, non_blocking=True), extra[1].to(device, non_blocking=True))
+            images, targets = blend((images, targets), extra)
+            outputs = net(images)
+            loss = method.loss(outputs, targets, images, ctx)
+        precision.backward_and_step(loss, optimizer)
         scheduler.step()
         total, seen = total + loss.item() * len(images), seen + len(images)
     return total / max(seen, 1)
 
 
+def step_iterations(cfg: TrainConfig, ctx: StepContext, batches_per_epoch: int) -> int:
+    """Iterations of a step: len(new classes) x iters_per_class when set (the paper's ~1000 per class),
+    else epochs x batches per epoch."""
+    if cfg.iters_per_class is not None:
+        return len(ctx.new_classes) * int(cfg.iters_per_class)
+    return (cfg.epochs if ctx.step == 0 else cfg.epochs_incremental) * batches_per_epoch
+
+
 def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
                cfg: TrainConfig, replay: Iterator | None = None) -> list[float]:
-    """Train one protocol step; returns the mean loss of every epoch. `replay` yields labelled replay batches."""
-    epochs, lr = (cfg.epochs, cfg.lr) if ctx.step == 0 else (cfg.epochs_incremental, cfg.lr_incremental)
+    """Train one protocol step; returns the mean loss of every pass over the data. `replay` yields labelled
+    replay batches. Runs on `cfg.device`, with DDP when started by torchrun, AMP and torch.compile if asked."""
+    device = distributed.device(cfg.device)
+    model.to(device)
+    if ctx.prev_model is not None:
+        ctx.prev_model.to(device)
+    lr = cfg.lr if ctx.step == 0 else cfg.lr_incremental
     params = method.trainable_parameters(model, ctx)
-    optimizer, scheduler = make_optimizer(params, lr, cfg, epochs * len(loader))
-    return [train_one_epoch(model, method, loader, optimizer, scheduler, ctx, f"step {ctx.step} epoch {e + 1}/{epochs}",
-                            replay) for e in range(epochs)]
+    total = step_iterations(cfg, ctx, len(loader))
+    optimizer, scheduler = make_optimizer(params, lr, cfg, total)
+    net = distributed.wrap(model, device)
+    if cfg.compile:
+        net = torch.compile(net)
+    precision = Precision(cfg.amp, device)
+    passes = math.ceil(total / max(len(loader), 1))
+    losses = []
+    for p in range(passes):
+        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle every pass
+            loader.sampler.set_epoch(p)
+        losses.append(train_one_epoch(model, method, loader, optimizer, scheduler, ctx,
+                                      f"step {ctx.step} pass {p + 1}/{passes}", replay, net=net, precision=precision,
+                                      iterations=total - p * len(loader)))
+    return losses
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int) -> ConfusionMatrix:
-    """Accumulate a confusion matrix (rows: ground truth) over the whole loader; 255 is ignored."""
-    model.eval()
-    matrix = ConfusionMatrix(num_classes)
-    for images, targets in tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True):
-        matrix.update(model(images)["out"].argmax(1), targets)
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str | torch.device = "cpu",
+             amp: str | None = None) -> ConfusionMatrix:
+    """Accumulate a confusion matrix (rows: ground truth) over the whole loader; 255 is ignored. In a
+    multi-process run each process scores its shard of the loader and the matrices are summed."""
+    device = torch.device(device)
+    model.to(device).eval()
+    precision = Precision(amp, device)
+    matrix = ConfusionMatrix(num_classes, device=device)
+    for images, targets in tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, disable=not is_main()):
+        with precision.autocast():
+            logits = model(images.to(device, non_blocking=True))["out"]
+        matrix.update(logits.argmax(1), targets.to(device, non_blocking=True))
+    distributed.sum_(matrix.mat)
     return matrix

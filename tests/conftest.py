@@ -25,19 +25,22 @@ def tiny_world(tmp_path_factory) -> Path:
     return root
 
 
-def kill_when_written(args: list[str], path: Path, timeout: float) -> None:
-    """Run `python -m recall.cli ARGS` in its own process group and SIGKILL the group as soon as ``path`` exists
-    (or the process ended, or ``timeout`` seconds passed): a run killed mid-way, as by `kill -9`."""
+def kill_when_written(args: list[str], path: Path, timeout: float, module: str = "recall.cli",
+                      cwd: Path | None = None, env: dict | None = None) -> int:
+    """Run `python -m MODULE ARGS` (default: the `recall` command; `module="dvc"` for `dvc repro`) in its own
+    process group and SIGKILL the whole group (its children too) as soon as ``path`` exists (or the process ended,
+    or ``timeout`` seconds passed): a run killed mid-way, as by `kill -9`. Returns the killed process's pid."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "recall.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd, env=env)
     deadline = time.time() + timeout
     while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    return proc.pid

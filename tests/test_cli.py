@@ -187,7 +187,7 @@ def test_disjoint_steps_never_reread_earlier_images(tmp_path, tiny_world):
 
     run = ProtocolRun(compose([f"dataset.root={tiny_world}", "protocol=10-5-5", "setting=disjoint",
                                f"run_dir={tmp_path}/r"]))
-    classes = run._classes_of("train")
+    classes = run.classes_of("train")
     steps_ids = [set(run.train_loader(t, torch.Generator()).dataset.ids) for t in range(3)]
     assert not (steps_ids[0] & steps_ids[1]) and not ((steps_ids[0] | steps_ids[1]) & steps_ids[2])
     with pytest.raises(RuntimeError, match="privacy"):

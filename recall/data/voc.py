@@ -198,10 +198,11 @@ def _read_cache(cache: Path, fingerprint: str) -> dict[str, frozenset[int]] | No
 
 def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
                   mask_dir: str = "SegmentationClass", cache: Path | None = None,
-                  progress: bool = True) -> dict[str, frozenset[int]]:
+                  progress: bool = True, write_cache: bool = True) -> dict[str, frozenset[int]]:
     """For each id, the classes in its mask excluding background (0) and ignore (255).
 
-    With ``cache`` (a JSON file), results are reused while the ids and mask files are unchanged.
+    With ``cache`` (a JSON file), results are reused while the ids and mask files are unchanged; with
+    ``write_cache=False`` the cache is only read (``recall run --dry-run`` writes nothing).
     """
     mask_paths = [Path(root) / mask_dir / f"{i}{MASK_SUFFIX}" for i in ids]
     fingerprint = None
@@ -223,7 +224,7 @@ def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
         check_labels(labels, num_classes, path)
         result[image_id] = frozenset(int(c) for c in labels if c not in (BACKGROUND, IGNORE_INDEX))
 
-    if cache is not None:
+    if cache is not None and write_cache:
         payload = {"fingerprint": fingerprint, "classes": {k: sorted(v) for k, v in result.items()}}
         write_json(cache, payload, indent=None)
     return result

@@ -1,0 +1,379 @@
+"""`recall run --dry-run`: what a run would do, from the configuration and the files on disk.
+
+Nothing is trained, downloaded or written, not even the image-class cache a run keeps in its directory. The plan
+lists the dataset (prepared or not, split sizes), every step (classes, training images, iterations, learning
+rate, whether a finished checkpoint is reused), the replay pool the method needs, the checkpoints a run would
+reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section. It follows
+what `recall.experiment.run_steps` does, so a researcher can check a run against a paper before paying for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from recall.config import section
+from recall.data.classes import class_names
+from recall.data.protocol import get_convention, select_eval_images, select_train_images
+from recall.data.voc import DatasetError, image_classes, read_split, split_file
+from recall.experiment import ProtocolRun, check_same_config
+from recall.replay.pool import ReplayPool
+from recall.train import step_iterations
+
+
+@dataclass
+class PlanConfig:
+    """The `plan` config section: what the compute estimate assumes."""
+
+    device: str = "2 CPU cores"  # what the two rates are for
+    train_images_per_second: float = 200.0  # training loop (forward + backward) for the model and crop
+    eval_images_per_second: float = 600.0  # forward only: evaluation and label evaluation of replay images
+
+
+# How to get each dataset onto disk.
+PREPARE = {
+    "toy": "recall toyworld {root}",
+    "voc": "recall data prepare voc --root {root} --archive VOCtrainval_11-May-2012.tar, then "
+           "recall data prepare sbd --root {root} --archive benchmark.tgz (train_aug)",
+    "ade20k": "recall data prepare ade20k --root {root} --archive ADEChallengeData2016.zip",
+}
+
+# What `run_steps` does with a step, told by the files of the run directory: (trains it, evaluates it).
+WORK = {"train": (True, True), "evaluate": (False, True), "done": (False, False), "adopt step0": (False, False)}
+STATE_TEXT = {"train": "train", "evaluate": "eval only", "done": "done", "adopt step0": "from step0="}
+UNKNOWN_TEXT = {"iterations": "training (images unknown)", "helper_iterations": "helper training (images unknown)",
+                "eval_images": "evaluation (validation images unknown)"}
+SHOW_CLASSES = 20  # a longer class list is shortened in the text (the JSON lists all)
+# The step table: (title, format spec, cell of a step); the optional columns show only when a step has a value.
+STEP_COLUMNS = [
+    ("step", ">4", lambda s: str(s["step"])),
+    ("  state", "<13", lambda s: "  " + STATE_TEXT[s["state"]]),
+    ("images", ">8", lambda s: _count(s["images"])),
+    ("batch", ">7", lambda s: "+".join(str(b) for b in s["batch"] if b)),
+    ("iterations", ">12", lambda s: _count(s["iterations"])),
+    ("helper it.", ">12", lambda s: _count(s["helper_iterations"]) if "helper_iterations" in s else ""),
+    ("replays", ">9", lambda s: f"{s['replay_classes']} old" if s["replay_classes"] else ""),
+    ("lr", ">9", lambda s: f"{s['lr']:.0e}"),
+    ("eval images", ">13", lambda s: _count(s["eval_images"])),
+]
+OPTIONAL_COLUMNS = ("helper it.", "replays")
+
+
+# ------------------------------------------------------------------------------------------------- pieces
+
+def dataset_status(cfg: DictConfig) -> dict:
+    """Whether the dataset is on disk in VOC layout, its split sizes, and how to prepare it if not."""
+    d = cfg.dataset
+    root = Path(d.root)
+    needed = [split_file(root, d.train_split), split_file(root, d.val_split), root / d.image_dir, root / d.mask_dir]
+    status = {"name": str(d.name), "root": str(root), "prepared": False,
+              "missing": [str(p) for p in needed if not p.exists()], "splits": {}}
+    if not status["missing"]:
+        try:
+            status["splits"] = {split: len(read_split(root, split)) for split in (d.train_split, d.val_split)}
+            status["prepared"] = True
+        except DatasetError as error:
+            status["missing"] = [str(error)]
+    if not status["prepared"]:
+        status["prepare"] = PREPARE.get(str(d.name), "put it in VOC layout under {root}").format(root=root)
+    return status
+
+
+def image_index(run: ProtocolRun, split: str) -> dict[str, frozenset[int]]:
+    """Classes per image of `split`: from the run's cache when it is valid, else from the masks (nothing written)."""
+    cache = run.run_dir / f"image_classes_{split}.json"  # where ProtocolRun.classes_of keeps it
+    return image_classes(run.root, read_split(run.root, split), num_classes=run.num_classes,
+                         mask_dir=run.cfg.dataset.mask_dir, cache=cache, write_cache=False, progress=True)
+
+
+def train_ids(run: ProtocolRun, classes: dict, step: int) -> list[str]:
+    """The training images of `step`, chosen as ProtocolRun.train_loader chooses them."""
+    if run.method.data == "cumulative":  # joint: every image with a class seen so far
+        return sorted({i for s in range(step + 1) for i in select_train_images(classes, run.task, s, "overlapped")})
+    return select_train_images(classes, run.task, step, run.setting)
+
+
+def batches_per_epoch(images: int, batch: int) -> int:
+    """len() of a step's DataLoader (ProtocolRun.train_loader drops the last partial batch when there is more
+    than one batch)."""
+    return images // batch if images > batch else math.ceil(images / batch)
+
+
+def iterations(run: ProtocolRun, step: int, images: int | None, batch: int) -> int | None:
+    """Iterations of `step` (train.step_iterations): None when they depend on an unknown number of images."""
+    if run.train_cfg.iters_per_class is None and images is None:
+        return None
+    batches = 0 if images is None else batches_per_epoch(images, batch)
+    return step_iterations(run.train_cfg, run.context(step, None), batches)
+
+
+def step_state(run: ProtocolRun, step: int) -> str:
+    """What `run_steps` would do with `step` (a key of WORK)."""
+    d = run.step_dir(step)
+    if (d / "model.pt").exists():
+        return "done" if (d / "eval.json").exists() else "evaluate"
+    return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+
+
+def step0_status(run: ProtocolRun) -> dict | None:
+    """The shared step-0 run a run would start from (`step0=`), checked as ProtocolRun.adopt_step0 checks it."""
+    if not run.cfg.step0:
+        return None
+    ckpt = Path(run.cfg.step0) / "steps" / "0" / "model.pt"
+    status = {"dir": str(run.cfg.step0), "exists": ckpt.is_file(), "mismatch": []}
+    if status["exists"]:
+        meta, mine = torch.load(ckpt, map_location="cpu", weights_only=True)["meta"], run.meta(0)
+        status["mismatch"] = [f"{k}: {meta.get(k)!r} (needs {mine[k]!r})" for k in ("task", "setting", "backbone", "seed")
+                              if meta.get(k) != mine[k]]
+    return status
+
+
+def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
+    """An existing run directory: its finished steps, and whether it resumes with this configuration."""
+    status = {"path": str(run.run_dir), "exists": run.run_dir.exists(),
+              "finished": [t for t in range(last + 1) if (run.step_dir(t) / "model.pt").exists()], "resume": None}
+    config = run.run_dir / "steps" / "config.yaml"
+    if config.is_file():  # check_same_config writes only when the file is missing
+        try:
+            check_same_config(config, cfg)
+            status["resume"] = "same configuration: it resumes after the last finished step"
+        except ValueError as error:
+            status["resume"] = f"REFUSED: {error}"
+    return status
+
+
+def replay_status(run: ProtocolRun, cfg: DictConfig, last: int, names: list[str]) -> dict | None:
+    """The replay pool of the method: per_class x old classes needed, what is on disk."""
+    if not run.method.uses_replay or last == 0:
+        return None
+    old = [c for s in range(last) for c in run.task[s]]
+    pool, per_class = cfg.replay.get("pool"), cfg.replay.get("per_class")
+    status = {"source": str(cfg.replay.name), "pool": pool, "per_class": per_class, "old_classes": len(old),
+              "needed": per_class * len(old) if per_class else None, "exists": bool(pool) and Path(pool).is_dir(),
+              "images": 0, "short": [], "mapping": cfg.replay.get("mapping"), "per_class_on_disk": {}}
+    if status["exists"]:
+        counts = Counter(int(r["target_class"]) for r in ReplayPool(pool).records())
+        status["per_class_on_disk"] = {names[c]: counts[c] for c in old}
+        status["images"] = sum(counts[c] for c in old)
+        status["short"] = [names[c] for c in old if counts[c] < (per_class or 1)]
+    if status["mapping"]:
+        status["mapping_exists"] = Path(status["mapping"]).is_file()
+    return status
+
+
+def label_images(run: ProtocolRun, replay: dict | None, steps: list[dict], names: list[str]) -> int:
+    """Replay images label evaluation still has to label (once per class group, before the first step needing it):
+    the pool's images when it is built, else per_class of each class."""
+    trained = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
+    if replay is None or not trained:
+        return 0
+    labels_dir = run.run_dir / "steps" / "replay_labels"
+    groups = [k for k in range(max(trained)) if not (labels_dir / f"step{k}.done").exists()]
+    on_disk, per_class = replay["per_class_on_disk"], replay["per_class"] or 0
+    return sum(on_disk.get(names[c], per_class) for k in groups for c in run.task[k])
+
+
+def hours(train_images: int, eval_images: int, assume: PlanConfig) -> float:
+    """Compute time: images trained (forward + backward) and evaluated (forward), at the assumed rates."""
+    return (train_images / assume.train_images_per_second + eval_images / assume.eval_images_per_second) / 3600
+
+
+# ------------------------------------------------------------------------------------------------- the plan
+
+def build_plan(cfg: DictConfig) -> dict:
+    """The whole plan as plain data (what `--json` prints)."""
+    run = ProtocolRun(cfg)
+    names = class_names(str(cfg.dataset.name), run.num_classes)
+    assume = section(cfg.plan, PlanConfig)
+    t = run.train_cfg
+    last = run.last_step
+    data = dataset_status(cfg)
+    train_classes = image_index(run, cfg.dataset.train_split) if data["prepared"] else None
+    convention = get_convention(cfg.eval.convention)
+    val_count = data["splits"].get(cfg.dataset.val_split)
+    val_classes = (image_index(run, cfg.dataset.val_split)
+                   if data["prepared"] and convention.eval_images != "all" else None)
+    steps = []
+    for step in range(last + 1):
+        n_current, n_replay = run.replay_sizes(step)
+        images = None if train_classes is None else len(train_ids(run, train_classes, step))
+        replays = bool(n_replay)
+        record = {"step": step, "classes": [names[c] for c in run.task[step]], "state": step_state(run, step),
+                  "images": images, "batch": [n_current, n_replay if replays else 0],
+                  "iterations": iterations(run, step, images, n_current),
+                  "lr": t.lr if step == 0 else t.lr_incremental,
+                  "replay_classes": sum(len(run.task[s]) for s in range(step)) if replays else 0,
+                  "eval_images": (len(select_eval_images(val_classes, run.task, step, convention.name))
+                                  if val_classes is not None else val_count)}
+        if run.method.uses_replay and 0 < step < len(run.task) - 1:  # RECALL's helper decoder: full batches
+            record["helper_iterations"] = iterations(run, step, images, t.batch_size)
+            record["helper_batch"] = t.batch_size
+        steps.append(record)
+    replay = replay_status(run, cfg, last, names)
+    plan = {
+        "run": {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
+                "replay": str(cfg.replay.name), "seed": int(cfg.seed), "convention": convention.name,
+                "last_step": last, "steps_in_protocol": len(run.task)},
+        "dataset": data,
+        "model": {"backbone": run.model_cfg.backbone, "output_stride": run.model_cfg.output_stride,
+                  "frozen_bn": run.model_cfg.frozen_bn, "head_channels": run.model_cfg.head_channels,
+                  "aspp_rates": list(run.model_cfg.aspp_rates), "pretrained_file": run.model_cfg.pretrained_file},
+        "train": {"batch_size": t.batch_size, "current_per_batch": run.replay_sizes(1)[0],
+                  "replay_per_batch": run.replay_sizes(1)[1],
+                  "crop": t.crop, "scale": list(t.scale), "momentum": t.momentum, "weight_decay": t.weight_decay,
+                  "poly_power": t.poly_power, "lr": t.lr, "lr_incremental": t.lr_incremental,
+                  "iters_per_class": t.iters_per_class, "epochs": t.epochs, "epochs_incremental": t.epochs_incremental,
+                  "eval_batch_size": t.eval_batch_size},
+        "steps": steps,
+        "replay": replay,
+        "checkpoints": {"step0": step0_status(run), "run_dir": run_dir_status(run, cfg, last)},
+    }
+    plan["estimate"] = estimate(plan, label_images(run, replay, steps, names), assume)
+    return plan
+
+
+def estimate(plan: dict, labelling: int, assume: PlanConfig) -> dict:
+    """Images to train and to evaluate in the steps still to run, and the hours they take at the assumed rates."""
+    train_images, eval_images, unknown = 0, labelling, {}
+    for s in plan["steps"]:
+        trains, evaluates = WORK[s["state"]]
+        counts = {key: s.get(key) for key in ("iterations", "helper_iterations") if trains and key in s}
+        if evaluates:
+            counts["eval_images"] = s["eval_images"]
+        for key, value in counts.items():
+            if value is None:
+                unknown.setdefault(key, []).append(s["step"])
+            elif key == "eval_images":
+                eval_images += value
+            else:
+                train_images += value * (sum(s["batch"]) if key == "iterations" else s["helper_batch"])
+    not_counted = [f"{UNKNOWN_TEXT[key]} of steps {', '.join(map(str, steps))}" for key, steps in unknown.items()]
+    return {"train_images": train_images, "eval_images": eval_images, "label_images": labelling,
+            "hours": hours(train_images, eval_images, assume), "not_counted": not_counted, "assumptions": asdict(assume)}
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+def _classes_text(classes: list[str], first_index: int) -> str:
+    if len(classes) <= SHOW_CLASSES:
+        return f"{len(classes)}: {', '.join(classes)}"
+    shown = ", ".join(classes[:4]) + ", ..., " + ", ".join(classes[-2:])
+    return f"{len(classes)} (classes {first_index}-{first_index + len(classes) - 1}): {shown}"
+
+
+def _count(value) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def format_plan(plan: dict) -> str:
+    r, d, m, t, e = plan["run"], plan["dataset"], plan["model"], plan["train"], plan["estimate"]
+    lines = ["recall run --dry-run: the plan of this run; nothing is trained or written.", ""]
+
+    def row(label: str, text: str) -> None:
+        wrapped = textwrap.wrap(text, 104, subsequent_indent=" " * 2, break_on_hyphens=False) or [""]
+        lines.extend(f"{label if i == 0 else '':<12}{w}" for i, w in enumerate(wrapped))
+
+    row("run", f"{r['protocol']} · {r['setting']} · method {r['method']} · replay {r['replay']} · seed {r['seed']} "
+               f"· eval convention {r['convention']}; steps 0..{r['last_step']} of {r['steps_in_protocol']}")
+    if d["prepared"]:
+        row("dataset", f"{d['name']} at {d['root']}: prepared; " +
+            ", ".join(f"{split} {n:,} images" for split, n in d["splits"].items()))
+    else:
+        row("dataset", f"{d['name']} at {d['root']}: NOT PREPARED (missing: {'; '.join(d['missing'])}); training "
+                       "images per step are unknown")
+        row("", f"prepare it with: {d['prepare']}")
+    row("model", f"{m['backbone']}, output stride {m['output_stride']}, "
+                 f"{'frozen' if m['frozen_bn'] else 'trained'} batch norm, ASPP rates {m['aspp_rates']} x "
+                 f"{m['head_channels']} channels, backbone weights {m['pretrained_file'] or 'none (random init)'}")
+    split = (f" ({t['current_per_batch']} current + {t['replay_per_batch']} replay in incremental steps)"
+             if t["replay_per_batch"] else "")
+    length = (f"{t['iters_per_class']} iterations per class learnt" if t["iters_per_class"] is not None else
+              f"{t['epochs']} epochs at step 0, {t['epochs_incremental']} per incremental step")
+    row("training", f"batch {t['batch_size']}{split}, crop {t['crop']}, scale {t['scale'][0]}-{t['scale'][1]} + flip, "
+                    f"SGD momentum {t['momentum']}, weight decay {t['weight_decay']:g}, poly {t['poly_power']}, "
+                    f"lr {t['lr']:g} at step 0 and {t['lr_incremental']:g} later (each decays to 0 within its step); "
+                    f"{length}")
+    row("evaluation", f"full images, batch {t['eval_batch_size']}")
+    columns = [c for c in STEP_COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(c[2](s) for s in plan["steps"])]
+    head = "".join(f"{title:{spec}}" for title, spec, _ in columns) + "  classes learnt"
+    lines += ["", head]
+    first = 1
+    for s in plan["steps"]:
+        cells = "".join(f"{value(s):{spec}}" for _, spec, value in columns) + "  "
+        for i, w in enumerate(textwrap.wrap(_classes_text(s["classes"], first), 118 - len(cells),
+                                            break_on_hyphens=False)):
+            lines.append((cells if i == 0 else " " * len(cells)) + w)
+        first += len(s["classes"])
+    lines.append("")
+    _replay_lines(plan["replay"], row)
+    _checkpoint_lines(plan["checkpoints"], row)
+    a = e["assumptions"]
+    if e["not_counted"] and not e["train_images"]:
+        row("estimate", f"unknown until the dataset is prepared (rates assumed: {a['train_images_per_second']:g} "
+                        f"training and {a['eval_images_per_second']:g} evaluated images/s on {a['device']})")
+        return "\n".join(lines)
+    bound = "at least " if e["not_counted"] else ""
+    duration = f"{e['hours']:.1f} h" if e["hours"] >= 0.1 else f"{e['hours'] * 60:.1f} min"
+    labelled = f" (incl. {e['label_images']:,} replay images to label)" if e["label_images"] else ""
+    row("estimate", f"{bound}{duration} on {a['device']}: {e['train_images']:,} training images (iterations x "
+                    f"batch) at {a['train_images_per_second']:g} images/s + {e['eval_images']:,} evaluated images"
+                    f"{labelled} at {a['eval_images_per_second']:g} images/s. The rates are plan.* in the config: "
+                    "measure yours with `python benchmarks/gpu_throughput.py`.")
+    if e["not_counted"]:
+        row("", "not counted: " + "; ".join(e["not_counted"]))
+    return "\n".join(lines)
+
+
+def _replay_lines(replay: dict | None, row) -> None:
+    if replay is None:
+        row("replay", "none (the method replays nothing, or the run has no incremental step)")
+        return
+    if not replay["pool"]:
+        row("replay", f"MISSING: the method replays old classes but replay={replay['source']} has no pool; choose "
+                      "replay=gan, web, toy_gan, toy_web or folder")
+        return
+    need = (f"{replay['per_class']} per class x {replay['old_classes']} old classes = {replay['needed']:,} images"
+            if replay["needed"] is not None else f"{replay['old_classes']} old classes")
+    if not replay["exists"]:
+        have = "not built yet: build it with `recall classmap` (GAN sources) and `recall pool`, same overrides"
+    elif replay["short"]:
+        have = (f"{replay['images']:,} images on disk; fewer than {replay['per_class']} for "
+                f"{len(replay['short'])} classes ({', '.join(replay['short'][:5])}{', ...' if len(replay['short']) > 5 else ''})")
+    else:
+        have = f"{replay['images']:,} images on disk, every class complete"
+    row("replay", f"{replay['source']} pool {replay['pool']}: needs {need}; {have}")
+    if replay.get("mapping"):
+        row("", f"class mapping {replay['mapping']}: {'found' if replay['mapping_exists'] else 'missing'}")
+
+
+def _checkpoint_lines(checkpoints: dict, row) -> None:
+    s0 = checkpoints["step0"]
+    if s0 is None:
+        row("checkpoints", "step0: none given (step 0 is trained by this run unless its run_dir has it)")
+    elif not s0["exists"]:
+        row("checkpoints", f"step0={s0['dir']}: MISSING {s0['dir']}/steps/0/model.pt (train it first: "
+                           "recall run last_step=0 run_dir=... with the same protocol, setting and seed)")
+    elif s0["mismatch"]:
+        row("checkpoints", f"step0={s0['dir']}: DOES NOT FIT this run ({'; '.join(s0['mismatch'])})")
+    else:
+        row("checkpoints", f"step0={s0['dir']}: found and fits; step 0 is copied, not trained")
+    rd = checkpoints["run_dir"]
+    if not rd["exists"]:
+        row("", f"run_dir {rd['path']}: new (a fresh run)")
+    else:
+        done = ", ".join(map(str, rd["finished"])) or "none"
+        row("", f"run_dir {rd['path']}: exists; finished steps: {done}" + (f"; {rd['resume']}" if rd["resume"] else ""))
+
+
+def print_plan(cfg: DictConfig, as_json: bool = False) -> int:
+    """`recall run --dry-run [--json]`."""
+    plan = build_plan(cfg)
+    print(json.dumps(plan, indent=1) if as_json else format_plan(plan))
+    return 0

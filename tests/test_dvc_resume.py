@@ -1,0 +1,221 @@
+"""A `dvc repro` killed with -9 mid-protocol resumes after the last finished step (its run stages persist steps/),
+and a run stage re-run after a params change moves the stale steps/ aside and starts afresh.
+
+Each test project is a real DVC project in a tmp dir: a tiny toy world stage and one `recall run` stage of
+15-1x5 (6 steps). It runs a snapshot of the package (recall/ and conf/), so edits to the source tree while the
+test runs cannot change the code hash the resumed run compares (steps/inputs.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import kill_when_written
+from recall.config import compose, default_params
+from recall.experiment import check_same_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL_STEPS = 6  # 15-1x5
+
+DVC_YAML = """\
+stages:
+  toyworld:
+    cmd: recall toyworld data/toy --params params.yaml
+    params: [toyworld]
+    outs: [data/toy]
+  run:
+    cmd: recall run --params params.yaml run_dir=runs/r on_config_change=restart
+    deps: [data/toy]
+    params: [dataset, protocol, model, train, eval, seed]
+    outs:
+      - runs/r/steps:
+          persist: true
+      - runs/r/figures
+      - runs/r/metrics.json:
+          cache: false
+"""
+
+
+def project_params() -> dict:
+    params = default_params()
+    params["toyworld"].update(n_train=200, n_val=60, size=64)
+    params["protocol"] = {"name": "15-1x5"}
+    params["train"].update(epochs=1, epochs_incremental=1, batch_size=8, eval_batch_size=30, threads=1)
+    params["model"]["head_channels"] = 16
+    params["tracking"]["uri"] = None
+    return params
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    src = tmp_path_factory.mktemp("src")
+    shutil.copytree(ROOT / "recall", src / "recall", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", src / "conf")
+    return {**os.environ, "PYTHONPATH": str(src), "DVC_NO_ANALYTICS": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def make_project(root: Path, env: dict) -> Path:
+    root.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc(root, env, "init", "-q")
+    (root / "params.yaml").write_text(yaml.safe_dump(project_params(), sort_keys=False))
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    return root
+
+
+def dvc(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, check=False,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def identity(path: Path) -> tuple[int, int, int]:
+    """Same inode, mtime and size: the file was neither rewritten nor replaced."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    one, two = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    assert one["meta"] == two["meta"]  # with the losses of every epoch
+    assert one["state_dict"].keys() == two["state_dict"].keys()
+    for key, tensor in one["state_dict"].items():
+        assert torch.equal(tensor, two["state_dict"][key]), key
+
+
+class Reference:
+    """An uninterrupted `dvc repro` of the project, started in the background (the tests' own `dvc repro` runs
+    alongside it: each trains with one thread); `project()` waits for it."""
+
+    def __init__(self, root: Path, env: dict):
+        self.root = make_project(root, env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=self.root, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def project(self) -> Path:
+        output, _ = self.proc.communicate(timeout=300)
+        assert self.proc.returncode == 0, f"the reference dvc repro failed:\n{output[-3000:]}"
+        return self.root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    ref = Reference(tmp_path_factory.mktemp("reference") / "project", env)
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+        ref.proc.wait()
+
+
+def test_killed_dvc_repro_resumes_after_the_last_finished_step(tmp_path, env, reference):
+    project = make_project(tmp_path / "project", env)
+    steps = project / "runs" / "r" / "steps"
+    pid = kill_when_written(["repro"], steps / "2" / "model.pt", timeout=180, module="dvc", cwd=project, env=env)
+    assert (steps / "2" / "model.pt").exists(), "dvc repro did not reach step 2 before the deadline"
+    assert not (steps / str(PROTOCOL_STEPS - 1) / "model.pt").exists(), "the protocol finished before the kill"
+    assert not (project / "runs" / "r" / "metrics.json").exists()
+    stale_lock = json.loads((project / ".dvc" / "tmp" / "rwlock").read_text())
+    assert pid in {holder["pid"] for holder in stale_lock["write"].values()}, "kill -9 leaves DVC's write lock"
+    kept = {t: identity(steps / str(t) / "model.pt") for t in range(3)}
+
+    resumed = dvc(project, env, "repro")  # no file to delete by hand: DVC drops the dead pid's lock itself
+    output = resumed.stdout + resumed.stderr
+    assert "had been killed" in output and "Auto removed it from the lock file" in output
+    assert "moved its steps/" not in output, "the resumed run was restarted"
+    assert {t: identity(steps / str(t) / "model.pt") for t in range(3)} == kept, "finished steps were retrained"
+    after = json.loads((project / ".dvc" / "tmp" / "rwlock").read_text())
+    assert pid not in {holder["pid"] for holder in after.get("write", {}).values()}
+
+    reference = reference.project()
+    metrics = json.loads((project / "runs" / "r" / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == list(range(PROTOCOL_STEPS))
+    assert metrics == json.loads((reference / "runs" / "r" / "metrics.json").read_text())  # every IoU, every digit
+    for t in range(PROTOCOL_STEPS):
+        assert_same_checkpoint(steps / str(t) / "model.pt", reference / "runs" / "r" / "steps" / str(t) / "model.pt")
+    assert "up to date" in dvc(project, env, "status").stdout
+    assert not list(project.rglob("*.tmp"))
+
+
+def test_changed_params_move_the_stale_run_aside_and_start_afresh(tmp_path, env, reference):
+    project = Path(shutil.copytree(reference.project(), tmp_path / "project",
+                                   ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else []))
+    steps = project / "runs" / "r" / "steps"
+    before = identity(steps / "0" / "model.pt")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["epochs_incremental"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    done = dvc(project, env, "repro")
+    output = done.stdout + done.stderr
+    stale = sorted((project / "runs" / ".stale").iterdir())
+    assert len(stale) == 1 and re.fullmatch(r"r-\d{8}T\d{6}Z", stale[0].name), stale
+    assert f"moved its steps/ (checkpoints, MLflow run id) to {Path('runs/.stale') / stale[0].name}" in output
+    assert "differs: train)" in output, "the message names what changed (only the train section)"
+    old = stale[0] / "steps"
+    assert identity(old / "0" / "model.pt") == before, "moved, not copied or retrained"
+    assert all((old / str(t) / "model.pt").exists() for t in range(PROTOCOL_STEPS)), "finished work is kept"
+    assert OmegaConf.load(old / "config.yaml").train.epochs_incremental == 1
+    assert OmegaConf.load(steps / "config.yaml").train.epochs_incremental == 2
+    assert identity(steps / "0" / "model.pt") != before
+    metrics = json.loads((project / "runs" / "r" / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == list(range(PROTOCOL_STEPS))
+    assert "up to date" in dvc(project, env, "status").stdout
+
+
+def test_restart_policy_in_process(tmp_path, capsys):
+    """check_same_config: error (default) refuses another configuration; restart moves steps/ aside with the
+    MLflow run id in it (the new run gets a new parent run); changed inputs count only under restart."""
+    run_dir = tmp_path / "runs" / "r"
+    config = run_dir / "steps" / "config.yaml"
+    base = [f"run_dir={run_dir}", "tracking.uri=", "train.epochs=1"]
+    check_same_config(config, compose(base))
+    (config.parent / "mlflow_run.json").write_text('{"run_id": "old"}')
+
+    check_same_config(config, compose([*base, "on_config_change=restart"]))  # same config and inputs: resume
+    assert not (run_dir.parent / ".stale").exists()
+    with pytest.raises(ValueError, match="sections differ: train.*on_config_change=restart"):
+        check_same_config(config, compose([*base, "train.epochs=2"]))
+    with pytest.raises(ValueError, match="on_config_change='later'"):
+        check_same_config(config, compose([*base, "on_config_change=later"]))
+
+    inputs = json.loads((config.parent / "inputs.json").read_text())
+    (config.parent / "inputs.json").write_text(json.dumps({**inputs, "dataset": "another md5"}))
+    check_same_config(config, compose(base))  # interactive: the inputs are not compared
+    check_same_config(config, compose([*base, "train.epochs=2", "on_config_change=restart"]))
+    (stale,) = (run_dir.parent / ".stale").iterdir()
+    out = capsys.readouterr().out
+    assert "differs: train, inputs.dataset" in out and str(stale) in out
+    assert json.loads((stale / "steps" / "mlflow_run.json").read_text()) == {"run_id": "old"}
+    assert not (config.parent / "mlflow_run.json").exists(), "the new run starts a new MLflow parent run"
+    assert OmegaConf.load(config).train.epochs == 2
+    assert json.loads((config.parent / "inputs.json").read_text()) == inputs
+
+
+def test_dvc_yaml_run_stages_persist_their_checkpoints():
+    """Every stage of dvc.yaml that runs `recall run` keeps its checkpoints (persist) and restarts on a change."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        if not body["cmd"].startswith("recall run "):
+            continue
+        assert "on_config_change=restart" in body["cmd"], name
+        run_dir = re.search(r"run_dir=(\S+)", body["cmd"]).group(1)
+        persisted = {path for out in body["outs"] if isinstance(out, dict)
+                     for path, opts in out.items() if opts.get("persist")}
+        assert persisted & {run_dir, f"{run_dir}/steps"}, f"{name}: {run_dir}/steps is not persist: true"
+        checked += 1
+    assert checked >= 4  # step0, run, replay_run, joint
