@@ -228,7 +228,7 @@ def build_plan(cfg: DictConfig) -> dict:
         "train": {"batch_size": t.batch_size, "current_per_batch": run.replay_sizes(1)[0],
                   "replay_per_batch": run.replay_sizes(1)[1],
                   "crop": t.crop, "scale": list(t.scale), "momentum": t.momentum, "weight_decay": t.weight_decay,
-                  "poly_power": t.poly_power, "lr": t.lr, "lr_incremental": t.lr_incremental,
+                  "poly_power": t.poly_power, "lr": t.lr, "lr_incremental": t.lr_incremental, "lr_end": t.lr_end,
                   "iters_per_class": t.iters_per_class, "epochs": t.epochs, "epochs_incremental": t.epochs_incremental,
                   "eval_batch_size": t.eval_batch_size},
         "steps": steps,
@@ -298,7 +298,7 @@ def format_plan(plan: dict) -> str:
               f"{t['epochs']} epochs at step 0, {t['epochs_incremental']} per incremental step")
     row("training", f"batch {t['batch_size']}{split}, crop {t['crop']}, scale {t['scale'][0]}-{t['scale'][1]} + flip, "
                     f"SGD momentum {t['momentum']}, weight decay {t['weight_decay']:g}, poly {t['poly_power']}, "
-                    f"lr {t['lr']:g} at step 0 and {t['lr_incremental']:g} later (each decays to 0 within its step); "
+                    f"lr {t['lr']:g} at step 0 and {t['lr_incremental']:g} later (each decays to {t['lr_end']:g} within its step); "
                     f"{length}")
     row("evaluation", f"full images, batch {t['eval_batch_size']}")
     columns = [c for c in STEP_COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(c[2](s) for s in plan["steps"])]

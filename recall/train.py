@@ -28,6 +28,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    lr_end: float = 0.0  # the poly schedule ends here (RECALL's code: 5e-6)
     crop: int = 64
     scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     eval_batch_size: int = 50
@@ -42,9 +43,12 @@ class TrainConfig:
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig, total_iters: int):
-    """SGD with momentum and the poly learning-rate schedule of DeepLab."""
+    """SGD with momentum and the poly learning-rate schedule of DeepLab, from `lr` down to `cfg.lr_end`:
+    lr(it) = (lr - lr_end) (1 - it/T)^power + lr_end."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    poly = lambda it: (1 - min(it, total_iters) / max(total_iters, 1)) ** cfg.poly_power  # noqa: E731
+    decay = lambda it: (1 - min(it, total_iters) / max(total_iters, 1)) ** cfg.poly_power  # noqa: E731
+    floor = cfg.lr_end / lr
+    poly = decay if floor == 0 else lambda it: (1 - floor) * decay(it) + floor  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
 

@@ -82,3 +82,4 @@ def test_two_processes_run_a_protocol_like_one(tiny_world, tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) == 3  # one parent + one child per step, from rank 0 only
     assert parents[0].info.status == "FINISHED"
+

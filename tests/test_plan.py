@@ -43,7 +43,7 @@ def test_paper_voc_composes_to_the_papers_setting():
     t = cfg.train
     assert (t.batch_size, t.crop, list(t.scale), t.eval_batch_size) == (4, 321, [0.5, 1.5], 1)
     assert (t.momentum, t.weight_decay, t.poly_power, t.iters_per_class) == (0.9, 1e-4, 0.9, 1000)
-    assert (t.lr, t.lr_incremental) == (5e-4, 5e-4)  # 5e-4 -> 5e-6 within every step (see the profile's comment)
+    assert (t.lr, t.lr_incremental, t.lr_end) == (5e-4, 5e-4, 5e-6)  # 5e-4 -> 5e-6 within every step
     assert cfg.replay.per_class == 500 and cfg.replay.pool == "pools/paper_voc/gan"
     assert compose(["experiment=paper_voc", "replay=web"]).replay.per_class == 1000
     # only the paper's sources get the paper's budget; a toy source keeps its own, no source gets a stray key
