@@ -28,6 +28,7 @@ bench: install
 	python benchmarks/metrics.py
 	python benchmarks/transforms.py
 	python benchmarks/replay.py
+	python benchmarks/gpu_throughput.py
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000 --workers 1

@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
     from recall.experiment import run_protocol
     from recall.tracking import Tracker
     cfg = _compose(args)
-    distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
+    distributed.init_from_env(cfg.train.device)  # under torchrun: join the process group (gloo on CPU, nccl on GPUs)
     main = distributed.is_main()
     try:
         tracker = None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recall import distributed
 from recall.data.transforms import eval_transform
 from recall.figures import plot_class_heatmap, plot_forgetting, plot_grid, plot_miou_curves
 from recall.labeling import labelled_share, same_size_batches
@@ -66,15 +67,16 @@ def _spread(n: int, k: int) -> list[int]:
 @torch.no_grad()
 def _targets(run, step: int, data: PoolDataset, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(evaluated label, training target after the method's target rewriting) for replay items ``indices``."""
+    device = distributed.device(run.train_cfg.device)
     prev, _ = load_checkpoint(run.step_dir(step - 1) / "model.pt", run.model_cfg)
-    prev.eval()
+    prev.to(device).eval()
     ctx = run.context(step, prev)
     pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     records = [data.records[i] for i in indices]
     for batch in same_size_batches(records, TARGET_BATCH):  # positions in `indices`, images of one size each
         items = [data[indices[k]] for k in batch]
         images, labels = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-        targets = run.method.rewrite_targets(images, labels.clone(), ctx)
+        targets = run.method.rewrite_targets(images.to(device), labels.clone().to(device), ctx).cpu()
         for k, label, target in zip(batch, labels, targets):
             pairs[k] = (label.numpy(), target.numpy())
     return [pairs[k] for k in range(len(indices))]

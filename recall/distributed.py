@@ -10,6 +10,7 @@ they read what it wrote. Without torchrun (WORLD_SIZE unset) every function here
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -39,14 +40,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes in the environment; True if this is a multi-process run."""
+# Rank 0 works alone between collectives for a while (label evaluation of a whole pool, diagnostics): the
+# others wait longer than NCCL's default 10 minutes allow. RECALL_DIST_TIMEOUT_MINUTES changes it.
+TIMEOUT_MINUTES = 180
+
+
+def init_from_env(device_spec: str = "auto") -> bool:
+    """Join the process group torchrun describes in the environment; True if this is a multi-process run.
+    The backend follows the device the run trains on: nccl for CUDA, gloo for the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
         return active()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend)
+    on = device(device_spec)
+    if on.type == "cuda":
+        torch.cuda.set_device(on)
+    minutes = float(os.environ.get("RECALL_DIST_TIMEOUT_MINUTES", TIMEOUT_MINUTES))
+    dist.init_process_group("nccl" if on.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=minutes))
     return True
 
 
@@ -56,12 +64,14 @@ def shutdown() -> None:
 
 
 def device(spec: str = "auto") -> torch.device:
-    """`auto`: this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU."""
+    """`auto`: this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; `cuda`: cuda:LOCAL_RANK."""
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(spec)
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={spec}: CUDA is not available on this machine; use train.device=auto or cpu")
+    if chosen.type == "cuda" and chosen.index is None:  # each torchrun process its own GPU
+        chosen = torch.device("cuda", local_rank())
     return chosen
 
 
@@ -141,5 +151,7 @@ def wrap(model: nn.Module, on: torch.device) -> nn.Module:
     the model itself otherwise. Call it after the method has chosen which parameters require gradients."""
     if not active():
         return model
-    ids = [on.index] if on.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if on.type == "cuda":  # batch statistics over the global batch, as on one GPU (gloo has no SyncBatchNorm)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[on.index])
+    return nn.parallel.DistributedDataParallel(model)

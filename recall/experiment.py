@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from recall.methods.finetune import FineTuning
 from recall.metrics import ConfusionMatrix, forgetting, summarize
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
 from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems
-from recall.provenance import dvc_hash
+from recall.provenance import content_id, dvc_hash
 from recall.train import TrainConfig, evaluate, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
@@ -114,7 +117,7 @@ class ProtocolRun:
         """Worker processes, and page-locked memory when batches go to a GPU."""
         t = self.train_cfg
         pin = t.pin_memory and distributed.device(t.device).type == "cuda"
-        return dict(num_workers=t.num_workers, pin_memory=pin, persistent_workers=t.num_workers > 0)
+        return dict(num_workers=t.num_workers, pin_memory=pin)
 
     def check_no_earlier_images(self, classes: dict, step: int, ids: list[str]) -> None:
         """Privacy: in the disjoint and sequential settings a step never reads an image of an earlier step.
@@ -149,8 +152,9 @@ class ProtocolRun:
         n_replay = round(self.train_cfg.batch_size * self.method.replay_ratio) if replays else 0
         return self.train_cfg.batch_size - n_replay, n_replay
 
-    def replay_batches(self, step: int, generator: torch.Generator):
-        """An endless iterator of labelled replay batches of every class learnt before `step`."""
+    def replay_batches(self, step: int, generator: torch.Generator) -> Iterator:
+        """An endless iterator of labelled replay batches of every class learnt before `step`. The pool is labelled
+        and checked here, before training starts (not at the first batch: outside autocast and DDP's forward)."""
         pool = self.cfg.replay.get("pool")
         if not pool:
             raise ValueError(f"method={self.method.name} replays old classes: choose a replay source with a pool, "
@@ -174,8 +178,7 @@ class ProtocolRun:
         self.check_pool_is_not_the_dataset(data)
         batch_size = distributed.per_process(self.replay_sizes(step)[1], "the replay samples per batch")
         loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
-        while True:
-            yield from loader
+        return itertools.chain.from_iterable(itertools.repeat(loader))
 
     def ensure_replay_labels(self, step: int) -> Path:
         """Label evaluation, once per class group: classes of step k are labelled by the step-0 model (k = 0)
@@ -303,19 +306,22 @@ class ProtocolRun:
 
 
 IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "tune", "plan", "run_dir", "last_step", "on_config_change")
+# how a run executes, not what it computes: a run may resume with other values
+EXECUTION_ONLY = {"train": ("device", "num_workers", "threads", "pin_memory", "compile", "eval_batch_size")}
 ON_CONFIG_CHANGE = ("error", "restart")
 
 
 def run_inputs(cfg: DictConfig) -> dict[str, str]:
     """What a run's checkpoints depend on besides its configuration (DVC re-runs a stage when one changes):
-    recall's source, the dataset and replay pool as dvc.lock hashed them, and the step-0 model it starts from."""
+    recall's source, the dataset and replay pool (dvc.lock / .dvc hashes, else a listing of names, sizes and
+    times), and the step-0 model it starts from."""
     package = Path(__file__).resolve().parent
     code = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         code.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    inputs = {"code": code.hexdigest(), "dataset": dvc_hash(cfg.dataset.root)}
+    inputs = {"code": code.hexdigest(), "dataset": content_id(cfg.dataset.root)}
     if cfg.replay.get("pool"):
-        inputs["replay_pool"] = dvc_hash(cfg.replay.pool)
+        inputs["replay_pool"] = content_id(cfg.replay.pool)
     step0 = Path(str(cfg.step0)) / "steps" / "0" / "model.pt"
     if cfg.step0 and step0.is_file():
         with step0.open("rb") as f:
@@ -323,32 +329,54 @@ def run_inputs(cfg: DictConfig) -> dict[str, str]:
     return inputs
 
 
-def check_same_config(path: Path, cfg: DictConfig) -> None:
-    """Resume only a run with the same configuration; write it (and steps/inputs.json) on a fresh start.
-    on_config_change=restart (DVC stages: DVC re-runs a stage after its params or deps changed, leaving its
-    persisted steps/ in place) moves the steps/ of a run with another configuration or other inputs aside
-    and starts afresh, instead of refusing it."""
-    policy = cfg.get("on_config_change") or "error"
+def _comparable(config: dict) -> dict:
+    """A configuration without what resuming ignores; train options a run saved before they existed count as
+    their defaults (an older run directory resumes)."""
+    config = {k: v for k, v in config.items() if k not in IGNORED_FOR_RESUME}
+    if isinstance(config.get("train"), dict):
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        config["train"] = {**defaults, **config["train"]}
+    for section, keys in EXECUTION_ONLY.items():
+        if isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if k not in keys}
+    return config
+
+
+def config_differences(path: Path, cfg: DictConfig, policy: str) -> list[str]:
+    """Read-only: what differs between the run saved at `path` (steps/config.yaml) and `cfg` — configuration
+    sections, and inputs (steps/inputs.json). `error` (interactive runs) ignores code edits; `restart` (DVC
+    stages, whose checkpoints must reflect their deps) counts them, and counts unknown inputs as changed."""
     if policy not in ON_CONFIG_CHANGE:
         raise ValueError(f"on_config_change={policy!r}: expected one of {', '.join(ON_CONFIG_CHANGE)}")
-    current = OmegaConf.to_container(cfg, resolve=True)
-    relevant = {k: v for k, v in current.items() if k not in IGNORED_FOR_RESUME}
-    inputs, inputs_file = run_inputs(cfg), path.with_name("inputs.json")
-    if path.is_file():
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        saved = {k: v for k, v in saved.items() if k not in IGNORED_FOR_RESUME}
-        changed = sorted(k for k in set(saved) | set(relevant) if saved.get(k) != relevant.get(k))
-        if policy == "restart":  # interactive runs resume after code edits; DVC stages must reflect their deps
-            old = json.loads(inputs_file.read_text()) if inputs_file.is_file() else {}
-            changed += [f"inputs.{k}" for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
-        if not changed:
-            return
-        if policy == "error":
-            raise ValueError(f"{path.parent.parent} holds a run with a different configuration (sections differ: "
-                             f"{', '.join(changed)}); resume it with the same settings, delete that directory, "
-                             "pass another run_dir=, or pass on_config_change=restart to move it aside")
+    if not path.is_file():
+        return []
+    saved = _comparable(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    current = _comparable(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    inputs_file = path.with_name("inputs.json")
+    old = json.loads(inputs_file.read_text()) if inputs_file.is_file() else None
+    if old is None and policy == "error":  # a run from before inputs were recorded: nothing to compare
+        return changed
+    new = run_inputs(cfg)
+    keys = sorted(set(old or {}) | set(new)) if policy == "restart" else sorted(set(old) & set(new) - {"code"})
+    return changed + [f"inputs.{k}" for k in keys if (old or {}).get(k) != new.get(k)]
+
+
+def check_same_config(path: Path, cfg: DictConfig) -> None:
+    """Resume only a run with the same configuration and inputs; write them on a fresh start.
+    on_config_change=restart (DVC stages: DVC re-runs a stage after its params or deps changed, leaving its
+    persisted steps/ in place) moves the steps/ of a changed run aside and starts afresh, instead of refusing it."""
+    policy = cfg.get("on_config_change") or "error"
+    changed = config_differences(path, cfg, policy)
+    if path.is_file() and not changed:
+        return
+    if changed and policy == "error":
+        raise ValueError(f"{path.parent.parent} holds a run with a different configuration or inputs (differ: "
+                         f"{', '.join(changed)}); resume it with the same settings, delete that directory, "
+                         "pass another run_dir=, or pass on_config_change=restart to move it aside")
+    if changed:
         move_aside(path.parent, changed)
-    write_json(inputs_file, inputs)
+    write_json(path.with_name("inputs.json"), run_inputs(cfg))
     write_text(path, OmegaConf.to_yaml(cfg, resolve=True))  # last: config.yaml marks a started run
 
 
@@ -381,7 +409,8 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
     torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
     with distributed.main_first():  # rank 0 checks (and on a fresh start writes) the configuration and caches
-        check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
+        if distributed.is_main():
+            check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
         for split in (cfg.dataset.train_split, cfg.dataset.val_split):
             run.classes_of(split)
     if tracker is not None:

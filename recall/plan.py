@@ -23,7 +23,7 @@ from recall.config import section
 from recall.data.classes import class_names
 from recall.data.protocol import get_convention, select_eval_images, select_train_images
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
-from recall.experiment import ProtocolRun, check_same_config
+from recall.experiment import ProtocolRun, config_differences
 from recall.replay.pool import ReplayPool
 from recall.train import step_iterations
 
@@ -114,10 +114,10 @@ def iterations(run: ProtocolRun, step: int, images: int | None, batch: int) -> i
     return step_iterations(run.train_cfg, run.context(step, None), batches)
 
 
-def step_state(run: ProtocolRun, step: int) -> str:
-    """What `run_steps` would do with `step` (a key of WORK)."""
+def step_state(run: ProtocolRun, step: int, restarts: bool = False) -> str:
+    """What `run_steps` would do with `step` (a key of WORK); `restarts`: the run directory is moved aside first."""
     d = run.step_dir(step)
-    if (d / "model.pt").exists():
+    if (d / "model.pt").exists() and not restarts:
         return "done" if (d / "eval.json").exists() else "evaluate"
     return "adopt step0" if step == 0 and run.cfg.step0 else "train"
 
@@ -140,12 +140,22 @@ def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
     status = {"path": str(run.run_dir), "exists": run.run_dir.exists(),
               "finished": [t for t in range(last + 1) if (run.step_dir(t) / "model.pt").exists()], "resume": None}
     config = run.run_dir / "steps" / "config.yaml"
-    if config.is_file():  # check_same_config writes only when the file is missing
+    status["restarts"] = False
+    if config.is_file():  # read-only: config_differences never moves or writes anything
+        policy = cfg.get("on_config_change") or "error"
         try:
-            check_same_config(config, cfg)
-            status["resume"] = "same configuration: it resumes after the last finished step"
+            changed = config_differences(config, cfg, policy)
         except ValueError as error:
-            status["resume"] = f"REFUSED: {error}"
+            changed, status["resume"] = None, f"REFUSED: {error}"
+        if changed == []:
+            status["resume"] = "same configuration: it resumes after the last finished step"
+        elif changed and policy == "restart":
+            status["restarts"] = True
+            status["resume"] = (f"RESTARTS: differs in {', '.join(changed)}; on_config_change=restart would move its "
+                                f"steps/ to {run.run_dir.parent / '.stale'}/ and train every step afresh")
+        elif changed:
+            status["resume"] = (f"REFUSED: differs in {', '.join(changed)} (on_config_change=error); resume it with "
+                                "the same settings, or pass another run_dir= or on_config_change=restart")
     return status
 
 
@@ -200,12 +210,13 @@ def build_plan(cfg: DictConfig) -> dict:
     val_count = data["splits"].get(cfg.dataset.val_split)
     val_classes = (image_index(run, cfg.dataset.val_split)
                    if data["prepared"] and convention.eval_images != "all" else None)
+    run_dir = run_dir_status(run, cfg, last)
     steps = []
     for step in range(last + 1):
         n_current, n_replay = run.replay_sizes(step)
         images = None if train_classes is None else len(train_ids(run, train_classes, step))
         replays = bool(n_replay)
-        record = {"step": step, "classes": [names[c] for c in run.task[step]], "state": step_state(run, step),
+        record = {"step": step, "classes": [names[c] for c in run.task[step]], "state": step_state(run, step, run_dir["restarts"]),
                   "images": images, "batch": [n_current, n_replay if replays else 0],
                   "iterations": iterations(run, step, images, n_current),
                   "lr": t.lr if step == 0 else t.lr_incremental,
@@ -233,7 +244,7 @@ def build_plan(cfg: DictConfig) -> dict:
                   "eval_batch_size": t.eval_batch_size},
         "steps": steps,
         "replay": replay,
-        "checkpoints": {"step0": step0_status(run), "run_dir": run_dir_status(run, cfg, last)},
+        "checkpoints": {"step0": step0_status(run), "run_dir": run_dir},
     }
     plan["estimate"] = estimate(plan, label_images(run, replay, steps, names), assume)
     return plan

@@ -47,7 +47,9 @@ def make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig, tota
     lr(it) = (lr - lr_end) (1 - it/T)^power + lr_end."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     decay = lambda it: (1 - min(it, total_iters) / max(total_iters, 1)) ** cfg.poly_power  # noqa: E731
-    floor = cfg.lr_end / lr
+    if not 0 <= cfg.lr_end <= lr:
+        raise ValueError(f"train.lr_end={cfg.lr_end} must lie in [0, lr={lr}] (the poly schedule decays to it)")
+    floor = cfg.lr_end / lr if lr > 0 else 0.0
     poly = decay if floor == 0 else lambda it: (1 - floor) * decay(it) + floor  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
@@ -138,12 +140,13 @@ def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepCo
         net = torch.compile(net)
     precision = Precision(cfg.amp, device)
     passes = math.ceil(total / max(len(loader), 1))
+    unit = "epoch" if cfg.iters_per_class is None else "pass"
     losses = []
     for p in range(passes):
         if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle every pass
             loader.sampler.set_epoch(p)
         losses.append(train_one_epoch(model, method, loader, optimizer, scheduler, ctx,
-                                      f"step {ctx.step} pass {p + 1}/{passes}", replay, net=net, precision=precision,
+                                      f"step {ctx.step} {unit} {p + 1}/{passes}", replay, net=net, precision=precision,
                                       iterations=total - p * len(loader)))
     return losses
 

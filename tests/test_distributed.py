@@ -62,7 +62,7 @@ def test_two_processes_run_a_protocol_like_one(tiny_world, tmp_path):
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
     overrides = [f"dataset.root={tiny_world}", "protocol=15-5", "method=ft", f"run_dir={run_dir}",
                  f"tracking.uri=sqlite:///{db}", *FAST, "train.threads=1"]
-    result = torchrun(["-m", "recall.cli", "run", *overrides])
+    result = torchrun(["-m", "recall", "run", *overrides])
     assert result.stdout.count("final: ") == 1  # rank 0 alone reports
 
     cfg = compose([o for o in overrides if not o.startswith("tracking")])

@@ -177,7 +177,8 @@ def test_changed_params_move_the_stale_run_aside_and_start_afresh(tmp_path, env,
 
 def test_restart_policy_in_process(tmp_path, capsys):
     """check_same_config: error (default) refuses another configuration; restart moves steps/ aside with the
-    MLflow run id in it (the new run gets a new parent run); changed inputs count only under restart."""
+    MLflow run id in it (the new run gets a new parent run). Changed data or step-0 inputs count under both;
+    code edits only under restart; execution-only options (threads, device, ...) never."""
     run_dir = tmp_path / "runs" / "r"
     config = run_dir / "steps" / "config.yaml"
     base = [f"run_dir={run_dir}", "tracking.uri=", "train.epochs=1"]
@@ -186,14 +187,18 @@ def test_restart_policy_in_process(tmp_path, capsys):
 
     check_same_config(config, compose([*base, "on_config_change=restart"]))  # same config and inputs: resume
     assert not (run_dir.parent / ".stale").exists()
-    with pytest.raises(ValueError, match="sections differ: train.*on_config_change=restart"):
+    check_same_config(config, compose([*base, "train.threads=1", "train.num_workers=2"]))  # how, not what
+    with pytest.raises(ValueError, match="differ: train.*on_config_change=restart"):
         check_same_config(config, compose([*base, "train.epochs=2"]))
     with pytest.raises(ValueError, match="on_config_change='later'"):
         check_same_config(config, compose([*base, "on_config_change=later"]))
 
     inputs = json.loads((config.parent / "inputs.json").read_text())
+    (config.parent / "inputs.json").write_text(json.dumps({**inputs, "code": "another commit"}))
+    check_same_config(config, compose(base))  # interactive: a code edit resumes
     (config.parent / "inputs.json").write_text(json.dumps({**inputs, "dataset": "another md5"}))
-    check_same_config(config, compose(base))  # interactive: the inputs are not compared
+    with pytest.raises(ValueError, match="differ: inputs.dataset"):  # ... other data does not
+        check_same_config(config, compose(base))
     check_same_config(config, compose([*base, "train.epochs=2", "on_config_change=restart"]))
     (stale,) = (run_dir.parent / ".stale").iterdir()
     out = capsys.readouterr().out
@@ -219,3 +224,19 @@ def test_dvc_yaml_run_stages_persist_their_checkpoints():
         assert persisted & {run_dir, f"{run_dir}/steps"}, f"{name}: {run_dir}/steps is not persist: true"
         checked += 1
     assert checked >= 4  # step0, run, replay_run, joint
+
+
+def test_a_run_saved_before_new_train_options_resumes(tmp_path):
+    """A run directory from before train.lr_end / iters_per_class / ... existed (and without inputs.json) resumes
+    interactively: missing train options count as their defaults."""
+    run_dir = tmp_path / "runs" / "old"
+    config = run_dir / "steps" / "config.yaml"
+    cfg = compose([f"run_dir={run_dir}", "tracking.uri="])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("lr_end", "iters_per_class", "amp", "compile", "device", "pin_memory"):
+        del saved["train"][key]
+    config.parent.mkdir(parents=True)
+    config.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    check_same_config(config, cfg)
+    with pytest.raises(ValueError, match="differ: train"):
+        check_same_config(config, compose([f"run_dir={run_dir}", "tracking.uri=", "train.lr_end=0.001"]))

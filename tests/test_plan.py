@@ -149,6 +149,13 @@ def test_existing_run_dir_is_resumed_and_counted_as_done(toy, tmp_path):
     changed = build_plan(compose([f"dataset.root={toy}", "protocol=15-5", "method=ft", "train.lr=0.5",
                                   f"run_dir={tmp_path / 'run'}"]))
     assert changed["checkpoints"]["run_dir"]["resume"].startswith("REFUSED")
+    # what a DVC stage's command does (on_config_change=restart): the plan says so, and moves nothing
+    before = listing(tmp_path)
+    restart = build_plan(compose([f"dataset.root={toy}", "protocol=15-5", "method=ft", "train.lr=0.5",
+                                  "on_config_change=restart", f"run_dir={tmp_path / 'run'}"]))
+    assert listing(tmp_path) == before
+    assert restart["checkpoints"]["run_dir"]["resume"].startswith("RESTARTS: differs in train")
+    assert [s["state"] for s in restart["steps"]] == ["train", "train"]
 
 
 def test_step0_checkpoint_is_checked(toy, tmp_path):
