@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import itertools
 import json
 import os
 import shutil
@@ -153,8 +152,9 @@ class ProtocolRun:
         return self.train_cfg.batch_size - n_replay, n_replay
 
     def replay_batches(self, step: int, generator: torch.Generator) -> Iterator:
-        """An endless iterator of labelled replay batches of every class learnt before `step`. The pool is labelled
-        and checked here, before training starts (not at the first batch: outside autocast and DDP's forward)."""
+        """An endless iterator of labelled replay batches of every class learnt before `step`. Lazy: the pool is
+        labelled and checked at the first batch drawn (the training loop draws it before autocast and the forward
+        pass; labelling there keeps the random stream, hence the results, of earlier versions)."""
         pool = self.cfg.replay.get("pool")
         if not pool:
             raise ValueError(f"method={self.method.name} replays old classes: choose a replay source with a pool, "
@@ -178,7 +178,8 @@ class ProtocolRun:
         self.check_pool_is_not_the_dataset(data)
         batch_size = distributed.per_process(self.replay_sizes(step)[1], "the replay samples per batch")
         loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
-        return itertools.chain.from_iterable(itertools.repeat(loader))
+        while True:
+            yield from loader
 
     def ensure_replay_labels(self, step: int) -> Path:
         """Label evaluation, once per class group: classes of step k are labelled by the step-0 model (k = 0)

@@ -101,11 +101,11 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
     batches = loader if n == len(loader) else itertools.islice(loader, n)
     for images, targets in tqdm(batches, total=n, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        extra = next(replay) if replay is not None else None  # (the first one labels the pool: not under autocast)
+        if extra is not None:
+            extra = (extra[0].to(device, non_blocking=True), extra[1].to(device, non_blocking=True))
         with precision.autocast():
             targets = method.rewrite_targets(images, targets, ctx)  # e.g. RECALL's background inpainting
-            extra = next(replay) if replay is not None else None
-            if extra is not None:
-                extra = (extra[0].to(device, non_blocking=True), extra[1].to(device, non_blocking=True))
             images, targets = blend((images, targets), extra)
             outputs = net(images)
             loss = method.loss(outputs, targets, images, ctx)
