@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -28,6 +30,8 @@ CONNECT_TIMEOUT = 30.0        # seconds
 READ_TIMEOUT = 120.0          # seconds without a byte before an attempt is given up
 BACKOFF_SECONDS = 2.0         # doubled after each failed attempt, at most MAX_BACKOFF_SECONDS
 MAX_BACKOFF_SECONDS = 60.0
+MAX_ATTEMPTS_FACTOR = 10      # attempts that bring bytes do not count as failures, but all tries are bounded
+RETRY_STATUSES = (408, 429)   # retried like 5xx
 PART_SUFFIX = ".part"
 PROGRESS_DELAY = 1.0          # seconds before a progress bar shows (none for a quick step)
 
@@ -97,20 +101,44 @@ def _part_size(part: Path) -> int:
     return part.stat().st_size if part.is_file() else 0
 
 
-def _receive(url: str, part: Path, session, progress: bool) -> None:
+class StorageError(DatasetError):
+    """A disk error (full, read-only, no permission) while writing; the files finished so far are kept."""
+
+
+@contextmanager
+def storing(what: str):
+    """Turn an ``OSError`` of the local disk (ENOSPC, EACCES, ...) into a ``StorageError`` saying what failed."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageError(f"{what} failed: {error}; the files finished so far are kept: free some space or fix "
+                           f"the permissions, then run the same command again to resume") from error
+
+
+def _range_start(response) -> int | None:
+    """The first byte of a 206 answer, from its ``Content-Range: bytes <start>-<end>/<size>``."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
+
+
+def _receive(url: str, part: Path, session, progress: bool, size: int | None) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (asking for it with Range). Raises on a short read."""
     offset = _part_size(part)
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
     with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
         if offset and response.status_code == 416:  # nothing after offset: the part is whole (the digest decides)
             return
         response.raise_for_status()
         if offset and response.status_code != 206:  # the server ignores Range: start again
             offset = 0
+        elif offset and _range_start(response) != offset:  # not the bytes asked for: start again from byte 0
+            part.unlink(missing_ok=True)
+            raise ConnectionError(f"asked for the bytes from {offset}, the server sent Content-Range "
+                                  f"{response.headers.get('Content-Range')!r}; restarting from byte 0")
         length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
+        total = offset + int(length) if length is not None else size
         received = _append(response, part, offset, total, progress)
-    if total is not None and received != total:
+    if total is not None and received < total:
         raise ConnectionError(f"the connection closed after {received} of {total} bytes")
 
 
@@ -134,11 +162,24 @@ def _append(response, part: Path, offset: int, total: int | None, progress: bool
         return handle.tell()
 
 
-def download(url: str, dest: Path, attempts: int = DOWNLOAD_ATTEMPTS, backoff: float = BACKOFF_SECONDS,
-             progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming it after a failure (at most ``attempts`` tries).
+def _promote(part: Path, dest: Path, sha256: str | None, progress: bool) -> None:
+    """Rename a whole ``part`` to ``dest`` once its digest is the expected one; a wrong part is deleted."""
+    if sha256 is not None:
+        actual = sha256_of(part, progress)
+        if actual != sha256.lower():
+            part.unlink()
+            raise ArchiveError(_mismatch(dest, sha256, actual, "the download was deleted: check the URL and "
+                                                               "download it again"))
+    os.replace(part, dest)
 
-    ``dest`` exists only once every byte arrived, so an existing ``dest`` is not downloaded again.
+
+def download(url: str, dest: Path, attempts: int = DOWNLOAD_ATTEMPTS, backoff: float = BACKOFF_SECONDS,
+             progress: bool = True, size: int | None = None, sha256: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming it after a failure.
+
+    ``dest`` exists only once every byte arrived (``size`` of them, when known) and, with ``sha256``, once the
+    digest matched, so an existing ``dest`` is not downloaded again. It gives up after ``attempts`` tries in a row
+    that brought no new byte (at most ``MAX_ATTEMPTS_FACTOR * attempts`` tries in all).
     """
     import requests
     import urllib3
@@ -149,21 +190,27 @@ def download(url: str, dest: Path, attempts: int = DOWNLOAD_ATTEMPTS, backoff: f
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART_SUFFIX)
     error: Exception | None = None
+    failures = tries = 0
     with requests.Session() as session:
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS))
+        while failures < attempts and tries < MAX_ATTEMPTS_FACTOR * attempts:
+            if failures:
+                time.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF_SECONDS))
+            tries, before = tries + 1, _part_size(part)
             try:
-                _receive(url, part, session, progress)
-                os.replace(part, dest)
+                _receive(url, part, session, progress, size)
+                if size is not None and _part_size(part) < size:
+                    raise ConnectionError(f"{part} holds {_part_size(part)} of the {size} bytes expected")
+                _promote(part, dest, sha256, progress)
                 return dest
             except requests.HTTPError as err:
-                if err.response is not None and err.response.status_code < 500:  # 404, 403: retrying will not help
+                status = err.response.status_code if err.response is not None else None
+                if status is not None and status < 500 and status not in RETRY_STATUSES:  # 404, 403: no use
                     raise ArchiveError(f"{url}: the server answered {err}; check the URL") from err
                 error = err
             except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as err:
                 error = err  # a network failure: the next attempt resumes
-    raise ArchiveError(f"{url}: download failed after {attempts} attempts ({error}); {part} keeps the "
+            failures = 0 if _part_size(part) > before else failures + 1  # bytes received: not a failure in a row
+    raise ArchiveError(f"{url}: download failed after {tries} attempts ({error}); {part} keeps the "
                        f"{_part_size(part)} bytes received: run the same command again to resume")
 
 
@@ -191,15 +238,21 @@ def verify(path: Path, expected: str | None, size: int | None = None, progress: 
                            f"official one; delete it and download it again (or pass --sha256 for another archive)")
     actual = sha256_of(path, progress)
     if expected is not None and actual != expected.lower():
-        raise ArchiveError(f"{path}: SHA-256 mismatch: expected {expected.lower()}, got {actual}; the file is "
-                           f"damaged, partial or another archive: delete it and download it again, or pass "
-                           f"--sha256 {actual} if you trust this file")
+        raise ArchiveError(_mismatch(path, expected, actual, f"delete it and download it again, or pass "
+                                                             f"--sha256 {actual} if you trust this file"))
     return actual
 
 
-def _local(source: str, downloads: Path, attempts: int, backoff: float, progress: bool) -> Path:
+def _mismatch(path: Path, expected: str, actual: str, advice: str) -> str:
+    return (f"{path}: SHA-256 mismatch: expected {expected.lower()}, got {actual}; the file is damaged, partial "
+            f"or another archive: {advice}")
+
+
+def _local(source: str, downloads: Path, attempts: int, backoff: float, progress: bool, size: int | None,
+           sha256: str | None) -> Path:
     if is_url(source):
-        return download(source, downloads / url_file_name(source), attempts, backoff, progress)
+        with storing(f"downloading {source}"):
+            return download(source, downloads / url_file_name(source), attempts, backoff, progress, size, sha256)
     path = Path(source).expanduser()
     if not path.exists():
         raise ArchiveError(f"{path}: no such file; give the path of the downloaded archive or its URL")
@@ -219,7 +272,7 @@ def obtain(dataset: str, sources: list[str], downloads: Path, sha256: str | None
     failures = []
     for source in sources:
         try:
-            path = _local(source, downloads, attempts, backoff, progress)
+            path = _local(source, downloads, attempts, backoff, progress, size, expected)
         except ArchiveError as err:
             failures.append(str(err))
             continue

@@ -55,7 +55,9 @@ from recall.data.fetch import (
     PROGRESS_DELAY,
     Archive,
     ArchiveError,
+    StorageError,  # noqa: F401  (re-exported: raised by prepare)
     obtain,
+    storing,
 )
 from recall.data.voc import (
     IMAGE_SUFFIX,
@@ -224,6 +226,12 @@ def _dir_members(path: Path, bar, prefix: str) -> Iterator[Member]:
         bar.update()
 
 
+def _is_zip(path: Path) -> bool:
+    """A zip by its content, whatever its name: its central directory, or (a zip cut short) its first header."""
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04" or zipfile.is_zipfile(handle)
+
+
 def members(path: Path, prefix: str, desc: str, progress: bool = True) -> Iterator[Member]:
     """The files of an archive (tar, tar.gz/tgz, zip) or of a directory holding an extracted archive.
 
@@ -231,7 +239,7 @@ def members(path: Path, prefix: str, desc: str, progress: bool = True) -> Iterat
     in one pass and has no such shortcut)."""
     from tqdm import tqdm
 
-    reader = _dir_members if path.is_dir() else _zip_members if path.suffix.lower() == ".zip" else _tar_members
+    reader = _dir_members if path.is_dir() else _zip_members if _is_zip(path) else _tar_members
     with tqdm(desc=desc, disable=not progress, file=sys.stderr, unit_scale=True, delay=PROGRESS_DELAY,
               unit="B" if reader is _tar_members else "file") as bar:
         yield from reader(path, bar, prefix)
@@ -249,7 +257,9 @@ def reading(path: Path):
 
 
 def _under(name: str, prefix: str) -> PurePosixPath | None:
-    """``name`` relative to the archive folder ``prefix``, or None outside it."""
+    """``name`` relative to the archive folder ``prefix``, or None outside it (``./`` of ``tar czf x.tgz .`` dropped)."""
+    while name.startswith("./"):
+        name = name[2:]
     return PurePosixPath(name[len(prefix):]) if name.startswith(prefix) else None
 
 
@@ -282,6 +292,8 @@ def place(member: Member, dest: Path, counts: Counter) -> None:
 
 def _remove_stale_tmp(root: Path, folders: tuple[str, ...]) -> None:
     """Temporary files of a killed earlier run (``.<name>.<pid>.tmp``); they would otherwise be versioned."""
+    for tmp in root.glob(f".{MANIFEST}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     for folder in folders:
         if (root / folder).is_dir():
             for tmp in (root / folder).glob(".*.tmp"):
@@ -456,6 +468,23 @@ PREPARERS: dict[str, Callable[[Path, Archive, bool], dict]] = {
     "voc": prepare_voc, "sbd": prepare_sbd, "ade20k": prepare_ade20k}
 
 
+FAMILIES = {"voc": "voc", "sbd": "voc", "ade20k": "ade20k"}  # datasets that may share a root
+
+
+def _refuse_mixing(dataset: str, root: Path) -> None:
+    """ADE20K and VOC (+SBD) share file and split names (``train.txt``): they cannot live in the same root."""
+    family = FAMILIES[dataset]
+    others = [name for name in read_manifest(root) if FAMILIES.get(name, name) != family]
+    reason = f"{MANIFEST} lists {', '.join(others)}" if others else None
+    if reason is None and family not in {FAMILIES.get(name) for name in read_manifest(root)}:
+        ids = read_split(root, "train") if split_file(root, "train").is_file() else []
+        if ids and any(i.startswith("ADE_") for i in ids) != (family == "ade20k"):
+            reason = f"{split_file(root, 'train')} lists the ids of another dataset"
+    if reason:
+        raise DatasetError(f"{root}: holds another dataset ({reason}); {dataset} needs its own root, e.g. --root "
+                           f"{root.parent / family}")
+
+
 def _check_extracted_source(dataset: str, archive: Archive) -> None:
     """A directory given as the archive must hold the archive's top folder (not be that folder, nor a parent)."""
     prefix = PREFIXES[dataset]
@@ -481,19 +510,21 @@ def prepare(dataset: str, root: str | Path, sources: list[str] | None = None, sh
             return {"dataset": dataset, "root": str(root), "splits": check(dataset, root), "done": "already prepared"}
         except DatasetError:
             pass  # files went missing since: prepare again
+    _refuse_mixing(dataset, root)
     if dataset == "sbd":
         _require_voc(root)  # before a download of 1.4 GB
     archive = obtain(dataset, list(sources), Path(downloads) if downloads else root.parent / "downloads", sha256,
                      progress=progress, **fetch_options)
     _check_extracted_source(dataset, archive)
-    root.mkdir(parents=True, exist_ok=True)
-    provenance = {"archive": archive.path.name, "sha256": archive.sha256, "official": archive.official}
-    _set_manifest(root, dataset, {"status": IN_PROGRESS, **provenance})
-    work = PREPARERS[dataset](root, archive, progress)
-    _remove_stale_tmp(root, (IMAGE_DIR, LAYOUTS[dataset].mask_dir, str(SPLITS_DIR)))
-    splits = _check_extracted(dataset, root, archive)
-    _warn_counts(dataset, splits, archive)
-    _set_manifest(root, dataset, {"status": COMPLETE, **provenance, "splits": splits})
+    with storing(f"preparing {dataset} in {root}"):
+        root.mkdir(parents=True, exist_ok=True)
+        provenance = {"archive": archive.path.name, "sha256": archive.sha256, "official": archive.official}
+        _set_manifest(root, dataset, {"status": IN_PROGRESS, **provenance})
+        work = PREPARERS[dataset](root, archive, progress)
+        _remove_stale_tmp(root, (IMAGE_DIR, LAYOUTS[dataset].mask_dir, str(SPLITS_DIR)))
+        splits = _check_extracted(dataset, root, archive)
+        _warn_counts(dataset, splits, archive)
+        _set_manifest(root, dataset, {"status": COMPLETE, **provenance, "splits": splits})
     return {"dataset": dataset, "root": str(root), "splits": splits, "done": "prepared", **work}
 
 
