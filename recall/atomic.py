@@ -2,6 +2,10 @@
 
 A killed process leaves either the old file or the new one, never half a file. Used for every JSON and text
 output of the project (run results, caches, manifests' summaries, mappings).
+
+``durable=False`` keeps the temp file and the rename but skips the flush to disk (``fsync``): still safe against a
+killed process (the page cache outlives it), not against a power loss, after which the file may be empty or cut
+short. For bulk writes of many files whose caller syncs once at the end (``os.sync()``) and can re-check them.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ import os
 from pathlib import Path
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 

@@ -23,6 +23,7 @@ import scipy.sparse
 import yaml
 from PIL import Image
 
+from recall.atomic import write_bytes
 from recall.cli import main
 from recall.data import prepare as prep
 from recall.data.classes import ADE20K_CLASSES, VOC_CLASSES, class_names, voc_palette
@@ -265,6 +266,53 @@ def test_a_killed_conversion_resumes_without_half_files(tmp_path, archives, monk
     assert prep.check("sbd", root) == {"train_aug": len(TRAIN_AUG), "val": len(VOC_VAL)}
     again = _prepare("sbd", root, archives["sbd"])
     assert again["done"] == "already prepared"
+
+
+def test_masks_cut_short_by_a_power_loss_are_redone(tmp_path, archives):
+    """Files are not fsynced one by one: after a power loss an empty or truncated file may be left in place."""
+    root = tmp_path / "voc"
+    _prepare("voc", root, archives["voc"])
+    _prepare("sbd", root, archives["sbd"])
+    aug = root / "SegmentationClassAug"
+    empty, truncated, whole = (aug / f"{i}.png" for i in ("2008_000002", "2008_000003", "2008_000004"))
+    empty.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:-1])
+    linked = aug / f"{VOC_VAL[0]}.png"  # a VOC mask copied (not linked) and cut short
+    voc_bytes = linked.read_bytes()
+    linked.unlink()
+    linked.write_bytes(voc_bytes[: len(voc_bytes) // 2])
+    prep._set_manifest(root, "sbd", {**prep.read_manifest(root)["sbd"], "status": prep.IN_PROGRESS})
+    summary = _prepare("sbd", root, archives["sbd"])
+    assert summary["done"] == "prepared"
+    assert summary["masks_converted"] == 2 and summary["masks_skipped"] == 1 and summary["voc_masks_linked"] == 1
+    for path in (empty, truncated, whole):
+        assert np.array_equal(load_mask(path), sbd_mask(path.stem)), path
+    assert linked.read_bytes() == voc_bytes
+    assert prep.read_manifest(root)["sbd"]["status"] == prep.COMPLETE
+
+
+def test_write_bytes_fsyncs_unless_not_durable(tmp_path, monkeypatch):
+    real, fsyncs = os.fsync, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real(fd)))
+    write_bytes(tmp_path / "fast.bin", b"abc", durable=False)
+    assert (tmp_path / "fast.bin").read_bytes() == b"abc" and not fsyncs
+    assert not list(tmp_path.glob(".*.tmp")), "still through a temp file and a rename"
+    write_bytes(tmp_path / "durable.bin", b"abc")
+    assert (tmp_path / "durable.bin").read_bytes() == b"abc" and len(fsyncs) == 1
+
+
+@pytest.mark.parametrize("dataset", ["voc", "ade20k"])
+def test_a_preparation_syncs_once_before_the_manifest_says_complete(tmp_path, archives, monkeypatch, dataset):
+    root, syncs, fsyncs = tmp_path / dataset, [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "sync", lambda: syncs.append(prep.read_manifest(root)[dataset]["status"]))
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    summary = _prepare(dataset, root, archives[dataset])
+    assert syncs == [prep.IN_PROGRESS], "once, before the manifest says complete"
+    assert prep.read_manifest(root)[dataset]["status"] == prep.COMPLETE
+    # the extracted files are not fsynced one by one: only the manifest (twice) and ADE20K's two split lists
+    assert summary["files_written"] > 5 and len(fsyncs) == {"voc": 2, "ade20k": 4}[dataset]
+    assert _prepare(dataset, root, archives[dataset])["done"] == "already prepared" and len(syncs) == 1
 
 
 # --------------------------------------------------------------------------- errors
@@ -559,11 +607,11 @@ def test_voc_and_ade20k_refuse_to_share_a_root(tmp_path, archives):
 def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, archives, monkeypatch):
     root, real, calls = tmp_path / "voc", prep.write_bytes, []
 
-    def disk_full_on_the_fourth(path, data):
+    def disk_full_on_the_fourth(path, data, **options):
         calls.append(path)
         if len(calls) == 4:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+        real(path, data, **options)
 
     monkeypatch.setattr(prep, "write_bytes", disk_full_on_the_fourth)
     with pytest.raises(prep.StorageError, match=r"preparing voc in .*No space left on device.*finished so far are "

@@ -27,6 +27,10 @@ An ``--archive`` may also be a directory holding the extracted archive (``VOCdev
 
 Re-running is cheap and safe: every file is written atomically (a killed run leaves no half file), files already
 in place are skipped, and ``prepared.json`` says which preparations finished, so a half-done one is reported.
+The dataset files are not flushed to disk one by one (tens of thousands of ``fsync`` calls take minutes on a
+spinning disk or NFS): one ``os.sync()`` after the last of them, before ``prepared.json`` says "complete". A power
+loss before that leaves it "in progress", and the next run re-checks what is in place: a file is skipped only if
+it has the archive member's size (a converted SBD mask: only if it is a whole PNG, ending with its IEND chunk).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ IN_PROGRESS, COMPLETE = "in progress", "complete"
 SBD_NUM_CLASSES = 20
 SHOW_MISSING = 3  # missing files named in an error
 DRAIN_BYTES = 1 << 20
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every PNG: the empty IEND chunk and its CRC
 
 
 @dataclass(frozen=True)
@@ -266,8 +271,10 @@ def _under(name: str, prefix: str) -> PurePosixPath | None:
 # --------------------------------------------------------------------------- writing files
 
 
-def link_or_copy(source: Path, dest: Path) -> None:
-    """Put ``source`` at ``dest`` atomically: a hard link where the file system allows it, a copy otherwise."""
+def link_or_copy(source: Path, dest: Path, durable: bool = False) -> None:
+    """Put ``source`` at ``dest`` atomically: a hard link where the file system allows it, a copy otherwise.
+
+    A copy is flushed to disk only if ``durable`` (see :func:`recall.atomic.write_bytes`)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
@@ -275,19 +282,39 @@ def link_or_copy(source: Path, dest: Path) -> None:
         os.link(source, tmp)
     except OSError:  # another file system, or links not supported
         shutil.copyfile(source, tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     os.replace(tmp, dest)
 
 
-def place(member: Member, dest: Path, counts: Counter) -> None:
-    """Write ``member`` at ``dest`` unless a file of its size is there already (a finished earlier run)."""
+def place(member: Member, dest: Path, counts: Counter, durable: bool = False) -> None:
+    """Write ``member`` at ``dest`` unless a file of its size is there already (a finished earlier run).
+
+    Not flushed to disk unless ``durable``: :func:`prepare` syncs once at the end."""
     if dest.is_file() and dest.stat().st_size == member.size:
         counts["skipped"] += 1
         return
     if member.path is not None:
-        link_or_copy(member.path, dest)
+        link_or_copy(member.path, dest, durable)
     else:
-        write_bytes(dest, member.read())
+        write_bytes(dest, member.read(), durable=durable)
     counts["written"] += 1
+
+
+def _is_whole_png(path: Path) -> bool:
+    """``path`` is a file ending with a PNG's IEND chunk (not an empty or cut-short one left by a power loss)."""
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size < len(PNG_END):
+                return False
+            handle.seek(-len(PNG_END), os.SEEK_END)
+            return handle.read() == PNG_END
+    except (FileNotFoundError, IsADirectoryError):
+        return False
 
 
 def _remove_stale_tmp(root: Path, folders: tuple[str, ...]) -> None:
@@ -388,13 +415,16 @@ def _sbd_member(root: Path, rel: PurePosixPath, member: Member, voc_masks: set[s
         lists[rel.stem] = member.read().decode().split()
     elif folder == "cls" and rel.suffix == ".mat" and rel.stem not in voc_masks:  # VOC's own masks win
         dest = root / LAYOUTS["sbd"].mask_dir / f"{rel.stem}{MASK_SUFFIX}"
-        if dest.is_file():
+        if _is_whole_png(dest):  # the size of a conversion is not known in advance: a whole PNG is the check
             counts["masks_skipped"] += 1
         else:
-            write_bytes(dest, mask_png(sbd_mask(member.read(), member.name)))
+            write_bytes(dest, mask_png(sbd_mask(member.read(), member.name)), durable=False)
             counts["masks_converted"] += 1
     elif folder == "img" and rel.suffix == IMAGE_SUFFIX and not (root / IMAGE_DIR / rel.name).is_file():
-        place(member, root / IMAGE_DIR / rel.name, counts)  # VOC 2012 has them all; only a stray one is taken
+        # VOC 2012 has them all; only a stray one is taken. Its presence alone means "done" (a file of another size
+        # may be VOC's own), so it is flushed to disk at once: a power loss cannot leave it cut short. Strays are
+        # rare (VOC 2012's JPEGImages holds SBD's images), so this costs little.
+        place(member, root / IMAGE_DIR / rel.name, counts, durable=True)
 
 
 def train_aug_ids(sbd_train: list[str], sbd_val: list[str], voc_train: list[str], voc_val: list[str]) -> list[str]:
@@ -417,9 +447,10 @@ def prepare_sbd(root: Path, archive: Archive, progress: bool = True) -> dict:
                            f"{sorted(lists)}): it is truncated or not SBD's benchmark.tgz")
     mask_dir = root / LAYOUTS["sbd"].mask_dir
     for image_id in sorted(voc_masks):
+        source = root / LAYOUTS["voc"].mask_dir / f"{image_id}{MASK_SUFFIX}"
         dest = mask_dir / f"{image_id}{MASK_SUFFIX}"
-        if not dest.is_file():
-            link_or_copy(root / LAYOUTS["voc"].mask_dir / f"{image_id}{MASK_SUFFIX}", dest)
+        if not (dest.is_file() and dest.stat().st_size == source.stat().st_size):  # a link, or a whole copy
+            link_or_copy(source, dest)
             counts["voc_masks_linked"] += 1
     _write_split(root, "train_aug", train_aug_ids(lists["train"], lists["val"], voc_train, voc_val))
     return {"masks_converted": counts["masks_converted"], "masks_skipped": counts["masks_skipped"],
@@ -524,6 +555,7 @@ def prepare(dataset: str, root: str | Path, sources: list[str] | None = None, sh
         _remove_stale_tmp(root, (IMAGE_DIR, LAYOUTS[dataset].mask_dir, str(SPLITS_DIR)))
         splits = _check_extracted(dataset, root, archive)
         _warn_counts(dataset, splits, archive)
+        os.sync()  # the files were written without fsync: on disk before the manifest says so (a power loss -> resume)
         _set_manifest(root, dataset, {"status": COMPLETE, **provenance, "splits": splits})
     return {"dataset": dataset, "root": str(root), "splits": splits, "done": "prepared", **work}
 
