@@ -89,13 +89,12 @@ class ProtocolRun:
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> DataLoader:
         classes = self.classes_of(self.cfg.dataset.train_split)
-        if self.method.data == "cumulative":  # joint: every image with a class seen so far, all labels kept
-            ids = sorted({i for s in range(step + 1) for i in select_train_images(classes, self.task, s, "overlapped")})
+        ids = self.train_ids(classes, step)
+        if self.method.data == "cumulative":  # joint: all labels kept
             lut = eval_label_map(self.task, step, self.num_classes, future="background")
             if self.convention.border_to_background:
                 lut[255] = 0
         else:
-            ids = select_train_images(classes, self.task, step, self.setting)
             self.check_no_earlier_images(classes, step, ids)
             lut = train_label_map(self.task, step, self.setting, self.num_classes, self.convention.border_to_background)
         if not ids:
@@ -111,6 +110,12 @@ class ProtocolRun:
         sampler = distributed.train_sampler(data, seed=int(self.cfg.seed) * 1000 + step, drop_last=drop_last)
         return DataLoader(data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
                           generator=generator, **self.loader_options())
+
+    def train_ids(self, classes: dict[str, frozenset[int]], step: int) -> list[str]:
+        """The training images of `step`: the setting's selection, or (joint) every image with a class seen so far."""
+        if self.method.data == "cumulative":
+            return sorted({i for s in range(step + 1) for i in select_train_images(classes, self.task, s, "overlapped")})
+        return select_train_images(classes, self.task, step, self.setting)
 
     def loader_options(self) -> dict:
         """Worker processes, and page-locked memory when batches go to a GPU."""
@@ -337,16 +342,17 @@ def _comparable(config: dict) -> dict:
     if isinstance(config.get("train"), dict):
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
         config["train"] = {**defaults, **config["train"]}
-    for section, keys in EXECUTION_ONLY.items():
-        if isinstance(config.get(section), dict):
-            config[section] = {k: v for k, v in config[section].items() if k not in keys}
+    for name, keys in EXECUTION_ONLY.items():
+        if isinstance(config.get(name), dict):
+            config[name] = {k: v for k, v in config[name].items() if k not in keys}
     return config
 
 
-def config_differences(path: Path, cfg: DictConfig, policy: str) -> list[str]:
+def config_differences(path: Path, cfg: DictConfig, policy: str, inputs: dict[str, str] | None = None) -> list[str]:
     """Read-only: what differs between the run saved at `path` (steps/config.yaml) and `cfg` — configuration
     sections, and inputs (steps/inputs.json). `error` (interactive runs) ignores code edits; `restart` (DVC
-    stages, whose checkpoints must reflect their deps) counts them, and counts unknown inputs as changed."""
+    stages, whose checkpoints must reflect their deps) counts them, and counts unknown inputs as changed.
+    `inputs`: run_inputs(cfg) when the caller has them already."""
     if policy not in ON_CONFIG_CHANGE:
         raise ValueError(f"on_config_change={policy!r}: expected one of {', '.join(ON_CONFIG_CHANGE)}")
     if not path.is_file():
@@ -358,7 +364,7 @@ def config_differences(path: Path, cfg: DictConfig, policy: str) -> list[str]:
     old = json.loads(inputs_file.read_text()) if inputs_file.is_file() else None
     if old is None and policy == "error":  # a run from before inputs were recorded: nothing to compare
         return changed
-    new = run_inputs(cfg)
+    new = run_inputs(cfg) if inputs is None else inputs
     keys = sorted(set(old or {}) | set(new)) if policy == "restart" else sorted(set(old) & set(new) - {"code"})
     return changed + [f"inputs.{k}" for k in keys if (old or {}).get(k) != new.get(k)]
 
@@ -368,7 +374,8 @@ def check_same_config(path: Path, cfg: DictConfig) -> None:
     on_config_change=restart (DVC stages: DVC re-runs a stage after its params or deps changed, leaving its
     persisted steps/ in place) moves the steps/ of a changed run aside and starts afresh, instead of refusing it."""
     policy = cfg.get("on_config_change") or "error"
-    changed = config_differences(path, cfg, policy)
+    inputs = run_inputs(cfg)  # compared, and written on a (re)start
+    changed = config_differences(path, cfg, policy, inputs)
     if path.is_file() and not changed:
         return
     if changed and policy == "error":
@@ -377,7 +384,7 @@ def check_same_config(path: Path, cfg: DictConfig) -> None:
                          "pass another run_dir=, or pass on_config_change=restart to move it aside")
     if changed:
         move_aside(path.parent, changed)
-    write_json(path.with_name("inputs.json"), run_inputs(cfg))
+    write_json(path.with_name("inputs.json"), inputs)
     write_text(path, OmegaConf.to_yaml(cfg, resolve=True))  # last: config.yaml marks a started run
 
 
@@ -498,9 +505,9 @@ def outputs(run: ProtocolRun, results: list[dict]) -> dict:
     """The metrics.json payload of a run's per-step results."""
     strip = lambda r: {k: v for k, v in r.items() if k != "confusion_matrix"}  # noqa: E731
     return {"protocol": str(run.cfg.protocol.name), "setting": run.setting, "method": run.method.name,
-               "replay": str(run.cfg.replay.name), "seed": int(run.cfg.seed), "convention": run.convention.name,
-               "method_options": run.method.options(),
-               "classes": run.class_names, "steps": [strip(r) for r in results], "final": strip(results[-1])}
+            "replay": str(run.cfg.replay.name), "seed": int(run.cfg.seed), "convention": run.convention.name,
+            "method_options": run.method.options(),
+            "classes": run.class_names, "steps": [strip(r) for r in results], "final": strip(results[-1])}
 
 
 def write_outputs(run: ProtocolRun, results: list[dict]) -> dict:

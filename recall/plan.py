@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from recall.config import section
 from recall.data.classes import class_names
-from recall.data.protocol import get_convention, select_eval_images, select_train_images
+from recall.data.protocol import get_convention, select_eval_images
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
 from recall.experiment import ProtocolRun, config_differences
 from recall.replay.pool import ReplayPool
@@ -91,13 +91,6 @@ def image_index(run: ProtocolRun, split: str) -> dict[str, frozenset[int]]:
     cache = run.run_dir / f"image_classes_{split}.json"  # where ProtocolRun.classes_of keeps it
     return image_classes(run.root, read_split(run.root, split), num_classes=run.num_classes,
                          mask_dir=run.cfg.dataset.mask_dir, cache=cache, write_cache=False, progress=True)
-
-
-def train_ids(run: ProtocolRun, classes: dict, step: int) -> list[str]:
-    """The training images of `step`, chosen as ProtocolRun.train_loader chooses them."""
-    if run.method.data == "cumulative":  # joint: every image with a class seen so far
-        return sorted({i for s in range(step + 1) for i in select_train_images(classes, run.task, s, "overlapped")})
-    return select_train_images(classes, run.task, step, run.setting)
 
 
 def batches_per_epoch(images: int, batch: int) -> int:
@@ -214,7 +207,7 @@ def build_plan(cfg: DictConfig) -> dict:
     steps = []
     for step in range(last + 1):
         n_current, n_replay = run.replay_sizes(step)
-        images = None if train_classes is None else len(train_ids(run, train_classes, step))
+        images = None if train_classes is None else len(run.train_ids(train_classes, step))
         replays = bool(n_replay)
         record = {"step": step, "classes": [names[c] for c in run.task[step]], "state": step_state(run, step, run_dir["restarts"]),
                   "images": images, "batch": [n_current, n_replay if replays else 0],

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recall import distributed
-from recall.distributed import is_main
 from recall.methods import Method, StepContext
 from recall.metrics import ConfusionMatrix
 
@@ -99,7 +98,8 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
     # a full pass iterates the loader to its end (an abandoned iterator would skip the sampler's last draw from
     # the generator, and change every later shuffle); a partial one (iters_per_class) stops after n batches
     batches = loader if n == len(loader) else itertools.islice(loader, n)
-    for images, targets in tqdm(batches, total=n, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
+    bar = tqdm(batches, total=n, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main())
+    for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         extra = next(replay) if replay is not None else None  # (the first one labels the pool: not under autocast)
         if extra is not None:
@@ -160,7 +160,8 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str
     model.to(device).eval()
     precision = Precision(amp, device)
     matrix = ConfusionMatrix(num_classes, device=device)
-    for images, targets in tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, disable=not is_main()):
+    bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
+    for images, targets in bar:
         with precision.autocast():
             logits = model(images.to(device, non_blocking=True))["out"]
         matrix.update(logits.argmax(1), targets.to(device, non_blocking=True))
