@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recall.replay.gan import BigGANSource, make_tiny_biggan  # noqa: E402
+from recall.replay.gan import BigGANSource  # noqa: E402
+from recall.sim.standin_weights import make_tiny_biggan  # noqa: E402
 from recall.replay.pool import build_pool  # noqa: E402
 
 CLASSES = {1: "aeroplane", 2: "bicycle"}

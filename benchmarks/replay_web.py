@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recall.replay.flickr_standin import FlickrStandIn
+from recall.sim.flickr_standin import FlickrStandIn
 from recall.replay.pool import build_pool
 from recall.replay.web import FlickrSource
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from recall.data.protocol import steps, train_label_map
-from recall.data.toyworld import generate
+from recall.sim.toyworld import generate
 from recall.data.transforms import train_transform
 from recall.data.voc import VOCSegmentation
 from recall.methods import StepContext, build_method

@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from recall.data.classes import IGNORE_INDEX
-from recall.data.toyworld import generate
+from recall.sim.toyworld import generate
 from recall.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from recall.data.voc import VOCSegmentation
 

@@ -10,6 +10,8 @@ group was not chosen on the command line, so a DVC stage runs exactly what param
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -78,6 +80,49 @@ def section(cfg: DictConfig, cls: type[T]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(known)}")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the yaml files of conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _unknown_key(key: str) -> str:
+    """`train.epochz`: the message naming the key, the closest valid keys and where they are."""
+    parent, _, leaf = key.rpartition(".")
+    try:
+        node = OmegaConf.select(compose(), parent) if parent else compose()
+    except Exception:  # noqa: BLE001 - the message must not fail: without the valid keys, it still names the key
+        node = None
+    valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    where = f"valid keys of {parent}" if parent else "valid top-level keys"
+    listing = f"; {where}: {', '.join(valid)}" if valid else ""
+    return f"unknown config key {key!r}{_closest(leaf, valid)}{listing}"
+
+
+def config_error_message(error: Exception) -> str:
+    """One line for a configuration Hydra or OmegaConf refused: an unknown key or group option (with the closest
+    valid names), or an override that does not parse."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(error)
+    if isinstance(error, OverrideParseException):
+        return (f"cannot parse an override: {text.splitlines()[0]} (quote values with spaces or '=', and list "
+                "items: 'key=[\"a=1\"]')")
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if isinstance(error, MissingConfigException) and missing:
+        group, option = missing.groups()
+        options = group_options(group)
+        return f"unknown {group} {option!r}{_closest(option, options)}; available: {', '.join(options)} (conf/{group}/)"
+    key = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+    if key:
+        return _unknown_key(key.group(1))
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def write_params(path: str | Path = "params.yaml") -> None:

@@ -1,14 +1,17 @@
 """A protocol run: every step of a task, with resumable checkpoints, evaluation and the output contract.
 
-Run directory (DESIGN.md §4):
+Run directory (docs/design.md, "Outputs"):
     steps/config.yaml        the resolved configuration (a resumed run must match it)
-    steps/inputs.json        hashes of the code, data and step-0 model (on_config_change=restart compares them)
+    steps/inputs.json        content ids of the code, data, the method's inputs and the step-0 model
     steps/mlflow_run.json    the MLflow parent run, so a resumed run logs into the same one
     steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
     steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
-    steps/<t>/helper.pt      RECALL's helper decoder of step t (labels the replay images of step t's classes)
-    steps/replay_labels/     RECALL's evaluated replay labels (<id>.png) and step<k>.done markers
+    steps/...                what the method keeps (RECALL: helper decoders, evaluated replay labels)
     metrics.json, curve.csv  per-step results for people, DVC and the report
+    figures/                 the run's figures
+
+The method owns every data flow beyond the current step's images (`recall.methods.base.Method`'s run hooks):
+this module calls them by name and knows nothing of replay.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import functools
 import hashlib
 import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,17 +41,16 @@ from recall.data.protocol import (Conventions, eval_label_map, get_convention, i
                                   select_eval_images, select_train_images, steps, train_label_map)
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
-from recall.diagnostics import replay_statistics, write_figures
-from recall.labeling import label_pool, labelled_share
 from recall.methods import Method, StepContext, build_method
-from recall.methods.finetune import FineTuning
+from recall.locks import DirectoryLock
 from recall.metrics import ConfusionMatrix, forgetting, summarize
 from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
-from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems
-from recall.provenance import content_id, dvc_hash
+from recall.provenance import code_id, content_id, dvc_hash
+from recall.run_figures import write_figures
 from recall.train import TrainConfig, evaluate, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
+RUN_ENTRY = "recall.stages.run"  # the module a run executes: its import closure is the run's code
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -58,7 +59,7 @@ def default_run_dir(cfg: DictConfig) -> Path:
 
 
 class ProtocolRun:
-    """Everything one run needs, built once from the configuration."""
+    """Everything one run needs, built once from the configuration (every config error surfaces here)."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -75,6 +76,9 @@ class ProtocolRun:
         self.class_names = class_names(str(cfg.dataset.name), self.num_classes)
         self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
 
+    def device(self) -> torch.device:
+        return distributed.device(self.train_cfg.device)
+
     # ------------------------------------------------------------------ data
     def _dataset_kwargs(self) -> dict:
         d = self.cfg.dataset
@@ -84,7 +88,7 @@ class ProtocolRun:
         ids = read_split(self.root, split)
         cache = self.run_dir / f"image_classes_{split}.json"
         return image_classes(self.root, ids, num_classes=self.num_classes, mask_dir=self.cfg.dataset.mask_dir,
-                             cache=cache, progress=False)
+                             image_dir=self.cfg.dataset.image_dir, cache=cache, progress=False)
 
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> DataLoader:
@@ -133,93 +137,6 @@ class ProtocolRun:
         if reused:
             raise RuntimeError(f"privacy violation: step {step} would read {len(reused)} images of earlier steps "
                                f"(e.g. {reused[:3]})")
-
-    @functools.cached_property
-    def dataset_hashes(self) -> set[str]:
-        """sha256 of the bytes and pixels of every train and val image; computed once per run, not per step."""
-        d = self.cfg.dataset
-        return dataset_hashes(self.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir)
-
-    def check_pool_is_not_the_dataset(self, data: PoolDataset) -> None:
-        """Privacy: replay images must come from outside the dataset (exact-hash check at training time too)."""
-        forbidden = self.dataset_hashes
-        leaked = [r["id"] for r in data.records if r["sha256"] in forbidden or r.get("pixel_sha256") in forbidden]
-        if leaked:
-            raise RuntimeError(f"privacy violation: replay pool {self.cfg.replay.pool} holds {len(leaked)} images of "
-                               f"the dataset itself (e.g. {leaked[:3]}); rebuild it with `recall pool`, which drops them")
-
-    # ------------------------------------------------------------------ replay (methods with uses_replay)
-    def replay_sizes(self, step: int) -> tuple[int, int]:
-        """(current, replay) samples per batch at `step` for the method's replay ratio (step 0 replays nothing:
-        its batch is all current samples)."""
-        replays = self.method.uses_replay and step > 0
-        n_replay = round(self.train_cfg.batch_size * self.method.replay_ratio) if replays else 0
-        return self.train_cfg.batch_size - n_replay, n_replay
-
-    def replay_batches(self, step: int, generator: torch.Generator) -> Iterator:
-        """An endless iterator of labelled replay batches of every class learnt before `step`. Lazy: the pool is
-        labelled and checked at the first batch drawn (the training loop draws it before autocast and the forward
-        pass; labelling there keeps the random stream, hence the results, of earlier versions)."""
-        pool = self.cfg.replay.get("pool")
-        if not pool:
-            raise ValueError(f"method={self.method.name} replays old classes: choose a replay source with a pool, "
-                             "e.g. replay=toy_gan after `recall classmap replay=toy_gan` and `recall pool replay=toy_gan`, "
-                             "or replay=folder with replay.pool=DIR")
-        old = [c for s in range(step) for c in self.task[s]]
-        labels_dir = self.ensure_replay_labels(step)
-        t = self.train_cfg
-        data = PoolDataset(pool, classes=old, labels_dir=labels_dir, transform=train_transform(t.crop, t.scale),
-                           cache_in_memory=t.cache_images)
-        if data.problems:
-            print(f"replay: {describe_problems(data.problems, len(data) + len(data.problems))}", flush=True)
-        min_labelled = self.method.min_labelled
-        if min_labelled > 0:  # images label evaluation found (almost) nothing in would teach "class = background"
-            total = len(data)
-            dropped = data.keep([share >= min_labelled for share in labelled_share(labels_dir, data.records)])
-            print(f"replay: dropped {dropped} of {total} images whose evaluated label covers < {min_labelled:.0%} "
-                  "of the image", flush=True)
-        if len(data) == 0:
-            raise ValueError(f"replay pool {pool} has no usable image of classes {old}; rebuild it")
-        self.check_pool_is_not_the_dataset(data)
-        batch_size = distributed.per_process(self.replay_sizes(step)[1], "the replay samples per batch")
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
-        while True:
-            yield from loader
-
-    def ensure_replay_labels(self, step: int) -> Path:
-        """Label evaluation, once per class group: classes of step k are labelled by the step-0 model (k = 0)
-        or by the helper decoder trained at step k (k >= 1). Labels are uint8 PNGs in the full label space."""
-        labels_dir = self.run_dir / "steps" / "replay_labels"  # with the checkpoints: DVC output, removed with them
-        with distributed.main_first():  # rank 0 labels, the others find the labels written
-            for k in range(step):
-                done = labels_dir / f"step{k}.done"
-                if done.exists():
-                    continue
-                ckpt = self.step_dir(0) / "model.pt" if k == 0 else self.step_dir(k) / "helper.pt"
-                model, _ = load_checkpoint(ckpt, self.model_cfg)
-                label_pool(model, PoolDataset(self.cfg.replay.pool, classes=self.task[k], transform=eval_transform()),
-                           channels={c: (c if k == 0 else 1 + i) for i, c in enumerate(self.task[k])},
-                           out=labels_dir, threshold=self.method.label_threshold,
-                           device=distributed.device(self.train_cfg.device))
-                done.write_text("ok\n")
-        return labels_dir
-
-    def train_helper(self, step: int, generator: torch.Generator) -> None:
-        """RECALL's helper decoder for step k: the frozen step-0 encoder + a decoder for background and step k's
-        classes, trained on step k's data. It labels the replay images of step k's classes later."""
-        helper, _ = load_checkpoint(self.step_dir(0) / "model.pt", self.model_cfg)
-        helper.classifiers = torch.nn.ModuleList()
-        helper.add_classes(1 + len(self.task[step]))
-        remap = torch.full((256,), 255, dtype=torch.long)
-        remap[0] = 0
-        for i, c in enumerate(self.task[step]):
-            remap[c] = 1 + i
-        ctx = StepContext(step=step, task=self.task, new_classes=list(self.task[step]), old_classes=[])
-        train_step(helper, FineTuning(freeze_encoder=True), self.train_loader(step, generator, label_map=remap), ctx,
-                   self.train_cfg)
-        if distributed.is_main():
-            save_checkpoint(helper, self.step_dir(step) / "helper.pt",
-                            {"classes_per_step": [len(self.task[step])], "helper_for": self.task[step]})
 
     def eval_loader(self, step: int) -> DataLoader:
         classes = self.classes_of(self.cfg.dataset.val_split)
@@ -279,12 +196,11 @@ class ProtocolRun:
         ctx = self.context(step, prev)
         self.method.on_step_start(model, ctx)
         generator = torch.Generator().manual_seed(seed)
-        n_current, n_replay = self.replay_sizes(step)
-        replay = self.replay_batches(step, generator) if n_replay > 0 else None
+        n_current, _ = self.method.batch_split(step, self.train_cfg.batch_size)
+        extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
         losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
-                            self.train_cfg, replay)
-        if self.method.uses_replay and 0 < step < len(self.task) - 1:
-            self.train_helper(step, generator)
+                            self.train_cfg, extra)
+        self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
         if distributed.is_main():
             save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
         distributed.barrier()  # the others load this checkpoint next
@@ -293,8 +209,8 @@ class ProtocolRun:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
         model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
         seen = [c for s in range(step + 1) for c in self.task[s]]
-        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1,
-                          device=distributed.device(self.train_cfg.device), amp=self.train_cfg.amp)
+        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1, device=self.device(),
+                          amp=self.train_cfg.amp)
         return self.result(step, matrix, history)
 
     def result(self, step: int, matrix: ConfusionMatrix, history: list[np.ndarray]) -> dict:
@@ -311,23 +227,21 @@ class ProtocolRun:
                 "confusion_matrix": matrix.to_dict()}
 
 
+# ---------------------------------------------------------------------------------------------- inputs and resume
 IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "tune", "plan", "run_dir", "last_step", "on_config_change")
 # how a run executes, not what it computes: a run may resume with other values
 EXECUTION_ONLY = {"train": ("device", "num_workers", "threads", "pin_memory", "compile", "eval_batch_size")}
 ON_CONFIG_CHANGE = ("error", "restart")
 
 
-def run_inputs(cfg: DictConfig) -> dict[str, str]:
-    """What a run's checkpoints depend on besides its configuration (DVC re-runs a stage when one changes):
-    recall's source, the dataset and replay pool (dvc.lock / .dvc hashes, else a listing of names, sizes and
-    times), and the step-0 model it starts from."""
-    package = Path(__file__).resolve().parent
-    code = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        code.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    inputs = {"code": code.hexdigest(), "dataset": content_id(cfg.dataset.root)}
-    if cfg.replay.get("pool"):
-        inputs["replay_pool"] = content_id(cfg.replay.pool)
+def run_inputs(run: ProtocolRun) -> dict[str, str]:
+    """What a run's checkpoints depend on besides its configuration (DVC re-runs a stage when one changes): the
+    code it executes (the import closure of `recall.stages.run`, the same rule as the DVC stages' deps), the
+    dataset, the method's inputs (e.g. the replay pool) and the step-0 model it starts from."""
+    cfg = run.cfg
+    inputs = {"code": code_id(RUN_ENTRY), "dataset": content_id(cfg.dataset.root)}
+    for name, path in run.method.inputs(run).items():
+        inputs[name] = content_id(path)
     step0 = Path(str(cfg.step0)) / "steps" / "0" / "model.pt"
     if cfg.step0 and step0.is_file():
         with step0.open("rb") as f:
@@ -348,34 +262,34 @@ def _comparable(config: dict) -> dict:
     return config
 
 
-def config_differences(path: Path, cfg: DictConfig, policy: str, inputs: dict[str, str] | None = None) -> list[str]:
-    """Read-only: what differs between the run saved at `path` (steps/config.yaml) and `cfg` — configuration
+def config_differences(path: Path, run: ProtocolRun, policy: str, inputs: dict[str, str] | None = None) -> list[str]:
+    """Read-only: what differs between the run saved at `path` (steps/config.yaml) and `run` — configuration
     sections, and inputs (steps/inputs.json). `error` (interactive runs) ignores code edits; `restart` (DVC
     stages, whose checkpoints must reflect their deps) counts them, and counts unknown inputs as changed.
-    `inputs`: run_inputs(cfg) when the caller has them already."""
+    `inputs`: run_inputs(run) when the caller has them already."""
     if policy not in ON_CONFIG_CHANGE:
         raise ValueError(f"on_config_change={policy!r}: expected one of {', '.join(ON_CONFIG_CHANGE)}")
     if not path.is_file():
         return []
     saved = _comparable(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-    current = _comparable(OmegaConf.to_container(cfg, resolve=True))
+    current = _comparable(OmegaConf.to_container(run.cfg, resolve=True))
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     inputs_file = path.with_name("inputs.json")
     old = json.loads(inputs_file.read_text()) if inputs_file.is_file() else None
     if old is None and policy == "error":  # a run from before inputs were recorded: nothing to compare
         return changed
-    new = run_inputs(cfg) if inputs is None else inputs
+    new = run_inputs(run) if inputs is None else inputs
     keys = sorted(set(old or {}) | set(new)) if policy == "restart" else sorted(set(old) & set(new) - {"code"})
     return changed + [f"inputs.{k}" for k in keys if (old or {}).get(k) != new.get(k)]
 
 
-def check_same_config(path: Path, cfg: DictConfig) -> None:
+def check_same_config(path: Path, run: ProtocolRun) -> None:
     """Resume only a run with the same configuration and inputs; write them on a fresh start.
     on_config_change=restart (DVC stages: DVC re-runs a stage after its params or deps changed, leaving its
     persisted steps/ in place) moves the steps/ of a changed run aside and starts afresh, instead of refusing it."""
-    policy = cfg.get("on_config_change") or "error"
-    inputs = run_inputs(cfg)  # compared, and written on a (re)start
-    changed = config_differences(path, cfg, policy, inputs)
+    policy = run.cfg.get("on_config_change") or "error"
+    inputs = run_inputs(run)  # compared, and written on a (re)start
+    changed = config_differences(path, run, policy, inputs)
     if path.is_file() and not changed:
         return
     if changed and policy == "error":
@@ -385,7 +299,7 @@ def check_same_config(path: Path, cfg: DictConfig) -> None:
     if changed:
         move_aside(path.parent, changed)
     write_json(path.with_name("inputs.json"), inputs)
-    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))  # last: config.yaml marks a started run
+    write_text(path, OmegaConf.to_yaml(run.cfg, resolve=True))  # last: config.yaml marks a started run
 
 
 def move_aside(steps: Path, changed: list[str]) -> Path:
@@ -406,19 +320,34 @@ def move_aside(steps: Path, changed: list[str]) -> Path:
     return dest
 
 
+# ---------------------------------------------------------------------------------------------- the run
 def _iou_array(result: dict) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in result["iou"].values()], dtype=np.float64)
 
 
-def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
+def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True,
+                 on_step: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) every step of the configured protocol; returns the metrics.json payload.
-    figures=False skips the run's figures (seconds per run; `recall tune` trials do without them)."""
+
+    `tracker` (recall.tracking.Tracker) records the run in MLflow; `on_step(result)` is called after every step's
+    evaluation, once the tracker logged it (`recall tune` reports to Optuna there, and may stop the run by
+    raising). figures=False skips the run's figures (seconds per run; tune trials do without them)."""
     run = ProtocolRun(cfg)
     torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
+    run.method.check_inputs(run)  # e.g. the replay pool: a doomed run fails before step 0, not after it
+    lock = DirectoryLock(run.run_dir).acquire() if distributed.is_main() else None  # one writer per run dir
+    try:
+        return _run_locked(run, cfg, tracker, figures, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_step) -> dict:
     with distributed.main_first():  # rank 0 checks (and on a fresh start writes) the configuration and caches
         if distributed.is_main():
-            check_same_config(run.run_dir / "steps" / "config.yaml", cfg)
+            check_same_config(run.run_dir / "steps" / "config.yaml", run)
         for split in (cfg.dataset.train_split, cfg.dataset.val_split):
             run.classes_of(split)
     if tracker is not None:
@@ -426,15 +355,12 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
                 "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir),
                 "dvc.dataset": dvc_hash(cfg.dataset.root)}
-        if cfg.replay.get("pool"):
-            tags["dvc.replay_pool"] = dvc_hash(cfg.replay.pool)
-        params = OmegaConf.to_container(cfg, resolve=True)
-        pool_built = pool_statistics(cfg)
-        if pool_built:
-            params["pool_built"] = pool_built
+        for name, path in run.method.inputs(run).items():
+            tags[f"dvc.{name}"] = dvc_hash(path)
+        params = {**OmegaConf.to_container(cfg, resolve=True), **run.method.run_params(run)}
         tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)
     try:
-        results = run_steps(run, cfg, tracker)
+        results = run_steps(run, tracker, on_step)
     except BaseException as error:  # the MLflow run says what happened; a restart resumes it (RUNNING again)
         if tracker is not None:
             tracker.finish([], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
@@ -450,19 +376,6 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True) -> dict:
     return payload
 
 
-def pool_statistics(cfg: DictConfig) -> dict | None:
-    """What the replay pool's build reported (images, copies of dataset images dropped, ...), for the run's record."""
-    pool = cfg.replay.get("pool") if "replay" in cfg else None
-    summary = ReplayPool(pool).summary() if pool else None
-    if not summary:
-        return None
-    keys = ("total", "dropped_dataset_copies", "dropped_near_copies", "dropped_duplicates")
-    stats = {k: summary.get(k, 0) for k in keys}
-    stats["source_skipped"] = sum((summary.get("source_skipped") or {}).values())
-    stats["shortfall"] = sum(v["missing"] for v in (summary.get("shortfall") or {}).values())
-    return stats
-
-
 def run_name(cfg: DictConfig) -> str:
     """A name a person can read in `mlflow ui`, e.g. "15-1x5 · recall · toy_gan · seed 0"."""
     parts = [str(cfg.protocol.name), str(cfg.method.name)]
@@ -471,15 +384,15 @@ def run_name(cfg: DictConfig) -> str:
     return " · ".join([*parts, f"seed {cfg.seed}"])
 
 
-def run_steps(run: ProtocolRun, cfg: DictConfig, tracker=None) -> list[dict]:
+def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Train (or resume) and evaluate every step; returns the per-step result records."""
     results: list[dict] = []
     for step in range(run.last_step + 1):
         done = run.step_dir(step) / "model.pt"
-        if step == 0 and cfg.step0:
+        if step == 0 and run.cfg.step0:
             with distributed.main_first():
                 if not done.exists():
-                    run.adopt_step0(Path(cfg.step0))
+                    run.adopt_step0(Path(run.cfg.step0))
         if not done.exists():
             run.train(step)
         eval_file = run.step_dir(step) / "eval.json"
@@ -488,9 +401,10 @@ def run_steps(run: ProtocolRun, cfg: DictConfig, tracker=None) -> list[dict]:
         else:  # every process scores its shard; rank 0 writes (no file changes before all have decided)
             result = run.evaluate(step, [_iou_array(r) for r in results])
             if distributed.is_main():
-                if run.method.uses_replay and step >= 1:
-                    with distributed.alone():
-                        result["replay"] = replay_statistics(run, step)
+                with distributed.alone():
+                    statistics = run.method.step_statistics(run, step)  # e.g. how the replay was labelled
+                if statistics:
+                    result["statistics"] = statistics
                 write_json(eval_file, result)
         results.append(result)
         if distributed.is_main():
@@ -498,6 +412,8 @@ def run_steps(run: ProtocolRun, cfg: DictConfig, tracker=None) -> list[dict]:
                   ", ".join(f"{k}={v:.3f}" for k, v in result["miou"].items() if v is not None), flush=True)
         if tracker is not None:
             tracker.log_step(result)
+        if on_step is not None:
+            on_step(result)
     return results
 
 

@@ -6,7 +6,7 @@
     predictions.png      val images, their ground truth and the final model's prediction
     replay_labels.png    replay images, their evaluated labels and the inpainted training targets (RECALL)
 
-Pure functions of arrays and result records; ``recall.experiment.write_figures`` gathers the inputs.
+Pure functions of arrays and result records; ``recall.run_figures.write_figures`` gathers the inputs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Segmentation metrics: confusion matrix, per-class IoU, old/new/all summaries, forgetting.
 
-Conventions (see DESIGN.md, "Conventions differ between the papers"):
+Conventions (see docs/design.md, "Conventions differ between the papers"):
 
 * The confusion matrix is accumulated over the whole evaluation set; pixels whose ground
   truth equals ``ignore_index`` (255) are dropped. Rows = ground truth, columns = prediction.
@@ -20,7 +20,8 @@ Conventions (see DESIGN.md, "Conventions differ between the papers"):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,3 +204,25 @@ def forgetting(
         now = float(current[c])
         out[c] = None if not earlier or np.isnan(now) else max(earlier) - now
     return out
+
+
+# --------------------------------------------------------------------------- derived numbers (one home)
+def hmean(a: float | None, b: float | None) -> float | None:
+    """Harmonic mean of two mIoUs (e.g. old_no_bg and new): high only when both are; None if one is unknown."""
+    if a is None or b is None:
+        return None
+    return 0.0 if a + b <= 0 else 2 * a * b / (a + b)
+
+
+def mean_forgetting(per_class: Mapping[str, float | None]) -> float | None:
+    """Mean of the known per-class forgetting values of a step; None when none is known (step 0)."""
+    known = [v for v in per_class.values() if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def derived(result: Mapping) -> dict[str, float | None]:
+    """The numbers derived from a step's result record (metrics.json `steps[i]`): `hmean` of old_no_bg and new,
+    and `forgetting_mean`. The report, MLflow and `recall tune` all take them from here."""
+    miou = result["miou"]
+    return {"hmean": hmean(miou.get("old_no_bg"), miou.get("new")),
+            "forgetting_mean": mean_forgetting(result.get("forgetting") or {})}

@@ -111,14 +111,25 @@ def _background_aware_init(background: nn.Conv2d, new: nn.Conv2d) -> None:
 
 
 def _make_encoder(cfg: ModelConfig) -> nn.Module:
-    kwargs = dict(features_only=True, out_indices=(-1,), output_stride=cfg.output_stride)
+    encoder = timm.create_model(cfg.backbone, pretrained=False, features_only=True, out_indices=(-1,),
+                                output_stride=cfg.output_stride)
     if cfg.pretrained_file:
-        path = Path(cfg.pretrained_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained_file={path}: no such file. Download the backbone "
-                                    "weights once and point model.pretrained_file at them, or set it to null.")
-        return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-    return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+        load_backbone(encoder, cfg.backbone, Path(cfg.pretrained_file))
+    return encoder
+
+
+def load_backbone(encoder: nn.Module, backbone: str, path: Path) -> None:
+    """Load a pretrained backbone's weights into a features-only `encoder`, strictly: every tensor of the encoder
+    must be in the file with its shape, and the file may hold nothing else but the backbone's classifier layer
+    (a timm checkpoint saved with its classifier, e.g. `timm.create_model('resnet101', pretrained=True)`)."""
+    from recall.replay.weights import load_strictly, read_state_dict
+
+    hint = (f"pretrain one (`recall pretrain models/pretrain`, the toy world's), or save a timm ImageNet model's "
+            f"state dict there: `torch.save(timm.create_model({backbone!r}, pretrained=True).state_dict(), ...)`; "
+            "or set model.pretrained_file=null to train from scratch")
+    state = read_state_dict(path, f"model.pretrained_file: {hint}")
+    head = timm.models.get_pretrained_cfg(backbone).classifier if timm.models.get_pretrained_cfg(backbone) else "fc"
+    load_strictly(encoder, {k: v for k, v in state.items() if k != head and not k.startswith(f"{head}.")}, path)
 
 
 def _freeze_bn(module: nn.Module) -> nn.Module:

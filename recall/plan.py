@@ -2,7 +2,7 @@
 
 Nothing is trained, downloaded or written, not even the image-class cache a run keeps in its directory. The plan
 lists the dataset (prepared or not, split sizes), every step (classes, training images, iterations, learning
-rate, whether a finished checkpoint is reused), the replay pool the method needs, the checkpoints a run would
+rate, whether a finished checkpoint is reused), what the method reads (e.g. its replay pool), the checkpoints a run would
 reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section. It follows
 what `recall.experiment.run_steps` does, so a researcher can check a run against a paper before paying for it.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from recall.data.classes import class_names
 from recall.data.protocol import get_convention, select_eval_images
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
 from recall.experiment import ProtocolRun, config_differences
-from recall.replay.pool import ReplayPool
 from recall.train import step_iterations
 
 
@@ -48,7 +46,7 @@ PREPARE = {
 # What `run_steps` does with a step, told by the files of the run directory: (trains it, evaluates it).
 WORK = {"train": (True, True), "evaluate": (False, True), "done": (False, False), "adopt step0": (False, False)}
 STATE_TEXT = {"train": "train", "evaluate": "eval only", "done": "done", "adopt step0": "from step0="}
-UNKNOWN_TEXT = {"iterations": "training (images unknown)", "helper_iterations": "helper training (images unknown)",
+UNKNOWN_TEXT = {"iterations": "training (images unknown)", "extra_training": "the method's extra training (images unknown)",
                 "eval_images": "evaluation (validation images unknown)"}
 SHOW_CLASSES = 20  # a longer class list is shortened in the text (the JSON lists all)
 # The step table: (title, format spec, cell of a step); the optional columns show only when a step has a value.
@@ -58,12 +56,12 @@ STEP_COLUMNS = [
     ("images", ">8", lambda s: _count(s["images"])),
     ("batch", ">7", lambda s: "+".join(str(b) for b in s["batch"] if b)),
     ("iterations", ">12", lambda s: _count(s["iterations"])),
-    ("helper it.", ">12", lambda s: _count(s["helper_iterations"]) if "helper_iterations" in s else ""),
-    ("replays", ">9", lambda s: f"{s['replay_classes']} old" if s["replay_classes"] else ""),
+    ("extra it.", ">12", lambda s: _count(s["extra_training"]["iterations"]) if "extra_training" in s else ""),
+    ("extra data", ">12", lambda s: s.get("extra_data", "")),
     ("lr", ">9", lambda s: f"{s['lr']:.0e}"),
     ("eval images", ">13", lambda s: _count(s["eval_images"])),
 ]
-OPTIONAL_COLUMNS = ("helper it.", "replays")
+OPTIONAL_COLUMNS = ("extra it.", "extra data")  # the method's: e.g. RECALL's helper decoders, the classes it replays
 
 
 # ------------------------------------------------------------------------------------------------- pieces
@@ -90,7 +88,8 @@ def image_index(run: ProtocolRun, split: str) -> dict[str, frozenset[int]]:
     """Classes per image of `split`: from the run's cache when it is valid, else from the masks (nothing written)."""
     cache = run.run_dir / f"image_classes_{split}.json"  # where ProtocolRun.classes_of keeps it
     return image_classes(run.root, read_split(run.root, split), num_classes=run.num_classes,
-                         mask_dir=run.cfg.dataset.mask_dir, cache=cache, write_cache=False, progress=True)
+                         mask_dir=run.cfg.dataset.mask_dir, image_dir=run.cfg.dataset.image_dir, cache=cache,
+                         write_cache=False, progress=True)
 
 
 def batches_per_epoch(images: int, batch: int) -> int:
@@ -137,7 +136,7 @@ def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
     if config.is_file():  # read-only: config_differences never moves or writes anything
         policy = cfg.get("on_config_change") or "error"
         try:
-            changed = config_differences(config, cfg, policy)
+            changed = config_differences(config, run, policy)
         except ValueError as error:
             changed, status["resume"] = None, f"REFUSED: {error}"
         if changed == []:
@@ -150,37 +149,6 @@ def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
             status["resume"] = (f"REFUSED: differs in {', '.join(changed)} (on_config_change=error); resume it with "
                                 "the same settings, or pass another run_dir= or on_config_change=restart")
     return status
-
-
-def replay_status(run: ProtocolRun, cfg: DictConfig, last: int, names: list[str]) -> dict | None:
-    """The replay pool of the method: per_class x old classes needed, what is on disk."""
-    if not run.method.uses_replay or last == 0:
-        return None
-    old = [c for s in range(last) for c in run.task[s]]
-    pool, per_class = cfg.replay.get("pool"), cfg.replay.get("per_class")
-    status = {"source": str(cfg.replay.name), "pool": pool, "per_class": per_class, "old_classes": len(old),
-              "needed": per_class * len(old) if per_class else None, "exists": bool(pool) and Path(pool).is_dir(),
-              "images": 0, "short": [], "mapping": cfg.replay.get("mapping"), "per_class_on_disk": {}}
-    if status["exists"]:
-        counts = Counter(int(r["target_class"]) for r in ReplayPool(pool).records())
-        status["per_class_on_disk"] = {names[c]: counts[c] for c in old}
-        status["images"] = sum(counts[c] for c in old)
-        status["short"] = [names[c] for c in old if counts[c] < (per_class or 1)]
-    if status["mapping"]:
-        status["mapping_exists"] = Path(status["mapping"]).is_file()
-    return status
-
-
-def label_images(run: ProtocolRun, replay: dict | None, steps: list[dict], names: list[str]) -> int:
-    """Replay images label evaluation still has to label (once per class group, before the first step needing it):
-    the pool's images when it is built, else per_class of each class."""
-    trained = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
-    if replay is None or not trained:
-        return 0
-    labels_dir = run.run_dir / "steps" / "replay_labels"
-    groups = [k for k in range(max(trained)) if not (labels_dir / f"step{k}.done").exists()]
-    on_disk, per_class = replay["per_class_on_disk"], replay["per_class"] or 0
-    return sum(on_disk.get(names[c], per_class) for k in groups for c in run.task[k])
 
 
 def hours(train_images: int, eval_images: int, assume: PlanConfig) -> float:
@@ -206,21 +174,19 @@ def build_plan(cfg: DictConfig) -> dict:
     run_dir = run_dir_status(run, cfg, last)
     steps = []
     for step in range(last + 1):
-        n_current, n_replay = run.replay_sizes(step)
+        n_current, n_extra = run.method.batch_split(step, t.batch_size)
         images = None if train_classes is None else len(run.train_ids(train_classes, step))
-        replays = bool(n_replay)
-        record = {"step": step, "classes": [names[c] for c in run.task[step]], "state": step_state(run, step, run_dir["restarts"]),
-                  "images": images, "batch": [n_current, n_replay if replays else 0],
+        record = {"step": step, "classes": [names[c] for c in run.task[step]],
+                  "state": step_state(run, step, run_dir["restarts"]), "images": images, "batch": [n_current, n_extra],
                   "iterations": iterations(run, step, images, n_current),
                   "lr": t.lr if step == 0 else t.lr_incremental,
-                  "replay_classes": sum(len(run.task[s]) for s in range(step)) if replays else 0,
                   "eval_images": (len(select_eval_images(val_classes, run.task, step, convention.name))
                                   if val_classes is not None else val_count)}
-        if run.method.uses_replay and 0 < step < len(run.task) - 1:  # RECALL's helper decoder: full batches
-            record["helper_iterations"] = iterations(run, step, images, t.batch_size)
-            record["helper_batch"] = t.batch_size
+        record.update(run.method.plan_step(run, step, images,
+                                           lambda n, batch, s=step: iterations(run, s, n, batch)))
         steps.append(record)
-    replay = replay_status(run, cfg, last, names)
+    to_train = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
+    inputs = run.method.plan_inputs(run, last, to_train)
     plan = {
         "run": {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": int(cfg.seed), "convention": convention.name,
@@ -229,37 +195,42 @@ def build_plan(cfg: DictConfig) -> dict:
         "model": {"backbone": run.model_cfg.backbone, "output_stride": run.model_cfg.output_stride,
                   "frozen_bn": run.model_cfg.frozen_bn, "head_channels": run.model_cfg.head_channels,
                   "aspp_rates": list(run.model_cfg.aspp_rates), "pretrained_file": run.model_cfg.pretrained_file},
-        "train": {"batch_size": t.batch_size, "current_per_batch": run.replay_sizes(1)[0],
-                  "replay_per_batch": run.replay_sizes(1)[1],
+        "train": {"batch_size": t.batch_size, "current_per_batch": run.method.batch_split(1, t.batch_size)[0],
+                  "extra_per_batch": run.method.batch_split(1, t.batch_size)[1],
                   "crop": t.crop, "scale": list(t.scale), "momentum": t.momentum, "weight_decay": t.weight_decay,
                   "poly_power": t.poly_power, "lr": t.lr, "lr_incremental": t.lr_incremental, "lr_end": t.lr_end,
                   "iters_per_class": t.iters_per_class, "epochs": t.epochs, "epochs_incremental": t.epochs_incremental,
                   "eval_batch_size": t.eval_batch_size},
         "steps": steps,
-        "replay": replay,
+        "method_inputs": inputs,
         "checkpoints": {"step0": step0_status(run), "run_dir": run_dir},
     }
-    plan["estimate"] = estimate(plan, label_images(run, replay, steps, names), assume)
+    plan["estimate"] = estimate(plan, (inputs or {}).get("eval_images", 0), assume)
     return plan
 
 
-def estimate(plan: dict, labelling: int, assume: PlanConfig) -> dict:
-    """Images to train and to evaluate in the steps still to run, and the hours they take at the assumed rates."""
-    train_images, eval_images, unknown = 0, labelling, {}
+def estimate(plan: dict, extra_eval: int, assume: PlanConfig) -> dict:
+    """Images to train and to evaluate in the steps still to run, and the hours they take at the assumed rates.
+    `extra_eval`: images the method runs forward besides evaluation (e.g. RECALL's label evaluation)."""
+    train_images, eval_images, unknown = 0, extra_eval, {}
     for s in plan["steps"]:
         trains, evaluates = WORK[s["state"]]
-        counts = {key: s.get(key) for key in ("iterations", "helper_iterations") if trains and key in s}
+        counts = {}  # key -> (number, images per unit)
+        if trains:
+            counts["iterations"] = (s["iterations"], sum(s["batch"]))
+            if "extra_training" in s:
+                counts["extra_training"] = (s["extra_training"]["iterations"], s["extra_training"]["batch"])
         if evaluates:
-            counts["eval_images"] = s["eval_images"]
-        for key, value in counts.items():
+            counts["eval_images"] = (s["eval_images"], 1)
+        for key, (value, per_unit) in counts.items():
             if value is None:
                 unknown.setdefault(key, []).append(s["step"])
             elif key == "eval_images":
                 eval_images += value
             else:
-                train_images += value * (sum(s["batch"]) if key == "iterations" else s["helper_batch"])
+                train_images += value * per_unit
     not_counted = [f"{UNKNOWN_TEXT[key]} of steps {', '.join(map(str, steps))}" for key, steps in unknown.items()]
-    return {"train_images": train_images, "eval_images": eval_images, "label_images": labelling,
+    return {"train_images": train_images, "eval_images": eval_images, "method_eval_images": extra_eval,
             "hours": hours(train_images, eval_images, assume), "not_counted": not_counted, "assumptions": asdict(assume)}
 
 
@@ -296,8 +267,8 @@ def format_plan(plan: dict) -> str:
     row("model", f"{m['backbone']}, output stride {m['output_stride']}, "
                  f"{'frozen' if m['frozen_bn'] else 'trained'} batch norm, ASPP rates {m['aspp_rates']} x "
                  f"{m['head_channels']} channels, backbone weights {m['pretrained_file'] or 'none (random init)'}")
-    split = (f" ({t['current_per_batch']} current + {t['replay_per_batch']} replay in incremental steps)"
-             if t["replay_per_batch"] else "")
+    split = (f" ({t['current_per_batch']} current + {t['extra_per_batch']} from the method in incremental steps)"
+             if t["extra_per_batch"] else "")
     length = (f"{t['iters_per_class']} iterations per class learnt" if t["iters_per_class"] is not None else
               f"{t['epochs']} epochs at step 0, {t['epochs_incremental']} per incremental step")
     row("training", f"batch {t['batch_size']}{split}, crop {t['crop']}, scale {t['scale'][0]}-{t['scale'][1]} + flip, "
@@ -316,7 +287,11 @@ def format_plan(plan: dict) -> str:
             lines.append((cells if i == 0 else " " * len(cells)) + w)
         first += len(s["classes"])
     lines.append("")
-    _replay_lines(plan["replay"], row)
+    inputs = plan["method_inputs"]
+    if inputs is None:
+        row("method", f"{r['method']}: reads nothing besides the dataset")
+    for label, text in (inputs or {}).get("lines", []):
+        row(label, text)
     _checkpoint_lines(plan["checkpoints"], row)
     a = e["assumptions"]
     if e["not_counted"] and not e["train_images"]:
@@ -325,7 +300,8 @@ def format_plan(plan: dict) -> str:
         return "\n".join(lines)
     bound = "at least " if e["not_counted"] else ""
     duration = f"{e['hours']:.1f} h" if e["hours"] >= 0.1 else f"{e['hours'] * 60:.1f} min"
-    labelled = f" (incl. {e['label_images']:,} replay images to label)" if e["label_images"] else ""
+    labelled = (f" (incl. {e['method_eval_images']:,} images the method runs forward, e.g. replay images to label)"
+                if e["method_eval_images"] else "")
     row("estimate", f"{bound}{duration} on {a['device']}: {e['train_images']:,} training images (iterations x "
                     f"batch) at {a['train_images_per_second']:g} images/s + {e['eval_images']:,} evaluated images"
                     f"{labelled} at {a['eval_images_per_second']:g} images/s. The rates are plan.* in the config: "
@@ -333,28 +309,6 @@ def format_plan(plan: dict) -> str:
     if e["not_counted"]:
         row("", "not counted: " + "; ".join(e["not_counted"]))
     return "\n".join(lines)
-
-
-def _replay_lines(replay: dict | None, row) -> None:
-    if replay is None:
-        row("replay", "none (the method replays nothing, or the run has no incremental step)")
-        return
-    if not replay["pool"]:
-        row("replay", f"MISSING: the method replays old classes but replay={replay['source']} has no pool; choose "
-                      "replay=gan, web, toy_gan, toy_web or folder")
-        return
-    need = (f"{replay['per_class']} per class x {replay['old_classes']} old classes = {replay['needed']:,} images"
-            if replay["needed"] is not None else f"{replay['old_classes']} old classes")
-    if not replay["exists"]:
-        have = "not built yet: build it with `recall classmap` (GAN sources) and `recall pool`, same overrides"
-    elif replay["short"]:
-        have = (f"{replay['images']:,} images on disk; fewer than {replay['per_class']} for "
-                f"{len(replay['short'])} classes ({', '.join(replay['short'][:5])}{', ...' if len(replay['short']) > 5 else ''})")
-    else:
-        have = f"{replay['images']:,} images on disk, every class complete"
-    row("replay", f"{replay['source']} pool {replay['pool']}: needs {need}; {have}")
-    if replay.get("mapping"):
-        row("", f"class mapping {replay['mapping']}: {'found' if replay['mapping_exists'] else 'missing'}")
 
 
 def _checkpoint_lines(checkpoints: dict, row) -> None:

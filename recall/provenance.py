@@ -1,14 +1,89 @@
-"""Where a run's inputs come from: the DVC content hash of a path, as `dvc.lock` records it."""
+"""Where a run's inputs come from: the code it executes (the import closure of its entry module), and the data it
+reads (a content id; the DVC hash of a path as `dvc.lock` records it, shown beside).
+
+The import closure is the one rule for "the code of a stage": `python -m recall.pipeline` writes it into
+dvc.yaml's deps, and a run directory records its hash (`steps/inputs.json`), so DVC and the run's own resume check
+agree on when code changed.
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import os
+import re
+from functools import cache
 from pathlib import Path
 
 import yaml
 
 LOCK_FILE = "dvc.lock"
+PACKAGE = "recall"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# a lazy reference to a module of the package in a string (registries: "recall.sim.toy_gan:ToyGenerator")
+MODULE_REFERENCE = re.compile(rf"^{PACKAGE}(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of module `name` of the package (a package's __init__.py), or None."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def imported_modules(name: str) -> set[str]:
+    """The package's modules that module `name` imports anywhere in its source (at the top, inside functions,
+    under TYPE_CHECKING) or names in a "module:attribute" string, with the packages whose __init__ they run."""
+    path = module_file(name)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = _package_of(name, path).split(".")
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_REFERENCE.match(node.value):
+            found.add(node.value.partition(":")[0])
+    modules = set()
+    for module in found:
+        parts = module.split(".")
+        modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in modules if module_file(m) is not None}
+
+
+@cache
+def import_closure(entry: str) -> tuple[Path, ...]:
+    """Every source file of the package that running module `entry` may execute, sorted."""
+    seen, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(imported_modules(name) - seen)
+        parts = name.split(".")  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+    return tuple(sorted(module_file(m) for m in seen))
+
+
+def code_id(entry: str) -> str:
+    """A hash of the code that running module `entry` may execute (its import closure's paths and bytes)."""
+    digest = hashlib.sha256()
+    for path in import_closure(entry):
+        digest.update(path.relative_to(PACKAGE_DIR.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def dvc_hash(path: str | Path, lock_file: str | Path = LOCK_FILE) -> str:
@@ -33,40 +108,28 @@ def dvc_hash(path: str | Path, lock_file: str | Path = LOCK_FILE) -> str:
     return "untracked"
 
 
-def dvc_file_hash(path: str | Path) -> str | None:
-    """The md5 a ``.dvc`` file (``dvc add``, e.g. the repository's data.dvc) records for ``path``, or None."""
-    wanted = Path(path).resolve()
-    candidates = [*Path(".").glob("*.dvc"), Path(f"{Path(path).as_posix().rstrip('/')}.dvc")]
-    for dvc_file in candidates:
-        if not dvc_file.is_file():
-            continue
-        try:
-            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
-        except yaml.YAMLError:
-            continue
-        for out in outs:
-            if (dvc_file.parent / out.get("path", "")).resolve() == wanted and out.get("md5"):
-                return str(out["md5"])
-    return None
+POOL_MANIFEST = "manifest.jsonl"  # a replay pool's: one record per image, with the image's sha256
+MAX_HASHED_BYTES = 1 << 30  # a larger directory (real VOC, ADE20K) is identified by its listing
 
 
 def content_id(path: str | Path) -> str:
-    """An identity of the data at ``path`` that changes when it does: the hash DVC recorded (a stage output in
-    dvc.lock, or a ``.dvc`` file), else ``files:<sha256>`` of every file's relative name, size and mtime."""
-    recorded = dvc_hash(path)
-    if recorded not in ("untracked", "no dvc.lock", "unreadable dvc.lock"):
-        return recorded
-    recorded = dvc_file_hash(path)
-    if recorded:
-        return recorded
+    """An identity of the data at ``path`` now, computed from what is there (never from a record of what was there,
+    such as dvc.lock): a replay pool by its manifest (``manifest:<sha256>``; each record holds its image's sha256);
+    a file or directory up to ``MAX_HASHED_BYTES`` by its files' names and bytes (``sha256:...``); a larger one by
+    their names, sizes and modification times (``listing:...``)."""
     root = Path(path)
     if not root.exists():
         return "missing"
-    listing = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            stat = os.stat(os.path.join(dirpath, name))
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            listing.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return "files:" + listing.hexdigest()
+    if (root / POOL_MANIFEST).is_file():
+        return "manifest:" + hashlib.sha256((root / POOL_MANIFEST).read_bytes()).hexdigest()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    by_bytes = sum(p.stat().st_size for p in files) <= MAX_HASHED_BYTES
+    digest = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(root).as_posix() if file != root else file.name
+        if by_bytes:
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+        else:
+            stat = file.stat()
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return ("sha256:" if by_bytes else "listing:") + digest.hexdigest()

@@ -13,6 +13,7 @@ import matplotlib
 
 from recall.atomic import write_json, write_text
 from recall.figures import save_figure
+from recall.metrics import derived
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -169,3 +170,94 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
     plot_replay_comparison(table, out / "replay_comparison.png")
     print(markdown_table(table))
     return table
+
+
+# ---------------------------------------------------------------------------------------------- the study
+STUDY_METRICS = (*METRICS, "hmean", "forgetting_mean")
+
+
+def _stat(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values, "text": f"{mean:.3f} ± {std:.3f}" if len(values) > 1
+            else f"{mean:.3f}"}
+
+
+def study_cells(study: dict, root: Path = Path(".")) -> dict:
+    """{world: {protocol: {variant: {"seeds": [...], metric: {mean, std, values, text}}}}} over the study's finished
+    runs (`study/runs/<key>/metrics.json`); a run not finished is an error naming it."""
+    tables = [*study["runs"].items(), *study.get("joint", {}).items()]
+    missing = [key for key, _ in tables if not (root / "study" / "runs" / key / "metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} study runs are not finished (e.g. {', '.join(missing[:3])}): run "
+                                "`dvc repro study/dvc.yaml` first")
+    grouped: dict[tuple, list[dict]] = {}
+    for key, item in tables:
+        metrics = json.loads((root / "study" / "runs" / key / "metrics.json").read_text())
+        grouped.setdefault((item["world"], item["protocol"], item["variant"]), []).append(
+            {"seed": item["seed"], **metrics["final"]["miou"], **derived(metrics["final"])})
+    cells: dict = {}
+    for (world, protocol, variant), members in grouped.items():
+        entry = {"seeds": [m["seed"] for m in members]}
+        for metric in STUDY_METRICS:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            if values:
+                entry[metric] = _stat(values)
+        cells.setdefault(world, {}).setdefault(protocol, {})[variant] = entry
+    return cells
+
+
+def study_tables(cells: dict, variants: list[str]) -> dict:
+    """One table per world and protocol: a row per variant (in the spec's order), mean ± std over seeds."""
+    columns = ["variant", "old (no bg)", "new", "all", "hmean", "seeds"]
+    out = {}
+    for world, protocols in cells.items():
+        for protocol, by_variant in protocols.items():
+            rows = [[v, *(by_variant[v].get(m, {}).get("text") for m in ("old_no_bg", "new", "all", "hmean")),
+                     len(by_variant[v]["seeds"])] for v in [*variants, "joint"] if v in by_variant]
+            out[f"{world}_{protocol}"] = {"columns": columns, "rows": rows}
+    return out
+
+
+def plot_study(cells: dict, variants: list[str], out: Path) -> list[Path]:
+    """Per world: final old / new / all mIoU of every variant, one panel per protocol, error bars = std over seeds."""
+    written = []
+    for world, protocols in cells.items():
+        names = [p for p in protocols if p != "joint"]
+        fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names) + 1, 4), sharey=True, squeeze=False)
+        for ax, protocol in zip(axes[0], names):
+            mine = [v for v in variants if v in protocols[protocol]]
+            width = 0.8 / len(REPLAY_BARS)
+            for k, (key, name, colour) in enumerate(REPLAY_BARS):
+                cells_k = [protocols[protocol][v].get(key) for v in mine]
+                ax.bar([i + (k - 1) * width for i in range(len(mine))],
+                       [c["mean"] if c else float("nan") for c in cells_k], width, label=name, color=colour,
+                       yerr=[c["std"] if c else 0.0 for c in cells_k], capsize=2)
+            joint = protocols.get("joint", {}).get("joint", {}).get("all")
+            if joint:
+                ax.axhline(joint["mean"], color="black", linestyle="--", linewidth=1, label="joint, all")
+            ax.set_xticks(range(len(mine)), [v.replace("_", "\n", 1) for v in mine], fontsize=7)
+            ax.set_title(f"{protocol} ({world})")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set(ylabel="final mIoU (mean ± std over seeds)", ylim=(0, 1))
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        fig.tight_layout()
+        path = out / f"{world}.png"
+        save_figure(fig, path, dpi=100, bbox_inches=None)
+        written.append(path)
+    return written
+
+
+def write_study_report(study_file: Path, out: Path) -> dict:
+    """docs/results.json (cells and tables) and the study's figures under `out`."""
+    from recall.study import load
+
+    study = load(study_file)
+    variants = list(study["spec"]["variants"])
+    cells = study_cells(study)
+    report = {"study": str(study_file), "seeds": study["spec"]["seeds"], "cells": cells,
+              "tables": study_tables(cells, variants)}
+    figures = plot_study(cells, variants, out)
+    report["figures"] = [p.as_posix() for p in figures]
+    write_json(out.with_suffix(".json"), report)
+    return report

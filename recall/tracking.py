@@ -21,6 +21,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from recall.atomic import write_json
+from recall.locks import exclusive
+from recall.metrics import derived
 
 RUN_ID_FILE = "mlflow_run.json"
 PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
@@ -57,13 +59,16 @@ def _metric_name(name: str) -> str:
 
 
 def step_metrics(result: dict) -> dict[str, float]:
+    """A step's result record as MLflow metrics: miou/*, iou/<class>, forgetting/<class>, the derived numbers
+    (miou/hmean, forgetting/mean) and the method's statistics (RECALL: replay/*)."""
     metrics = {f"miou/{k}": v for k, v in result["miou"].items() if v is not None}
     metrics.update({f"iou/{_metric_name(c)}": v for c, v in result["iou"].items() if v is not None})
     metrics.update({f"forgetting/{_metric_name(c)}": v for c, v in result["forgetting"].items() if v is not None})
-    known = [v for v in result["forgetting"].values() if v is not None]
-    if known:
-        metrics["forgetting/mean"] = sum(known) / len(known)
-    metrics.update(result.get("replay", {}))  # replay/pool_images, replay/labelled_share, replay/inpainted_share
+    extra = derived(result)
+    for key, name in (("hmean", "miou/hmean"), ("forgetting_mean", "forgetting/mean")):
+        if extra[key] is not None:
+            metrics[name] = extra[key]
+    metrics.update(result.get("statistics", {}))  # e.g. replay/pool_images, replay/labelled_share, ...
     return metrics
 
 
@@ -82,6 +87,17 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=batch[first:first + METRICS_PER_BATCH])
 
 
+def open_client(uri: str) -> MlflowClient:
+    """A client of the tracking store at `uri`. A new sqlite store creates its tables on first use, which two
+    processes must not do at once (`duplicate column name`): that first use runs under a lock next to the file."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with exclusive(Path(uri.removeprefix("sqlite:///") + ".lock")):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates or migrates the tables
+    return client
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if needed (another process may create it at the same moment)."""
     found = client.get_experiment_by_name(name)
@@ -94,14 +110,18 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 class Tracker:
-    """Logs a protocol run to MLflow; resumable through `<run_dir>/mlflow_run.json`."""
+    """Logs a protocol run to MLflow; resumable through `<run_dir>/mlflow_run.json`. Nothing touches the tracking
+    store before `start` (a run refused by its checks leaves no trace there)."""
 
     def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = experiment_id(self.client, experiment)
+        self.uri, self.experiment = uri, experiment
+        self.client: MlflowClient | None = None  # opening a sqlite store creates the database: at start, not here
+        self.experiment_id: str | None = None
         self.parent_id: str | None = None
 
     def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
+        self.client = open_client(self.uri)
+        self.experiment_id = experiment_id(self.client, self.experiment)
         id_file = run_dir / RUN_ID_FILE
         if id_file.is_file():
             self.parent_id = json.loads(id_file.read_text())["run_id"]
@@ -142,6 +162,28 @@ class Tracker:
         self.client.set_terminated(self.parent_id, status=status)
 
 
+class PretrainTracker:
+    """The MLflow run of a pretraining (`recall pretrain`): its settings, accuracy per epoch, held-out accuracy."""
+
+    def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
+        self.uri, self.experiment = uri, experiment
+
+    def log_pretraining(self, params: dict, metrics: dict, train_accuracy: list[float], artifacts: list[Path]) -> str:
+        client = open_client(self.uri)
+        run = client.create_run(experiment_id(client, self.experiment),
+                                run_name=f"pretrain · {params['backbone']} · {params['dataset']}",
+                                tags={"role": "pretrain", "git_commit": git_commit()})
+        run_id = run.info.run_id
+        log_params(client, run_id, params)
+        for epoch, value in enumerate(train_accuracy):
+            log_metrics(client, run_id, {"pretrain/train_top1": value}, step=epoch)
+        log_metrics(client, run_id, {f"pretrain/{k}": float(v) for k, v in metrics.items()}, step=len(train_accuracy))
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id)
+        return run_id
+
+
 # ---------------------------------------------------------------------------------------------- recall tune
 TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # optuna state -> MLflow status
 
@@ -157,7 +199,7 @@ class StudyTracker:
     every worker through its id (an Optuna study attribute), and one child run per trial."""
 
     def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
         self.experiment_id = experiment_id(self.client, experiment)
 
     def open_parent(self, run_id: str | None, study: str, tags: dict[str, str], params: dict) -> str:
@@ -173,10 +215,9 @@ class StudyTracker:
         log_params(self.client, run.info.run_id, params)
         return run.info.run_id
 
-    def trial(self, parent_id: str, study: str, number: int, params: dict, objective, on_step=None,
+    def trial(self, parent_id: str, study: str, number: int, params: dict, objective,
               on_start=None) -> TrialTracker:
-        return TrialTracker(self.client, self.experiment_id, parent_id, study, number, params, objective, on_step,
-                            on_start)
+        return TrialTracker(self.client, self.experiment_id, parent_id, study, number, params, objective, on_start)
 
     def close_run(self, run_id: str, state: str) -> None:
         """Mark a trial's run with its final Optuna state (also for a killed worker's trial, found stale later)."""
@@ -199,15 +240,15 @@ class TrialTracker:
     """What `run_protocol` calls for one Optuna trial (start / log_step / finish), logging to the trial's child run.
 
     After each step it logs the step's metrics and `objective` (``objective(result)``, None when the step has no
-    value), then calls ``on_step(step, value)``, which may raise (Optuna's TrialPruned). The run stays open until
-    `close(state)`: only the caller knows whether the trial completed, was pruned or failed.
+    value). The run stays open until `close(state)`: only the caller knows whether the trial completed, was pruned
+    or failed. (Pruning is not its business: `run_protocol`'s `on_step` callback reports to Optuna.)
     """
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study: str, number: int,
-                 params: dict, objective, on_step=None, on_start=None):
+                 params: dict, objective, on_start=None):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.study, self.number, self.params = study, number, params
-        self.objective, self.on_step, self.on_start = objective, on_step, on_start
+        self.objective, self.on_start = objective, on_start
         self.run_id: str | None = None
 
     def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
@@ -227,8 +268,6 @@ class TrialTracker:
         if value is not None:
             metrics["objective"] = value
         log_metrics(self.client, self.run_id, metrics, step)
-        if self.on_step is not None:
-            self.on_step(step, value)
 
     def finish(self, artifacts: list[Path], status: str = "FINISHED", figures: list[Path] = ()) -> None:
         if self.run_id is None:

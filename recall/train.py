@@ -40,6 +40,24 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (ignored on CPU)
 
+    def __post_init__(self) -> None:
+        """Values no run can train with are configuration errors, refused before anything is created."""
+        from recall.errors import UserError
+
+        bounds = {"batch_size": 1, "eval_batch_size": 1, "crop": 1, "threads": 1, "epochs": 0,
+                  "epochs_incremental": 0, "num_workers": 0}
+        for key, low in bounds.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"train.{key}={value!r}: must be an integer >= {low}")
+        for key in ("lr", "lr_incremental", "momentum", "weight_decay", "lr_end"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key}={getattr(self, key)}: must be >= 0")
+        if self.iters_per_class is not None and self.iters_per_class < 1:
+            raise UserError(f"train.iters_per_class={self.iters_per_class}: null (use epochs) or >= 1")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise UserError(f"train.scale={list(self.scale)}: [low, high] with 0 < low <= high")
+
 
 def make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig, total_iters: int):
     """SGD with momentum and the poly learning-rate schedule of DeepLab, from `lr` down to `cfg.lr_end`:

@@ -14,8 +14,6 @@ in `tune.storage` (sqlite or PostgreSQL): re-running the command continues it; s
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import re
 import shlex
@@ -36,6 +34,8 @@ from optuna.trial import TrialState
 
 from recall.atomic import write_text
 from recall.config import compose
+from recall.locks import exclusive
+from recall.metrics import hmean
 
 OBJECTIVES = {"all": ("maximize",), "hmean": ("maximize",), "old_new": ("maximize", "maximize")}
 OBJECTIVE_NAMES = {"all": ["miou_all"], "hmean": ["hmean_old_new"], "old_new": ["miou_old_no_bg", "miou_new"]}
@@ -166,12 +166,6 @@ def as_overrides(params: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- objective
-def hmean(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    return 0.0 if a + b <= 0 else 2 * a * b / (a + b)
-
-
 def step_value(result: dict, objective: str) -> float | None:
     """The value reported to Optuna after an incremental step (None at step 0, identical for every trial, and for
     the multi-objective `old_new`, which Optuna cannot prune)."""
@@ -256,18 +250,6 @@ def build_sampler(spec: dict, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 # ---------------------------------------------------------------------------------------------- storage
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive fcntl lock: workers started at the same instant create the study (and its MLflow run) once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def strip_password(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
@@ -391,14 +373,8 @@ class Tuner:
         self.pruner = build_pruner(self.s.pruner, self.s.objective)
         build_sampler(self.s.sampler, None)  # check its settings before anything is created
         self.base = ProtocolRun(self.cfg)
-        if not self.base.method.uses_replay:
-            raise ValueError(f"method={self.base.method.name}: `recall tune` tunes a method that replays (e.g. "
-                             "method=recall); this one has no replay ratio, inpainting or label threshold")
-        check_paths(self.s.space, self.cfg)
-        pool = self.cfg.replay.get("pool")
-        if not pool or not Path(pool).is_dir():
-            raise ValueError(f"replay={self.cfg.replay.name}: no replay pool at {pool!r}; choose a replay source with "
-                             "a built pool, e.g. replay=toy_gan after `dvc repro replay_pool@toy_gan`")
+        check_paths(self.s.space, self.cfg)  # e.g. method.replay_ratio: only a method that has it can be tuned on it
+        self.base.method.check_inputs(self.base)  # e.g. the replay pool is built: before the study, not in trial 0
         for corner, values in (("low", 0), ("high", 1)):  # e.g. replay_ratio high=1 is refused here, not in trial 7
             try:
                 ProtocolRun(self.trial_config({p.path: p.corners()[values] for p in self.s.space}, Path("unused")))
@@ -422,7 +398,7 @@ class Tuner:
     # ------------------------------------------------------------------ study
     def open_study(self) -> optuna.Study:
         s = self.s
-        with file_lock(s.study_dir / ".lock"):
+        with exclusive(s.study_dir / ".lock"):
             study = create_study(s.study, s.storage, lambda: open_storage(s.storage, s.heartbeat_interval,
                                                                           s.grace_period, self.on_stale),
                                  OBJECTIVES[s.objective])
@@ -501,11 +477,11 @@ class Tuner:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", as_overrides(params))
         cfg = self.trial_config(params, run_dir)
-        reporter = self.reporter(trial, params)
+        tracker = self.trial_tracker(trial, params)
         self.mine.append(trial.number)
         state = "FAIL"
         try:
-            payload = run_protocol(cfg, reporter, figures=False)
+            payload = run_protocol(cfg, tracker, figures=False, on_step=partial(self.report_step, trial))
             values = final_values(payload["final"]["miou"], s.objective)
             if any(v is None or math.isnan(v) for v in values):
                 raise RuntimeError(f"trial {trial.number}: the final mIoU is undefined ({values}); no objective value")
@@ -518,24 +494,27 @@ class Tuner:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
             raise
         finally:
-            reporter.close(state)
+            if tracker is not None:
+                tracker.close(state)
             if not s.keep_checkpoints:
                 drop_checkpoints(run_dir)
 
-    def reporter(self, trial: optuna.Trial, params: dict):
-        objective = self.s.objective
+    def report_step(self, trial: optuna.Trial, result: dict) -> None:
+        """`run_protocol`'s per-step callback: report the step's objective to Optuna, which may prune the trial
+        (TrialPruned stops the run)."""
+        value = step_value(result, self.s.objective)
+        if value is None or self.s.multi:
+            return
+        trial.report(value, result["step"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after step {result['step']}: {self.s.objective}={value:.4f}")
 
-        def on_step(step: int, value: float | None) -> None:
-            if value is None or self.s.multi:
-                return
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after step {step}: {objective}={value:.4f}")
-
-        value_of = partial(step_value, objective=objective)
+    def trial_tracker(self, trial: optuna.Trial, params: dict):
+        """The trial's MLflow child run (None without tracking.uri)."""
         if self.tracker is None:
-            return StepReporter(value_of, on_step)
-        return self.tracker.trial(self.parent_id, self.s.study, trial.number, params, value_of, on_step,
+            return None
+        return self.tracker.trial(self.parent_id, self.s.study, trial.number, params,
+                                  partial(step_value, objective=self.s.objective),
                                   on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
 
     # ------------------------------------------------------------------ the invocation
@@ -585,7 +564,7 @@ class Tuner:
         counts = Counter(t.state.name for t in trials)
         mine = Counter(t.state.name for t in trials if t.number in self.mine)
         record = best_record(study, s, self.run_overrides(), self.params_file)
-        with file_lock(s.study_dir / ".lock"):  # concurrent workers finish one at a time
+        with exclusive(s.study_dir / ".lock"):  # concurrent workers finish one at a time
             write_text(s.study_dir / "best.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
             figures = write_study_figures(study, s.study_dir / "figures", OBJECTIVE_NAMES[s.objective])
             if self.tracker is not None:
@@ -604,25 +583,6 @@ class Tuner:
             print(f"tune: Pareto-optimal trial {front['trial']}: old_no_bg={format_number(front['values'][0])} "
                   f"new={format_number(front['values'][1])} with " + " ".join(front["overrides"]), flush=True)
         print(f"tune: {s.study_dir / 'best.yaml'}, figures in {s.study_dir / 'figures'}", flush=True)
-
-
-class StepReporter:
-    """The tracker interface of run_protocol without MLflow (tracking.uri empty): only reports to Optuna."""
-
-    def __init__(self, value_of, on_step):
-        self.value_of, self.on_step = value_of, on_step
-
-    def start(self, run_dir, name, tags, params) -> None:
-        return None
-
-    def log_step(self, result: dict) -> None:
-        self.on_step(result["step"], self.value_of(result))
-
-    def finish(self, artifacts, status: str = "FINISHED", figures=()) -> None:
-        return None
-
-    def close(self, state: str) -> None:
-        return None
 
 
 def describe(p: Param) -> str:

@@ -18,7 +18,7 @@ FAST = ["train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "t
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
-    from recall.data.toyworld import generate
+    from recall.sim.toyworld import generate
 
     root = tmp_path_factory.mktemp("toy")
     generate(root, n_train=60, n_val=16, seed=3, progress=False)

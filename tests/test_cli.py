@@ -126,7 +126,8 @@ def test_recall_method_runs_with_a_generated_replay_pool(tmp_path, tiny_world):
     import numpy as np
     from PIL import Image
 
-    from recall.replay import ToyGenerator, build_pool
+    from recall.replay.pool import build_pool
+    from recall.sim.toy_gan import ToyGenerator
 
     pool = tmp_path / "pool"
     generator = ToyGenerator(mapping=ToyGenerator().lookalike_mapping())
@@ -145,24 +146,23 @@ def test_recall_method_runs_with_a_generated_replay_pool(tmp_path, tiny_world):
     assert metrics["method"] == "recall" and metrics["method_options"]["replay_ratio"] == 0.5
 
 
-def test_recall_without_a_pool_is_a_clear_error(tmp_path, tiny_world, capsys):
+def test_recall_without_a_pool_is_a_clear_error_before_anything_is_made(tmp_path, tiny_world, capsys):
     assert _run(tmp_path, tiny_world, "protocol=19-1", "method=recall", f"run_dir={tmp_path}/r") == 2
     assert "replay" in capsys.readouterr().err
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [r.info.status for r in runs if r is not parent] == ["FINISHED"]  # step 0 finished before the error
-    assert parent.info.status == "FAILED", "a run that stopped with an error is not left RUNNING"
-    assert parent.info.run_name == "19-1 · recall · seed 0"
+    assert not (tmp_path / "r").exists() and not (tmp_path / "mlflow.db").exists()  # no run dir, no MLflow run
+    pool = tmp_path / "empty_pool"  # a pool directory that was never built: refused before step 0 too
+    pool.mkdir()
+    assert _run(tmp_path, tiny_world, "protocol=19-1", "method=recall", "replay=toy_gan", f"replay.pool={pool}",
+                f"run_dir={tmp_path}/r") == 2
+    assert "not built" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_replay_pool_holding_a_dataset_image_is_refused(tmp_path, tiny_world):
     """Privacy at training time: a pool that (by hand editing) contains a dataset image stops the run."""
     import shutil
 
-    from recall.config import compose
-    from recall.experiment import run_protocol
-    from recall.replay import ReplayPool, ToyGenerator, build_pool
+    from recall.replay.pool import ReplayPool, build_pool
+    from recall.sim.toy_gan import ToyGenerator
 
     pool = tmp_path / "pool"
     build_pool(ToyGenerator(mapping=ToyGenerator().lookalike_mapping()), {c: f"c{c}" for c in range(1, 21)},
@@ -177,8 +177,14 @@ def test_replay_pool_holding_a_dataset_image_is_refused(tmp_path, tiny_world):
     record.pop("pixel_sha256", None)
     manifest.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
     with pytest.raises(RuntimeError, match="privacy"):
-        run_protocol(compose([f"dataset.root={tiny_world}", "protocol=19-1", "method=recall", "replay=toy_gan",
-                              f"replay.pool={pool}", f"run_dir={tmp_path}/r", "tracking.uri=", *FAST]))
+        _run(tmp_path, tiny_world, "protocol=19-1", "method=recall", "replay=toy_gan", f"replay.pool={pool}",
+             f"run_dir={tmp_path}/r")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in runs if r is not parent] == ["FINISHED"]  # step 0 finished before the error
+    assert parent.info.status == "FAILED", "a run that stopped with an error is not left RUNNING"
+    assert parent.info.run_name == "19-1 · recall · toy_gan · seed 0"
 
 
 def test_disjoint_steps_never_reread_earlier_images(tmp_path, tiny_world):

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from conftest import kill_when_written
 from recall.config import compose, default_params
-from recall.experiment import check_same_config
+from recall.experiment import ProtocolRun, check_same_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_STEPS = 6  # 15-1x5
@@ -182,24 +182,24 @@ def test_restart_policy_in_process(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "r"
     config = run_dir / "steps" / "config.yaml"
     base = [f"run_dir={run_dir}", "tracking.uri=", "train.epochs=1"]
-    check_same_config(config, compose(base))
+    check_same_config(config, ProtocolRun(compose(base)))
     (config.parent / "mlflow_run.json").write_text('{"run_id": "old"}')
 
-    check_same_config(config, compose([*base, "on_config_change=restart"]))  # same config and inputs: resume
+    check_same_config(config, ProtocolRun(compose([*base, "on_config_change=restart"])))  # same config and inputs: resume
     assert not (run_dir.parent / ".stale").exists()
-    check_same_config(config, compose([*base, "train.threads=1", "train.num_workers=2"]))  # how, not what
+    check_same_config(config, ProtocolRun(compose([*base, "train.threads=1", "train.num_workers=2"])))  # how, not what
     with pytest.raises(ValueError, match="differ: train.*on_config_change=restart"):
-        check_same_config(config, compose([*base, "train.epochs=2"]))
+        check_same_config(config, ProtocolRun(compose([*base, "train.epochs=2"])))
     with pytest.raises(ValueError, match="on_config_change='later'"):
-        check_same_config(config, compose([*base, "on_config_change=later"]))
+        check_same_config(config, ProtocolRun(compose([*base, "on_config_change=later"])))
 
     inputs = json.loads((config.parent / "inputs.json").read_text())
     (config.parent / "inputs.json").write_text(json.dumps({**inputs, "code": "another commit"}))
-    check_same_config(config, compose(base))  # interactive: a code edit resumes
+    check_same_config(config, ProtocolRun(compose(base)))  # interactive: a code edit resumes
     (config.parent / "inputs.json").write_text(json.dumps({**inputs, "dataset": "another md5"}))
     with pytest.raises(ValueError, match="differ: inputs.dataset"):  # ... other data does not
-        check_same_config(config, compose(base))
-    check_same_config(config, compose([*base, "train.epochs=2", "on_config_change=restart"]))
+        check_same_config(config, ProtocolRun(compose(base)))
+    check_same_config(config, ProtocolRun(compose([*base, "train.epochs=2", "on_config_change=restart"])))
     (stale,) = (run_dir.parent / ".stale").iterdir()
     out = capsys.readouterr().out
     assert "differs: train, inputs.dataset" in out and str(stale) in out
@@ -237,6 +237,6 @@ def test_a_run_saved_before_new_train_options_resumes(tmp_path):
         del saved["train"][key]
     config.parent.mkdir(parents=True)
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-    check_same_config(config, cfg)
+    check_same_config(config, ProtocolRun(cfg))
     with pytest.raises(ValueError, match="differ: train"):
-        check_same_config(config, compose([f"run_dir={run_dir}", "tracking.uri=", "train.lr_end=0.001"]))
+        check_same_config(config, ProtocolRun(compose([f"run_dir={run_dir}", "tracking.uri=", "train.lr_end=0.001"])))

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from recall.data.voc import read_split
-from recall.replay import FolderSource, ReplayPool, ToyWebPhotos, build_pool
+from recall.replay.folder import FolderSource
+from recall.replay.pool import ReplayPool, build_pool
+from recall.sim.toy_web import ToyWebPhotos
 from recall.replay.leakage import LeakageGuard, hamming, perceptual_hash
 
 

@@ -15,7 +15,7 @@ from recall.cli import main
 from recall.config import compose, default_params
 from recall.data.classes import ADE20K_CLASSES, VOC_CLASSES
 from recall.data.protocol import select_train_images, steps
-from recall.data.toyworld import generate
+from recall.sim.toyworld import generate
 from recall.data.voc import image_classes, read_split
 from recall.experiment import ProtocolRun, check_same_config
 from recall.plan import PlanConfig, build_plan, estimate, format_plan, hours
@@ -63,9 +63,11 @@ def test_paper_voc_plan_15_1x5(tmp_path):
     # RECALL: 2 current + 2 replay images per iteration, a helper decoder for steps 1..4, 500 images x 19 classes
     recall = build_plan(compose([*PAPER_VOC, f"dataset.root={tmp_path / 'voc'}", f"run_dir={tmp_path / 'run'}"]))
     assert [s["batch"] for s in recall["steps"][1:]] == [[2, 2]] * 5
-    assert [s.get("helper_iterations") for s in recall["steps"]] == [None, 1000, 1000, 1000, 1000, None]
-    assert (recall["replay"]["per_class"], recall["replay"]["old_classes"], recall["replay"]["needed"]) == (500, 19, 9500)
-    assert recall["estimate"]["label_images"] == 9500
+    assert [s.get("extra_training", {}).get("iterations") for s in recall["steps"]] == [None, 1000, 1000, 1000, 1000, None]
+    assert {s["extra_training"]["what"] for s in recall["steps"] if "extra_training" in s} == {"helper decoder"}
+    pool = recall["method_inputs"]["replay"]
+    assert (pool["per_class"], pool["old_classes"], pool["needed"]) == (500, 19, 9500)
+    assert recall["estimate"]["method_eval_images"] == 9500
 
 
 def test_paper_profile_survives_params_yaml(tmp_path):
@@ -117,11 +119,12 @@ def test_toy_plan_counts_what_the_run_would_train(toy, tmp_path, method, extra):
     run = ProtocolRun(compose([f"dataset.root={toy}", "protocol=15-1x5", f"method={method}",
                                f"run_dir={tmp_path / 'real'}", *extra]))
     for s in plan["steps"]:
-        loader = run.train_loader(s["step"], torch.Generator(), batch_size=run.replay_sizes(s["step"])[0])
+        n_current = run.method.batch_split(s["step"], run.train_cfg.batch_size)[0]
+        loader = run.train_loader(s["step"], torch.Generator(), batch_size=n_current)
         epochs = run.train_cfg.epochs if s["step"] == 0 else run.train_cfg.epochs_incremental
         assert (s["images"], s["iterations"]) == (len(loader.dataset), len(loader) * epochs)
-        if "helper_iterations" in s:
-            assert s["helper_iterations"] == len(run.train_loader(s["step"], torch.Generator())) * epochs
+        if "extra_training" in s:  # RECALL's helper decoder: full batches of the step's images
+            assert s["extra_training"]["iterations"] == len(run.train_loader(s["step"], torch.Generator())) * epochs
 
 
 def test_toy_plan_with_iters_per_class(toy, tmp_path):
@@ -133,7 +136,7 @@ def test_toy_plan_with_iters_per_class(toy, tmp_path):
 def test_existing_run_dir_is_resumed_and_counted_as_done(toy, tmp_path):
     cfg = compose([f"dataset.root={toy}", "protocol=15-5", "method=ft", f"run_dir={tmp_path / 'run'}"])
     run = ProtocolRun(cfg)
-    check_same_config(run.run_dir / "steps" / "config.yaml", cfg)  # what a started run writes first
+    check_same_config(run.run_dir / "steps" / "config.yaml", ProtocolRun(cfg))  # what a started run writes first
     run.step_dir(0).mkdir(parents=True)
     (run.step_dir(0) / "model.pt").write_bytes(b"")
     (run.step_dir(0) / "eval.json").write_text("{}")
@@ -209,15 +212,15 @@ def test_hours():
 
 def test_estimate_counts_only_the_work_left():
     assume = PlanConfig(device="a GPU", train_images_per_second=4, eval_images_per_second=1)
-    base = {"images": 10, "lr": 1e-3, "classes": ["a"], "replay_classes": 0}
+    base = {"images": 10, "lr": 1e-3, "classes": ["a"]}
     plan = {"steps": [
         {**base, "step": 0, "state": "done", "batch": [4, 0], "iterations": 15000, "eval_images": 100},
         {**base, "step": 1, "state": "evaluate", "batch": [2, 2], "iterations": 1000, "eval_images": 100},
         {**base, "step": 2, "state": "train", "batch": [2, 2], "iterations": 1000, "eval_images": 100,
-         "helper_iterations": 500, "helper_batch": 4},
+         "extra_training": {"what": "helper decoder", "iterations": 500, "batch": 4}},
         {**base, "step": 3, "state": "train", "batch": [2, 2], "iterations": None, "eval_images": None},
     ]}
-    e = estimate(plan, labelling=50, assume=assume)
+    e = estimate(plan, extra_eval=50, assume=assume)
     assert e["train_images"] == 1000 * 4 + 500 * 4
     assert e["eval_images"] == 100 + 100 + 50
     assert e["hours"] == pytest.approx((6000 / 4 + 250 / 1) / 3600)

@@ -14,11 +14,13 @@ from PIL import Image
 from torch import nn
 
 from recall.data.classes import VOC_CLASSES
-from recall.data.toyworld import generate
+from recall.sim.toyworld import generate
 from recall.data.transforms import eval_transform
 from recall.data.voc import load_image, read_split
-from recall.replay import (FolderSource, PoolDataset, ReplayError, ReplayPool, ToyGenerator, build_pool,
-                           build_source, dataset_hashes, describe_problems)
+from recall.replay.folder import FolderSource
+from recall.replay.pool import PoolDataset, ReplayError, ReplayPool, build_pool, dataset_hashes, describe_problems
+from recall.replay.sources import build_source
+from recall.sim.toy_gan import ToyGenerator
 from recall.replay.classmap import load_mapping, map_classes, save_mapping, train_source_classifier
 from recall.replay.leakage import LeakageGuard
 
@@ -143,7 +145,7 @@ def test_folder_source_skips_bad_images_and_names_missing_dirs(tmp_path: Path) -
     assert source.available(8, "cat") == 2
     got = list(source.images(8, "cat", 0, 5))
     assert len(got) == 1 and got[0][0].size == (10, 12) and got[0][1]["index"] == 1
-    assert source.skipped == {"cat": 1} and "a.jpg" in source.problems[0][0]
+    assert source.skipped == {"not_image": 1} and source.problems[0][0] == "cat/a.jpg"
     with pytest.raises(ReplayError, match=r"dog.*<class_name>/\*\.jpg"):
         list(source.images(12, "dog", 0, 1))
     with pytest.raises(ReplayError, match="missing"):

@@ -13,8 +13,8 @@ import pytest
 from conftest import FAST
 from recall.cli import main
 from recall.config import compose
-from recall.replay import ReplayPool
-from recall.replay.flickr_standin import FlickrStandIn
+from recall.replay.pool import ReplayPool
+from recall.sim.flickr_standin import FlickrStandIn
 
 KEY = "k3y-4c5e9f1d2b7a8e60"
 SECRET = "s3cr3t-do-not-leak-4711"
@@ -96,7 +96,8 @@ def test_val_images_planted_in_the_flickr_standin_are_caught(tmp_path: Path, tin
     from PIL import Image
 
     from recall.data.voc import read_split
-    from recall.replay import FlickrSource, build_pool
+    from recall.replay.pool import build_pool
+    from recall.replay.web import FlickrSource
     from recall.replay.leakage import LeakageGuard
 
     val_ids = read_split(tiny_world, "val")[:2]

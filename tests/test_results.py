@@ -31,7 +31,9 @@ def _demo_outputs() -> tuple[str, list[Path]] | None:
 
 
 def _small_pipeline(tmp: Path, world: Path) -> tuple[str, list[Path]]:
-    from recall.replay import FlickrSource, ToyGenerator, build_pool
+    from recall.replay.pool import build_pool
+    from recall.replay.web import FlickrSource
+    from recall.sim.toy_gan import ToyGenerator
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     classes = {c: f"c{c}" for c in range(1, 21)}

@@ -10,10 +10,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from recall.data.classes import VOC_CLASSES
-from recall.data.toyworld import SPLIT_CODES, generate, render_sample
-from recall.replay import ReplayError, ReplayPool, ToyWebPhotos, build_pool, build_source, dataset_hashes
+from recall.sim.toyworld import SPLIT_CODES, generate, render_sample
+from recall.replay.pool import ReplayError, ReplayPool, build_pool, dataset_hashes
+from recall.replay.sources import build_source
+from recall.sim.toy_web import ToyWebPhotos
 from recall.replay.pool import encode_jpeg, pixel_sha256, sha256_bytes
-from recall.replay.toy_web import FLICKR_LICENSES, web_query
+from recall.data.classes import web_query
+from recall.sim.toy_web import FLICKR_LICENSES
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "replay" / "toy_web.yaml"
 

@@ -38,7 +38,8 @@ def tune_args(tmp: Path, world: Path, step0: Path, pool: Path, *extra: str, stud
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_world):
     """A step-0 run (trained a little longer than FAST, so that old classes are worth keeping) and a replay pool."""
-    from recall.replay import ToyGenerator, build_pool
+    from recall.replay.pool import build_pool
+    from recall.sim.toy_gan import ToyGenerator
 
     tmp = tmp_path_factory.mktemp("tune")
     step0 = tmp / "step0"

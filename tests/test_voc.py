@@ -13,7 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from recall.data.classes import voc_palette
-from recall.data.toyworld import generate
+from recall.sim.toyworld import generate
 from recall.data.voc import DatasetError, VOCSegmentation, image_classes, read_split
 
 SIZE = 16

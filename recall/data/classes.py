@@ -33,6 +33,15 @@ ADE20K_CLASSES: tuple[str, ...] = (
 )
 
 
+# The text a web search (Flickr) uses for a class: its name, with VOC's joined names spelled out.
+QUERY_SPELLING = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+
+
+def web_query(class_name: str) -> str:
+    """The search text for a class: its name, with VOC's joined names spelled out."""
+    return QUERY_SPELLING.get(class_name, class_name)
+
+
 def voc_palette() -> list[int]:
     """The 256-entry VOC colour map as a flat [r, g, b, r, g, b, ...] list (PIL `putpalette` format)."""
     palette = []

@@ -571,3 +571,23 @@ def describe(summary: dict) -> str:
     if extra:
         lines.append("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in extra.items()))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ `recall data prepare`
+def add_arguments(parser) -> None:
+    data = parser.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="without --archive, check ROOT; with it, fetch, verify and extract into ROOT",
+                        description="Check that ROOT holds the prepared dataset (VOC layout), or build it from the "
+                                    "official archive: a file, an extracted directory or an http(s) URL (downloaded "
+                                    "with resume, SHA-256 checked). sbd needs voc prepared in the same ROOT first.")
+    p.add_argument("dataset", choices=["voc", "sbd", "ade20k"])
+    p.add_argument("--root", required=True, help="the dataset root, e.g. data/voc (conf/dataset/*.yaml: root)")
+    p.add_argument("--archive", nargs="+", default=[], metavar="FILE_OR_URL",
+                   help="the archive; several values are alternatives (mirrors), tried in order")
+    p.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (default: the official one)")
+    p.add_argument("--downloads", default=None, help="where URLs are downloaded to (default: ROOT/../downloads)")
+
+
+def main(args) -> int:
+    print(describe(prepare(args.dataset, args.root, args.archive, sha256=args.sha256, downloads=args.downloads)))
+    return 0

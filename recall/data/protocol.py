@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from recall.errors import UserError
+
 BACKGROUND = 0
 IGNORE_INDEX = 255
 LUT_SIZE = 256
@@ -45,7 +47,7 @@ _RUN = re.compile(r"([0-9]+)(?:x([0-9]+))?")
 Task = list[list[int]]
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError):
     """An invalid task string, setting, step or convention."""
 
 
@@ -140,7 +142,7 @@ def introduced_at(task: Task) -> dict[int, int]:
 
 @dataclass(frozen=True)
 class Conventions:
-    """How a paper trains and evaluates; see the conventions table in DESIGN.md §1."""
+    """How a paper trains and evaluates; see the conventions table in docs/design.md."""
 
     name: str
     border_in_training: Literal["background", "ignore"]

@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 
 from recall.atomic import write_json
 from recall.data.classes import BACKGROUND, IGNORE_INDEX
+from recall.errors import UserError
 
 SPLITS_DIR = Path("ImageSets") / "Segmentation"
 IMAGE_SUFFIX = ".jpg"
@@ -30,7 +31,7 @@ CACHE_VERSION = 1
 _PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A problem with the dataset files on disk; the message names the offending file."""
 
 
@@ -89,6 +90,22 @@ def load_mask(path: str | Path) -> np.ndarray:
         if isinstance(error, DatasetError):
             raise
         raise DatasetError(f"{path}: cannot read mask ({error})") from error
+
+
+def check_image_header(path: Path, mask_shape: tuple[int, int]) -> None:
+    """The image exists, its header decodes and its size is the mask's (no pixel is decoded): the cheap check
+    that every image of a split gets before any training (a missing or undecodable image must not surface
+    mid-epoch)."""
+    if not path.is_file():
+        raise _missing(path, "image")
+    try:
+        with Image.open(path) as opened:
+            size = opened.size
+    except _PIL_ERRORS as error:
+        raise DatasetError(f"{path}: cannot read the image ({error})") from error
+    if size != mask_shape[::-1]:
+        raise DatasetError(f"{path}: image size {size[0]}x{size[1]} differs from its mask's "
+                           f"{mask_shape[1]}x{mask_shape[0]}")
 
 
 def present_labels(mask: np.ndarray) -> np.ndarray:
@@ -179,7 +196,7 @@ def _fingerprint(mask_paths: Iterable[Path], num_classes: int) -> str:
         try:
             st = path.stat()
         except FileNotFoundError as error:
-            raise _missing(path, "mask") from error
+            raise _missing(path, "mask" if path.suffix == MASK_SUFFIX else "image") from error
         digest.update(f"\n{path.name};{st.st_size};{st.st_mtime_ns}".encode())
     return digest.hexdigest()
 
@@ -198,29 +215,36 @@ def _read_cache(cache: Path, fingerprint: str) -> dict[str, frozenset[int]] | No
 
 def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
                   mask_dir: str = "SegmentationClass", cache: Path | None = None,
-                  progress: bool = True, write_cache: bool = True) -> dict[str, frozenset[int]]:
+                  progress: bool = True, write_cache: bool = True,
+                  image_dir: str | None = None) -> dict[str, frozenset[int]]:
     """For each id, the classes in its mask excluding background (0) and ignore (255).
 
-    With ``cache`` (a JSON file), results are reused while the ids and mask files are unchanged; with
-    ``write_cache=False`` the cache is only read (``recall run --dry-run`` writes nothing).
+    With ``image_dir``, every id's image is checked too (it exists, its header decodes, its size is the mask's):
+    the pre-flight of a run, so that a bad file fails before training, naming the file. With ``cache`` (a JSON
+    file), results are reused while the ids and files are unchanged; with ``write_cache=False`` the cache is only
+    read (``recall run --dry-run`` writes nothing).
     """
     mask_paths = [Path(root) / mask_dir / f"{i}{MASK_SUFFIX}" for i in ids]
+    image_paths = None if image_dir is None else [Path(root) / image_dir / f"{i}{IMAGE_SUFFIX}" for i in ids]
     fingerprint = None
     if cache is not None:
         cache = Path(cache)
-        fingerprint = _fingerprint(mask_paths, num_classes)
+        fingerprint = _fingerprint(mask_paths + (image_paths or []), num_classes)
         cached = _read_cache(cache, fingerprint)
         if cached is not None and list(cached) == list(ids):
             return cached
 
     result: dict[str, frozenset[int]] = {}
-    items = zip(ids, mask_paths)
+    items = zip(ids, mask_paths, image_paths or [None] * len(mask_paths))
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, total=len(mask_paths), desc="indexing classes", unit="mask")
-    for image_id, path in items:
-        labels = present_labels(load_mask(path))
+    for image_id, path, image_path in items:
+        mask = load_mask(path)
+        if image_path is not None:
+            check_image_header(image_path, mask.shape)
+        labels = present_labels(mask)
         check_labels(labels, num_classes, path)
         result[image_id] = frozenset(int(c) for c in labels if c not in (BACKGROUND, IGNORE_INDEX))
 

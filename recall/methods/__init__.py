@@ -1,20 +1,31 @@
-"""Continual-learning methods as pluggable objects; `METHODS` maps config names to classes."""
+"""Continual-learning methods as pluggable objects; `METHODS` maps config names (conf/method/<name>.yaml) to
+classes. A new method is a module here, its line below, a config file and its test."""
 
 from __future__ import annotations
 
+import inspect
+
+from recall.errors import UserError
 from recall.methods.base import Method, StepContext
 from recall.methods.distillation import ILT, LwF, MiB
 from recall.methods.finetune import FineTuning, Joint
+from recall.methods.pseudo_replay import PseudoReplay
 from recall.methods.recall import Recall
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB, Recall)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB, Recall, PseudoReplay)}
 
 
 def build_method(name: str, **options) -> Method:
     """Create the method registered as `name` with its options (the `method` config section minus `name`)."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**options)
+        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as error:  # an option the method does not have
+        raise UserError(f"method={name}: {error}; its options: {', '.join(inspect.signature(cls).parameters)}") \
+            from None
+    return cls(**options)
 
 
 __all__ = ["METHODS", "Method", "StepContext", "build_method"]

@@ -1,13 +1,26 @@
-"""The hooks a continual-learning method plugs into the one training loop (recall/train.py).
+"""The hooks a continual-learning method plugs into a protocol run (recall/experiment.py) and the one training
+loop (recall/train.py).
 
-A method is a small object. The loop calls, in order, per step: `on_step_start`, then per batch
-`rewrite_targets` and `loss`; it trains `trainable_parameters` and puts modules in train/eval mode with
-`set_train_mode`. Nothing else in the loop depends on which method runs.
+A method is a small object with two kinds of hooks.
+
+**The loop** calls, per step: `on_step_start`, then per batch `rewrite_targets` and `loss`; it trains
+`trainable_parameters` and sets train/eval modes with `set_train_mode`.
+
+**The run** calls the data-flow hooks of a method that needs more than the current step's data, in this order:
+`check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides
+the dataset, for provenance and the resume check), `batch_split` (current + extra samples per batch),
+`extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
+step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
+step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets
+the run (`RunServices`): the runner has no branch on which method runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +41,29 @@ class StepContext:
     extras: dict = field(default_factory=dict)
 
 
+class RunServices(Protocol):
+    """What a protocol run offers a method's data-flow hooks (implemented by recall.experiment.ProtocolRun)."""
+
+    cfg: object  # the resolved configuration (DictConfig): e.g. cfg.replay for a replay method
+    run_dir: Path
+    task: list[list[int]]
+    class_names: list[str]
+    last_step: int
+    model_cfg: object  # recall.model.ModelConfig
+    train_cfg: object  # recall.train.TrainConfig
+
+    def step_dir(self, step: int) -> Path: ...
+    def context(self, step: int, prev_model: nn.Module | None) -> StepContext: ...
+    def device(self) -> torch.device: ...
+    def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
+                     label_map: torch.Tensor | None = None) -> torch.utils.data.DataLoader: ...
+
+
 class Method:
     """Fine-tuning behaviour; subclasses override what they change."""
 
     name = "base"
     needs_previous_model = False
-    uses_replay = False  # True: the loop mixes replay samples into each batch (`replay_ratio` of it)
-    replay_ratio = 0.0
-    label_threshold = 0.0  # replay methods: label-evaluation confidence below which a pixel becomes 255
-    min_labelled = 0.0  # replay methods: drop replay images whose evaluated label covers less of the image
     data = "current"  # "current": only this step's images (privacy); "cumulative": all seen so far (joint)
 
     def __init__(self, freeze_encoder: bool = False, classifier_init: str = "random"):
@@ -45,8 +72,54 @@ class Method:
 
     def options(self) -> dict:
         """The hyperparameters of this method, recorded with every run."""
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    # ------------------------------------------------------------------ the run: data flow beyond the current step
+    def check_inputs(self, run: RunServices) -> None:
+        """Before step 0: raise a UserError naming what a later step will need and is missing."""
+
+    def inputs(self, run: RunServices) -> dict[str, Path]:
+        """What the run reads besides the dataset and its config, by name -> path (its content id is recorded with
+        the run, and a resumed run must read the same content)."""
+        return {}
+
+    def run_params(self, run: RunServices) -> dict:
+        """Extra parameters recorded with the run (MLflow params), e.g. how its replay pool was built."""
+        return {}
+
+    def batch_split(self, step: int, batch_size: int) -> tuple[int, int]:
+        """(current-step samples, extra samples) per batch of `step`."""
+        return batch_size, 0
+
+    def extra_batches(self, run: RunServices, step: int, generator: torch.Generator) -> Iterator | None:
+        """An endless iterator of labelled (images, targets) batches the loop appends to every batch of `step`
+        (`batch_split(...)[1]` samples each), or None."""
+        return None
+
+    def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
+        """Work after training `step`, before its checkpoint is written (which marks the step done)."""
+
+    def step_statistics(self, run: RunServices, step: int) -> dict[str, float]:
+        """Numbers of this method at `step` (MLflow metrics, eval.json `statistics`), from the saved checkpoints."""
+        return {}
+
+    def figures(self, run: RunServices, step: int, title: str, out: Path) -> list[Path]:
+        """Figures of this method, written under `out`; returns their paths."""
+        return []
+
+    def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
+        """This method's part of a step in `recall run --dry-run`: {"extra_training": {"what", "iterations",
+        "batch"}} for training besides the step's own, {"extra_data": text} for what it blends in. `iterations(n,
+        batch)` counts the iterations of a pass over n images."""
+        return {}
+
+    def plan_inputs(self, run: RunServices, last_step: int, to_train: list[int]) -> dict | None:
+        """This method's inputs in `recall run --dry-run`, for a run up to `last_step` that still trains the steps
+        `to_train`: {"lines": [(label, text)], "eval_images": n} (images to run forward besides evaluation, e.g.
+        label evaluation), or None."""
+        return None
+
+    # ------------------------------------------------------------------ the loop
     def encoder_frozen(self, ctx: StepContext) -> bool:
         return self.freeze_encoder and ctx.step > 0
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recall.atomic import write_bytes, write_json
+from recall.atomic import write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import image_classes, load_image, read_split
 from recall.replay.pool import ReplayError
@@ -208,7 +208,7 @@ def map_classes(classifier: nn.Module, dataset_root: str | Path, split: str = "t
 def _weights_hint(model_name: str, path: str | Path) -> str:
     return (f"on a machine with internet run `import timm, torch; model = timm.create_model({model_name!r}, "
             f"pretrained=True); torch.save(model.state_dict(), {str(path)!r})` and copy the file here "
-            f"(or make a random stand-in with recall.replay.classmap.make_standin_classifier)")
+            f"(or make a random stand-in with `recall standin-weights`)")
 
 
 def _create_timm_model(model_name: str) -> nn.Module:
@@ -237,30 +237,6 @@ def imagenet_classifier(model_name: str = IMAGENET_MODEL, *, weights: str | Path
     classifier = SourceClassifier(model, imagenet_names(), mean=config.get("mean", IMAGENET_MEAN),
                                   std=config.get("std", IMAGENET_STD), input_size=size)
     return classifier.eval()
-
-
-def make_standin_classifier(path: str | Path, model_name: str = STANDIN_MODEL, seed: int = 0) -> Path:
-    """Write the state dict of a random-weight 1000-class timm model to ``path`` (atomically); returns it.
-
-    The demo's stand-in for the EfficientNet-B2 ImageNet weights (``test_efficientnet``: 0.36M
-    parameters). Deterministic from ``seed``; ``.safetensors`` paths are written in that format.
-    """
-    import io
-
-    path = Path(path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = _create_timm_model(model_name).state_dict()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        data = save({k: v.contiguous() for k, v in state.items()})
-    else:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        data = buffer.getvalue()
-    write_bytes(path, data)
-    return path
 
 
 def checked_mapping(mapping, num_source_classes: int, what: str = "source class") -> dict[int, int]:

@@ -41,6 +41,7 @@ from torchvision import tv_tensors
 from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import DatasetError, load_mask, read_split
+from recall.errors import UserError
 from recall.replay.leakage import LeakageGuard
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ _ID_PATTERN = re.compile(r"^c(\d+)_(\d+)$")
 PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-class ReplayError(ValueError):
+class ReplayError(UserError):
     """A problem with a replay source or pool; the message names the offending path or value."""
 
 
@@ -473,6 +474,8 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
         "dropped_near_copies": before.get("dropped_near_copies", 0) + dropped["near_copies"],
         "dropped_duplicates": before.get("dropped_duplicates", 0) + dropped["duplicates"],
         "source_skipped": dict(getattr(source, "skipped", {}) or {}),
+        # each file a source skipped, with the reason (sources that list them: a user's folder)
+        "source_problems": [{"item": item, "reason": reason} for item, reason in getattr(source, "problems", [])],
         "shortfall": shortfall,
         "orphans_removed": orphans,
         "params": params,

@@ -6,7 +6,7 @@ monitor" spelled out) and yields the downloaded photos of result positions ``sta
 (position = (page - 1) * per_page + i), in order, skipping those it cannot deliver. Photo k is the same
 photo as long as Flickr's results are stable, so ``build_pool`` resumes a crawl where it stopped.
 
-- ``endpoint="standin"`` starts a ``FlickrStandIn`` (``recall.replay.flickr_standin``) on 127.0.0.1 in
+- ``endpoint="standin"`` starts a ``FlickrStandIn`` (``recall.sim.flickr_standin``) on 127.0.0.1 in
   this process, with its own key; ``rest_url`` points at another one (``recall flickr-standin``).
   ``endpoint="flickr"`` is api.flickr.com: the key and secret come from the environment only
   (``FLICKR_API_KEY``, ``FLICKR_API_SECRET``), never from a config file, and are never printed,
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import io
 import logging
 import os
 import random
@@ -51,15 +50,19 @@ from urllib.parse import quote, urlsplit
 import flickrapi
 import requests
 from flickrapi.exceptions import FlickrError
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from recall.replay.flickr_standin import STANDIN_KEY, STANDIN_SECRET, FlickrStandIn
-from recall.replay.pool import PIL_ERRORS, ReplayError
-from recall.replay.toy_web import web_query
+from recall.data.classes import web_query
+from recall.registry import resolve
+from recall.replay.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, ImageLimits, Skip,
+                                  decode_image)
+from recall.replay.pool import ReplayError
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("standin", "flickr")
+# endpoint=standin: the local Flickr stand-in (a simulation, outside the product: resolved by name when used)
+STANDIN = "recall.sim.flickr_standin:FlickrStandIn"
 FLICKR_REST_URL = flickrapi.FlickrAPI.REST_URL
 SIZE_KEYS = ("url_o", "url_k", "url_h", "url_l", "url_b", "url_c", "url_z", "url_w", "url_n", "url_m", "url_q")
 # Largest first. Flickr: c 800 px, z 640, n 320, m 240 (so n before m).
@@ -67,9 +70,6 @@ DEFAULT_SIZES = ("url_c", "url_z", "url_n", "url_m")
 METADATA_EXTRAS = ("license", "owner_name", "tags")
 FLICKR_MAX_PER_PAGE = 500
 FLICKR_SEARCH_LIMIT = 4000  # Flickr's search returns no more than this many distinct results
-DEFAULT_MIN_SIZE = 32  # the 64-px toy world; for real Flickr photos use ~200
-DEFAULT_MAX_PIXELS = 40_000_000  # below PIL's own guard (Image.MAX_IMAGE_PIXELS, ~89 M), which stays on
-DEFAULT_MAX_BYTES = 20 * 2**20  # url_c JPEGs are ~100-300 KB
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 5  # attempts per request
 DEFAULT_BACKOFF = 1.0  # seconds before the 2nd attempt, doubled each time
@@ -222,6 +222,7 @@ class FlickrSource:
         self.min_size = int(min_size)
         self.max_pixels = int(max_pixels)
         self.max_bytes = int(max_bytes)
+        self.limits = ImageLimits(min_size=self.min_size, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
@@ -235,7 +236,7 @@ class FlickrSource:
         self._redactor = _Redactor([self._key, self._secret])
         for name in REDACTED_LOGGERS:
             logging.getLogger(name).addFilter(self._redactor)
-        self._standin: FlickrStandIn | None = None
+        self._standin = None  # the in-process stand-in server (endpoint=standin, no rest_url)
         self._client: _FlickrClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -257,11 +258,13 @@ class FlickrSource:
 
         The in-process stand-in always gets its own key: a real key in the environment is never sent to it.
         """
-        if self.endpoint == "standin" and self.rest_url is None:
-            return STANDIN_KEY, STANDIN_SECRET
-        key, secret = os.environ.get(self.key_env, ""), os.environ.get(self.secret_env, "")
         if self.endpoint == "standin":
-            return key or STANDIN_KEY, secret or STANDIN_SECRET
+            standin = resolve(STANDIN)
+            if self.rest_url is None:
+                return standin.KEY, standin.SECRET
+            key, secret = os.environ.get(self.key_env, ""), os.environ.get(self.secret_env, "")
+            return key or standin.KEY, secret or standin.SECRET
+        key, secret = os.environ.get(self.key_env, ""), os.environ.get(self.secret_env, "")
         missing = [name for name, value in ((self.key_env, key), (self.secret_env, secret)) if not value]
         if missing:
             raise ReplayError(
@@ -285,13 +288,13 @@ class FlickrSource:
     def _standin_content(self) -> dict:
         """The in-process stand-in's content options, defaults filled in (latency is not content)."""
         options = {k: v for k, v in self.standin_options.items() if k != "latency_seconds"}
-        return {**FlickrStandIn().options, **options}
+        return {**resolve(STANDIN)().options, **options}
 
     def _api(self) -> _FlickrClient:
         if self._client is None:
             url = self.rest_url
             if url is None and self.endpoint == "standin":
-                self._standin = FlickrStandIn(**self.standin_options).start()
+                self._standin = resolve(STANDIN)(**self.standin_options).start()
                 url = self._standin.rest_url
             self._client = _FlickrClient(self._key, self._secret, url or FLICKR_REST_URL, self.timeout)
         return self._client
@@ -495,18 +498,19 @@ class FlickrSource:
             return _Outcome(reason="bad_url", detail=f"photo {photo_id}: {size_key} is not an http(s) URL")
         reported = _reported_size(photo, size_key)
         if reported is not None:
-            rejected = self._size_problem(*reported)
+            rejected = self.limits.size_problem(*reported)
             if rejected is not None:
                 return _Outcome(reason=rejected, detail=f"photo {photo_id}: {size_key} is {reported[0]}x{reported[1]}")
         try:
             data = self._retrying(f"download of photo {photo_id} ({url})", lambda: self._fetch(url))
         except _GaveUp as error:
             return _Outcome(reason="download_failed", detail=str(error))
-        except _Skip as skip:
-            return _Outcome(reason=skip.reason, detail=f"photo {photo_id}: {skip}")
-        decoded = self._decode(data)
-        if isinstance(decoded, _Skip):
-            return _Outcome(reason=decoded.reason, detail=f"photo {photo_id}: {decoded}")
+        except Skip as skip:
+            return _Outcome(reason=skip.reason, detail=f"photo {photo_id}: {skip.detail}")
+        try:
+            decoded = decode_image(data, self.limits)
+        except Skip as skip:
+            return _Outcome(reason=skip.reason, detail=f"photo {photo_id}: {skip.detail}")
         owner = photo.get("ownername") or photo.get("owner")
         meta = {"index": position, "source_class": query, "query": query, "photo_id": photo_id,
                 "source_id": photo_id, "owner": None if owner is None else str(owner),
@@ -523,56 +527,27 @@ class FlickrSource:
                 if status >= 500 or status in RETRY_STATUS:
                     raise _Transient(f"HTTP {status}", retry_after=parse_retry_after(response.headers.get("Retry-After")))
                 if status != 200:
-                    raise _Skip("download_failed", f"HTTP {status}")
+                    raise Skip("download_failed", f"HTTP {status}")
                 if response.history and PLACEHOLDER_MARKER in response.url:
-                    raise _Skip("unavailable", "redirected to Flickr's 'photo unavailable' placeholder")
+                    raise Skip("unavailable", "redirected to Flickr's 'photo unavailable' placeholder")
                 if (response.headers.get("Content-Type") or "").lower().startswith("text/"):
-                    raise _Skip("not_image", f"served as {response.headers['Content-Type']}")
+                    raise Skip("not_image", f"served as {response.headers['Content-Type']}")
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise _Skip("too_large", f"{declared} bytes > max_bytes {self.max_bytes}")
+                    raise Skip("too_large", f"{declared} bytes > max_bytes {self.max_bytes}")
                 return self._read(response)
         except TRANSIENT_REQUEST_ERRORS as error:
             raise _Transient(f"{type(error).__name__}: {error}") from None
         except requests.RequestException as error:  # redirect loops, bad encodings, non-http redirects
-            raise _Skip("download_failed", f"{type(error).__name__}: {error}") from None
+            raise Skip("download_failed", f"{type(error).__name__}: {error}") from None
 
     def _read(self, response: requests.Response) -> bytes:
         buffer = bytearray()
         for chunk in response.iter_content(DOWNLOAD_CHUNK):  # bounded by max_bytes
             buffer.extend(chunk)
             if len(buffer) > self.max_bytes:
-                raise _Skip("too_large", f"more than max_bytes {self.max_bytes} bytes")
+                raise Skip("too_large", f"more than max_bytes {self.max_bytes} bytes")
         return bytes(buffer)
-
-    def _size_problem(self, width: int, height: int) -> str | None:
-        if width * height > self.max_pixels:
-            return "too_large"
-        if min(width, height) < self.min_size:
-            return "too_small"
-        return None
-
-    def _decode(self, data: bytes) -> Image.Image | _Skip:
-        """The RGB image, or why not (checks the header's size before decoding the pixels)."""
-        try:
-            opened = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as error:
-            return _Skip("not_image", f"not an image ({error})")
-        except Image.DecompressionBombError as error:
-            return _Skip("too_large", str(error))
-        except PIL_ERRORS as error:
-            return _Skip("corrupt", f"cannot read the image header ({error})")
-        with opened:
-            problem = self._size_problem(*opened.size)
-            if problem is not None:
-                return _Skip(problem, f"{opened.size[0]}x{opened.size[1]} pixels")
-            try:
-                opened.load()
-                return ImageOps.exif_transpose(opened).convert("RGB")  # phone photos: upright as shown on Flickr
-            except Image.DecompressionBombError as error:
-                return _Skip("too_large", str(error))
-            except PIL_ERRORS as error:
-                return _Skip("corrupt", f"truncated or corrupt ({error})")
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -599,14 +574,6 @@ class FlickrSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _Skip(Exception):
-    """A photo that cannot be used, and the ``skipped`` reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def _reported_size(photo: dict, size_key: str) -> tuple[int, int] | None:

@@ -3,7 +3,7 @@
 RECALL's web replay downloads ~1000 Flickr photos per class, found by searching the class name
 (``web_query``: "dining table", "potted plant", "tv monitor" spelled out), and uses them unfiltered.
 Without internet, ``ToyWebPhotos`` renders such results locally, in a *web domain* that differs
-from both the toy dataset (``recall.data.toyworld``) and the toy GAN (``recall.replay.toy_gan``):
+from both the toy dataset (``recall.sim.toyworld``) and the toy GAN (``recall.sim.toy_gan``):
 
 - *scene photos*, not object-centric: the queried class's object anywhere in the frame, from small
   to filling (and cropped by) the frame, at any tilt; with probability ``WEB_CLUTTER_PROBABILITY``
@@ -30,14 +30,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from recall.data.toyworld import CLASS_STYLES, draw_object, render_background, shifted_style
+from recall.data.classes import web_query
 from recall.replay.pool import ReplayError
+from recall.sim.toyworld import (
+    CLASS_STYLES,
+    draw_object,
+    render_background,
+    shifted_style,
+)
 
 # A tag no other random stream of the project starts with ("F11C" ~ Flickr): the toy world seeds
 # with [seed, split, index] and the GAN with [seed, source class, index] or its latent bytes.
 WEB_SEED_TAG = 0xF11C
-# The paper's query text where the VOC class name is not plain English.
-QUERY_SPELLING = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 DEFAULT_PER_CLASS_LIMIT = 1000  # the paper downloads ~1000 photos per class
 MIN_SIZE = 8  # below this a small object is a pixel or two
 TOY_CLASSES = tuple(sorted(CLASS_STYLES))
@@ -77,11 +81,6 @@ OWNER_COUNT = 5000  # owners are drawn from a fixed population, so some upload s
 EXTRA_TAGS = (1, 3)  # how many unrelated tags a photo carries besides the query words (inclusive)
 TAG_WORDS = ("travel", "summer", "holiday", "nature", "city", "street", "sunset", "family", "friends", "vacation",
              "canon", "nikon", "iphone", "2019", "weekend", "outdoor", "light", "color", "art", "photo")
-
-
-def web_query(class_name: str) -> str:
-    """The paper's search text for a class: its name, with VOC's joined names spelled out."""
-    return QUERY_SPELLING.get(class_name, class_name)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
-"""Diagnostics for label evaluation on the toy generator, whose samples come with their true object masks.
+"""Oracle labels: the toy generator's samples come with their true object masks.
 
-`label_quality(pool, labels_dir, generator)` compares the labels that label evaluation wrote for a pool
-with the generator's ground truth, per class; `write_oracle_labels` writes the true labels instead, so that
-a RECALL run with perfect label evaluation (an upper bound for the labelling step) can be measured:
-
-    python -m recall.replay.oracle POOL LABELS_DIR --mapping MAPPING.json [--write]
+`label_quality(pool, labels_dir, generator)` compares the labels that label evaluation wrote for a pool with the
+generator's ground truth, per class (`python -m recall.sim.oracle POOL LABELS_DIR --mapping MAPPING.json`).
+`write_true_labels` is the labeller of a replay method run with `method.labels=oracle` (perfect label evaluation:
+an upper bound for the labelling step); the product names it by reference, never imports it.
 """
 
 from __future__ import annotations
@@ -15,12 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 from PIL import Image
 
+from recall.errors import UserError
 from recall.labeling import save_label_png
 from recall.replay.classmap import load_mapping
 from recall.replay.pool import ReplayPool
-from recall.replay.toy_gan import ToyGenerator
+from recall.sim.toy_gan import ToyGenerator
 
 
 def true_mask(generator: ToyGenerator, record: dict) -> np.ndarray:
@@ -45,15 +46,26 @@ def label_quality(pool: Path, labels_dir: Path, generator: ToyGenerator) -> dict
                    "images": len(values)} for name, values in stats.items()}
 
 
-def write_oracle_labels(pool: Path, labels_dir: Path, generator: ToyGenerator, num_steps_done: int) -> int:
-    """True labels for every pool image + the `step<k>.done` markers, so a run skips label evaluation."""
+def generator_of(replay) -> ToyGenerator:
+    """The toy generator that built a pool, from the run's `replay` config section (source options, mapping)."""
+    if str(replay.name) != "toy_gan":
+        raise UserError(f"method.labels=oracle needs replay=toy_gan (the toy generator knows its objects' true "
+                        f"masks); replay={replay.name} has none")
+    options = OmegaConf.to_container(replay.source, resolve=True) if replay.get("source") else {}
+    generator = ToyGenerator(**options)
+    if replay.get("mapping"):
+        generator.set_mapping(load_mapping(replay.mapping, source_names=generator.source_names))
+    return generator
+
+
+def write_true_labels(replay, records: list[dict], labels_dir: Path) -> int:
+    """The true label of every pool record of `records` (uint8 PNGs in the full label space, like label
+    evaluation's); `replay` is the run's replay config section. Returns the number of labels written."""
+    generator = generator_of(replay)
     labels_dir.mkdir(parents=True, exist_ok=True)
-    records = ReplayPool(pool).records()
     for record in records:
         labels = np.where(true_mask(generator, record), int(record["target_class"]), 0).astype(np.uint8)
         save_label_png(labels_dir / f"{record['id']}.png", labels)
-    for k in range(num_steps_done):
-        (labels_dir / f"step{k}.done").write_text("oracle\n")
     return len(records)
 
 
@@ -62,15 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("pool", type=Path)
     parser.add_argument("labels_dir", type=Path)
     parser.add_argument("--mapping", type=Path, required=True)
-    parser.add_argument("--write", type=int, metavar="STEPS", default=0,
-                        help="write oracle labels and mark this many step groups as labelled")
     args = parser.parse_args(argv)
     generator = ToyGenerator()
     generator.set_mapping(load_mapping(args.mapping, source_names=generator.source_names))
-    if args.write:
-        print(f"wrote {write_oracle_labels(args.pool, args.labels_dir, generator, args.write)} oracle labels")
-    else:
-        print(json.dumps(label_quality(args.pool, args.labels_dir, generator), indent=1))
+    print(json.dumps(label_quality(args.pool, args.labels_dir, generator), indent=1))
 
 
 if __name__ == "__main__":

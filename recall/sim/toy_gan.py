@@ -24,10 +24,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from recall.data.toyworld import (CLASS_STYLES, PIXEL_NOISE_STD, SHAPES, ClassStyle, draw_object,
-                                  render_background, shifted_style)
 from recall.replay.classmap import checked_mapping
 from recall.replay.pool import ReplayError
+from recall.sim.toyworld import (
+    CLASS_STYLES,
+    PIXEL_NOISE_STD,
+    SHAPES,
+    ClassStyle,
+    draw_object,
+    render_background,
+    shifted_style,
+)
 
 LATENT_DIM = 8
 TRUNCATION_SIGMAS = 2.0  # |z| <= 2 * truncation
@@ -170,7 +177,7 @@ class ToyGenerator:
 
     def render_with_mask(self, source_class: int, z: np.ndarray) -> tuple[Image.Image, np.ndarray]:
         """The image and a mask of its main object (1; 0 elsewhere): ground truth that a real GAN never
-        gives, used only to measure label evaluation (`recall.replay.oracle`)."""
+        gives, used only to measure label evaluation (`recall.sim.oracle`)."""
         if not 0 <= source_class < self.num_source_classes:
             raise ReplayError(f"source class {source_class} out of range 0..{self.num_source_classes - 1}")
         size = self.size

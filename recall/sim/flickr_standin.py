@@ -50,9 +50,9 @@ from xml.etree import ElementTree
 
 from PIL import Image
 
-from recall.data.classes import VOC_CLASSES
+from recall.data.classes import VOC_CLASSES, web_query
 from recall.replay.pool import PIL_ERRORS, ReplayError
-from recall.replay.toy_web import DEFAULT_PER_CLASS_LIMIT, ToyWebPhotos, web_query
+from recall.sim.toy_web import DEFAULT_PER_CLASS_LIMIT, ToyWebPhotos
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def _jpeg(image: Image.Image) -> bytes:
 
 class FlickrStandIn:
     """The stand-in server (see the module docstring); ``start``/``stop`` or use it as a context manager."""
+
+    KEY, SECRET = STANDIN_KEY, STANDIN_SECRET  # what a client without a key of its own sends
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = 0, size: int = 64, seed: int = 0,
                  tag_noise: float = 0.15, per_class_limit: int = DEFAULT_PER_CLASS_LIMIT,
@@ -707,3 +709,28 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options) -> None
                 pass
         except KeyboardInterrupt:
             print("\nstopped", flush=True)
+
+
+# ------------------------------------------------------------------------------ `recall flickr-standin`
+def add_arguments(parser) -> None:
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--size", type=int, default=64, help="photo side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag-noise", type=float, default=0.15, help="share of results not showing the queried class")
+    parser.add_argument("--per-class-limit", type=int, default=DEFAULT_PER_CLASS_LIMIT, help="results per query")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds of delay per photo (a slow network)")
+
+
+def main(args) -> int:
+    """Serve the stand-in on 127.0.0.1 until Ctrl-C."""
+    serve(host=DEFAULT_HOST, port=args.port, size=args.size, seed=args.seed, tag_noise=args.tag_noise,
+          per_class_limit=args.per_class_limit, latency_seconds=args.latency)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from recall.commands import script
+
+    sys.exit(script(__name__))

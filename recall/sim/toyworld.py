@@ -348,3 +348,32 @@ def shifted_style(class_index: int, hue_shift: float = 0.0, **changes) -> ClassS
     """``CLASS_STYLES[class_index]`` with its hue rotated by ``hue_shift`` degrees and other fields replaced."""
     base = CLASS_STYLES[class_index]
     return replace(base, hue=(base.hue + hue_shift) % 360, **changes)
+
+
+# ------------------------------------------------------------------------------ `recall toyworld OUT`
+def add_arguments(parser) -> None:
+    from recall.commands import with_overrides
+
+    parser.add_argument("out")
+    with_overrides(parser)
+
+
+def main(args) -> int:
+    """Generate the toy world from the config's `toyworld` section."""
+    from recall.commands import compose
+
+    cfg = compose(args).toyworld
+    summary = generate(args.out, n_train=cfg.n_train, n_val=cfg.n_val, size=cfg.size, seed=cfg.seed,
+                       max_objects=cfg.max_objects)
+    counts = summary["class_image_counts"]["train"]
+    print(f"toy world in {args.out}: {cfg.n_train} train + {cfg.n_val} val images of {cfg.size}x{cfg.size}; "
+          f"train images per class: min {min(counts.values())}, max {max(counts.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from recall.commands import script
+
+    sys.exit(script(__name__))

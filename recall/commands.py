@@ -1,0 +1,86 @@
+"""How a command runs, for `recall <command>` and for the stage scripts DVC calls (`python -m recall.stages.run`).
+
+A command is a module with ``add_arguments(parser)`` and ``main(args) -> int``. Its arguments end in Hydra
+overrides (``key=value``, ``group=option``), which may also follow options (``recall toyworld OUT --params
+params.yaml toyworld.n_train=500``). A mistake in what the user gave ends in one line, ``recall: error: ...``, and
+exit status 2, with no traceback: a ``UserError`` (or plain ``ValueError``), a missing file, or a configuration
+Hydra cannot compose (unknown key or group option, unparsable override).
+
+This module imports nothing heavy: a command's module keeps torch, Hydra and MLflow inside ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+PROG = "recall"
+
+
+def with_overrides(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The common tail of a command that composes the configuration: Hydra overrides and ``--params``."""
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. protocol=15-1x5 method=ft seed=1")
+    parser.add_argument("--params", default=None, help="take values from this params.yaml (what DVC stages do)")
+    return parser
+
+
+def compose(args: argparse.Namespace):
+    """The configuration of a command: conf/ composed with its overrides (and params.yaml with ``--params``)."""
+    from recall.config import compose as compose_config
+
+    return compose_config(args.overrides, params_file=args.params)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` words after the options are overrides too."""
+    args, extra = parser.parse_known_args(list(argv))
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
+    from recall.errors import UserError
+
+    if isinstance(error, (UserError, FileNotFoundError)) or type(error) is ValueError:
+        return str(error)
+    module = type(error).__module__ or ""
+    if module.startswith(("hydra", "omegaconf")):
+        from recall.config import config_error_message
+
+        return config_error_message(error)
+    return None
+
+
+def execute(main, args: argparse.Namespace) -> int:
+    """Run a command's ``main``; a user error becomes one line on stderr and status 2."""
+    try:
+        return main(args)
+    except Exception as error:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
+        message = user_error(error)
+        if message is None:
+            raise
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def command_parser(module, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description or (module.__doc__ or "").strip())
+    module.add_arguments(parser)
+    return parser
+
+
+def script(module_name: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m <module>``: parse the command line for that module and run it (a stage's ``__main__``)."""
+    module = importlib.import_module(module_name)
+    parser = command_parser(module, f"python -m {module_name}")
+    return execute(module.main, parse(parser, sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,53 @@
+"""`recall pool`: build (or resume) the replay pool of `replay.name`; copies of dataset images are dropped.
+
+    recall pool --params params.yaml replay=web             -> replay.pool (images + manifest.jsonl)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from recall.commands import compose, script, with_overrides
+from recall.data.classes import class_names
+from recall.replay.classmap import load_mapping
+from recall.replay.leakage import DEFAULT_MAX_DISTANCE, LeakageGuard
+from recall.replay.pool import build_pool
+from recall.replay.sources import build_source
+
+
+def _options(section) -> dict:
+    return OmegaConf.to_container(section, resolve=True) if section is not None else {}
+
+
+def replay_pool(cfg: DictConfig) -> dict:
+    """Build (or resume) the pool of `replay.per_class` images for every class; copies of dataset images are dropped."""
+    source = build_source(cfg.replay.name, **_options(cfg.replay.source))
+    with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
+        if cfg.replay.get("mapping"):
+            source.set_mapping(load_mapping(cfg.replay.mapping, source_names=getattr(source, "source_names", None)))
+        names = class_names(str(cfg.dataset.name), int(cfg.dataset.num_classes))
+        classes = dict(enumerate(names))
+        del classes[0]  # background is never replayed
+        d = cfg.dataset
+        guard = LeakageGuard.from_dataset(d.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir,
+                                          max_distance=int(cfg.replay.get("leakage_max_distance",
+                                                                          DEFAULT_MAX_DISTANCE)),
+                                          progress=True)
+        return build_pool(source, classes, int(cfg.replay.per_class), Path(cfg.replay.pool), guard=guard)
+
+
+def add_arguments(parser) -> None:
+    with_overrides(parser)
+
+
+def main(args) -> int:
+    replay_pool(compose(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(script(__name__))

@@ -1,0 +1,85 @@
+"""The study pipeline (study/): its spec expands into the tables DVC iterates over, and its report aggregates
+finished runs over seeds into the numbers the docs quote."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recall import docs, study
+from recall.report import study_cells, study_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_study_tables_are_current():
+    assert study.main(["--spec", str(ROOT / "study" / "spec.yaml"), "--check"]) == 0, \
+        "run `python -m recall.study` after editing study/spec.yaml"
+
+
+SPEC = {"seeds": [0, 1], "protocols": ["15-5", "10-2x5"], "joint": True,
+        "worlds": {"pretrained": [], "scratch": ["model.pretrained_file=null"]},
+        "variants": {"mib": ["method=mib"], "recall_gan": ["method=recall", "replay=toy_gan"],
+                     "tau": {"overrides": ["method=recall", "replay=toy_gan", "method.inpaint_threshold=0.5"],
+                             "protocols": ["10-2x5"], "seeds": [0], "worlds": ["pretrained"]}}}
+
+
+def test_expand_makes_one_step0_per_world_base_and_seed_and_one_run_per_cell():
+    tables = study.expand(SPEC)
+    assert sorted(tables["step0"]) == sorted(f"{w}_{b}_s{s}" for w in ("pretrained", "scratch") for b in (15, 10)
+                                             for s in (0, 1))
+    assert len(tables["runs"]) == 2 * 2 * 2 * 2 + 1  # worlds x protocols x seeds x (mib, recall_gan) + one tau run
+    tau = tables["runs"]["pretrained_10-2x5_tau_s0"]
+    assert tau["step0"] == "pretrained_10_s0" and tau["pool"] == "pools/toy_gan"
+    assert tau["overrides"] == "method=recall replay=toy_gan method.inpaint_threshold=0.5"
+    scratch = tables["runs"]["scratch_15-5_mib_s1"]
+    assert scratch["overrides"] == "method=mib model.pretrained_file=null" and scratch["pool"] == "conf/replay/none.yaml"
+    assert tables["step0"]["scratch_15_s1"]["overrides"] == "model.pretrained_file=null"
+    assert set(tables["joint"]) == {f"{w}_joint_s{s}" for w in ("pretrained", "scratch") for s in (0, 1)}
+
+
+def _finish(root: Path, key: str, old: float, new: float, all_: float) -> None:
+    """A finished run directory with the metrics.json of a 2-step run."""
+    final = {"step": 1, "miou": {"old_no_bg": old, "new": new, "all": all_, "all_no_bg": all_, "old": old},
+             "forgetting": {"a": 0.1, "b": 0.3}, "iou": {}, "new_classes": ["b"]}
+    path = root / "study" / "runs" / key / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"final": final, "steps": [final]}))
+
+
+def test_report_aggregates_seeds_and_the_docs_quote_it(tmp_path):
+    spec = {"seeds": [0, 1], "protocols": ["15-5"], "variants": {"mib": ["method=mib"]}}
+    tables = {"spec": spec, **study.expand(spec)}
+    with pytest.raises(FileNotFoundError, match="2 study runs are not finished"):
+        study_cells(tables, tmp_path)
+    _finish(tmp_path, "default_15-5_mib_s0", 0.6, 0.2, 0.5)
+    _finish(tmp_path, "default_15-5_mib_s1", 0.8, 0.4, 0.7)
+    cells = study_cells(tables, tmp_path)
+    mib = cells["default"]["15-5"]["mib"]
+    assert mib["seeds"] == [0, 1] and mib["old_no_bg"]["mean"] == pytest.approx(0.7)
+    assert mib["old_no_bg"]["std"] == pytest.approx(0.1)  # population std over the seeds
+    assert mib["hmean"]["values"] == pytest.approx([2 * 0.6 * 0.2 / 0.8, 2 * 0.8 * 0.4 / 1.2])
+    assert mib["forgetting_mean"]["mean"] == pytest.approx(0.2)
+    assert mib["all"]["text"] == "0.600 ± 0.100"
+    report = {"cells": cells, "tables": study_tables(cells, ["mib"])}
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.json").write_text(json.dumps(report))
+    page = ("MiB keeps <!-- gen:value docs/results.json cells/default/15-5/mib/old_no_bg/text -->?<!-- /gen --> "
+            "of the old classes.\n<!-- gen:table docs/results.json tables/default_15-5 -->\n<!-- /gen -->\n")
+    text = docs.rewrite(page, tmp_path)
+    shown = re.sub(r"<!--.*?-->", "", text)  # what a reader sees
+    assert "MiB keeps 0.700 ± 0.100 of the old classes." in shown
+    assert "| mib | 0.700 ± 0.100 | 0.300 ± 0.100 | 0.600 ± 0.100 |" in shown
+    assert docs.rewrite(text, tmp_path) == text  # idempotent: a second pass changes nothing
+    with pytest.raises(docs.DocsError, match="missing part 'lwf'"):
+        docs.rewrite("<!-- gen:value docs/results.json cells/default/15-5/lwf/all/text --><!-- /gen -->", tmp_path)
+
+
+def test_the_study_pipeline_runs_every_table_entry():
+    stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
+    assert {stages[name]["foreach"] for name in ("step0", "run", "joint")} == {"${step0}", "${runs}", "${joint}"}
+    assert all("on_config_change=restart" in " ".join(stages[n]["do"]["cmd"].split()) for n in ("step0", "run", "joint"))
