@@ -73,20 +73,27 @@ def test_the_run_records_the_pool_it_read_and_notices_another(tmp_path, tiny_wor
 
 # ------------------------------------------------------------------ 3. one writer per run directory
 def test_a_second_writer_is_refused_and_a_killed_holder_frees_the_directory(tmp_path, tiny_world):
+    from recall.locks import lock_file_of
+
     run_dir = tmp_path / "run"
     args = ["run", f"dataset.root={tiny_world}", "tracking.uri=", *FAST, "protocol=15-1x5",
             "train.epochs=30", f"run_dir={run_dir}"]
-    first = subprocess.Popen([sys.executable, "-m", "recall.cli", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen([sys.executable, "-m", "recall.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     try:
-        config = run_dir / "steps" / "config.yaml"
+        holder = lock_file_of(run_dir)
         deadline = time.time() + 120
-        while not config.exists() and first.poll() is None and time.time() < deadline:
+        while first.poll() is None and time.time() < deadline and not (
+                holder.exists() and holder.read_text().strip() == str(first.pid)):
             time.sleep(0.1)
-        assert config.exists(), "the first writer started"
+        assert first.poll() is None, f"the first writer ended early: {log.read_text()[-2000:]}"
+        assert holder.read_text().strip() == str(first.pid), "the first writer holds the run directory"
         second = subprocess.run([sys.executable, "-m", "recall.cli", *args], capture_output=True, text=True,
                                 timeout=120)
-        assert second.returncode == 2
+        assert first.poll() is None, f"the first writer ended early: {log.read_text()[-2000:]}"
+        assert second.returncode == 2, second.stdout[-1000:] + second.stderr[-1000:]
         assert f"in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
     finally:
         os.killpg(first.pid, 9)
@@ -150,4 +157,4 @@ def test_a_missing_or_undecodable_image_fails_before_training(tmp_path, tiny_wor
     assert not list((tmp_path / "run").glob("steps/*/model.pt")), "failed before any training"
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(world / "JPEGImages" / f"{ids[-1]}.jpg")  # wrong size
     assert run(world, tmp_path / "run", "protocol=19-1") == 2
-    assert "differs from its mask" in capsys.readouterr().err
+    assert "differs from its image" in capsys.readouterr().err

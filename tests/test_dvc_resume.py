@@ -210,20 +210,29 @@ def test_restart_policy_in_process(tmp_path, capsys):
 
 
 def test_dvc_yaml_run_stages_persist_their_checkpoints():
-    """Every stage of dvc.yaml that runs `recall run` keeps its checkpoints (persist) and restarts on a change."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Every stage (of the demo and of the study) that runs `recall run` keeps its checkpoints (persist) and restarts
+    on a change."""
+    checked = 0
+    for dvc_file in ("dvc.yaml", "study/dvc.yaml"):
+        stages = yaml.safe_load((ROOT / dvc_file).read_text())["stages"]
+        checked += _check_persisted(stages)
+    assert checked >= 7  # step0, run, replay_run, joint; the study's step0, run, joint
+
+
+def _check_persisted(stages: dict) -> int:
     checked = 0
     for name, stage in stages.items():
         body = stage.get("do", stage)
-        if not body["cmd"].startswith("recall run "):
+        cmd = " ".join(body["cmd"].split())
+        if not cmd.startswith("python -m recall.stages.run "):
             continue
-        assert "on_config_change=restart" in body["cmd"], name
-        run_dir = re.search(r"run_dir=(\S+)", body["cmd"]).group(1)
+        assert "on_config_change=restart" in cmd, name
+        run_dir = re.search(r"run_dir=(\S+)", cmd).group(1)
         persisted = {path for out in body["outs"] if isinstance(out, dict)
                      for path, opts in out.items() if opts.get("persist")}
         assert persisted & {run_dir, f"{run_dir}/steps"}, f"{name}: {run_dir}/steps is not persist: true"
         checked += 1
-    assert checked >= 4  # step0, run, replay_run, joint
+    return checked
 
 
 def test_a_run_saved_before_new_train_options_resumes(tmp_path):

@@ -171,7 +171,7 @@ def test_a_killed_workers_trial_fails_and_is_retried_once(world):
     ("tune.objective=best", "tune.objective='best'; allowed: all, hmean, old_new"),
     ("tune.pruner.name=hyperband", "tune.pruner.name='hyperband'; allowed"),
     ("tune.sampler.name=cmaes", "tune.sampler.name='cmaes'; allowed: tpe, random"),
-    ("method=ft", "method=ft"),
+    ("method=ft", "`method.replay_ratio` is not in the composed configuration"),  # ft has nothing to tune here
 ])
 def test_bad_settings_are_clear_errors(world, capsys, override, message):
     assert main(world.args(override, study="bad", storage="bad.db")) == 2

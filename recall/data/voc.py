@@ -92,7 +92,7 @@ def load_mask(path: str | Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read mask ({error})") from error
 
 
-def check_image_header(path: Path, mask_shape: tuple[int, int]) -> None:
+def check_image_header(path: Path, mask_path: Path, mask_shape: tuple[int, int]) -> None:
     """The image exists, its header decodes and its size is the mask's (no pixel is decoded): the cheap check
     that every image of a split gets before any training (a missing or undecodable image must not surface
     mid-epoch)."""
@@ -104,8 +104,8 @@ def check_image_header(path: Path, mask_shape: tuple[int, int]) -> None:
     except _PIL_ERRORS as error:
         raise DatasetError(f"{path}: cannot read the image ({error})") from error
     if size != mask_shape[::-1]:
-        raise DatasetError(f"{path}: image size {size[0]}x{size[1]} differs from its mask's "
-                           f"{mask_shape[1]}x{mask_shape[0]}")
+        raise DatasetError(f"{mask_path}: mask size {mask_shape[1]}x{mask_shape[0]} differs from its image {path} "
+                           f"({size[0]}x{size[1]}); the mask must label every pixel of the image")
 
 
 def present_labels(mask: np.ndarray) -> np.ndarray:
@@ -243,7 +243,7 @@ def image_classes(root: str | Path, ids: Sequence[str], num_classes: int = 20,
     for image_id, path, image_path in items:
         mask = load_mask(path)
         if image_path is not None:
-            check_image_header(image_path, mask.shape)
+            check_image_header(image_path, path, mask.shape)
         labels = present_labels(mask)
         check_labels(labels, num_classes, path)
         result[image_id] = frozenset(int(c) for c in labels if c not in (BACKGROUND, IGNORE_INDEX))
