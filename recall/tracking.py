@@ -129,7 +129,8 @@ def run_note(tags: dict[str, str], result: dict | None, status: str, run_dir: Pa
     lines.append(f"Replay: `{replay}`" + (" (pool and its hash: the Dataset column)." if replay != "none" else "."))
     if result is not None:
         miou = result.get("miou", {})
-        lines.append(f"Final mIoU after step {result.get('step')}: old (no bg) {_mean(miou.get('old_no_bg'))} · "
+        when = "Final mIoU" if status == "FINISHED" else "mIoU of the last finished step"
+        lines.append(f"{when} (step {result.get('step')}): old (no bg) {_mean(miou.get('old_no_bg'))} · "
                      f"new {_mean(miou.get('new'))} · all {_mean(miou.get('all'))}.")
     if status != "FINISHED":
         lines.append(f"Ended {status}: restarting the same command resumes this run.")
@@ -214,7 +215,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         found = client.get_experiment_by_name(name)
     for key, value in ((MLFLOW_RUN_NOTE, experiment_note(name)), (EXPERIMENT_KIND, "custom_model_development")):
         if key not in found.tags:
-            client.set_experiment_tag(found.experiment_id, key, value)
+            try:
+                client.set_experiment_tag(found.experiment_id, key, value)
+            except MlflowException:  # another worker set it at the same moment: a description never fails a run
+                pass
     return found.experiment_id
 
 

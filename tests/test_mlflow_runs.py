@@ -148,3 +148,13 @@ def test_every_stage_of_the_demo_has_a_run_name_of_its_own():
     assert names["step0@15-overlapped"] == "step 0 · 15 classes · overlapped · seed 0"
     assert names["run@15-5_ft"] == "15-5 · ft · seed 0"
     assert len(names) >= 11 and len(set(names.values())) == len(names), names
+
+
+def test_an_interrupted_runs_description_says_how_it_ended():
+    from recall.tracking import run_note
+
+    tags = {"protocol": "15-1x5", "setting": "overlapped", "method": "mib", "replay": "none", "seed": "1",
+            "dataset": "toy", "role": "protocol"}
+    note = run_note(tags, {"step": 2, "miou": {"old_no_bg": 0.5, "new": 0.25, "all": None}}, "FAILED", Path("runs/r"))
+    assert "mIoU of the last finished step (step 2): old (no bg) 0.500 · new 0.250 · all –" in note
+    assert "Ended FAILED" in note and "resumes" in note and "Figures" not in note
