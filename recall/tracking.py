@@ -72,7 +72,7 @@ def source_tags(command: str) -> dict[str, str]:
     return tags
 
 
-MAX_DIGEST = 36  # MLflow's limit for a dataset digest: a DVC md5 with `.dir` fits, longer ids are cut (in full in the profile)
+MAX_DIGEST = 36  # MLflow's limit for a dataset digest: a DVC md5 + `.dir` fits; longer ids are cut (whole in profile)
 
 
 def _dataset_input(name: str, path: str, context: str, profile: dict) -> DatasetInput:
@@ -186,7 +186,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=batch[first:first + METRICS_PER_BATCH])
 
 
-EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI opens a "custom_model_development" one at its runs
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the experiment type MLflow 3's UI lets a person choose
 
 
 def experiment_note(name: str) -> str:
@@ -197,8 +197,8 @@ def experiment_note(name: str) -> str:
             "(tag `role`: protocol, step0); `tune · <study>` runs are Optuna studies with a child run per trial.\n"
             "- Metrics over steps: `miou/old_no_bg`, `miou/new`, `miou/all`, `iou/<class>`, `forgetting/<class>`, "
             "and `replay/*` for replay runs.\n"
-            "- Dataset column: the train and val splits and the replay pool, with their content hash (DVC md5) as "
-            "digest. Source column: the DVC stage or command; Version: the git commit.\n"
+            "- Dataset column: the train and val splits and the replay pool, with their content hash as digest (the "
+            "DVC md5 when DVC tracks the data). Source column: the DVC stage or command; Version: the git commit.\n"
             "- Filter e.g. `tags.method = 'recall' and tags.replay = 'web'`; each run's description says its final "
             "mIoU and where its figures are.")
 
@@ -298,7 +298,8 @@ def study_note(tags: dict[str, str], metrics: dict[str, float]) -> str:
     best = f" Best value: {metrics['best_value']:.3f}." if "best_value" in metrics else ""
     storage = tags.get("optuna.storage", "sqlite:///optuna.db")
     return (f"**Optuna study `{tags.get('optuna.study', '?')}`**: {tags.get('protocol', '?')} · "
-            f"{tags.get('method', '?')} · replay `{tags.get('replay', '?')}`, objective `{tags.get('objective', '?')}`."
+            f"{tags.get('method', '?')} · replay `{tags.get('replay', '?')}`, "
+            f"objective `{tags.get('objective', '?')}`."
             f"\n\nTrials: {counts or 'none'} (one child run each).{best}\n\n"
             f"Artifacts: `best.yaml` (the best trial as a `recall run` command) and `figures/`. "
             f"Optuna's own dashboard: `optuna-dashboard {storage}`.")
