@@ -50,7 +50,8 @@ def run_labels(filenames: list[str]) -> dict[str, str]:
     file's path without its extension."""
     paths = [PurePosixPath(f) for f in filenames]
     same_name = len({p.name for p in paths}) == 1 and all(str(p.parent) != "." for p in paths)
-    return {f: str(p.parent) if same_name else str(p.with_suffix("")) for f, p in zip(filenames, paths)}
+    return {f: str(p.parent) if same_name else (str(p.with_suffix("")) if p.name else f or "data")
+            for f, p in zip(filenames, paths)}
 
 
 def _walk(node, visit) -> None:
@@ -70,16 +71,17 @@ def _is_int(value) -> bool:
         return False
 
 
-def label_by_run(spec: dict, revisions: list[str]) -> dict:
+def label_by_run(spec: dict, revisions: list[str], source: str = "") -> dict:
     """DVC's spec with a `run` field per row: colour (and legend) by run, dash by revision when there are several,
-    a static size for a picture. Returns a copy."""
+    a static size for a picture. `source`: the file of a single-file plot (its rows name none). Returns a copy."""
     spec = copy.deepcopy(spec)
     rows = spec.get("data", {}).get("values", [])
-    filenames = sorted({str(r.get("filename", "")) for r in rows})
+    filenames = sorted({str(r.get("filename") or source) for r in rows})
     labels = run_labels(filenames)
     fields = {r.get("field") for r in rows if r.get("field")}
     for row in rows:
-        row["run"] = labels[str(row.get("filename", ""))] + (f" · {row['field']}" if len(fields) > 1 else "")
+        label = labels[str(row.get("filename") or source)]
+        row["run"] = label + (f" · {row['field']}" if len(fields) > 1 else "")
     runs = sorted({r["run"] for r in rows})
     scheme = "tableau10" if len(runs) <= 10 else "tableau20"
 
@@ -159,7 +161,7 @@ def render(project: Path, out: Path, revisions: list[str] = ()) -> list[Path]:
             if item.get("type") != "vega":
                 print(f"dvc plots: {plot_id}: {item.get('type')} plots are not rendered here", file=sys.stderr)
                 continue
-            spec = label_by_run(item["content"], list(item.get("revisions") or []))
+            spec = label_by_run(item["content"], list(item.get("revisions") or []), source=plot_id)
             name = slug(plot_id) + (f"_{n}" if len(items) > 1 else "")
             png, svg = out / f"{name}.png", out / f"{name}.svg"
             png.write_bytes(vlc.vegalite_to_png(spec, scale=2))

@@ -56,9 +56,10 @@ def project(tmp_path_factory) -> tuple[Path, list[str]]:
     files = sorted({f for plot in plots for spec in plot.values() for f in spec["y"]})
     (root / "write_curves.py").write_text(WRITE_CURVES)
     (root / "params.yaml").write_text("drop: 0.1\n")
-    (root / "dvc.yaml").write_text(yaml.safe_dump({
+    (root / "dvc.yaml").write_text(yaml.safe_dump({  # the first curve is also a stage's plot, as in dvc.yaml
         "stages": {"curves": {"cmd": f"python write_curves.py {' '.join(files)}", "deps": ["write_curves.py"],
-                              "params": ["drop"], "outs": [{f: {"cache": False}} for f in files]}},
+                              "params": ["drop"], "outs": [{f: {"cache": False}} for f in files[1:]],
+                              "plots": [{files[0]: {"cache": False, "x": "step", "y": "old_no_bg"}}]}},
         "plots": plots}, sort_keys=False))
     _run(["git", "init", "-q"], root, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
@@ -74,6 +75,7 @@ def test_run_labels():
     assert run_labels(["15-5_ft/curve.csv", "15-5_mib/curve.csv"]) == {"15-5_ft/curve.csv": "15-5_ft",
                                                                        "15-5_mib/curve.csv": "15-5_mib"}
     assert run_labels(["a.csv", "b/c.csv"]) == {"a.csv": "a", "b/c.csv": "b/c"}
+    assert run_labels(["runs/r/curve.csv"]) == {"runs/r/curve.csv": "runs/r"}
 
 
 def test_plots_render_offline_labelled_by_run_and_revision(project, capsys):
@@ -82,9 +84,10 @@ def test_plots_render_offline_labelled_by_run_and_revision(project, capsys):
     assert plots_main(["HEAD", "--project", str(root), "--out", str(out)]) == 0
     runs = sorted(Path(f).parent.name for f in files)  # runs/15-5_ft/curve.csv -> 15-5_ft
     pngs = sorted(out.glob("*.png"))
+    single = re.sub(r"[^a-z0-9]+", "_", files[0].lower())  # runs/15-1x5_ft/curve.csv's own plot
     assert [p.stem for p in pngs] == ["miou_of_all_classes_after_each_step",
-                                      "miou_of_old_classes_no_bg_after_each_step"]
-    for png in pngs:
+                                      "miou_of_old_classes_no_bg_after_each_step", single]
+    for png in pngs[:2]:
         image = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"))
         assert image.shape[0] > 500 and image.shape[1] > 1000, image.shape  # scale 2
         colours = {tuple(c) for c in image.reshape(-1, 3)[::7]}
@@ -93,8 +96,10 @@ def test_plots_render_offline_labelled_by_run_and_revision(project, capsys):
         texts = set(re.findall(r"<text[^>]*>([^<]+)</text>", svg))
         assert set(runs) <= texts, f"every run is labelled in the legend: {sorted(set(runs) - texts)}"
         assert {"run", "revision", "workspace", "HEAD"} <= texts
+    texts = set(re.findall(r"<text[^>]*>([^<]+)</text>", pngs[2].with_suffix(".svg").read_text()))
+    assert {str(Path(files[0]).parent), "workspace", "HEAD"} <= texts, "a single file's plot: its run and revisions"
     html = (out / "index.html").read_text()
     scripts = re.findall(r'<script src="([^"]+)"', html)
     assert len(scripts) == 1 and not scripts[0].startswith(("http:", "https:", "//")), "no CDN"
     assert (out / scripts[0]).stat().st_size > 300_000, "Vega, Vega-Lite and vega-embed, bundled"
-    assert html.count("vegaEmbed(") == 2 and all(r in html for r in runs)
+    assert html.count("vegaEmbed(") == 3 and all(r in html for r in runs)
