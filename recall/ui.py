@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-STARTUP_SECONDS = 120  # mlflow ui takes a few seconds (longer on a first start, when it sets the database up)
+STARTUP_SECONDS = 300  # mlflow ui takes 10-20 s here (minutes on a loaded machine or a first start, which sets the db up)
 
 
 def runs_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
@@ -86,6 +86,10 @@ def wait_until_up(proc: subprocess.Popen, base: str, timeout: float = STARTUP_SE
     return False
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
     """Stop a server started with start_new_session=True: its process group (id = its PID), SIGTERM then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
     proc = subprocess.Popen(cmd, start_new_session=True)  # its own process group: mlflow ui runs uvicorn as a child
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill <pid>` of this process stops the server too (the finally)
+        signal.signal(sig, _exit_on_signal)
     try:
         if not wait_until_up(proc, base):
             print(f"mlflow ui did not answer on {base} within {STARTUP_SECONDS} s", file=sys.stderr)
