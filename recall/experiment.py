@@ -354,7 +354,11 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
                 "dataset": str(cfg.dataset.name), "run_dir": str(run.run_dir),
-                "dvc.dataset": dvc_hash(cfg.dataset.root)}
+                "dvc.dataset": dvc_hash(cfg.dataset.root),
+                "role": ("protocol" if run.last_step == len(run.task) - 1 else "step0" if run.last_step == 0
+                         else "partial")}  # step0: the shared step-0 run (DVC's step0 stage)
+        if cfg.step0:
+            tags["step0"] = str(cfg.step0)
         for name, path in run.method.inputs(run).items():
             tags[f"dvc.{name}"] = dvc_hash(path)
         params = {**OmegaConf.to_container(cfg, resolve=True), **run.method.run_params(run)}
@@ -377,10 +381,20 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
 
 
 def run_name(cfg: DictConfig) -> str:
-    """A name a person can read in `mlflow ui`, e.g. "15-1x5 · recall · toy_gan · seed 0"."""
-    parts = [str(cfg.protocol.name), str(cfg.method.name)]
+    """A name a person can read in `mlflow ui`, e.g. "15-1x5 · recall · toy_gan · seed 0"; the shared step-0 run
+    (last_step=0) "step 0 · 15 classes · overlapped · seed 0"; a setting other than overlapped and a run stopped
+    early (last_step) are named too, so runs that differ do not share a name."""
+    task = steps(str(cfg.protocol.name), int(cfg.dataset.num_classes))
+    last = len(task) - 1 if cfg.get("last_step") is None else int(cfg.last_step)
+    setting, method = str(cfg.setting.name), str(cfg.method.name)
+    if last == 0 < len(task) - 1:
+        parts = ["step 0", f"{len(task[0])} classes", setting, *([method] if method != "ft" else [])]
+        return " · ".join([*parts, f"seed {cfg.seed}"])
+    parts = [str(cfg.protocol.name) + ("" if setting == "overlapped" else f" {setting}"), method]
     if str(cfg.replay.name) != "none":
         parts.append(str(cfg.replay.name))
+    if last < len(task) - 1:
+        parts.append(f"steps 0-{last}")
     return " · ".join([*parts, f"seed {cfg.seed}"])
 
 

@@ -7,22 +7,31 @@ run directory, so a resumed run keeps logging into the same parent and never dup
 
 `recall tune` (StudyTracker, TrialTracker): one parent run per Optuna study with one child run per trial, whose
 final tag `optuna.state` is COMPLETE, PRUNED or FAIL (MLflow status FINISHED, KILLED, FAILED).
+
+MLflow's own conventions fill the runs table's standard columns: `mlflow.source.*` tags (Source, Version), the
+dataset splits and the replay pool as dataset inputs (Dataset: name, content hash as digest, role as
+`mlflow.data.context`), a run description (`mlflow.note.content`) written when the run ends, and an experiment
+description (recall/ui.py prints the address of the runs table in MLflow's "Model training" view).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY,
+                                      MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
 
 from recall.atomic import write_json
 from recall.locks import exclusive
 from recall.metrics import derived
+from recall.provenance import content_id
 
 RUN_ID_FILE = "mlflow_run.json"
 PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
@@ -38,6 +47,101 @@ def git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's source tags (the runs table's Source and Version columns) and our `git_commit` (with -dirty).
+    Under `dvc repro` the source is the stage (DVC sets DVC_STAGE), e.g. `dvc.yaml:step0@15-overlapped`, which
+    `dvc repro` accepts as is; else the command, e.g. `recall run`. The remote URL is left out (it may hold a
+    token)."""
+    stage = os.environ.get("DVC_STAGE")
+    name = f"dvc.yaml:{stage}" if stage and ":" not in stage else (stage or command)
+    commit = git_commit()
+    tags = {MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_SOURCE_NAME: name, "git_commit": commit}
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+        tags[MLFLOW_GIT_DIRTY] = str(commit.endswith("-dirty")).lower()
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[MLFLOW_GIT_BRANCH] = branch
+    return tags
+
+
+MAX_DIGEST = 36  # MLflow's limit for a dataset digest: a DVC md5 + `.dir` fits; longer ids are cut (whole in profile)
+
+
+def _dataset_input(name: str, path: str, context: str, profile: dict) -> DatasetInput:
+    cid = content_id(path)
+    dataset = Dataset(name=name, digest=cid[:MAX_DIGEST], source_type="local", source=json.dumps({"uri": str(path)}),
+                      profile=json.dumps({"content_id": cid, **profile}))
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def dataset_inputs(config: dict) -> list[DatasetInput]:
+    """A run's data as MLflow dataset inputs: `<dataset>/<split>` for the train and val splits (context train,
+    val) and `<source> pool` for the replay pool (context replay), each with its content id as digest."""
+    from recall.data.voc import split_file
+
+    data = config.get("dataset") or {}
+    inputs = []
+    if data.get("root"):
+        for key, context in (("train_split", "train"), ("val_split", "val")):
+            split = data.get(key)
+            if not split:
+                continue
+            listing = split_file(data["root"], split)
+            images = sum(1 for line in listing.read_text().splitlines() if line.strip()) if listing.is_file() else None
+            inputs.append(_dataset_input(f"{data.get('name', 'dataset')}/{split}", data["root"], context,
+                                         {"split": split, "images": images}))
+    replay = config.get("replay") or {}
+    if replay.get("pool"):
+        built = config.get("pool_built") or {}
+        inputs.append(_dataset_input(f"{replay.get('name', 'replay')} pool", replay["pool"], "replay",
+                                     {"images": built.get("total")}))
+    return inputs
+
+
+def log_dataset_inputs(client: MlflowClient, run_id: str, config: dict) -> None:
+    inputs = dataset_inputs(config)
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def _mean(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def run_note(tags: dict[str, str], result: dict | None, status: str, run_dir: Path | None,
+             figures: list[Path] = ()) -> str:
+    """The run description (markdown) MLflow shows above a run: what ran, on what, the final mIoU, where the
+    figures are."""
+    method, replay = tags.get("method", "?"), tags.get("replay", "none")
+    what = f"**{tags.get('protocol', '?')} {tags.get('setting', '')} · {method}**".replace("  ", " ")
+    if tags.get("role") == "step0":
+        what = (f"**Step 0** of {tags.get('protocol', '?')} ({tags.get('setting', '')}, {method}): the shared model "
+                "the incremental runs start from (their `step0=`)")
+    lines = [f"{what}, seed {tags.get('seed', '?')}, dataset `{tags.get('dataset', '?')}`."]
+    lines.append(f"Replay: `{replay}`" + (" (pool and its hash: the Dataset column)." if replay != "none" else "."))
+    if result is not None:
+        miou = result.get("miou", {})
+        when = "Final mIoU" if status == "FINISHED" else "mIoU of the last finished step"
+        lines.append(f"{when} (step {result.get('step')}): old (no bg) {_mean(miou.get('old_no_bg'))} · "
+                     f"new {_mean(miou.get('new'))} · all {_mean(miou.get('all'))}.")
+    if status != "FINISHED":
+        lines.append(f"Ended {status}: restarting the same command resumes this run.")
+    if figures:
+        lines.append("Figures: artifacts `figures/` (" + ", ".join(Path(f).name for f in figures) + ")"
+                     + (f", and `{run_dir / 'figures'}/`." if run_dir is not None else "."))
+    if run_dir is not None:
+        lines.append(f"Run directory: `{run_dir}` (metrics.json, curve.csv, steps/).")
+    return "\n\n".join(lines)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -98,15 +202,40 @@ def open_client(uri: str) -> MlflowClient:
     return client
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the experiment type MLflow 3's UI lets a person choose
+
+
+def experiment_note(name: str) -> str:
+    return (f"Runs of **recall** (RECALL, ICCV 2021: continual semantic segmentation with replay) on the `{name}` "
+            "dataset.\n\n"
+            "- One parent run per protocol run, named `<protocol> · <method> · <replay source> · seed <n>`, with a "
+            "child run per step; `step 0 · …` runs are the shared step-0 models the others start from "
+            "(tag `role`: protocol, step0); `tune · <study>` runs are Optuna studies with a child run per trial.\n"
+            "- Metrics over steps: `miou/old_no_bg`, `miou/new`, `miou/all`, `iou/<class>`, `forgetting/<class>`, "
+            "and `replay/*` for replay runs.\n"
+            "- Dataset column: the train and val splits and the replay pool, with their content hash as digest (the "
+            "DVC md5 when DVC tracks the data). Source column: the DVC stage or command; Version: the git commit.\n"
+            "- Filter e.g. `tags.method = 'recall' and tags.replay = 'web'`; each run's description says its final "
+            "mIoU and where its figures are.")
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created if needed (another process may create it at the same moment)."""
+    """The id of experiment ``name``, created if needed (another process may create it at the same moment), with
+    a description and MLflow's "model training" kind when it has none yet (a person's edits are kept)."""
     found = client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another worker created it in the meantime
-        return client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException:  # another worker created it in the meantime
+            pass
+        found = client.get_experiment_by_name(name)
+    for key, value in ((MLFLOW_RUN_NOTE, experiment_note(name)), (EXPERIMENT_KIND, "custom_model_development")):
+        if key not in found.tags:
+            try:
+                client.set_experiment_tag(found.experiment_id, key, value)
+            except MlflowException:  # another worker set it at the same moment: a description never fails a run
+                pass
+    return found.experiment_id
 
 
 class Tracker:
@@ -118,8 +247,13 @@ class Tracker:
         self.client: MlflowClient | None = None  # opening a sqlite store creates the database: at start, not here
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
+        self.tags: dict[str, str] = {}
+        self.run_dir: Path | None = None
+        self.last_result: dict | None = None
 
     def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
+        """`run_dir`: the run's steps/ directory (holds the MLflow run id)."""
+        self.tags, self.run_dir = dict(tags), Path(run_dir).parent
         self.client = open_client(self.uri)
         self.experiment_id = experiment_id(self.client, self.experiment)
         id_file = run_dir / RUN_ID_FILE
@@ -127,9 +261,10 @@ class Tracker:
             self.parent_id = json.loads(id_file.read_text())["run_id"]
             self.client.update_run(self.parent_id, status="RUNNING")
             return self.parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "git_commit": git_commit()})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **source_tags("recall run")})
         self.parent_id = run.info.run_id
         log_params(self.client, self.parent_id, params)
+        log_dataset_inputs(self.client, self.parent_id, params)
         write_json(id_file, {"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri})
         return self.parent_id
 
@@ -140,13 +275,15 @@ class Tracker:
 
     def log_step(self, result: dict) -> None:
         step = result["step"]
+        self.last_result = result
         if step in self._logged_steps():
             return
         metrics = step_metrics(result)
         parent = self.client.get_run(self.parent_id)
         child = self.client.create_run(self.experiment_id, run_name=f"{parent.info.run_name} · step {step}",
                                        tags={"mlflow.parentRunId": self.parent_id, "step": str(step),
-                                             **{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}})
+                                             **{k: v for k, v in parent.data.tags.items()
+                                                if not k.startswith("mlflow.") or k.startswith("mlflow.source.")}})
         for run_id in (self.parent_id, child.info.run_id):
             log_metrics(self.client, run_id, metrics, step)
         self.client.log_param(child.info.run_id, "new_classes", ",".join(result["new_classes"]))
@@ -159,6 +296,8 @@ class Tracker:
                 self.client.log_artifact(self.parent_id, str(path))
         for path in figures:
             self.client.log_artifact(self.parent_id, str(path), artifact_path="figures")
+        self.client.set_tag(self.parent_id, MLFLOW_RUN_NOTE,
+                            run_note(self.tags, self.last_result, status, self.run_dir, figures))
         self.client.set_terminated(self.parent_id, status=status)
 
 
@@ -172,7 +311,7 @@ class PretrainTracker:
         client = open_client(self.uri)
         run = client.create_run(experiment_id(client, self.experiment),
                                 run_name=f"pretrain · {params['backbone']} · {params['dataset']}",
-                                tags={"role": "pretrain", "git_commit": git_commit()})
+                                tags={"role": "pretrain", **source_tags("recall pretrain")})
         run_id = run.info.run_id
         log_params(client, run_id, params)
         for epoch, value in enumerate(train_accuracy):
@@ -194,6 +333,20 @@ def close_trial_run(client: MlflowClient, run_id: str, state: str) -> None:
     client.set_terminated(run_id, status=TRIAL_STATUS.get(state, "FAILED"))
 
 
+def study_note(tags: dict[str, str], metrics: dict[str, float]) -> str:
+    """The description of a study's parent run: what was tuned, the trial counts, where to look next."""
+    counts = ", ".join(f"{int(v)} {k.removeprefix('trials/')}" for k, v in sorted(metrics.items())
+                       if k.startswith("trials/"))
+    best = f" Best value: {metrics['best_value']:.3f}." if "best_value" in metrics else ""
+    storage = tags.get("optuna.storage", "sqlite:///optuna.db")
+    return (f"**Optuna study `{tags.get('optuna.study', '?')}`**: {tags.get('protocol', '?')} · "
+            f"{tags.get('method', '?')} · replay `{tags.get('replay', '?')}`, "
+            f"objective `{tags.get('objective', '?')}`."
+            f"\n\nTrials: {counts or 'none'} (one child run each).{best}\n\n"
+            f"Artifacts: `best.yaml` (the best trial as a `recall run` command) and `figures/`. "
+            f"Optuna's own dashboard: `optuna-dashboard {storage}`.")
+
+
 class StudyTracker:
     """The MLflow side of an Optuna study (`recall tune`): one parent run per study (`tune · <study>`), shared by
     every worker through its id (an Optuna study attribute), and one child run per trial."""
@@ -211,8 +364,10 @@ class StudyTracker:
             except MlflowException:  # the study's run lives in another MLflow store (tracking.uri changed)
                 pass
         run = self.client.create_run(self.experiment_id, run_name=f"tune · {study}",
-                                     tags={**tags, "optuna.study": study, "git_commit": git_commit()})
+                                     tags={**tags, "optuna.study": study, "role": "study",
+                                           **source_tags("recall tune")})
         log_params(self.client, run.info.run_id, params)
+        log_dataset_inputs(self.client, run.info.run_id, params)
         return run.info.run_id
 
     def trial(self, parent_id: str, study: str, number: int, params: dict, objective,
@@ -233,6 +388,7 @@ class StudyTracker:
                 self.client.log_artifact(parent_id, str(path))
         for path in figures:
             self.client.log_artifact(parent_id, str(path), artifact_path="figures")
+        self.client.set_tag(parent_id, MLFLOW_RUN_NOTE, study_note(self.client.get_run(parent_id).data.tags, metrics))
         self.client.set_terminated(parent_id, status="FINISHED")
 
 
@@ -254,9 +410,11 @@ class TrialTracker:
     def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
         run = self.client.create_run(self.experiment_id, run_name=f"{self.study} · trial {self.number}",
                                      tags={**tags, "mlflow.parentRunId": self.parent_id, "optuna.study": self.study,
-                                           "optuna.trial": str(self.number), "optuna.state": "RUNNING"})
+                                           "optuna.trial": str(self.number), "optuna.state": "RUNNING",
+                                           "role": "trial", **source_tags("recall tune")})
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, {**self.params, "trial": self.number})
+        log_dataset_inputs(self.client, self.run_id, params)
         if self.on_start is not None:
             self.on_start(self.run_id)
         return self.run_id

@@ -243,3 +243,79 @@ def test_objective_values():
     assert step_value({**result, "step": 0}, "all") is None, "step 0 is the same model in every trial"
     assert final_values(result["miou"], "old_new") == [0.6, 0.2]
     assert final_values({**result["miou"], "new": 0.0, "old_no_bg": 0.0}, "hmean") == [0.0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        assert response.status == 200, url
+        return json.loads(response.read())
+
+
+def test_optuna_dashboard_serves_the_study(study, world):
+    """`optuna-dashboard <tune.storage>` (the `dashboard` extra), as the docs say, on 127.0.0.1 and a free port:
+    its HTTP API lists the study with its trials; stopped by its PID (its process group), also on failure."""
+    import json
+    import os
+    import signal
+    import urllib.error
+
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")
+    assert dashboard.is_file(), "optuna-dashboard is missing: pip install -e '.[dashboard]' (dev pulls it in)"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(dashboard), f"sqlite:///{world.tmp}/optuna.db", "--host", "127.0.0.1",
+                             "--port", str(port), "--server", "wsgiref"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline, listed = time.monotonic() + 60, None
+        while listed is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                listed = _get_json(f"{base}/api/studies")
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        assert listed is not None, f"optuna-dashboard did not answer on {base}: {proc.poll()=}"
+        (summary,) = [s for s in listed["study_summaries"] if s["study_name"] == "shared"]
+        assert summary["directions"] == ["maximize"]
+        detail = _get_json(f"{base}/api/studies/{summary['study_id']}")
+        states = [t["state"] for t in sorted(detail["trials"], key=lambda t: t["number"])]
+        assert states == ["Complete"] * 3 + ["Pruned"]
+        assert {p["name"] for p in detail["trials"][0]["params"]} == {"method.replay_ratio", "method.inpaint_threshold"}
+        (best,) = detail["best_trials"]
+        assert best["number"] == study.optuna.best_trial.number
+        assert best["values"][0] == pytest.approx(study.optuna.best_value)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_study_runs_follow_mlflow_conventions(study, world):
+    """The study's parent and trial runs carry MLflow's source tags, the dataset and the replay pool as dataset
+    inputs, a role, and the parent a description naming optuna-dashboard."""
+    client = MlflowClient(f"sqlite:///{world.tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "tune · shared"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.tags["role"] == "study" and {r.data.tags["role"] for r in trials} == {"trial"}
+    for run in [parent, *trials]:
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.name"] == "recall tune"
+        contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
+        assert contexts == {"toy/train": "train", "toy/val": "val", "toy_gan pool": "replay"}
+    note = parent.data.tags["mlflow.note.content"]
+    assert "optuna-dashboard sqlite:///" in note and "3 complete" in note and "1 pruned" in note
