@@ -203,17 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "protocol":
         args.overrides = [f"protocol={args.name}", *args.overrides]
     from hydra.errors import OverrideParseException
+
+    from recall.config import strip_password
     try:
         return args.func(args)
     except OverrideParseException as err:  # e.g. a list value holding "=" without quotes
-        print(f"recall: error: cannot parse an override: {err} (quote list items: 'key=[\"a=1\"]')", file=sys.stderr)
+        print(f"recall: error: cannot parse an override: {strip_password(str(err))} "
+              "(quote list items: 'key=[\"a=1\"]')", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         from recall.data.protocol import ProtocolError
         from recall.data.voc import DatasetError
         from recall.replay.pool import ReplayError
         if isinstance(err, (ProtocolError, DatasetError, ReplayError, FileNotFoundError)) or type(err) is ValueError:
-            print(f"recall: error: {err}", file=sys.stderr)
+            print(f"recall: error: {strip_password(str(err))}", file=sys.stderr)
             return 2
         raise
 

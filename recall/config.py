@@ -10,6 +10,7 @@ group was not chosen on the command line, so a DVC stage runs exactly what param
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -78,6 +79,23 @@ def section(cfg: DictConfig, cls: type[T]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(known)}")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+
+
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
+
+
+def strip_password(text: str) -> str:
+    """Any URL's password as *** (postgresql://user:***@host/db): what is logged, printed or written to a file."""
+    return URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def without_passwords(value):
+    """A config container (dicts, lists, strings) with every URL's password as ***: for config.yaml and MLflow."""
+    if isinstance(value, dict):
+        return {key: without_passwords(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_passwords(item) for item in value]
+    return strip_password(value) if isinstance(value, str) else value
 
 
 def write_params(path: str | Path = "params.yaml") -> None:

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from recall.atomic import write_json
+from recall.config import strip_password
 
 RUN_ID_FILE = "mlflow_run.json"
 PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
@@ -39,7 +40,8 @@ def git_commit() -> str:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config → {"a.b": "value"} for mlflow params; keys that look like secrets are dropped."""
+    """Nested config → {"a.b": "value"} for mlflow params; keys that look like secrets are dropped, URLs' passwords
+    replaced by ***."""
     out = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
@@ -48,7 +50,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
         else:
-            out[name] = str(value)[:500]
+            out[name] = strip_password(str(value))[:500]
     return out
 
 
@@ -110,7 +112,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "git_commit": git_commit()})
         self.parent_id = run.info.run_id
         log_params(self.client, self.parent_id, params)
-        write_json(id_file, {"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri})
+        write_json(id_file, {"run_id": self.parent_id, "tracking_uri": strip_password(self.client.tracking_uri)})
         return self.parent_id
 
     def _logged_steps(self) -> set[int]:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from recall.atomic import write_text
-from recall.config import compose
+from recall.config import compose, strip_password
 
 OBJECTIVES = {"all": ("maximize",), "hmean": ("maximize",), "old_new": ("maximize", "maximize")}
 OBJECTIVE_NAMES = {"all": ["miou_all"], "hmean": ["hmean_old_new"], "old_new": ["miou_old_no_bg", "miou_new"]}
@@ -266,10 +266,6 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def strip_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def open_storage(url: str, heartbeat_interval: int | None, grace_period: int | None, on_stale=None):
