@@ -10,7 +10,6 @@ import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -19,36 +18,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import FAST, kill_when_written
+from conftest import kill_when_written
 from recall.cli import main
 from recall.tune import CurrentValuePruner, final_values, step_value
 
-PROTOCOL = "18-1x2"  # step 0 (18 classes) from the shared step-0 run, then two incremental steps
 BAD_LR = "++tune.space.train.lr_incremental={type:float,low:1000.0,high:1000.0}"  # SGD diverges: mIoU collapses
 
 
-def tune_args(tmp: Path, world: Path, step0: Path, pool: Path, *extra: str, study: str = "shared",
-              storage: str = "optuna.db") -> list[str]:
-    return ["tune", f"dataset.root={world}", f"protocol={PROTOCOL}", "method=recall", "replay=toy_gan",
-            f"replay.pool={pool}", f"tracking.uri=sqlite:///{tmp}/mlflow.db", *FAST, "tune=r_tau",
-            f"tune.step0={step0}", f"tune.runs_dir={tmp}/tune", f"tune.storage=sqlite:///{tmp}/{storage}",
-            f"tune.study={study}", "tune.trial_overrides=[]", *extra]  # FAST is the budget here
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_world):
-    """A step-0 run (trained a little longer than FAST, so that old classes are worth keeping) and a replay pool."""
-    from recall.replay import ToyGenerator, build_pool
-
-    tmp = tmp_path_factory.mktemp("tune")
-    step0 = tmp / "step0"
-    assert main(["run", f"dataset.root={tiny_world}", f"protocol={PROTOCOL}", "last_step=0", f"run_dir={step0}",
-                 "tracking.uri=", *FAST, "train.epochs=6"]) == 0
-    pool = tmp / "pool"
-    build_pool(ToyGenerator(mapping=ToyGenerator().lookalike_mapping()), {c: f"c{c}" for c in range(1, 21)},
-               per_class=4, root=pool, progress=False)
-    return SimpleNamespace(tmp=tmp, root=tiny_world, step0=step0, pool=pool,
-                           args=lambda *extra, **kw: tune_args(tmp, tiny_world, step0, pool, *extra, **kw))
+def world(tune_world):
+    """A step-0 run and a replay pool (conftest's tune_world, shared with test_cluster)."""
+    return tune_world
 
 
 @pytest.fixture(scope="module")
