@@ -1,5 +1,5 @@
-# `make demo`: install, then run the whole demo pipeline on the toy world (dvc repro).
-# `make test`: install, then run the test suite.
+# `make demo`: install the project, then run the whole demo pipeline on the toy world (dvc repro).
+# `make test`: install it with the dev extras (pytest, the cluster extra, a PostgreSQL wheel), then run the suite.
 VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -7,30 +7,38 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: install demo test bench ui clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+
+# what the demo needs
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install -q -e .
 	touch $@
 
-install: $(VENV)/.installed
+# what the tests and benchmarks need too (one pip call from a fresh clone)
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $(VENV)/.installed $@
 
-demo: install
+install: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
 	dvc repro
 	dvc metrics show
 	@echo "Results: reports/summary.md, reports/curves.png; browse runs with: make ui"
 
-test: install
+test: $(VENV)/.installed-dev
 	pytest -q; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-bench: install
+bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py
 	python benchmarks/metrics.py
 	python benchmarks/transforms.py
 	python benchmarks/replay.py
 	python benchmarks/gpu_throughput.py
 
-ui: install
+ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000 --workers 1
 
 clean:
