@@ -60,6 +60,15 @@ def tune_world(tmp_path_factory, tiny_world) -> SimpleNamespace:
                            args=lambda *extra, **kw: tune_args(tmp, tiny_world, step0, pool, *extra, **kw))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a rendezvous a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def kill_when_written(args: list[str], path: Path, timeout: float, module: str = "recall.cli",
                       cwd: Path | None = None, env: dict | None = None) -> int:
     """Run `python -m MODULE ARGS` (default: the `recall` command; `module="dvc"` for `dvc repro`) in its own
