@@ -280,7 +280,8 @@ def open_storage(url: str, heartbeat_interval: int | None, grace_period: int | N
                                           heartbeat_stale_trial_callback=on_stale if heartbeat_interval else None)
     except (ArgumentError, ImportError) as error:
         raise ValueError(f"tune.storage={strip_password(url)}: cannot open it ({error}); e.g. sqlite:///optuna.db or "
-                         "postgresql://user:password@host:5432/optuna (needs psycopg2)") from error
+                         "postgresql+psycopg://user@host:5432/optuna (pip install -e '.[cluster]'; docs/cluster.md)"
+                         ) from error
 
 
 def create_study(name: str, url: str, make_storage, directions: tuple[str, ...], attempts: int = 6) -> optuna.Study:
