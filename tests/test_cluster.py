@@ -89,11 +89,18 @@ def connects(**dsn) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL
-def postgres_bin() -> Path:
-    """The server binaries the pgserver wheel ships (found without importing pgserver, which sets up its own)."""
+def postgres_bin(home: Path) -> Path:
+    """The server binaries the pgserver wheel ships (found without importing pgserver, which sets up its own); as
+    root, a copy in ``home``: `nobody` may not reach the virtualenv (e.g. a clone under /root)."""
     spec = importlib.util.find_spec("pgserver")
-    assert spec is not None, "pgserver is missing: pip install -e '.[cluster]'"
-    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    assert spec is not None, "pgserver is missing: pip install -e '.[dev]'"
+    site = Path(spec.submodule_search_locations[0]).parent
+    if os.geteuid() == 0:  # the same layout: the binaries find libpq at $ORIGIN/../../../pgserver.libs
+        shutil.copytree(site / "pgserver" / "pginstall", home / "site" / "pgserver" / "pginstall",
+                        ignore=shutil.ignore_patterns("include"))
+        shutil.copytree(site / "pgserver.libs", home / "site" / "pgserver.libs")
+        site = home / "site"
+    return site / "pgserver" / "pginstall" / "bin"
 
 
 def as_server_user(home: Path) -> dict:
@@ -120,12 +127,12 @@ def postgres():
     home = Path(tempfile.mkdtemp(prefix="recall-pg-"))  # /tmp/recall-pg-*: pytest's tmp is root-only
     data, log, port, proc = home / "data", home / "postgres.log", free_port(), None
     try:
-        owner = as_server_user(home)
+        owner, bin_dir = as_server_user(home), postgres_bin(home)
         with log.open("w") as out:
-            subprocess.run([postgres_bin() / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--no-locale",
+            subprocess.run([bin_dir / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--no-locale",
                             "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
                            stdout=out, stderr=subprocess.STDOUT, check=True, timeout=SERVER_START, **owner)
-            proc = subprocess.Popen([postgres_bin() / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
+            proc = subprocess.Popen([bin_dir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
                                      "-k", home, "-c", "fsync=off"], stdout=out, stderr=subprocess.STDOUT, **owner)
         seconds = wait_for(lambda: connects(host=str(home), port=port, user="postgres", dbname="postgres"),
                            "postgres", proc, log)
@@ -133,7 +140,7 @@ def postgres():
             f"CREATE DATABASE mlflow OWNER {USER}")
         assert connects(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="optuna")
         assert not connects(host="127.0.0.1", port=port, user=USER, password="wrong", dbname="optuna")
-        yield SimpleNamespace(port=port, home=home, log=log, pid=proc.pid, seconds=seconds,
+        yield SimpleNamespace(port=port, data=data, log=log, pid=proc.pid, seconds=seconds,
                               url=lambda db, password=True: postgres_url(port, db, password))
     finally:
         if proc is not None:
@@ -256,8 +263,8 @@ def test_two_workers_share_a_new_postgresql_study_and_a_third_call_resumes_it(wo
     assert parent.info.run_id == study.user_attrs["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
     assert parent.data.tags["optuna.storage"] == parent.data.params["tune.storage"] == best["storage"]
     assert trial_runs(client, "pg") == {f"pg · trial {n}": ("FINISHED", "COMPLETE") for n in range(3)}
-    assert_no_password(world.tmp / "tune" / "pg", mlflow_server.artifacts, mlflow_server.log, postgres.home,
-                       texts=(*outputs, resumed.out, resumed.err))
+    assert_no_password(world.tmp / "tune" / "pg", mlflow_server.artifacts, mlflow_server.log, postgres.data,
+                       postgres.log, texts=(*outputs, resumed.out, resumed.err))
     assert assert_no_password_in_mlflow(client) >= 4
 
 
@@ -306,7 +313,7 @@ def test_a_killed_workers_trial_fails_and_the_other_worker_retries_it(world, pos
     assert trial_runs(mlflow_server.client, "pgkill") == {
         "pgkill · trial 0": ("FAILED", "FAIL"), "pgkill · trial 1": ("FINISHED", "COMPLETE"),
         "pgkill · trial 2": ("FINISHED", "COMPLETE")}
-    assert_no_password(study_dir, mlflow_server.artifacts, mlflow_server.log, postgres.home,
+    assert_no_password(study_dir, mlflow_server.artifacts, mlflow_server.log, postgres.data, postgres.log,
                        texts=(output, creation.out, creation.err))
 
 
@@ -355,4 +362,4 @@ def test_the_scan_finds_a_password_that_postgresql_holds(postgres):
         conn.execute("CREATE TABLE canary (value text)")
         conn.execute("INSERT INTO canary VALUES (%s)", (quote(PASSWORD, safe=""),))
     with pytest.raises(AssertionError, match="the password is written in"):
-        assert_no_password(postgres.home)
+        assert_no_password(postgres.data)
