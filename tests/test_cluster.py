@@ -72,6 +72,17 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, group: bool = False,
             proc.wait(timeout)
 
 
+def outputs_of(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """The outputs of processes that run at the same time; any still running after ``timeout`` s is killed."""
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -240,7 +251,7 @@ def test_two_workers_share_a_new_postgresql_study_and_a_third_call_resumes_it(wo
     storage = postgres.url("optuna")
     cmd = worker(world, storage, mlflow_server.uri, "tune.n_trials=1", study="pg")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = outputs_of(procs)
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert main(world.args("tune.n_trials=1", study="pg", storage=storage, tracking=mlflow_server.uri)) == 0
     resumed = capfd.readouterr()
@@ -298,11 +309,9 @@ def test_a_killed_workers_trial_fails_and_the_other_worker_retries_it(world, pos
             assert step1.exists() and not (step1.parent.parent / "2").exists(), "not killed mid-trial"
             assert not (study_dir / "trial_2").exists(), "the other worker finished its first trial already"
             time.sleep(GRACE + 1.5)  # > the grace period since the killed worker's last heartbeat
-            other.send_signal(signal.SIGCONT)
-            output = other.communicate(timeout=300)[0]
         finally:
-            if other.poll() is None:
-                other.kill()
+            other.send_signal(signal.SIGCONT)
+            (output,) = outputs_of([other])
     assert other.returncode == 0, output
     assert "tune: trial 0: its worker went silent (killed?): FAIL, queued again with the same parameters" in output
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +44,14 @@ def two_nodes(args: list[str], timeout: float = 300) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "recall-test", *args]
     agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                               cwd=HERE.parent) for _ in range(2)]
+                               cwd=HERE.parent, start_new_session=True) for _ in range(2)]
     try:
         outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
     finally:
         for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
+            if agent.poll() is None:  # the agent and its worker
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
     assert [agent.returncode for agent in agents] == [0, 0], [output[-3000:] for output in outputs]
 
 
