@@ -1,5 +1,6 @@
-# `make demo`: install, then run the whole demo pipeline on the toy world (dvc repro).
-# `make test`: install, then run the test suite.
+# `make demo`: install the project, then run the whole demo pipeline on the toy world (dvc repro).
+# `make test`: install it with the dev extras (pytest, the plots, dashboard and cluster extras, a PostgreSQL
+# wheel), then run the suite.
 # `make ui`: MLflow on 127.0.0.1:5000, printing the runs table's address. `make plots`: DVC's plots, offline.
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,33 +9,41 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: install demo test bench ui plots clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+
+# what the demo needs
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install -q -e .
 	touch $@
 
-install: $(VENV)/.installed
+# what the tests and benchmarks need too (one pip call from a fresh clone)
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $(VENV)/.installed $@
 
-demo: install
+install: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
 	dvc repro
 	dvc metrics show
 	@echo "Results: reports/summary.md, reports/curves.png; browse runs with: make ui; DVC's plots offline: make plots"
 
-test: install
+test: $(VENV)/.installed-dev
 	pytest -q; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-bench: install
+bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py
 	python benchmarks/metrics.py
 	python benchmarks/transforms.py
 	python benchmarks/replay.py
 	python benchmarks/gpu_throughput.py
 
-ui: install
+ui: $(VENV)/.installed
 	python -m recall.ui --uri sqlite:///mlflow.db --port 5000
 
-plots: install
+plots: $(VENV)/.installed-dev
 	python -m recall.plots --out dvc_plots/offline
 
 clean:

@@ -69,7 +69,9 @@ def execute(main, args: argparse.Namespace) -> int:
         message = user_error(error)
         if message is None:
             raise
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        from recall.config import strip_password
+
+        print(f"{PROG}: error: {strip_password(message)}", file=sys.stderr)  # a URL's password never shown
         return 2
 
 

@@ -125,6 +125,23 @@ def config_error_message(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
+
+
+def strip_password(text: str) -> str:
+    """Any URL's password as *** (postgresql://user:***@host/db): what is logged, printed or written to a file."""
+    return URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def without_passwords(value):
+    """A config container (dicts, lists, strings) with every URL's password as ***: for config.yaml and MLflow."""
+    if isinstance(value, dict):
+        return {key: without_passwords(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_passwords(item) for item in value]
+    return strip_password(value) if isinstance(value, str) else value
+
+
 def write_params(path: str | Path = "params.yaml") -> None:
     """Regenerate params.yaml from conf/ (what `dvc exp run` does through DVC's Hydra integration)."""
     import yaml

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from recall import distributed
 from recall.atomic import write_json, write_text
-from recall.config import section
+from recall.config import section, without_passwords
 from recall.data.classes import class_names
 from recall.data.protocol import (Conventions, eval_label_map, get_convention, introduced_at,
                                   select_eval_images, select_train_images, steps, train_label_map)
@@ -272,7 +272,7 @@ def config_differences(path: Path, run: ProtocolRun, policy: str, inputs: dict[s
     if not path.is_file():
         return []
     saved = _comparable(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-    current = _comparable(OmegaConf.to_container(run.cfg, resolve=True))
+    current = _comparable(without_passwords(OmegaConf.to_container(run.cfg, resolve=True)))  # as config.yaml has it
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     inputs_file = path.with_name("inputs.json")
     old = json.loads(inputs_file.read_text()) if inputs_file.is_file() else None
@@ -299,7 +299,8 @@ def check_same_config(path: Path, run: ProtocolRun) -> None:
     if changed:
         move_aside(path.parent, changed)
     write_json(path.with_name("inputs.json"), inputs)
-    write_text(path, OmegaConf.to_yaml(run.cfg, resolve=True))  # last: config.yaml marks a started run
+    saved = OmegaConf.create(without_passwords(OmegaConf.to_container(run.cfg, resolve=True)))  # tune.storage: ***
+    write_text(path, OmegaConf.to_yaml(saved))  # last: config.yaml marks a started run
 
 
 def move_aside(steps: Path, changed: list[str]) -> Path:

@@ -29,6 +29,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
                                       MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
 
 from recall.atomic import write_json
+from recall.config import strip_password
 from recall.locks import exclusive
 from recall.metrics import derived
 from recall.provenance import content_id
@@ -145,7 +146,8 @@ def run_note(tags: dict[str, str], result: dict | None, status: str, run_dir: Pa
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config → {"a.b": "value"} for mlflow params; keys that look like secrets are dropped."""
+    """Nested config → {"a.b": "value"} for mlflow params; keys that look like secrets are dropped, URLs' passwords
+    replaced by ***."""
     out = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
@@ -154,7 +156,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
         else:
-            out[name] = str(value)[:500]
+            out[name] = strip_password(str(value))[:500]
     return out
 
 
@@ -265,7 +267,7 @@ class Tracker:
         self.parent_id = run.info.run_id
         log_params(self.client, self.parent_id, params)
         log_dataset_inputs(self.client, self.parent_id, params)
-        write_json(id_file, {"run_id": self.parent_id, "tracking_uri": self.client.tracking_uri})
+        write_json(id_file, {"run_id": self.parent_id, "tracking_uri": strip_password(self.client.tracking_uri)})
         return self.parent_id
 
     def _logged_steps(self) -> set[int]:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from recall.atomic import write_text
-from recall.config import compose
+from recall.config import compose, strip_password
 from recall.locks import exclusive
 from recall.metrics import hmean
 
@@ -250,8 +250,6 @@ def build_sampler(spec: dict, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 # ---------------------------------------------------------------------------------------------- storage
-def strip_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def open_storage(url: str, heartbeat_interval: int | None, grace_period: int | None, on_stale=None):
@@ -266,7 +264,8 @@ def open_storage(url: str, heartbeat_interval: int | None, grace_period: int | N
                                           heartbeat_stale_trial_callback=on_stale if heartbeat_interval else None)
     except (ArgumentError, ImportError) as error:
         raise ValueError(f"tune.storage={strip_password(url)}: cannot open it ({error}); e.g. sqlite:///optuna.db or "
-                         "postgresql://user:password@host:5432/optuna (needs psycopg2)") from error
+                         "postgresql+psycopg://user@host:5432/optuna (pip install -e '.[cluster]'; docs/cluster.md)"
+                         ) from error
 
 
 def create_study(name: str, url: str, make_storage, directions: tuple[str, ...], attempts: int = 6) -> optuna.Study:

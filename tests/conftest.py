@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny toy world and fast training settings."""
+"""Shared fixtures: a tiny toy world, fast training settings, the `recall tune` world (a step-0 run and a replay
+pool) and its command line, and a helper that kills a command mid-way."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +25,49 @@ def tiny_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     generate(root, n_train=60, n_val=16, seed=3, progress=False)
     return root
+
+
+TUNE_PROTOCOL = "18-1x2"  # step 0 (18 classes) from the shared step-0 run, then two incremental steps
+
+
+def tune_args(tmp: Path, world: Path, step0: Path, pool: Path, *extra: str, study: str = "shared",
+              storage: str = "optuna.db", tracking: str | None = None) -> list[str]:
+    """`recall tune` of RECALL on the tiny world with FAST as the trial budget. ``storage``: a file name in ``tmp``
+    (sqlite) or a URL; ``tracking``: the MLflow tracking URI (default: sqlite in ``tmp``)."""
+    storage = storage if "://" in storage else f"sqlite:///{tmp}/{storage}"
+    tracking = f"sqlite:///{tmp}/mlflow.db" if tracking is None else tracking
+    return ["tune", f"dataset.root={world}", f"protocol={TUNE_PROTOCOL}", "method=recall", "replay=toy_gan",
+            f"replay.pool={pool}", f"tracking.uri={tracking}", *FAST, "tune=r_tau",
+            f"tune.step0={step0}", f"tune.runs_dir={tmp}/tune", f"tune.storage={storage}",
+            f"tune.study={study}", "tune.trial_overrides=[]", *extra]  # FAST is the budget here
+
+
+@pytest.fixture(scope="session")
+def tune_world(tmp_path_factory, tiny_world) -> SimpleNamespace:
+    """What every `recall tune` test starts from: a step-0 run (trained a little longer than FAST, so that old
+    classes are worth keeping) and a replay pool; ``args(*extra, study=, storage=, tracking=)`` is the command."""
+    from recall.cli import main
+    from recall.replay.pool import build_pool
+    from recall.sim.toy_gan import ToyGenerator
+
+    tmp = tmp_path_factory.mktemp("tune")
+    step0 = tmp / "step0"
+    assert main(["run", f"dataset.root={tiny_world}", f"protocol={TUNE_PROTOCOL}", "last_step=0",
+                 f"run_dir={step0}", "tracking.uri=", *FAST, "train.epochs=6"]) == 0
+    pool = tmp / "pool"
+    build_pool(ToyGenerator(mapping=ToyGenerator().lookalike_mapping()), {c: f"c{c}" for c in range(1, 21)},
+               per_class=4, root=pool, progress=False)
+    return SimpleNamespace(tmp=tmp, root=tiny_world, step0=step0, pool=pool,
+                           args=lambda *extra, **kw: tune_args(tmp, tiny_world, step0, pool, *extra, **kw))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a rendezvous a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def kill_when_written(args: list[str], path: Path, timeout: float, module: str = "recall.cli",

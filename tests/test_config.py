@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from recall.config import CONF_DIR, GROUPS, compose, default_params, section
+from recall.config import CONF_DIR, GROUPS, compose, default_params, section, strip_password, without_passwords
 from recall.data.protocol import steps
 from recall.methods import build_method
 from recall.model import ModelConfig
@@ -87,3 +87,14 @@ def test_dvc_plots_draw_every_run():
     for plot in dvc["plots"]:
         (definition,) = plot.values()
         assert set(definition["y"]) == expected and definition["x"] == "step"
+
+
+def test_passwords_of_urls_are_replaced_wherever_they_are():
+    assert strip_password("postgresql+psycopg://recall:pw-7Qf%40%3A%2F%25x@db:5432/optuna") == \
+        "postgresql+psycopg://recall:***@db:5432/optuna"
+    assert strip_password("postgresql://recall@db/optuna") == "postgresql://recall@db/optuna", "no password"
+    assert strip_password("sqlite:///optuna.db") == "sqlite:///optuna.db"
+    assert strip_password("https://u:p@h/x, postgresql://:p2@h/y") == "https://u:***@h/x, postgresql://:***@h/y"
+    cfg = {"tune": {"storage": "postgresql://u:secret@h/db"}, "list": ["http://u:secret@h"], "n": 3, "none": None}
+    assert without_passwords(cfg) == {"tune": {"storage": "postgresql://u:***@h/db"}, "list": ["http://u:***@h"],
+                                      "n": 3, "none": None}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, free_port
 from recall.config import compose
 from recall.distributed import ShardSampler
 from recall.experiment import ProtocolRun
@@ -27,17 +27,32 @@ from recall.train import evaluate
 HERE = Path(__file__).parent
 
 
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}  # gloo on lo
+
+
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N ARGS` on 127.0.0.1 (a free port; gloo kept on the loopback interface)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc_per_node={nproc}",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=HERE.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def two_nodes(args: list[str], timeout: float = 300) -> None:
+    """Two `torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d ARGS` agents, as on two machines."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "recall-test", *args]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                               cwd=HERE.parent, start_new_session=True) for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:  # the agent and its worker
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+    assert [agent.returncode for agent in agents] == [0, 0], [output[-3000:] for output in outputs]
 
 
 def test_shard_sampler_scores_every_image_once():
@@ -46,9 +61,15 @@ def test_shard_sampler_scores_every_image_once():
     assert [len(s) for s in shards] == [4, 4, 3]
 
 
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_ddp_keeps_replicas_identical(tmp_path, amp):
-    torchrun([str(HERE / "ddp_worker.py"), str(tmp_path), amp])
+@pytest.mark.parametrize("nodes,amp", [(1, "bf16"), (2, "none")])
+def test_ddp_keeps_replicas_identical(tmp_path, nodes, amp):
+    """2 processes: of one torchrun, or of two torchrun agents (--nnodes 2, one process each) that meet at a c10d
+    rendezvous endpoint as docs/cluster.md's two machines do (both "machines" on 127.0.0.1 here)."""
+    worker = [str(HERE / "ddp_worker.py"), str(tmp_path), amp]
+    if nodes == 1:
+        torchrun(worker)
+    else:
+        two_nodes(worker)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     a, b = ranks[0]["parameters"], ranks[1]["parameters"]

@@ -1,5 +1,6 @@
 """A `dvc repro` killed with -9 mid-protocol resumes after the last finished step (its run stages persist steps/),
-and a run stage re-run after a params change moves the stale steps/ aside and starts afresh.
+a run stage re-run after a params change moves the stale steps/ aside and starts afresh, and the outputs pushed
+to a DVC remote come back byte for byte in a fresh clone (docs/cluster.md).
 
 Each test project is a real DVC project in a tmp dir: a tiny toy world stage and one `recall run` stage of
 15-1x5 (6 steps). It runs a snapshot of the package (recall/ and conf/), so edits to the source tree while the
@@ -8,6 +9,7 @@ test runs cannot change the code hash the resumed run compares (steps/inputs.jso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -82,6 +84,23 @@ def dvc(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+def git(project: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=recall tests", "-c", "user.email=tests@recall.invalid", *args],
+                   cwd=project, check=True, capture_output=True, timeout=60)
+
+
+def copy_project(project: Path, dest: Path) -> Path:
+    """A copy of a finished project (its DVC cache too, not DVC's tmp/ with its locks)."""
+    return Path(shutil.copytree(project, dest,
+                                ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else []))
+
+
+def digests(project: Path, *outs: str) -> dict[str, str]:
+    """{path in the project: sha256} of every file under the outputs ``outs``."""
+    return {path.relative_to(project).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for out in outs for path in sorted((project / out).rglob("*")) if path.is_file()}
+
+
 def identity(path: Path) -> tuple[int, int, int]:
     """Same inode, mtime and size: the file was neither rewritten nor replaced."""
     st = path.stat()
@@ -150,8 +169,7 @@ def test_killed_dvc_repro_resumes_after_the_last_finished_step(tmp_path, env, re
 
 
 def test_changed_params_move_the_stale_run_aside_and_start_afresh(tmp_path, env, reference):
-    project = Path(shutil.copytree(reference.project(), tmp_path / "project",
-                                   ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else []))
+    project = copy_project(reference.project(), tmp_path / "project")
     steps = project / "runs" / "r" / "steps"
     before = identity(steps / "0" / "model.pt")
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -173,6 +191,29 @@ def test_changed_params_move_the_stale_run_aside_and_start_afresh(tmp_path, env,
     metrics = json.loads((project / "runs" / "r" / "metrics.json").read_text())
     assert [s["step"] for s in metrics["steps"]] == list(range(PROTOCOL_STEPS))
     assert "up to date" in dvc(project, env, "status").stdout
+
+
+def test_outputs_pushed_to_a_remote_come_back_in_a_fresh_clone(tmp_path, env, reference):
+    """How a team shares what a pipeline made: `dvc push` to a remote (a local directory here, a shared mount or
+    ssh:// / s3:// for a team), the repository cloned afresh elsewhere, `dvc pull`: every DVC-tracked output is back
+    byte for byte and nothing needs reproducing."""
+    project = copy_project(reference.project(), tmp_path / "project")
+    remote = tmp_path / "remote"
+    dvc(project, env, "remote", "add", "-d", "team", str(remote))
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "a finished pipeline")
+    dvc(project, env, "push")
+    assert list((remote / "files" / "md5").rglob("*")), "nothing reached the remote"
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, timeout=60)
+    assert not (clone / "data" / "toy").exists() and not (clone / "runs" / "r" / "steps").exists()
+    dvc(clone, env, "pull")
+    pulled = digests(clone, "data/toy", "runs/r/steps", "runs/r/figures")
+    assert pulled == digests(project, "data/toy", "runs/r/steps", "runs/r/figures")
+    assert {f"runs/r/steps/{t}/model.pt" for t in range(PROTOCOL_STEPS)} <= set(pulled), "the checkpoints too"
+    assert "up to date" in dvc(clone, env, "status").stdout
+    assert "in sync" in dvc(clone, env, "status", "--cloud").stdout
 
 
 def test_restart_policy_in_process(tmp_path, capsys):

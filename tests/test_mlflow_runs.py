@@ -26,7 +26,8 @@ PROTOCOL = "19-1"  # step 0 (19 classes) and one incremental step: the smallest 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_world):
-    from recall.replay import ToyGenerator, build_pool
+    from recall.replay.pool import build_pool
+    from recall.sim.toy_gan import ToyGenerator
 
     tmp = tmp_path_factory.mktemp("mlflow_runs")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

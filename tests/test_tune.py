@@ -19,37 +19,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import FAST, kill_when_written
+from conftest import free_port, kill_when_written
 from recall.cli import main
 from recall.tune import CurrentValuePruner, final_values, step_value
 
-PROTOCOL = "18-1x2"  # step 0 (18 classes) from the shared step-0 run, then two incremental steps
 BAD_LR = "++tune.space.train.lr_incremental={type:float,low:1000.0,high:1000.0}"  # SGD diverges: mIoU collapses
 
 
-def tune_args(tmp: Path, world: Path, step0: Path, pool: Path, *extra: str, study: str = "shared",
-              storage: str = "optuna.db") -> list[str]:
-    return ["tune", f"dataset.root={world}", f"protocol={PROTOCOL}", "method=recall", "replay=toy_gan",
-            f"replay.pool={pool}", f"tracking.uri=sqlite:///{tmp}/mlflow.db", *FAST, "tune=r_tau",
-            f"tune.step0={step0}", f"tune.runs_dir={tmp}/tune", f"tune.storage=sqlite:///{tmp}/{storage}",
-            f"tune.study={study}", "tune.trial_overrides=[]", *extra]  # FAST is the budget here
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_world):
-    """A step-0 run (trained a little longer than FAST, so that old classes are worth keeping) and a replay pool."""
-    from recall.replay.pool import build_pool
-    from recall.sim.toy_gan import ToyGenerator
-
-    tmp = tmp_path_factory.mktemp("tune")
-    step0 = tmp / "step0"
-    assert main(["run", f"dataset.root={tiny_world}", f"protocol={PROTOCOL}", "last_step=0", f"run_dir={step0}",
-                 "tracking.uri=", *FAST, "train.epochs=6"]) == 0
-    pool = tmp / "pool"
-    build_pool(ToyGenerator(mapping=ToyGenerator().lookalike_mapping()), {c: f"c{c}" for c in range(1, 21)},
-               per_class=4, root=pool, progress=False)
-    return SimpleNamespace(tmp=tmp, root=tiny_world, step0=step0, pool=pool,
-                           args=lambda *extra, **kw: tune_args(tmp, tiny_world, step0, pool, *extra, **kw))
+def world(tune_world):
+    """A step-0 run and a replay pool (conftest's tune_world, shared with test_cluster)."""
+    return tune_world
 
 
 @pytest.fixture(scope="module")
@@ -245,14 +225,6 @@ def test_objective_values():
     assert final_values({**result["miou"], "new": 0.0, "old_no_bg": 0.0}, "hmean") == [0.0]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 5.0) -> dict:
     import json
     import urllib.request
@@ -265,14 +237,13 @@ def _get_json(url: str, timeout: float = 5.0) -> dict:
 def test_optuna_dashboard_serves_the_study(study, world):
     """`optuna-dashboard <tune.storage>` (the `dashboard` extra), as the docs say, on 127.0.0.1 and a free port:
     its HTTP API lists the study with its trials; stopped by its PID (its process group), also on failure."""
-    import json
     import os
     import signal
     import urllib.error
 
     dashboard = Path(sys.executable).with_name("optuna-dashboard")
     assert dashboard.is_file(), "optuna-dashboard is missing: pip install -e '.[dashboard]' (dev pulls it in)"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(dashboard), f"sqlite:///{world.tmp}/optuna.db", "--host", "127.0.0.1",
                              "--port", str(port), "--server", "wsgiref"],
