@@ -33,20 +33,34 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from recall import distributed
+from recall import distributed, timing
 from recall.atomic import write_json, write_text
 from recall.config import section, without_passwords
 from recall.data.classes import class_names
-from recall.data.protocol import (Conventions, eval_label_map, get_convention, introduced_at,
-                                  select_eval_images, select_train_images, steps, train_label_map)
+from recall.data.protocol import (
+    Conventions,
+    eval_label_map,
+    get_convention,
+    introduced_at,
+    select_eval_images,
+    select_train_images,
+    steps,
+    train_label_map,
+)
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
-from recall.methods import Method, StepContext, build_method
 from recall.locks import DirectoryLock
+from recall.methods import Method, StepContext, build_method
 from recall.metrics import ConfusionMatrix, forgetting, summarize
-from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
+from recall.model import (
+    ModelConfig,
+    SegmentationModel,
+    load_checkpoint,
+    save_checkpoint,
+)
 from recall.provenance import code_id, content_id, dvc_hash
 from recall.run_figures import write_figures
+from recall.timing import phase
 from recall.train import TrainConfig, evaluate, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
@@ -108,7 +122,7 @@ class ProtocolRun:
             lut = label_map[lut]
         t = self.train_cfg
         batch_size = distributed.per_process(batch_size or t.batch_size, "train.batch_size (current-step samples)")
-        data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale),
+        data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale, t.scale_reference),
                                label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
         drop_last = len(ids) > batch_size * distributed.world_size()
         sampler = distributed.train_sampler(data, seed=int(self.cfg.seed) * 1000 + step, drop_last=drop_last)
@@ -159,7 +173,7 @@ class ProtocolRun:
     def context(self, step: int, prev_model: SegmentationModel | None) -> StepContext:
         old = [c for s in range(step) for c in self.task[s]]
         return StepContext(step=step, task=self.task, new_classes=list(self.task[step]), old_classes=old,
-                           prev_model=prev_model if self.method.needs_previous_model else None)
+                           prev_model=prev_model if self.method.needs_previous_model else None, setting=self.setting)
 
     def model_for(self, step: int) -> tuple[SegmentationModel, SegmentationModel | None]:
         """The model to train at `step` (previous checkpoint + grown classifier) and the frozen previous model."""
@@ -197,10 +211,13 @@ class ProtocolRun:
         self.method.on_step_start(model, ctx)
         generator = torch.Generator().manual_seed(seed)
         n_current, _ = self.method.batch_split(step, self.train_cfg.batch_size)
-        extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
-        losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
-                            self.train_cfg, extra)
-        self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
+        with phase("method"):
+            extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
+        with phase("train"):
+            losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
+                                self.train_cfg, extra)
+        with phase("method"):
+            self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
         if distributed.is_main():
             save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
         distributed.barrier()  # the others load this checkpoint next
@@ -219,7 +236,7 @@ class ProtocolRun:
         old, new = self.task[0], [c for s in range(1, step + 1) for c in self.task[s]]
         intro = {0: 0, **introduced_at(self.task)}
         forgot = forgetting(history, intro)
-        nan_to_none = lambda v: None if v is None or np.isnan(v) else float(v)  # noqa: E731
+        nan_to_none = lambda v: None if v is None or np.isnan(v) else float(v)
         return {"step": step, "new_classes": [self.class_names[c] for c in self.task[step]],
                 "iou": {self.class_names[c]: nan_to_none(v) for c, v in enumerate(iou)},
                 "miou": summarize(iou, old, new),
@@ -228,7 +245,8 @@ class ProtocolRun:
 
 
 # ---------------------------------------------------------------------------------------------- inputs and resume
-IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "tune", "plan", "run_dir", "last_step", "on_config_change")
+IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "pretrain", "tune", "plan", "run_dir", "last_step",
+                      "on_config_change")
 # how a run executes, not what it computes: a run may resume with other values
 EXECUTION_ONLY = {"train": ("device", "num_workers", "threads", "pin_memory", "compile", "eval_batch_size")}
 ON_CONFIG_CHANGE = ("error", "restart")
@@ -237,9 +255,11 @@ ON_CONFIG_CHANGE = ("error", "restart")
 def run_inputs(run: ProtocolRun) -> dict[str, str]:
     """What a run's checkpoints depend on besides its configuration (DVC re-runs a stage when one changes): the
     code it executes (the import closure of `recall.stages.run`, the same rule as the DVC stages' deps), the
-    dataset, the method's inputs (e.g. the replay pool) and the step-0 model it starts from."""
+    dataset, the pretrained backbone, the method's inputs (e.g. the replay pool) and the step-0 model."""
     cfg = run.cfg
     inputs = {"code": code_id(RUN_ENTRY), "dataset": content_id(cfg.dataset.root)}
+    if run.model_cfg.pretrained_file:  # the backbone every step starts from
+        inputs["pretrained_backbone"] = content_id(run.model_cfg.pretrained_file)
     for name, path in run.method.inputs(run).items():
         inputs[name] = content_id(path)
     step0 = Path(str(cfg.step0)) / "steps" / "0" / "model.pt"
@@ -346,11 +366,13 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True,
 
 
 def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_step) -> dict:
-    with distributed.main_first():  # rank 0 checks (and on a fresh start writes) the configuration and caches
-        if distributed.is_main():
-            check_same_config(run.run_dir / "steps" / "config.yaml", run)
-        for split in (cfg.dataset.train_split, cfg.dataset.val_split):
-            run.classes_of(split)
+    timing.SECONDS.clear()  # this run's seconds only (a tuner runs many in one process)
+    with distributed.main_first():  # rank 0 checks the data and (on a fresh start) writes the configuration first
+        with phase("pre-flight"):
+            for split in (cfg.dataset.train_split, cfg.dataset.val_split):
+                run.classes_of(split)  # the pre-flight: every image and mask of the split readable, sizes matching
+            if distributed.is_main():
+                check_same_config(run.run_dir / "steps" / "config.yaml", run)
     if tracker is not None:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": str(cfg.seed), "convention": run.convention.name,
@@ -363,7 +385,8 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
         for name, path in run.method.inputs(run).items():
             tags[f"dvc.{name}"] = dvc_hash(path)
         params = {**OmegaConf.to_container(cfg, resolve=True), **run.method.run_params(run)}
-        tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)
+        with phase("tracking"):
+            tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)
     try:
         results = run_steps(run, tracker, on_step)
     except BaseException as error:  # the MLflow run says what happened; a restart resumes it (RUNNING again)
@@ -373,11 +396,13 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
     if not distributed.is_main():  # rank 0 writes the outputs and figures
         return outputs(run, results)
     payload = write_outputs(run, results)
-    with distributed.alone():
+    with distributed.alone(), phase("figures"):
         figure_files = write_figures(run, results, run_name(cfg)) if figures else []
     if tracker is not None:
-        tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv", run.run_dir / "steps" / "config.yaml"],
-                       figures=figure_files)
+        with phase("tracking"):
+            tracker.finish([run.run_dir / "metrics.json", run.run_dir / "curve.csv",
+                            run.run_dir / "steps" / "config.yaml"], figures=figure_files)
+    timing.write(run.run_dir / "timing.json")  # where the seconds went (benchmarks/demo_profile.py)
     return payload
 
 
@@ -409,14 +434,15 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
                 if not done.exists():
                     run.adopt_step0(Path(run.cfg.step0))
         if not done.exists():
-            run.train(step)
+            run.train(step)  # its phases: "train", "method" (e.g. replay labels, helper decoders)
         eval_file = run.step_dir(step) / "eval.json"
         if eval_file.exists():
             result = json.loads(eval_file.read_text())
         else:  # every process scores its shard; rank 0 writes (no file changes before all have decided)
-            result = run.evaluate(step, [_iou_array(r) for r in results])
+            with phase("evaluate"):
+                result = run.evaluate(step, [_iou_array(r) for r in results])
             if distributed.is_main():
-                with distributed.alone():
+                with distributed.alone(), phase("method"):
                     statistics = run.method.step_statistics(run, step)  # e.g. how the replay was labelled
                 if statistics:
                     result["statistics"] = statistics
@@ -426,7 +452,8 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
             print(f"step {step} ({', '.join(result['new_classes'])}): " +
                   ", ".join(f"{k}={v:.3f}" for k, v in result["miou"].items() if v is not None), flush=True)
         if tracker is not None:
-            tracker.log_step(result)
+            with phase("tracking"):
+                tracker.log_step(result)
         if on_step is not None:
             on_step(result)
     return results
@@ -434,7 +461,7 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
 
 def outputs(run: ProtocolRun, results: list[dict]) -> dict:
     """The metrics.json payload of a run's per-step results."""
-    strip = lambda r: {k: v for k, v in r.items() if k != "confusion_matrix"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "confusion_matrix"}
     return {"protocol": str(run.cfg.protocol.name), "setting": run.setting, "method": run.method.name,
             "replay": str(run.cfg.replay.name), "seed": int(run.cfg.seed), "convention": run.convention.name,
             "method_options": run.method.options(),

@@ -12,7 +12,7 @@ Conventions (see docs/design.md, "Conventions differ between the papers"):
   ========  =====================================  ======================
   "recall"  0.0                                     NaN
   "mib"     NaN                                     NaN
-  "plop"    0.0                                     0.0
+  "plop"    NaN                                     NaN  (PLOP's stream_metrics.py: MiB's mask)
   ========  =====================================  ======================
 
   NaN classes are excluded from the means (:func:`mean_iou` is a nanmean).
@@ -116,10 +116,8 @@ class ConfusionMatrix:
         union = gt + pr - tp
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(union > 0, tp / union, np.nan)
-        if absent == "mib":
+        if absent in ("mib", "plop"):  # PLOP's metrics/stream_metrics.py is MiB's: mask = gt_sum != 0
             iou[gt == 0] = np.nan
-        elif absent == "plop":
-            iou = np.nan_to_num(iou, nan=0.0)
         return iou
 
     def pixel_accuracy(self) -> float | None:

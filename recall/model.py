@@ -26,6 +26,33 @@ class ModelConfig:
     frozen_bn: bool = False
     pretrained_file: str | None = None  # local weights for the backbone; never downloaded
     channels_last: bool = False  # NHWC memory layout: ~10% faster on CPU here, the usual choice on GPUs
+    # aspp: DeepLab-v3's ASPP (1x1 + dilated 3x3 branches + image pooling, fused) then a 1x1 classifier per step;
+    # deeplabv2: DeepLab-v2's classifier, four dilated 3x3 convolutions on the encoder's features whose outputs are
+    # summed (the authors' model_resnet.py: ASPP(input, n_classes, [6, 12, 18, 24]) with add_n), one per step
+    head: str = "aspp"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            from recall.errors import UserError
+            raise UserError(f"model.head={self.head!r}: expected one of {', '.join(HEADS)}")
+
+
+HEADS = ("aspp", "deeplabv2")
+
+
+class DeepLabV2Classifier(nn.Module):
+    """DeepLab-v2's classifier for `n` classes: dilated 3x3 convolutions at `rates`, summed."""
+
+    def __init__(self, in_channels: int, n: int, rates: list[int]):
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Conv2d(in_channels, n, 3, padding=r, dilation=r) for r in rates])
+
+    @property
+    def out_channels(self) -> int:
+        return self.branches[0].out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(0)
 
 
 class ASPP(nn.Module):
@@ -59,8 +86,10 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = _make_encoder(cfg)
-        in_channels = self.encoder.feature_info.channels()[-1]
-        self.head = ASPP(in_channels, cfg.head_channels, list(cfg.aspp_rates))
+        self.encoder_channels = self.encoder.feature_info.channels()[-1]
+        # DeepLab-v2 has no head before its classifiers: the classifiers read the encoder's features
+        self.head = ASPP(self.encoder_channels, cfg.head_channels, list(cfg.aspp_rates)) if cfg.head == "aspp" \
+            else nn.Identity()
         self.classifiers = nn.ModuleList()
         for i, n in enumerate(classes_per_step):
             self.add_classes(n + (1 if i == 0 else 0), init="random")
@@ -73,14 +102,20 @@ class SegmentationModel(nn.Module):
     def num_outputs(self) -> int:
         return sum(c.out_channels for c in self.classifiers)
 
-    def add_classes(self, n: int, init: str = "random") -> nn.Conv2d:
+    def add_classes(self, n: int, init: str = "random") -> nn.Module:
         """Append a classifier for `n` new classes. init: "random" or "background" (MiB's init)."""
-        conv = nn.Conv2d(self.cfg.head_channels, n, 1)
-        nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
+        if self.cfg.head == "aspp":
+            conv = nn.Conv2d(self.cfg.head_channels, n, 1)
+            convs = [conv]
+        else:
+            conv = DeepLabV2Classifier(self.encoder_channels, n, list(self.cfg.aspp_rates))
+            convs = list(conv.branches)
+        for c in convs:
+            nn.init.normal_(c.weight, std=0.01)
+            nn.init.zeros_(c.bias)
         if init == "background" and len(self.classifiers) > 0:
             _background_aware_init(self.classifiers[0], conv)
-        elif init != "random":
+        elif init not in ("random", "background"):
             raise ValueError(f"unknown classifier init {init!r}; expected 'random' or 'background'")
         if self.cfg.channels_last:
             conv.to(memory_format=torch.channels_last)
@@ -101,13 +136,16 @@ class SegmentationModel(nn.Module):
         return {"out": logits, "features": features, "encoder": encoded}
 
 
-def _background_aware_init(background: nn.Conv2d, new: nn.Conv2d) -> None:
-    """MiB: new classes start as copies of background, and the background probability is split among them."""
+def _background_aware_init(background: nn.Module, new: nn.Module) -> None:
+    """MiB: new classes start as copies of background, and the background probability is split among them (for
+    DeepLab-v2's summed branches: every branch copied, the bias shift applied once, to the first)."""
+    pairs = list(zip(background.branches, new.branches)) if isinstance(new, DeepLabV2Classifier) else [(background, new)]
     with torch.no_grad():
         shift = math.log(new.out_channels + 1)
-        new.weight.copy_(background.weight[0:1].expand_as(new.weight))
-        new.bias.copy_(background.bias[0:1].expand_as(new.bias) - shift)
-        background.bias[0] -= shift
+        for k, (old, fresh) in enumerate(pairs):
+            fresh.weight.copy_(old.weight[0:1].expand_as(fresh.weight))
+            fresh.bias.copy_(old.bias[0:1].expand_as(fresh.bias) - (shift if k == 0 else 0.0))
+        pairs[0][0].bias[0] -= shift
 
 
 def _make_encoder(cfg: ModelConfig) -> nn.Module:

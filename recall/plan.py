@@ -98,12 +98,14 @@ def batches_per_epoch(images: int, batch: int) -> int:
     return images // batch if images > batch else math.ceil(images / batch)
 
 
-def iterations(run: ProtocolRun, step: int, images: int | None, batch: int) -> int | None:
-    """Iterations of `step` (train.step_iterations): None when they depend on an unknown number of images."""
-    if run.train_cfg.iters_per_class is None and images is None:
+def iterations(run: ProtocolRun, step: int, images: int | None, batch: int, train_cfg=None) -> int | None:
+    """Iterations of `step` (train.step_iterations) under the run's training settings (or `train_cfg`): None when
+    they depend on an unknown number of images."""
+    train_cfg = run.train_cfg if train_cfg is None else train_cfg
+    if train_cfg.iters_per_class is None and images is None:
         return None
     batches = 0 if images is None else batches_per_epoch(images, batch)
-    return step_iterations(run.train_cfg, run.context(step, None), batches)
+    return step_iterations(train_cfg, run.context(step, None), batches)
 
 
 def step_state(run: ProtocolRun, step: int, restarts: bool = False) -> str:
@@ -183,7 +185,7 @@ def build_plan(cfg: DictConfig) -> dict:
                   "eval_images": (len(select_eval_images(val_classes, run.task, step, convention.name))
                                   if val_classes is not None else val_count)}
         record.update(run.method.plan_step(run, step, images,
-                                           lambda n, batch, s=step: iterations(run, s, n, batch)))
+                                           lambda n, batch, cfg=None, s=step: iterations(run, s, n, batch, cfg)))
         steps.append(record)
     to_train = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
     inputs = run.method.plan_inputs(run, last, to_train)

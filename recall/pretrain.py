@@ -29,11 +29,10 @@ from tqdm.auto import tqdm
 from recall.atomic import write_bytes, write_json
 from recall.errors import UserError
 from recall.registry import resolve
+from recall.replay.classmap import SourceClassifier
 
 # pretrain.dataset -> "module:function(split, per_class, size, seed, workers) -> (uint8 NHWC images, labels, names)"
 DATASETS = {"toy_imagenet": "recall.sim.toy_imagenet:classification_set"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # zoom-out augmentation: a part of each batch is shrunk and pasted at a random place on a smooth canvas
 ZOOM_OUT_PROBABILITY = 0.5
 ZOOM_OUT_SCALE = (0.35, 0.9)
@@ -62,21 +61,6 @@ class PretrainConfig:
                 raise UserError(f"pretrain.{key}={getattr(self, key)!r}: must be an integer >= 1")
 
 
-class Normalised(nn.Module):
-    """A classifier of float images in [0, 1] (N, 3, H, W): the ImageNet normalisation, then `model`. Knows its
-    classes' names (the class mapping reads them)."""
-
-    def __init__(self, model: nn.Module, names: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 input_size: int | None = None):
-        super().__init__()
-        self.model, self.source_names, self.input_size = model, list(names), input_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
-
-
 def zoom_out(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shrink a random part (``ZOOM_OUT_PROBABILITY``) of a float (N,3,H,W) batch onto smooth canvases: one scale
     per batch (a single resize), each image at its own position."""
@@ -101,7 +85,8 @@ def zoom_out(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
                      lr: float, weight_decay: float, seed: int, progress: bool = True) -> list[float]:
-    """Train `model` (a `Normalised` classifier) on uint8 NCHW `images`; returns the training accuracy per epoch."""
+    """Train `model` (a classifier of [0, 1] images) on uint8 NCHW `images`; returns the training accuracy per
+    epoch."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(len(labels) // batch_size, 1)
@@ -175,7 +160,7 @@ def pretrain(cfg: PretrainConfig, backbone: str, out: Path, tracker=None, progre
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         network = timm.create_model(backbone, pretrained=False, num_classes=len(names))
-    model = Normalised(network, names, input_size=cfg.size)
+    model = SourceClassifier(network, names, input_size=cfg.size)  # the ImageNet normalisation, then the net
     train_accuracy = train_classifier(model, _nchw(train_x), torch.from_numpy(train_y), cfg.epochs, cfg.batch_size,
                                       cfg.lr, cfg.weight_decay, cfg.seed, progress)
     held_out = top_k_accuracy(model, _nchw(val_x), torch.from_numpy(val_y))

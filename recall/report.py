@@ -16,7 +16,7 @@ from recall.figures import save_figure
 from recall.metrics import derived
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 KEY = ("protocol", "setting", "method", "replay")
 METRICS = ("old_no_bg", "new", "all", "all_no_bg")
@@ -209,14 +209,47 @@ def study_cells(study: dict, root: Path = Path(".")) -> dict:
 
 def study_tables(cells: dict, variants: list[str]) -> dict:
     """One table per world and protocol: a row per variant (in the spec's order), mean ± std over seeds."""
-    columns = ["variant", "old (no bg)", "new", "all", "hmean", "seeds"]
+    columns = ["variant", "old (no bg)", "new", "all", "hmean", "forgetting", "seeds"]
+    metrics = ("old_no_bg", "new", "all", "hmean", "forgetting_mean")
     out = {}
     for world, protocols in cells.items():
         for protocol, by_variant in protocols.items():
-            rows = [[v, *(by_variant[v].get(m, {}).get("text") for m in ("old_no_bg", "new", "all", "hmean")),
-                     len(by_variant[v]["seeds"])] for v in [*variants, "joint"] if v in by_variant]
+            rows = [[v, *(by_variant[v].get(m, {}).get("text") for m in metrics), len(by_variant[v]["seeds"])]
+                    for v in [*variants, "joint"] if v in by_variant]
             out[f"{world}_{protocol}"] = {"columns": columns, "rows": rows}
     return out
+
+
+def attribution(cells: dict, spec: dict | None) -> dict | None:
+    """The share of the gap from `spec["from"]` to `spec["to"]` that each variant closes, per metric: per seed
+    (variant - from) / (to - from), then mean ± std over the seeds all three ran with; the gap itself too."""
+    if not spec:
+        return None
+    by_variant = cells.get(spec["world"], {}).get(spec["protocol"], {})
+
+    def per_seed(variant: str, metric: str) -> dict:
+        entry = by_variant.get(variant, {})
+        return dict(zip(entry.get("seeds", []), entry.get(metric, {}).get("values", [])))
+
+    metrics = ("old_no_bg", "new", "all")
+    columns = ["variant", *(f"{m} ({label})" for m in ("old (no bg)", "new", "all") for label in ("mIoU", "share"))]
+    rows, gaps = [], {}
+    for metric in metrics:
+        low, high = per_seed(spec["from"], metric), per_seed(spec["to"], metric)
+        gaps[metric] = _stat([high[s] - low[s] for s in low if s in high]) if set(low) & set(high) else None
+    for variant in spec["variants"]:
+        row = [variant]
+        for metric in metrics:
+            low, high, mine = per_seed(spec["from"], metric), per_seed(spec["to"], metric), per_seed(variant, metric)
+            seeds = [s for s in mine if s in low and s in high and high[s] != low[s]]
+            row.append(by_variant.get(variant, {}).get(metric, {}).get("text"))
+            row.append(_stat([(mine[s] - low[s]) / (high[s] - low[s]) for s in seeds])["text"] if seeds else None)
+        rows.append(row)
+    gap_row = [f"gap: {spec['to']} - {spec['from']}"]
+    for metric in metrics:
+        gap_row += [gaps[metric]["text"] if gaps[metric] else None, None]
+    return {"world": spec["world"], "protocol": spec["protocol"], "from": spec["from"], "to": spec["to"],
+            "columns": columns, "rows": [gap_row, *rows]}
 
 
 def plot_study(cells: dict, variants: list[str], out: Path) -> list[Path]:
@@ -257,6 +290,8 @@ def write_study_report(study_file: Path, out: Path) -> dict:
     cells = study_cells(study)
     report = {"study": str(study_file), "seeds": study["spec"]["seeds"], "cells": cells,
               "tables": study_tables(cells, variants)}
+    if (shares := attribution(cells, study["spec"].get("attribution"))) is not None:
+        report["tables"]["attribution"] = shares
     figures = plot_study(cells, variants, out)
     report["figures"] = [p.as_posix() for p in figures]
     write_json(out.with_suffix(".json"), report)

@@ -2,12 +2,12 @@
 
 study/spec.yaml says what runs: seeds, protocols, setting, the *variants* compared (each a list of `recall run`
 overrides: a method, a replay source, options) and the *worlds* they run in (overrides too, e.g. the from-scratch
-encoder). `python -m recall.study` expands it into study/params.yaml, the `step0`, `runs` and `joint` tables
+encoder; or {overrides, protocols} to run a world on some protocols only). `python -m recall.study` expands it into study/params.yaml, the `step0`, `runs` and `joint` tables
 study/dvc.yaml iterates over (a test keeps them current):
 
     step0:  <world>_<base>_s<seed>            one step-0 model per world, base class count and seed
     runs:   <world>_<protocol>_<variant>_s<seed>  one protocol run, starting from its step-0 model
-    joint:  <world>_joint_s<seed>             the upper bound (spec.joint: true)
+    joint:  <world>_joint_s<seed>             the upper bound (spec.joint: true, or a list of worlds)
 
 Every run is a `recall run ... on_config_change=restart` stage: config-checked, resumable after a kill, retrained
 when its params, code or inputs change. `recall report --study study/spec.yaml` aggregates the finished runs
@@ -54,8 +54,9 @@ def expand(spec: dict) -> dict:
     seeds, protocols, setting = spec["seeds"], spec["protocols"], spec.get("setting", "overlapped")
     worlds = spec.get("worlds") or {"default": []}
     step0, runs, joint = {}, {}, {}
-    for world, world_overrides in worlds.items():
-        for protocol in protocols:
+    for world, world_spec in worlds.items():
+        world_overrides = world_spec["overrides"] if isinstance(world_spec, dict) else list(world_spec)
+        for protocol in world_spec.get("protocols", protocols) if isinstance(world_spec, dict) else protocols:
             for seed in seeds:
                 key = f"{world}_{base_of(protocol)}_s{seed}"
                 for variant, value in spec["variants"].items():
@@ -71,7 +72,8 @@ def expand(spec: dict) -> dict:
                         "world": world, "protocol": protocol, "variant": variant, "setting": setting, "seed": seed,
                         "step0": key, "pool": f"pools/{replay}" if replay != "none" else "conf/replay/none.yaml",
                         "overrides": " ".join([*overrides, *world_overrides])}
-        for seed in seeds if spec.get("joint") else ():  # the upper bound: all classes at once, no step 0 to share
+        joint_worlds = spec.get("joint")  # true: every world; a list: those
+        for seed in seeds if joint_worlds is True or world in (joint_worlds or ()) else ():  # the upper bound
             joint[f"{world}_joint_s{seed}"] = {"world": world, "protocol": "joint", "variant": "joint",
                                                "setting": setting, "seed": seed,
                                                "overrides": " ".join(["method=joint", *world_overrides])}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recall import distributed
+from recall.labeling import ignore_padding
 from recall.methods import Method, StepContext
 from recall.metrics import ConfusionMatrix
 
@@ -30,11 +32,14 @@ class TrainConfig:
     lr_end: float = 0.0  # the poly schedule ends here (RECALL's code: 5e-6)
     crop: int = 64
     scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    scale_reference: str = "image"  # scale the original image (the authors'), or the image fitted to the crop
     eval_batch_size: int = 50
     num_workers: int = 0
     threads: int = 2
     cache_images: bool = True  # keep decoded images in memory (toy world; off for real VOC)
-    iters_per_class: int | None = None  # set: a step trains len(new classes) x this many iterations (epochs ignored)
+    # set: a step trains len(new classes) x this many iterations (epochs ignored); a mapping gives one per setting,
+    # e.g. {overlapped: 1500, disjoint: 1000, sequential: 1000} as the authors' gin files
+    iters_per_class: Any = None  # int | {setting: int} | None (OmegaConf's structured configs have no such Union)
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     amp: str | None = None  # mixed precision: null (fp32), bf16 or fp16 (fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the model for training
@@ -53,8 +58,13 @@ class TrainConfig:
         for key in ("lr", "lr_incremental", "momentum", "weight_decay", "lr_end"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key}={getattr(self, key)}: must be >= 0")
-        if self.iters_per_class is not None and self.iters_per_class < 1:
-            raise UserError(f"train.iters_per_class={self.iters_per_class}: null (use epochs) or >= 1")
+        per_setting = self.iters_per_class if isinstance(self.iters_per_class, Mapping) else {"": self.iters_per_class}
+        if self.iters_per_class is not None and not all(isinstance(v, int) and v >= 1 for v in per_setting.values()):
+            raise UserError(f"train.iters_per_class={self.iters_per_class}: null (use epochs), an integer >= 1, or "
+                            "one per setting ({overlapped: 1500, disjoint: 1000, ...})")
+        if self.scale_reference not in ("image", "crop"):
+            raise UserError(f"train.scale_reference={self.scale_reference!r}: image (scale the original image, as "
+                            "the authors) or crop (scale the image fitted to the crop)")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise UserError(f"train.scale={list(self.scale)}: [low, high] with 0 < low <= high")
 
@@ -125,6 +135,7 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
         with precision.autocast():
             targets = method.rewrite_targets(images, targets, ctx)  # e.g. RECALL's background inpainting
             images, targets = blend((images, targets), extra)
+            targets = ignore_padding(targets)  # crop padding is never trained on
             outputs = net(images)
             loss = method.loss(outputs, targets, images, ctx)
         precision.backward_and_step(loss, optimizer)
@@ -133,11 +144,23 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
     return total / max(seen, 1)
 
 
+def iters_per_class(cfg: TrainConfig, setting: str) -> int | None:
+    """train.iters_per_class for `setting` (None: the budget is in epochs)."""
+    value = cfg.iters_per_class
+    if isinstance(value, Mapping):
+        if setting not in value:
+            from recall.errors import UserError
+            raise UserError(f"train.iters_per_class={value}: no budget for setting {setting!r}")
+        return int(value[setting])
+    return None if value is None else int(value)
+
+
 def step_iterations(cfg: TrainConfig, ctx: StepContext, batches_per_epoch: int) -> int:
-    """Iterations of a step: len(new classes) x iters_per_class when set (the paper's ~1000 per class),
+    """Iterations of a step: len(new classes) x iters_per_class when set (the paper's 1000-1500 per class),
     else epochs x batches per epoch."""
-    if cfg.iters_per_class is not None:
-        return len(ctx.new_classes) * int(cfg.iters_per_class)
+    per_class = iters_per_class(cfg, ctx.setting)
+    if per_class is not None:
+        return len(ctx.new_classes) * per_class
     return (cfg.epochs if ctx.step == 0 else cfg.epochs_incremental) * batches_per_epoch
 
 

@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 
 # a few seconds of training per step on 64x64 images
 FAST = ["train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "train.eval_batch_size=16",
-        "model.head_channels=16"]
+        "model.head_channels=16", "model.pretrained_file=null"]  # the tests do not pretrain (test_pretrain does)
 
 
 @pytest.fixture(scope="session")

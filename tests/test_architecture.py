@@ -44,7 +44,7 @@ def test_the_runner_holds_no_method_specific_code():
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
         {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     names.discard("replay")  # cfg.replay.name: the replay source is part of a run's name and output contract
-    assert not {n for n in names if re.search(r"replay|helper|inpaint|label_pool|pool", n, re.I)}
+    assert not {n for n in names if re.search(r"replay|helper|inpaint|label_pool|pool", n, re.IGNORECASE)}
 
 
 def test_dvc_code_deps_are_generated_and_current():
@@ -65,7 +65,7 @@ def test_every_stage_depends_on_the_whole_closure_of_the_module_it_runs():
             entry = re.search(r"python -m ([\w.]+)", " ".join(str(stage["cmd"]).split()))
             assert entry, f"{dvc_file.name}: stage {name} does not run `python -m <module>`: its code is unknown"
             deps = [str(d) for d in stage.get("deps", [])]
-            covered = lambda p: any(p == d or p.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
+            covered = lambda p: any(p == d or p.startswith(d.rstrip("/") + "/") for d in deps)
             missing = [p.relative_to(ROOT).as_posix() for p in import_closure(entry[1])
                        if not covered(p.relative_to(ROOT).as_posix())]
             assert missing == [], f"{dvc_file.name}: stage {name} runs {entry[1]} but does not depend on {missing}"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, kill_when_written
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, kill_when_written
 from recall.cli import main
 
 

@@ -31,10 +31,10 @@ import optuna
 import psycopg
 import pytest
 import yaml
+from conftest import FAST, TUNE_PROTOCOL, free_port, kill_when_written
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import FAST, TUNE_PROTOCOL, free_port, kill_when_written
 from recall.cli import main
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,15 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from recall.config import CONF_DIR, GROUPS, compose, default_params, section, strip_password, without_passwords
+from recall.config import (
+    CONF_DIR,
+    GROUPS,
+    compose,
+    default_params,
+    section,
+    strip_password,
+    without_passwords,
+)
 from recall.data.protocol import steps
 from recall.methods import build_method
 from recall.model import ModelConfig

@@ -15,8 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-
 from conftest import FAST, free_port
+
 from recall.config import compose
 from recall.distributed import ShardSampler
 from recall.experiment import ProtocolRun

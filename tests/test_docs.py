@@ -48,12 +48,14 @@ def test_relative_links_resolve(page):
 
 def quoted_commands(text: str) -> list[str]:
     """Whole `recall ...` commands of the code blocks (fenced or indented; continuation lines joined; several
-    commands of one line, `a && b`, apart)."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
-    blocks += re.findall(r"^ {4}(recall (?:[^\n\\]|\\\n)*)", text, re.M)  # indented code blocks
+    commands of one line, `a && b`, apart; variables the page exports expanded)."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+    blocks += re.findall(r"^ {4}(recall (?:[^\n\\]|\\\n)*)", text, re.MULTILINE)  # indented code blocks
+    variables = dict(re.findall(r'export (\w+)="([^"]*)"', re.sub(r"\\\n\s*", " ", text)))
     commands = []
     for block in blocks:
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\$(\w+)", lambda m: variables.get(m[1], m[0]), line)
             for part in re.split(r"&&|;|(?<!&)&$", line.split(" #")[0]):
                 if part.strip().startswith("recall "):
                     commands.append(part.strip())

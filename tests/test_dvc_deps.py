@@ -26,7 +26,7 @@ def dvc(repo: Path, *args: str) -> str:
 def changed_stages(repo: Path, path: str) -> set[str]:
     """The stages `dvc status --json` reports with `path`, or a directory holding it, among their modified deps."""
     status = json.loads(dvc(repo, "status", "--json"))
-    holds = lambda dep: path == dep or path.startswith(dep.rstrip("/") + "/")  # noqa: E731
+    holds = lambda dep: path == dep or path.startswith(dep.rstrip("/") + "/")
     return {stage for stage, changes in status.items() for change in changes if isinstance(change, dict)
             for dep, state in change.get("changed deps", {}).items() if state == "modified" and holds(dep)}
 

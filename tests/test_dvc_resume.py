@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import kill_when_written
 from omegaconf import OmegaConf
 
-from conftest import kill_when_written
 from recall.config import compose, default_params
 from recall.experiment import ProtocolRun, check_same_config
 
@@ -54,7 +54,7 @@ def project_params() -> dict:
     params["toyworld"].update(n_train=200, n_val=60, size=64)
     params["protocol"] = {"name": "15-1x5"}
     params["train"].update(epochs=1, epochs_incremental=1, batch_size=8, eval_batch_size=30, threads=1)
-    params["model"]["head_channels"] = 16
+    params["model"].update(head_channels=16, pretrained_file=None)  # the from-scratch world: no pretrain stage
     params["tracking"]["uri"] = None
     return params
 

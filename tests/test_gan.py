@@ -14,11 +14,20 @@ import torch
 from PIL import Image
 
 from recall.data.classes import VOC_CLASSES
-from recall.replay.classmap import imagenet_classifier, load_mapping, map_classes, save_mapping
+from recall.replay.classmap import (
+    imagenet_classifier,
+    load_mapping,
+    map_classes,
+    save_mapping,
+)
 from recall.replay.gan import CONFIG_NAME, WEIGHTS_NAME, BigGANSource, load_biggan
 from recall.replay.pool import ReplayError, ReplayPool, build_pool
 from recall.replay.weights import imagenet_names
-from recall.sim.standin_weights import make_standin_classifier, make_tiny_biggan, tiny_layers
+from recall.sim.standin_weights import (
+    make_standin_classifier,
+    make_tiny_biggan,
+    tiny_layers,
+)
 
 MAPPING_FILE = Path(__file__).resolve().parents[1] / "conf" / "replay" / "voc_imagenet_mapping.json"
 POOL_CLASSES = {1: "aeroplane", 2: "bicycle"}

@@ -12,9 +12,9 @@ from PIL import Image
 
 from recall.data.voc import read_split
 from recall.replay.folder import FolderSource
+from recall.replay.leakage import LeakageGuard, hamming, perceptual_hash
 from recall.replay.pool import ReplayPool, build_pool
 from recall.sim.toy_web import ToyWebPhotos
-from recall.replay.leakage import LeakageGuard, hamming, perceptual_hash
 
 
 def reference_phash(image: Image.Image) -> int:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST
 from PIL import Image
 
-from conftest import FAST
 from recall.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,8 @@ def test_pseudo_replay_labels_each_group_with_the_model_that_learnt_it(tmp_path,
     assert [markers[k]["labeller"] for k in (0, 1)] == ["steps/0/model.pt", "steps/1/model.pt"]
     assert markers[1]["classes"] == [19] and markers[1]["images"] == 4
     assert not list((run_dir / "steps").glob("*/helper.pt")), "no helper decoders: that is RECALL's"
-    for png in labels.glob("c019_*.png"):  # class 19 (learnt at step 1), labelled by the step-1 model
-        assert set(np.unique(np.array(Image.open(png)))) <= {0, 19}
+    for png in labels.glob("c019_*.png"):  # class 19 (learnt at step 1), labelled by the step-1 model: any class it knows
+        assert set(np.unique(np.array(Image.open(png)))) <= set(range(20))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "pseudo_replay" and metrics["method_options"]["freeze_encoder"] is False
     statistics = json.loads((run_dir / "steps/2/eval.json").read_text())["statistics"]

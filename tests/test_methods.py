@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from recall.methods import METHODS, StepContext, build_method
-from recall.methods.distillation import (feature_distillation, knowledge_distillation, unbiased_cross_entropy,
-                                         unbiased_distillation)
+from recall.methods.distillation import (
+    feature_distillation,
+    knowledge_distillation,
+    unbiased_cross_entropy,
+    unbiased_distillation,
+)
 from recall.model import ModelConfig, SegmentationModel
 
 CFG = ModelConfig(head_channels=16)

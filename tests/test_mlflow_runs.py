@@ -14,9 +14,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import FAST
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST
 from recall.cli import main
 from recall.provenance import content_id
 
@@ -131,8 +131,8 @@ def test_dvc_stage_is_the_source_under_dvc_repro(monkeypatch):
 
 
 def test_every_stage_of_the_demo_has_a_run_name_of_its_own():
-    """The run names of the real dvc.yaml's `recall run` commands (DVC resolves its foreach), composed as the
-    stages compose them."""
+    """The run names of the real dvc.yaml's run stages (`python -m recall.stages.run`, DVC resolves its foreach),
+    composed as the stages compose them."""
     from dvc.repo import Repo
 
     from recall.config import compose
@@ -142,9 +142,11 @@ def test_every_stage_of_the_demo_has_a_run_name_of_its_own():
     with Repo(str(ROOT)) as repo:
         for stage in repo.index.stages:
             args = shlex.split(stage.cmd or "")
-            if args[:2] != ["recall", "run"]:
+            if Path(stage.path) != ROOT / "dvc.yaml":  # the demo's, not the study's or the tuner's
                 continue
-            overrides = [a for a in args[2:] if "=" in a]
+            if args[:3] != ["python", "-m", "recall.stages.run"]:
+                continue
+            overrides = [a for a in args[3:] if "=" in a]
             names[stage.addressing] = run_name(compose(overrides, params_file=ROOT / "params.yaml"))
     assert names["step0@15-overlapped"] == "step 0 · 15 classes · overlapped · seed 0"
     assert names["run@15-5_ft"] == "15-5 · ft · seed 0"

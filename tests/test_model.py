@@ -4,7 +4,12 @@ import dataclasses
 
 import torch
 
-from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
+from recall.model import (
+    ModelConfig,
+    SegmentationModel,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 CFG = ModelConfig(head_channels=16)
 

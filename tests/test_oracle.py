@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from conftest import FAST
+
 from recall.cli import main
 from recall.replay.pool import build_pool
 from recall.sim.oracle import label_quality, true_mask

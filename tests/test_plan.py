@@ -15,10 +15,10 @@ from recall.cli import main
 from recall.config import compose, default_params
 from recall.data.classes import ADE20K_CLASSES, VOC_CLASSES
 from recall.data.protocol import select_train_images, steps
-from recall.sim.toyworld import generate
 from recall.data.voc import image_classes, read_split
 from recall.experiment import ProtocolRun, check_same_config
 from recall.plan import PlanConfig, build_plan, estimate, format_plan, hours
+from recall.sim.toyworld import generate
 
 PAPER_VOC = ["experiment=paper_voc", "protocol=15-1x5", "method=recall", "replay=gan"]
 
@@ -42,7 +42,9 @@ def test_paper_voc_composes_to_the_papers_setting():
     assert (cfg.model.backbone, cfg.model.output_stride, cfg.model.frozen_bn) == ("resnet101", 8, True)
     t = cfg.train
     assert (t.batch_size, t.crop, list(t.scale), t.eval_batch_size) == (4, 321, [0.5, 1.5], 1)
-    assert (t.momentum, t.weight_decay, t.poly_power, t.iters_per_class) == (0.9, 1e-4, 0.9, 1000)
+    assert (t.momentum, t.weight_decay, t.poly_power) == (0.9, 1e-4, 0.9)
+    # RECALL's gins: 1500 iterations per class learnt in the overlapped setting, 1000 in disjoint and sequential
+    assert dict(t.iters_per_class) == {"overlapped": 1500, "disjoint": 1000, "sequential": 1000}
     assert (t.lr, t.lr_incremental, t.lr_end) == (5e-4, 5e-4, 5e-6)  # 5e-4 -> 5e-6 within every step
     assert cfg.replay.per_class == 500 and cfg.replay.pool == "pools/paper_voc/gan"
     assert compose(["experiment=paper_voc", "replay=web"]).replay.per_class == 1000
@@ -52,12 +54,12 @@ def test_paper_voc_composes_to_the_papers_setting():
 
 
 def test_paper_voc_plan_15_1x5(tmp_path):
-    """15-1x5: steps 0..5, 15 then 1 class each, 15000 then 1000 iterations, 4 images per iteration."""
+    """15-1x5 overlapped: steps 0..5, 15 then 1 class each, 1500 iterations per class, 4 images per iteration."""
     plan = build_plan(compose([*PAPER_VOC[:2], "method=ft", f"dataset.root={tmp_path / 'voc'}",
                                f"run_dir={tmp_path / 'run'}"]))
     assert [len(s["classes"]) for s in plan["steps"]] == [15, 1, 1, 1, 1, 1]
     assert plan["steps"][0]["classes"] == list(VOC_CLASSES[1:16])
-    assert [s["iterations"] for s in plan["steps"]] == [15000, 1000, 1000, 1000, 1000, 1000]
+    assert [s["iterations"] for s in plan["steps"]] == [22500, 1500, 1500, 1500, 1500, 1500]
     assert {sum(s["batch"]) for s in plan["steps"]} == {4}
     assert [s["lr"] for s in plan["steps"]] == [5e-4] * 6
     # RECALL: 2 current + 2 replay images per iteration, a helper decoder for steps 1..4, 500 images x 19 classes
@@ -199,7 +201,7 @@ def test_dry_run_against_a_missing_dataset(tmp_path, monkeypatch, capsys):
     assert main(["run", "--dry-run", *PAPER_VOC, "dataset.root=data/voc"]) == 0
     text = capsys.readouterr().out
     assert "voc at data/voc: NOT PREPARED" in text and "recall data prepare voc --root data/voc" in text
-    assert "15,000" in text and "not counted: evaluation (validation images unknown) of steps 0, 1, 2, 3, 4, 5" in text
+    assert "22,500" in text and "not counted: evaluation (validation images unknown) of steps 0, 1, 2, 3, 4, 5" in text
     assert list(tmp_path.iterdir()) == []
 
 
@@ -228,9 +230,9 @@ def test_estimate_counts_only_the_work_left():
 
 
 def test_paper_voc_estimate_arithmetic(tmp_path):
-    """15-1x5 fine-tuning on the paper's setting: 20,000 iterations of 4 images at the profile's rate."""
+    """15-1x5 overlapped fine-tuning on the paper's setting: 30,000 iterations of 4 images at the profile's rate."""
     cfg = compose([*PAPER_VOC[:2], "method=ft", f"dataset.root={tmp_path}", "plan.train_images_per_second=10"])
     e = build_plan(cfg)["estimate"]
-    assert e["train_images"] == 20_000 * 4
-    assert e["hours"] == pytest.approx(80_000 / 10 / 3600)
+    assert e["train_images"] == 30_000 * 4
+    assert e["hours"] == pytest.approx(120_000 / 10 / 3600)
     assert "10 images/s" in format_plan(build_plan(cfg))

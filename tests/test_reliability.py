@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST
 from PIL import Image
 
-from conftest import FAST
 from recall.cli import main
 from recall.data.voc import read_split
 

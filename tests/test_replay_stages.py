@@ -9,8 +9,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST
+
 from recall.cli import main
 from recall.config import compose
 from recall.replay.pool import ReplayPool
@@ -78,7 +78,7 @@ def test_web_pool_and_recall_run_never_leak_the_key(tmp_path: Path, tiny_world: 
     assert _files_containing(tmp_path, KEY) == [] and _files_containing(tmp_path, SECRET) == []
     with sqlite3.connect(tmp_path / "mlflow.db") as db:  # every value of every table
         for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-            for row in db.execute(f"SELECT * FROM {table}"):  # noqa: S608 (table names from sqlite itself)
+            for row in db.execute(f"SELECT * FROM {table}"):
                 assert not any(KEY in str(v) or SECRET in str(v) for v in row), table
         params = dict(db.execute("SELECT key, value FROM params").fetchall())
     assert params["pool_built.total"] == "80" and params["replay.name"] == "web"
@@ -96,9 +96,9 @@ def test_val_images_planted_in_the_flickr_standin_are_caught(tmp_path: Path, tin
     from PIL import Image
 
     from recall.data.voc import read_split
+    from recall.replay.leakage import LeakageGuard
     from recall.replay.pool import build_pool
     from recall.replay.web import FlickrSource
-    from recall.replay.leakage import LeakageGuard
 
     val_ids = read_split(tiny_world, "val")[:2]
     with FlickrStandIn(size=64) as server:

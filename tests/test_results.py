@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import FAST
 from recall.cli import main
 from recall.config import default_params
 

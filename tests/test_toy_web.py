@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from recall.data.classes import VOC_CLASSES
-from recall.sim.toyworld import SPLIT_CODES, generate, render_sample
-from recall.replay.pool import ReplayError, ReplayPool, build_pool, dataset_hashes
+from recall.data.classes import VOC_CLASSES, web_query
+from recall.replay.pool import (
+    ReplayError,
+    ReplayPool,
+    build_pool,
+    dataset_hashes,
+    encode_jpeg,
+    pixel_sha256,
+    sha256_bytes,
+)
 from recall.replay.sources import build_source
-from recall.sim.toy_web import ToyWebPhotos
-from recall.replay.pool import encode_jpeg, pixel_sha256, sha256_bytes
-from recall.data.classes import web_query
-from recall.sim.toy_web import FLICKR_LICENSES
+from recall.sim.toy_web import FLICKR_LICENSES, ToyWebPhotos
+from recall.sim.toyworld import SPLIT_CODES, generate, render_sample
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "replay" / "toy_web.yaml"
 

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from recall.data.classes import IGNORE_INDEX, voc_palette
-from recall.sim.toyworld import CLASS_STYLES, ClassStyle, draw_object, generate, render_background
+from recall.sim.toyworld import (
+    CLASS_STYLES,
+    ClassStyle,
+    draw_object,
+    generate,
+    render_background,
+)
 
 N_TRAIN, N_VAL = 12, 4
 

@@ -1,4 +1,5 @@
-"""The train/eval transforms keep image and mask aligned, pad with 0/255, and are repeatable per seed."""
+"""The train/eval transforms keep image and mask aligned, pad with 0 (image) and PADDING (mask), scale the original
+image (the authors' code) or the image fitted into the crop, and are repeatable per seed."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from recall.data.classes import IGNORE_INDEX
-from recall.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from recall.data.classes import PADDING
+from recall.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    train_transform,
+)
 
 
 def _denormalise(x: torch.Tensor) -> np.ndarray:
@@ -25,7 +31,7 @@ def _coded_sample(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_crop_and_flip_keep_image_and_mask_aligned():
     image, mask = _coded_sample()
-    transform = train_transform(32, (2.0, 2.0))  # scale 2 of "fit to 32" = the original 64 px: no resize
+    transform = train_transform(32, (2.0, 2.0), reference="crop")  # scale 2 of "fit to 32" = 64 px: no resize
     torch.manual_seed(0)
     flipped, corners = 0, set()
     for _ in range(20):
@@ -43,16 +49,27 @@ def test_small_scale_pads_image_with_zero_and_mask_with_ignore():
     image, mask = _coded_sample()
     torch.manual_seed(1)
     x, y = train_transform(64, (0.5, 0.5))(image, mask)  # resized to 32x32, padded to 64x64
-    padded = y == IGNORE_INDEX
+    padded = y == PADDING
     assert padded.float().mean() == pytest.approx(0.75)
     assert np.allclose(_denormalise(x)[:, padded.numpy()], 0)
     assert set(y[~padded].unique().tolist()) <= set(range(16))
     corners = set()
     for _ in range(10):  # the smaller image is placed anywhere in the crop, not always top-left
         _, y = train_transform(64, (0.5, 0.5))(image, mask)
-        kept = (y != IGNORE_INDEX).nonzero()
+        kept = (y != PADDING).nonzero()
         corners.add(tuple(kept.min(0).values.tolist()))
     assert len(corners) > 3
+
+
+def test_the_scale_applies_to_the_original_image_or_to_the_image_fitted_into_the_crop():
+    image, mask = _coded_sample()  # 64 x 64
+    torch.manual_seed(0)
+    _, y = train_transform(128, (1.0, 1.0))(image, mask)  # the authors' code: the image stays 64 px in a 128 crop
+    assert (y != PADDING).sum() == 64 * 64
+    _, y = train_transform(128, (1.0, 1.0), reference="crop")(image, mask)  # fitted into the crop: 128 px, no pad
+    assert (y == PADDING).sum() == 0
+    with pytest.raises(ValueError, match="scale_reference"):
+        train_transform(64, (1.0, 1.0), reference="screen")
 
 
 def test_same_seed_same_sample_and_eval_is_exact():

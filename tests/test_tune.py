@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
+from conftest import free_port, kill_when_written
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import free_port, kill_when_written
 from recall.cli import main
 from recall.tune import CurrentValuePruner, final_values, step_value
 

@@ -13,8 +13,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from recall.data.classes import voc_palette
-from recall.sim.toyworld import generate
 from recall.data.voc import DatasetError, VOCSegmentation, image_classes, read_split
+from recall.sim.toyworld import generate
 
 SIZE = 16
 

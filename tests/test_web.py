@@ -18,11 +18,11 @@ import pytest
 import requests
 from PIL import Image
 
-from recall.sim.flickr_standin import STANDIN_KEY, FlickrStandIn
 from recall.replay.leakage import LeakageGuard, perceptual_hash
 from recall.replay.pool import ReplayError, ReplayPool, build_pool
-from recall.sim.toy_web import FLICKR_LICENSES, ToyWebPhotos
 from recall.replay.web import FlickrSource, parse_retry_after
+from recall.sim.flickr_standin import STANDIN_KEY, FlickrStandIn
+from recall.sim.toy_web import FLICKR_LICENSES, ToyWebPhotos
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

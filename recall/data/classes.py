@@ -4,6 +4,9 @@ from __future__ import annotations
 
 IGNORE_INDEX = 255
 BACKGROUND = 0
+# The label of crop padding in a training target, until the loop ignores it (labeling.ignore_padding): a value no
+# dataset uses, so a method can tell padding (never trained on) from the image's own 255 (void) pixels.
+PADDING = 254
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from recall.data.classes import IGNORE_INDEX
+from recall.data.classes import PADDING
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,26 +36,36 @@ def _mask_out(mask: np.ndarray | None) -> torch.Tensor | None:
     return None if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
 
 
-class TrainTransform:
-    """Random scale s ~ U(scale) of the image resized to fit `crop` (torchvision's ScaleJitter), random
-    crop of `crop` x `crop` padded with 0 (image) and 255 (mask), horizontal flip with probability 0.5."""
+SCALE_REFERENCES = ("image", "crop")
 
-    def __init__(self, crop: int, scale: tuple[float, float]):
+
+class TrainTransform:
+    """Random scale s ~ U(scale), random crop of `crop` x `crop` padded with 0 (image) and PADDING (mask: the loop
+    ignores it, `recall.labeling.ignore_padding`), horizontal flip with probability 0.5.
+
+    `reference="image"` scales the original image by s, as the authors' code (LTTM/RECALL `preprocessing.py`:
+    `random_image_scaling`, then `random_crop_and_pad_image_and_labels`); `"crop"` first fits the image into the
+    crop (torchvision's ScaleJitter), so on VOC (~500 px images, crop 321) the mean training scale would be ~0.64x
+    the test scale. On the 64 px toy world with a 64 px crop both are the same."""
+
+    def __init__(self, crop: int, scale: tuple[float, float], reference: str = "image"):
         low, high = float(scale[0]), float(scale[1])
         if crop <= 0 or not 0 < low <= high:
             raise ValueError(f"train transform: need crop > 0 and 0 < scale[0] <= scale[1], got crop={crop}, "
                              f"scale={list(scale)}")
-        self.crop, self.scale = int(crop), (low, high)
+        if reference not in SCALE_REFERENCES:
+            raise ValueError(f"train.scale_reference={reference!r}: expected one of {', '.join(SCALE_REFERENCES)}")
+        self.crop, self.scale, self.reference = int(crop), (low, high), reference
 
     def __repr__(self) -> str:
-        return f"TrainTransform(crop={self.crop}, scale={list(self.scale)})"
+        return f"TrainTransform(crop={self.crop}, scale={list(self.scale)}, reference={self.reference!r})"
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None):
         array = _hwc(image)
         labels = None if mask is None else torch.Tensor.numpy(mask.as_subclass(torch.Tensor)).astype(np.uint8)
         height, width = array.shape[:2]
         s = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
-        ratio = min(self.crop / height, self.crop / width) * s
+        ratio = s if self.reference == "image" else min(self.crop / height, self.crop / width) * s
         size = (max(round(width * ratio), 1), max(round(height * ratio), 1))
         if size != (width, height):
             array = np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))  # PIL antialiases downscaling
@@ -67,7 +77,7 @@ class TrainTransform:
             widths = ((top, pad_h - top), (left, pad_w - left))
             array = np.pad(array, (*widths, (0, 0)))
             if labels is not None:
-                labels = np.pad(labels, widths, constant_values=IGNORE_INDEX)
+                labels = np.pad(labels, widths, constant_values=PADDING)
         top = int(torch.randint(array.shape[0] - self.crop + 1, ()))
         left = int(torch.randint(array.shape[1] - self.crop + 1, ()))
         window = (slice(top, top + self.crop), slice(left, left + self.crop))
@@ -90,8 +100,8 @@ class EvalTransform:
         return to_model_input(_hwc(image)), _mask_out(labels)
 
 
-def train_transform(crop: int, scale: tuple[float, float]) -> TrainTransform:
-    return TrainTransform(crop, scale)
+def train_transform(crop: int, scale: tuple[float, float], reference: str = "image") -> TrainTransform:
+    return TrainTransform(crop, scale, reference)
 
 
 def eval_transform() -> EvalTransform:

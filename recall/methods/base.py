@@ -38,6 +38,7 @@ class StepContext:
     new_classes: list[int]
     old_classes: list[int]  # non-background classes learnt at earlier steps
     prev_model: nn.Module | None = None  # frozen model of step t-1 (only if the method asks for it)
+    setting: str = "overlapped"  # overlapped | disjoint | sequential
     extras: dict = field(default_factory=dict)
 
 
@@ -47,6 +48,7 @@ class RunServices(Protocol):
     cfg: object  # the resolved configuration (DictConfig): e.g. cfg.replay for a replay method
     run_dir: Path
     task: list[list[int]]
+    setting: str
     class_names: list[str]
     last_step: int
     model_cfg: object  # recall.model.ModelConfig
@@ -110,7 +112,7 @@ class Method:
     def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
         """This method's part of a step in `recall run --dry-run`: {"extra_training": {"what", "iterations",
         "batch"}} for training besides the step's own, {"extra_data": text} for what it blends in. `iterations(n,
-        batch)` counts the iterations of a pass over n images."""
+        batch, train_cfg=None)` counts the step's iterations over n images (under other training settings)."""
         return {}
 
     def plan_inputs(self, run: RunServices, last_step: int, to_train: list[int]) -> dict | None:

@@ -13,6 +13,7 @@ What is RECALL's own, on top of the replay data flow (`recall.methods.replay.Rep
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,32 +23,67 @@ from recall.labeling import inpaint_background
 from recall.methods.base import RunServices, StepContext
 from recall.methods.finetune import FineTuning
 from recall.methods.replay import ReplayMethod
-from recall.model import load_checkpoint, save_checkpoint
+from recall.data.classes import IGNORE_INDEX, PADDING
+from recall.errors import UserError
+from recall.model import SegmentationModel, load_checkpoint, save_checkpoint
+
+HELPER_INITS = ("random", "step0")
 
 
 class Recall(ReplayMethod):
     name = "recall"
 
     def __init__(self, replay_ratio: float = 0.5, inpaint_threshold: float = 0.0, inpaint_ignore: bool = True,
-                 label_threshold: float = 0.0, min_labelled: float = 0.0, labels: str = "evaluated",
+                 inpaint_sequential: bool = False, inpaint_padding: bool = False, label_threshold: float = 0.0,
+                 min_labelled: float = 0.0,
+                 labels: str = "evaluated", label_space: str = "all", helper_lr_factor: float = 0.4,
+                 helper_init: str = "random", helper_iters_per_class: int | None = None,
                  freeze_encoder: bool = True, classifier_init: str = "random"):
         super().__init__(replay_ratio=replay_ratio, label_threshold=label_threshold, min_labelled=min_labelled,
-                         labels=labels, freeze_encoder=freeze_encoder, classifier_init=classifier_init)
+                         labels=labels, label_space=label_space, freeze_encoder=freeze_encoder,
+                         classifier_init=classifier_init)
+        if helper_init not in HELPER_INITS:
+            raise UserError(f"method.helper_init={helper_init!r}: random (the authors') or step0 (the step-0 head)")
+        if helper_lr_factor <= 0:
+            raise UserError(f"method.helper_lr_factor={helper_lr_factor}: must be > 0")
         self.inpaint_threshold = inpaint_threshold
-        self.inpaint_ignore = inpaint_ignore
+        self.inpaint_ignore = inpaint_ignore  # also the image's own 255 (void) pixels; crop padding never
+        self.inpaint_sequential = inpaint_sequential  # the authors' SEQUENTIAL.gin: mix_labels = False
+        self.inpaint_padding = inpaint_padding  # crop padding inpainted too: this project's behaviour before the fix
+        self.helper_lr_factor = helper_lr_factor  # the authors: 2e-4 for helpers against 5e-4 for the main decoder
+        self.helper_init = helper_init
+        self.helper_iters_per_class = helper_iters_per_class  # with train.iters_per_class (the authors: 1000)
 
     # ------------------------------------------------------------------ label evaluation
-    def labeller(self, run: RunServices, k: int) -> tuple[Path, dict[int, int]]:
-        """Step-0 classes: the step-0 model (channel = class); step k's classes: its helper decoder (background,
-        then step k's classes in order)."""
+    def labeller(self, run: RunServices, k: int) -> tuple[Path, list[int]]:
+        """Step-0 classes: the step-0 model (background and the step-0 classes); step k's classes: its helper
+        decoder (background, then step k's classes in order)."""
         if k == 0:
-            return run.step_dir(0) / "model.pt", {c: c for c in run.task[0]}
-        return run.step_dir(k) / "helper.pt", {c: 1 + i for i, c in enumerate(run.task[k])}
+            return run.step_dir(0) / "model.pt", [0, *run.task[0]]
+        return run.step_dir(k) / "helper.pt", [0, *run.task[k]]
 
     def needs_helper(self, run: RunServices, step: int) -> bool:
         """A helper labels step `step`'s classes for the steps after it: every incremental step but the last (and
         none when nothing is replayed)."""
         return self.replays(run) and 0 < step < len(run.task) - 1
+
+    def helper_model(self, run: RunServices, step: int) -> SegmentationModel:
+        """The untrained helper of `step`: the step-0 encoder (frozen in training) and a decoder for background and
+        the step's classes, random (the authors': a fresh decoder) or the step-0 head (`helper_init=step0`)."""
+        step0, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
+        helper = SegmentationModel(run.model_cfg, [len(run.task[step])])
+        helper.encoder.load_state_dict(step0.encoder.state_dict())
+        if self.helper_init == "step0":
+            helper.head.load_state_dict(step0.head.state_dict())
+        return helper
+
+    def helper_train_config(self, t):
+        """The training settings of a helper: the incremental learning rate (and its floor) times
+        `helper_lr_factor`; `helper_iters_per_class` iterations per class when the budget is in iterations."""
+        budget = {} if self.helper_iters_per_class is None or t.iters_per_class is None else \
+            {"iters_per_class": self.helper_iters_per_class}
+        return replace(t, lr_incremental=t.lr_incremental * self.helper_lr_factor,
+                       lr_end=t.lr_end * self.helper_lr_factor, **budget)
 
     def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
         """The helper decoder of step `step`: the frozen step-0 encoder + a decoder for background and the step's
@@ -56,33 +92,35 @@ class Recall(ReplayMethod):
 
         if not self.needs_helper(run, step):
             return
-        helper, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
-        helper.classifiers = torch.nn.ModuleList()
-        helper.add_classes(1 + len(run.task[step]))
+        helper = self.helper_model(run, step)
         remap = torch.full((256,), 255, dtype=torch.long)
         remap[0] = 0
         for i, c in enumerate(run.task[step]):
             remap[c] = 1 + i
-        ctx = StepContext(step=step, task=run.task, new_classes=list(run.task[step]), old_classes=[])
+        ctx = StepContext(step=step, task=run.task, new_classes=list(run.task[step]), old_classes=[],
+                          setting=run.setting)
         train_step(helper, FineTuning(freeze_encoder=True), run.train_loader(step, generator, label_map=remap), ctx,
-                   run.train_cfg)
+                   self.helper_train_config(run.train_cfg))
         if distributed.is_main():
             save_checkpoint(helper, run.step_dir(step) / "helper.pt",
                             {"classes_per_step": [len(run.task[step])], "helper_for": run.task[step]})
 
     # ------------------------------------------------------------------ the loop
     def rewrite_targets(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if ctx.prev_model is None:
-            return targets
+        if ctx.prev_model is None or (ctx.setting == "sequential" and not self.inpaint_sequential):
+            return targets  # sequential keeps the old classes' labels: nothing to inpaint (the authors' code)
         with torch.no_grad():
             prev_logits = ctx.prev_model(images)["out"]
-        return inpaint_background(targets, prev_logits, self.inpaint_threshold, self.inpaint_ignore)
+        if self.inpaint_padding:  # (measured in docs/results.md; padding is not image content)
+            targets = torch.where(targets == PADDING, torch.full_like(targets, IGNORE_INDEX), targets)
+        return inpaint_background(targets, prev_logits, self.inpaint_threshold, self.inpaint_ignore or
+                                  self.inpaint_padding)
 
     # ------------------------------------------------------------------ recall run --dry-run
     def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
         plan = super().plan_step(run, step, images, iterations)
         if self.needs_helper(run, step):  # full batches of the step's own images
             batch = run.train_cfg.batch_size
-            plan["extra_training"] = {"what": "helper decoder", "iterations": iterations(images, batch),
-                                      "batch": batch}
+            plan["extra_training"] = {"what": "helper decoder", "batch": batch,
+                                      "iterations": iterations(images, batch, self.helper_train_config(run.train_cfg))}
         return plan

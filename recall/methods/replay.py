@@ -31,7 +31,7 @@ from recall.atomic import write_json
 from recall.data.transforms import eval_transform, train_transform
 from recall.errors import UserError
 from recall.figures import plot_grid
-from recall.labeling import label_pool, labelled_share, same_size_batches
+from recall.labeling import LABEL_SPACES, label_pool, labelled_share, same_size_batches
 from recall.methods.base import Method, RunServices, StepContext
 from recall.model import load_checkpoint
 from recall.provenance import content_id
@@ -62,10 +62,15 @@ class ReplayMethod(Method):
     needs_previous_model = True
 
     def __init__(self, replay_ratio: float = 0.5, label_threshold: float = 0.0, min_labelled: float = 0.0,
-                 labels: str = "evaluated", freeze_encoder: bool = False, classifier_init: str = "random"):
+                 labels: str = "evaluated", label_space: str = "all", freeze_encoder: bool = False,
+                 classifier_init: str = "random"):
         super().__init__(freeze_encoder=freeze_encoder, classifier_init=classifier_init)
         if labels not in LABEL_SOURCES:
             raise UserError(f"method.labels={labels!r}: expected one of {', '.join(LABEL_SOURCES)}")
+        if label_space not in LABEL_SPACES:
+            raise UserError(f"method.label_space={label_space!r}: all (the argmax over every output of the "
+                            "labelling model, as the authors' code) or class (restricted to background and the "
+                            "image's class)")
         if not 0.0 <= replay_ratio < 1.0:
             raise UserError(f"method.replay_ratio={replay_ratio}: must be in [0, 1) (share of replay samples per "
                             "batch)")
@@ -75,12 +80,13 @@ class ReplayMethod(Method):
         self.label_threshold = label_threshold  # replay pixels below this confidence become 255
         self.min_labelled = min_labelled  # drop replay images whose label gives their class less of the image
         self.labels = labels
+        self.label_space = label_space
         self._forbidden: set[str] | None = None
 
     # ------------------------------------------------------------------ what a subclass says
-    def labeller(self, run: RunServices, k: int) -> tuple[Path, dict[int, int]]:
-        """The checkpoint that labels the pool images of the classes learnt at step `k`, and each class's logit
-        channel in it."""
+    def labeller(self, run: RunServices, k: int) -> tuple[Path, list[int]]:
+        """The checkpoint that labels the pool images of the classes learnt at step `k`, and the class of each of
+        its output channels (in the full label space)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the pool
@@ -158,10 +164,10 @@ class ReplayMethod(Method):
                     raise UserError(f"replay pool {pool.root} has no usable image of the classes of step {k} "
                                     f"({', '.join(run.class_names[c] for c in run.task[k])}); rebuild it")
                 if LABEL_SOURCES[self.labels] is None:
-                    checkpoint, channels = self.labeller(run, k)
+                    checkpoint, channel_classes = self.labeller(run, k)
                     model, _ = load_checkpoint(checkpoint, run.model_cfg)
-                    n = label_pool(model, data, channels=channels, out=labels_dir, threshold=self.label_threshold,
-                                   device=run.device())
+                    n = label_pool(model, data, channel_classes, out=labels_dir, threshold=self.label_threshold,
+                                   space=self.label_space, device=run.device())
                     labeller = str(checkpoint.relative_to(run.run_dir))
                 else:
                     n = resolve(LABEL_SOURCES[self.labels])(run.cfg.replay, data.records, labels_dir)
@@ -190,7 +196,7 @@ class ReplayMethod(Method):
         batch drawn (the loop draws it before autocast, after the step's loader made its first draw from
         `generator`: the replay loader's shuffle comes second, as it always did)."""
         t = run.train_cfg
-        data = self.replay_data(run, step, train_transform(t.crop, t.scale))
+        data = self.replay_data(run, step, train_transform(t.crop, t.scale, t.scale_reference))
         if data.problems:
             print(f"replay: {describe_problems(data.problems, len(data) + len(data.problems))}", flush=True)
         if self.min_labelled > 0:  # images label evaluation found (almost) nothing in would teach "class = background"

@@ -1,9 +1,9 @@
 """Class mapping: which generator class replays which target class (RECALL's procedure).
 
-RECALL classifies the VOC training images containing class c with an ImageNet classifier,
-averages the softmax over them and takes the ImageNet class with the highest mean. On the toy
-domain the "ImageNet classifier" is a small timm model trained on the generator's own images
-(``train_source_classifier``); ``map_classes`` is the same code for both.
+RECALL classifies the VOC training images containing class c with an ImageNet classifier, averages the softmax
+over them (over *all* of them, as the authors' README says) and takes the ImageNet class with the highest mean.
+On the toy world the "ImageNet classifier" is the classifier `recall pretrain` trained on the toy ImageNet, whose
+class space the toy generator samples; ``map_classes`` is the same code for both.
 
 Classifiers here take float images in [0, 1] (N, 3, H, W) and return source-class logits; the
 normalisation lives inside the module (``SourceClassifier``).
@@ -12,7 +12,6 @@ normalisation lives inside the module (``SourceClassifier``).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,12 +28,6 @@ from recall.replay.weights import IMAGENET_NUM_CLASSES, imagenet_names, load_str
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCORE_DECIMALS = 6
-# Zoom-out augmentation: generator images are object-centric, dataset objects are smaller and
-# several per image. A sample is shrunk by a random factor and pasted at a random place on a
-# smooth canvas (the image averaged to a coarse grid and upsampled, like the toy backgrounds).
-ZOOM_OUT_PROBABILITY = 0.5
-ZOOM_OUT_SCALE = (0.35, 0.9)
-CANVAS_GRID = 4
 # RECALL's ImageNet classifier, and the tiny random-weight timm model standing in for it in the demo.
 IMAGENET_MODEL = "efficientnet_b2"
 STANDIN_MODEL = "test_efficientnet"
@@ -56,89 +49,6 @@ class SourceClassifier(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def generator_images(generator, per_class: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` samples of every source class: (uint8 N,3,H,W images, int64 N labels)."""
-    images, labels = [], []
-    for source_class in range(generator.num_source_classes):
-        for image in generator.sample(source_class, per_class, start):
-            images.append(np.asarray(image))
-            labels.append(source_class)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
-
-
-def zoom_out(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shrink a random part (``ZOOM_OUT_PROBABILITY``) of a float (N,3,H,W) batch onto smooth canvases.
-
-    One scale per batch (a single resize); each image gets its own position.
-    """
-    n, _, height, width = images.shape
-    chosen = torch.rand(n, generator=generator) < ZOOM_OUT_PROBABILITY
-    if not chosen.any():
-        return images
-    scale = ZOOM_OUT_SCALE[0] + float(torch.rand(1, generator=generator)) * (ZOOM_OUT_SCALE[1] - ZOOM_OUT_SCALE[0])
-    h, w = max(int(height * scale), 1), max(int(width * scale), 1)
-    picked = images[chosen]
-    canvas = nn.functional.interpolate(nn.functional.adaptive_avg_pool2d(picked, CANVAS_GRID), size=(height, width),
-                                       mode="bilinear", align_corners=False)
-    small = nn.functional.interpolate(picked, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    corners = torch.rand(len(picked), 2, generator=generator)
-    for k in range(len(picked)):
-        top, left = int(corners[k, 0] * (height - h)), int(corners[k, 1] * (width - w))
-        canvas[k, :, top:top + h, left:left + w] = small[k]
-    out = images.clone()
-    out[chosen] = canvas
-    return out
-
-
-def train_source_classifier(generator, per_class: int = 40, epochs: int = 8, seed: int = 0, batch_size: int = 64,
-                            lr: float = 3e-3, weight_decay: float = 1e-4, max_seconds: float | None = None,
-                            model_name: str = "test_resnet", augment: bool = True,
-                            progress: bool = False) -> SourceClassifier:
-    """A small classifier of the generator's source classes, trained on its own samples.
-
-    With ``augment``, samples are randomly zoomed out (``zoom_out``), standing in for the scale
-    augmentation an ImageNet classifier is trained with.
-
-    Deterministic for a seed: trains ``epochs`` epochs (8 epochs of 40 images per class take ~30 s
-    on 2 idle cores). ``max_seconds`` is an optional safety limit (checked per batch) that makes
-    the result depend on machine speed; leave it None in pipeline stages. Returned in eval mode.
-    """
-    import timm
-
-    started = time.monotonic()
-    torch.manual_seed(seed)
-    images, labels = generator_images(generator, per_class)
-    model = SourceClassifier(timm.create_model(model_name, num_classes=generator.num_source_classes),
-                             generator.source_names)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(len(labels) // batch_size, 1)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    generator_rng = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(labels), generator=generator_rng)
-        total, correct, count = 0.0, 0, 0
-        for step in range(steps_per_epoch):
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            inputs = images[batch].float() / 255
-            logits = model(zoom_out(inputs, generator_rng) if augment else inputs)
-            loss = nn.functional.cross_entropy(logits, labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-            correct += int((logits.argmax(1) == labels[batch]).sum())
-            count += len(batch)
-            if max_seconds is not None and time.monotonic() - started > max_seconds:
-                break
-        if progress:
-            print(f"source classifier epoch {epoch}: loss {total / count:.3f}, train acc {correct / count:.3f}")
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
-            break
-    return model.eval()
-
-
 @torch.inference_mode()
 def _softmax(classifier: nn.Module, images: list[torch.Tensor], batch_size: int,
              input_size: int | None) -> torch.Tensor:
@@ -158,13 +68,14 @@ def _softmax(classifier: nn.Module, images: list[torch.Tensor], batch_size: int,
 
 
 def map_classes(classifier: nn.Module, dataset_root: str | Path, split: str = "train", num_classes: int = 20,
-                top_k: int = 3, max_images_per_class: int = 50, source_names: Sequence[str] | None = None,
+                top_k: int = 3, max_images_per_class: int | None = None, source_names: Sequence[str] | None = None,
                 class_names: Sequence[str] = VOC_CLASSES, batch_size: int = 32, input_size: int | None = None,
                 image_dir: str = "JPEGImages", mask_dir: str = "SegmentationClass",
                 progress: bool = False) -> dict[int, dict]:
     """For each target class, the source class with the highest mean softmax over its training images.
 
-    Uses the first ``max_images_per_class`` images of ``split`` (in split order) whose mask
+    Uses every image of ``split`` whose mask contains the class, as the authors (or, with
+    ``max_images_per_class``, the first that many in split order) whose mask
     contains the class. Returns ``{c: {"name", "source_class", "source_name", "top_k":
     [[index, name, mean score], ...] (best first), "n_images"}}``; a class without images gets
     ``source_class`` None.
@@ -174,6 +85,8 @@ def map_classes(classifier: nn.Module, dataset_root: str | Path, split: str = "t
     ids = read_split(root, split)
     present = image_classes(root, ids, num_classes=num_classes, mask_dir=mask_dir, progress=progress)
     chosen = {c: [i for i in ids if c in present[i]][:max_images_per_class] for c in range(1, num_classes + 1)}
+    if len(class_names) != num_classes + 1:
+        raise ReplayError(f"class mapping: {len(class_names)} class names for {num_classes} classes + background")
     position = {image_id: k for k, image_id in enumerate(ids)}
     needed = sorted({i for members in chosen.values() for i in members}, key=position.__getitem__)
     images = [torch.from_numpy(np.array(load_image(root / image_dir / f"{i}.jpg"))).permute(2, 0, 1)
@@ -211,30 +124,39 @@ def _weights_hint(model_name: str, path: str | Path) -> str:
             f"(or make a random stand-in with `recall standin-weights`)")
 
 
-def _create_timm_model(model_name: str) -> nn.Module:
+def _create_timm_model(model_name: str, num_classes: int = IMAGENET_NUM_CLASSES) -> nn.Module:
     import timm
 
     try:
-        return timm.create_model(model_name, pretrained=False, num_classes=IMAGENET_NUM_CLASSES)
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     except RuntimeError as error:  # timm: "Unknown model (...)"
         raise ReplayError(f"cannot create timm model {model_name!r} ({error}); see timm.list_models()") from error
 
 
-def imagenet_classifier(model_name: str = IMAGENET_MODEL, *, weights: str | Path,
-                        input_size: int | None = None) -> SourceClassifier:
+def imagenet_classifier(model_name: str = IMAGENET_MODEL, *, weights: str | Path, input_size: int | None = None,
+                        names: str | Path | None = None) -> SourceClassifier:
     """RECALL's ImageNet classifier (EfficientNet-B2 by default) from a local weights file, in eval mode.
 
     ``weights`` is a state dict saved with ``torch.save`` (``.pth``/``.bin``/``.pt``, possibly wrapped
-    under "state_dict" or "model") or a ``.safetensors`` file; it is loaded strictly. ``source_names``
-    are the ImageNet class descriptions; ``input_size`` (default: timm's ``pretrained_cfg`` input
-    size, 256 for EfficientNet-B2) is stored on the classifier for ``map_classes(..., input_size=...)``.
+    under "state_dict" or "model") or a ``.safetensors`` file; it is loaded strictly. ``names`` is a JSON list of
+    its class names (a classifier of another class set, e.g. the toy world's, pretrained by `recall pretrain`);
+    without it the classes are ImageNet-1k's. ``input_size`` (default: timm's ``pretrained_cfg`` input size, 256
+    for EfficientNet-B2) is stored on the classifier for ``map_classes(..., input_size=...)``.
     """
-    model = _create_timm_model(model_name)
+    if names is not None:
+        try:
+            source_names = [str(n) for n in json.loads(Path(names).read_text())]
+        except (OSError, ValueError) as error:
+            raise ReplayError(f"{names}: cannot read the classifier's class names ({error}); `recall pretrain` "
+                              "writes them next to its classifier") from error
+    else:
+        source_names = imagenet_names()
+    model = _create_timm_model(model_name, len(source_names))
     state = read_state_dict(weights, _weights_hint(model_name, weights))
     load_strictly(model, state, weights)
     config = getattr(model, "pretrained_cfg", None) or {}
     size = input_size if input_size is not None else (config.get("input_size") or (None,))[-1]
-    classifier = SourceClassifier(model, imagenet_names(), mean=config.get("mean", IMAGENET_MEAN),
+    classifier = SourceClassifier(model, source_names, mean=config.get("mean", IMAGENET_MEAN),
                                   std=config.get("std", IMAGENET_STD), input_size=size)
     return classifier.eval()
 

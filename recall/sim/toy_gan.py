@@ -1,55 +1,31 @@
-"""The BigGAN stand-in: a procedural class-conditional generator with its own class space.
+"""The BigGAN stand-in: a procedural class-conditional generator of the toy "ImageNet"'s classes.
 
-Like BigGAN's ImageNet classes, the generator's source classes are not the target classes:
-
-- one *look-alike* per toy class: the class style with a small domain shift (hue rotated by
-  10-20 degrees, a different texture period and brightness);
-- *variants*: a second, more shifted version of some toy classes (near-duplicates, like the
-  many dog breeds of ImageNet);
-- *distractors*: shape/texture combinations that no toy class uses.
-
-Their order is shuffled (fixed, independent of ``seed``), so source index != target index and
-the mapping has to be found (``recall.replay.classmap``). A sample is driven by a latent
-``z ~ N(0, I)`` of ``LATENT_DIM`` entries, truncated BigGAN-style (entries beyond
-``2 * truncation`` are resampled); z sets the object's position, scale, rotation, colour
-jitter, the background and an optional small distractor object. Images are object-centric
-(one large object, like ImageNet photos) and deterministic per (seed, source class, index).
+Like BigGAN, which samples ImageNet's classes, the generator samples the toy ImageNet's class space
+(``recall.sim.toy_imagenet.class_space``: look-alikes of every toy-world class, shifted in hue, texture period and
+brightness, more-shifted variants, distractors and further classes that are none of them). Source index !=
+target index, so the mapping has to be found (``recall.replay.classmap``, with the classifier pretrained on the toy
+ImageNet). A sample is driven by a latent ``z ~ N(0, I)`` of ``LATENT_DIM`` entries, truncated BigGAN-style
+(entries beyond ``2 * truncation`` are resampled); z sets the object's position, scale, rotation, colour jitter,
+the background and an optional small distractor object. Samples are object-centric and less varied than the toy
+ImageNet's photos (a generator's modes, not a photo collection), deterministic per (seed, source class, index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from recall.replay.classmap import checked_mapping
 from recall.replay.pool import ReplayError
-from recall.sim.toyworld import (
-    CLASS_STYLES,
-    PIXEL_NOISE_STD,
-    SHAPES,
-    ClassStyle,
-    draw_object,
-    render_background,
-    shifted_style,
-)
+from recall.sim.toy_imagenet import NUM_CLASSES, class_space
+from recall.sim.toyworld import PIXEL_NOISE_STD, draw_object, render_background
 
 LATENT_DIM = 8
 TRUNCATION_SIGMAS = 2.0  # |z| <= 2 * truncation
 MAX_RESAMPLE_ROUNDS = 100  # then clip (only reached for tiny truncations)
-CLASS_SPACE_SEED = 20210  # the source class space is fixed, like a GAN's training classes
-NUM_TARGET_CLASSES = len(CLASS_STYLES)
-TEXTURES = ("solid", "stripes", "dots", "checker", "gradient", "noise")
-
-# Domain shift of the source classes (degrees of hue, factors of texture period / brightness).
-LOOKALIKE_HUE_SHIFT = (10.0, 20.0)
-LOOKALIKE_PERIOD_FACTOR = (0.75, 1.3)
-LOOKALIKE_VALUE_DROP = (0.03, 0.12)
-VARIANT_HUE_SHIFT = (30.0, 45.0)
-VARIANT_PERIOD_FACTOR = (1.4, 1.8)
-VARIANT_VALUE_DROP = (0.15, 0.25)
 
 # How z drives a sample (fractions of the image size unless noted).
 POSITION_STD_FRAC = 0.07
@@ -64,59 +40,6 @@ DISTRACTOR_RADIUS_FRAC = 0.12
 DISTRACTOR_OFFSET_FRAC = 0.36
 
 
-@dataclass(frozen=True)
-class SourceClass:
-    """One class of the generator: how it looks and, for inspection only, what it imitates."""
-
-    name: str
-    style: ClassStyle
-    kind: str  # "lookalike" | "variant" | "distractor"
-    target: int | None  # the toy class it was made from (None for distractors)
-
-
-def _signed(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
-    return float(rng.choice([-1.0, 1.0]) * rng.uniform(*bounds))
-
-
-def _derived(rng: np.random.Generator, c: int, hue: tuple[float, float], period: tuple[float, float],
-             value_drop: tuple[float, float]) -> ClassStyle:
-    base = CLASS_STYLES[c]
-    return shifted_style(c, hue_shift=_signed(rng, hue),
-                         texture_period=base.texture_period * rng.uniform(*period),
-                         value=base.value - rng.uniform(*value_drop),
-                         secondary_value=float(np.clip(base.secondary_value + rng.uniform(-0.05, 0.05), 0.1, 0.5)))
-
-
-def source_class_space(num_source_classes: int) -> list[SourceClass]:
-    """The generator's classes: 20 look-alikes, then variants and distractors, in a fixed shuffled order."""
-    used = {(s.shape, s.texture) for s in CLASS_STYLES.values()}
-    free = [(shape, texture) for shape in SHAPES for texture in TEXTURES if (shape, texture) not in used]
-    n_extra = num_source_classes - NUM_TARGET_CLASSES
-    n_variants = min(n_extra // 2, NUM_TARGET_CLASSES)
-    n_distractors = n_extra - n_variants
-    if n_extra < 0 or n_distractors > len(free):
-        raise ReplayError(f"num_source_classes must be in {NUM_TARGET_CLASSES}.."
-                          f"{2 * NUM_TARGET_CLASSES + len(free)}, got {num_source_classes}")
-    rng = np.random.default_rng(CLASS_SPACE_SEED)
-    targets = sorted(CLASS_STYLES)
-    made: list[tuple[ClassStyle, str, int | None]] = []
-    for c in targets:
-        made.append((_derived(rng, c, LOOKALIKE_HUE_SHIFT, LOOKALIKE_PERIOD_FACTOR, LOOKALIKE_VALUE_DROP),
-                     "lookalike", c))
-    for c in rng.permutation(targets)[:n_variants]:
-        made.append((_derived(rng, int(c), VARIANT_HUE_SHIFT, VARIANT_PERIOD_FACTOR, VARIANT_VALUE_DROP),
-                     "variant", int(c)))
-    for k in rng.permutation(len(free))[:n_distractors]:
-        shape, texture = free[int(k)]
-        style = ClassStyle(shape=shape, texture=texture, hue=float(rng.uniform(0, 360)),
-                           texture_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
-                           texture_period=float(rng.uniform(4.0, 8.0)))
-        made.append((style, "distractor", None))
-    order = rng.permutation(len(made))
-    return [SourceClass(name=f"src{i:02d}_{made[j][0].shape}_{made[j][0].texture}", style=made[j][0],
-                        kind=made[j][1], target=made[j][2]) for i, j in enumerate(order)]
-
-
 class ToyGenerator:
     """A class-conditional toy "GAN" (see the module docstring) that is also a replay source.
 
@@ -126,7 +49,7 @@ class ToyGenerator:
 
     name = "toy_gan"
 
-    def __init__(self, num_source_classes: int = 40, truncation: float = 1.0, size: int = 64, seed: int = 0,
+    def __init__(self, num_source_classes: int = NUM_CLASSES, truncation: float = 1.0, size: int = 64, seed: int = 0,
                  mapping: Mapping[int | str, int] | None = None) -> None:
         if truncation < 0:
             raise ReplayError(f"truncation must be >= 0, got {truncation}")
@@ -134,7 +57,10 @@ class ToyGenerator:
         self.truncation = float(truncation)
         self.size = size
         self.seed = seed
-        self.classes = source_class_space(num_source_classes)
+        try:
+            self.classes = class_space(num_source_classes)
+        except ValueError as error:
+            raise ReplayError(f"toy generator: {error}") from None
         self.source_names = [c.name for c in self.classes]
         self._distractors = [c.style for c in self.classes if c.kind == "distractor"]
         self.mapping: dict[int, int] = {}
