@@ -35,6 +35,8 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py
+	python benchmarks/label_eval.py
+	python benchmarks/startup.py
 	python benchmarks/metrics.py
 	python benchmarks/transforms.py
 	python benchmarks/replay.py

@@ -1,10 +1,13 @@
-"""Where the demo's time goes: `dvc repro` of a fresh copy of the project, stage by stage.
+"""Where the demo's time goes: `make demo` on a fresh copy of the project, stage by stage.
 
-    python benchmarks/demo_profile.py [--keep DIR] [--out docs/demo_profile.json]
+    python benchmarks/demo_profile.py [--fresh-venv] [--adopt] [--keep DIR] [--out docs/demo_profile.json]
 
-Copies the committed project (git ls-files) into a temporary directory, prefixes every stage's command with a
-timer (in the copy only) and runs `dvc repro` there. Per stage: wall seconds, CPU seconds (user + system of the
-command's processes) and peak RSS; for the run stages, how the wall time splits into what the run itself tallies
+Copies the project (the files git tracks) into a temporary directory and runs `dvc repro` there, with a
+`sitecustomize` hook on PYTHONPATH that records each stage's process when it exits (dvc.yaml is not touched, so
+the copy's dvc.lock is the one `dvc repro` makes; `--adopt` copies it and reports/summary.json back). With
+`--fresh-venv` it first installs the project as `make demo` does (`make .venv/.installed`: a new virtualenv,
+`pip install -e .`, timed; pip's cache is whatever this machine has) and runs the pipeline with that venv.
+Per stage: wall seconds, CPU seconds (user + system of the command's processes) and peak RSS; for the run stages, how the wall time splits into what the run itself tallies
 (`timing.json`: pre-flight, train, method, evaluate, figures, tracking) and the rest (process start, imports,
 building the model and data, checkpoints). DVC's own bookkeeping is the wall time of `dvc repro` outside every
 command. A second `dvc repro` with nothing changed is timed too (it must be a no-op). The table is printed and,
@@ -24,21 +27,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
-TIMER = '''\
-import json, os, resource, subprocess, sys, time
-start = time.perf_counter()
-code = subprocess.call(sys.argv[1:])
-wall = time.perf_counter() - start
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-record = {"stage": os.environ.get("DVC_STAGE", "?"), "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
-          "rss_mb": usage.ru_maxrss / 1024, "cmd": sys.argv[1:], "exit": code}
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stages.jsonl"), "a") as f:
-    f.write(json.dumps(record) + "\\n")
-sys.exit(code)
-'''
+# imported by every Python process of the profiled `dvc repro` (its directory is put on PYTHONPATH): the first
+# process of each stage (DVC sets DVC_STAGE) records its wall time since the process started, its CPU time with
+# its children's, and the peak RSS, when it exits
+SITECUSTOMIZE = """\
+import atexit, json, os, resource, sys, time
+
+def _record(out=os.environ.get("RECALL_PROFILE_OUT")):
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    with open("/proc/self/stat") as f:
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    record = {"stage": os.environ["DVC_STAGE"], "wall": uptime - started, "argv": sys.argv,
+              "cpu": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+              "rss_mb": max(own.ru_maxrss, children.ru_maxrss) / 1024}
+    with open(out, "a") as f:
+        f.write(json.dumps(record) + "\\n")
+
+if os.environ.get("DVC_STAGE") and os.environ.get("RECALL_PROFILE_OUT") and not os.environ.get("RECALL_PROFILED"):
+    os.environ["RECALL_PROFILED"] = "1"  # its child processes are counted in its CPU time, not again
+    atexit.register(_record)
+"""
 PHASES = ("pre-flight", "train", "method", "evaluate", "figures", "tracking")
 
 
@@ -53,18 +64,6 @@ def copy_project(dest: Path) -> None:
         subprocess.run(command, cwd=dest, check=True)
 
 
-def wrap_commands(project: Path) -> None:
-    """Prefix every stage's cmd with the timer (only in the copy; DVC re-runs nothing else because of it)."""
-    (project / ".profile").mkdir()
-    (project / ".profile" / "timer.py").write_text(TIMER)
-    dvc_file = project / "dvc.yaml"
-    spec = yaml.safe_load(dvc_file.read_text())
-    for stage in spec["stages"].values():
-        body = stage.get("do", stage)
-        body["cmd"] = f"python {project / '.profile' / 'timer.py'} {body['cmd']}"
-    dvc_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
 def run_timing(project: Path, command: list[str]) -> dict:
     """A run stage's `timing.json` (its run_dir from the command line)."""
     run_dir = next((a.split("=", 1)[1] for a in command if a.startswith("run_dir=")), None)
@@ -72,21 +71,32 @@ def run_timing(project: Path, command: list[str]) -> dict:
     return json.loads(path.read_text()) if path and path.is_file() else {}
 
 
-def profile(project: Path) -> dict:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+def install(project: Path) -> tuple[str, float]:
+    """`make .venv/.installed` in the copy (what `make demo` does before `dvc repro`): its python and the seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, check=True,
+    subprocess.run(["make", ".venv/.installed"], cwd=project, env=env, check=True, stdout=subprocess.DEVNULL)
+    return str(project / ".venv" / "bin" / "python"), time.perf_counter() - start
+
+
+def profile(project: Path, hooks: Path, python: str = sys.executable) -> dict:
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    records = hooks / "stages.jsonl"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RECALL_PROFILE_OUT": str(records),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
+           "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", "")])}
+    start = time.perf_counter()
+    subprocess.run([python, "-m", "dvc", "repro"], cwd=project, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total = time.perf_counter() - start
     start = time.perf_counter()
-    again = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, check=True,
+    again = subprocess.run([python, "-m", "dvc", "repro"], cwd=project, env=env, check=True,
                            capture_output=True, text=True)
     noop = time.perf_counter() - start
-    stages = [json.loads(line) for line in (project / ".profile" / "stages.jsonl").read_text().splitlines()]
+    stages = [json.loads(line) for line in records.read_text().splitlines()]
     rows = []
     for s in stages:
-        phases = run_timing(project, s["cmd"])
+        phases = run_timing(project, s["argv"])
         rest = s["wall"] - sum(phases.values()) if phases else None
         rows.append({"stage": s["stage"], "wall": s["wall"], "cpu": s["cpu"], "rss_mb": s["rss_mb"],
                      **{p: phases.get(p) for p in PHASES}, "start, imports, setup": rest})
@@ -114,17 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="profile in this (new) directory and keep it")
     parser.add_argument("--out", type=Path, help="write the profile as JSON here (e.g. docs/demo_profile.json)")
+    parser.add_argument("--fresh-venv", action="store_true", help="install into a new venv first, timed")
+    parser.add_argument("--adopt", action="store_true",
+                        help="copy the fresh run's dvc.lock and reports/summary.json into this repository (what "
+                             "`dvc repro` of this tree made)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="recall-profile-") as scratch:
         project = args.keep or Path(scratch) / "project"
         project.mkdir(parents=True)
         copy_project(project)
-        wrap_commands(project)
-        result = profile(project)
+        hooks = Path(scratch) / "hooks"
+        hooks.mkdir()
+        python, install_seconds = install(project) if args.fresh_venv else (sys.executable, None)
+        result = profile(project, hooks, python)
+        result["install_seconds"] = install_seconds
+        if install_seconds is not None:
+            result["make_demo_minutes"] = (install_seconds + result["total_wall"]) / 60
+        if args.adopt:
+            for name in ("dvc.lock", "reports/summary.json"):
+                shutil.copyfile(project / name, ROOT / name)
     result["table"] = table(result)
     width = [max(len(str(c)) for c in col) for col in zip(result["table"]["columns"], *result["table"]["rows"])]
     for row in [result["table"]["columns"], *result["table"]["rows"]]:
         print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, width))))
+    if result["install_seconds"] is not None:
+        print(f"\ninstalls (make .venv/.installed): {result['install_seconds']:.0f} s; make demo in all: "
+              f"{result['make_demo_minutes']:.1f} min")
     print(f"\n{result['machine']}: dvc repro {result['total_wall']:.0f} s wall, {result['total_cpu']:.0f} s CPU, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB; a second dvc repro: {result['noop_repro']:.1f} s "
           f"({'nothing ran' if result['noop_ran_nothing'] else 'STAGES RAN AGAIN'})")

@@ -281,6 +281,32 @@ def plot_study(cells: dict, variants: list[str], out: Path) -> list[Path]:
     return written
 
 
+def contrasts(cells: dict, spec: list | None) -> dict | None:
+    """Pairs of variants compared on one metric, where the spec lists them ({world, protocol, metric, pairs}):
+    the difference of the means, the per-seed (paired: same step-0 model) differences, and a verdict that calls a
+    difference only when it exceeds the spread: |mean A - mean B| > std A + std B."""
+    if not spec:
+        return None
+    columns = ["world", "protocol", "metric", "A", "B", "A", "B", "A - B (per seed)", "verdict"]
+    rows = []
+    for group in spec:
+        by_variant = cells.get(group["world"], {}).get(group["protocol"], {})
+        metric = group.get("metric", "old_no_bg")
+        for a, b in group["pairs"]:
+            ca, cb = by_variant.get(a, {}).get(metric), by_variant.get(b, {}).get(metric)
+            if not ca or not cb:
+                continue
+            seeds_a, seeds_b = by_variant[a]["seeds"], by_variant[b]["seeds"]
+            paired = [va - cb["values"][seeds_b.index(s)] for s, va in zip(seeds_a, ca["values"]) if s in seeds_b]
+            diff = ca["mean"] - cb["mean"]
+            spread = ca["std"] + cb["std"]
+            verdict = (f"{a} higher" if diff > spread else f"{b} higher" if -diff > spread
+                       else "no difference beyond the spread")
+            rows.append([group["world"], group["protocol"], metric, a, b, ca["text"], cb["text"],
+                         " / ".join(f"{d:+.3f}" for d in paired), verdict])
+    return {"columns": columns, "rows": rows}
+
+
 def write_study_report(study_file: Path, out: Path) -> dict:
     """docs/results.json (cells and tables) and the study's figures under `out`."""
     from recall.study import load
@@ -290,8 +316,13 @@ def write_study_report(study_file: Path, out: Path) -> dict:
     cells = study_cells(study)
     report = {"study": str(study_file), "seeds": study["spec"]["seeds"], "cells": cells,
               "tables": study_tables(cells, variants)}
+    pretrain = Path("models/pretrain/metrics.json")  # the encoder every run of the pretrained world starts from
+    if pretrain.is_file():
+        report["pretrain"] = json.loads(pretrain.read_text())
     if (shares := attribution(cells, study["spec"].get("attribution"))) is not None:
         report["tables"]["attribution"] = shares
+    if (compared := contrasts(cells, study["spec"].get("contrasts"))) is not None:
+        report["tables"]["contrasts"] = compared
     figures = plot_study(cells, variants, out)
     report["figures"] = [p.as_posix() for p in figures]
     write_json(out.with_suffix(".json"), report)

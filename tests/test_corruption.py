@@ -77,7 +77,7 @@ def test_a_second_writer_is_refused_and_a_killed_holder_frees_the_directory(tmp_
 
     run_dir = tmp_path / "run"
     args = ["run", f"dataset.root={tiny_world}", "tracking.uri=", *FAST, "protocol=15-1x5",
-            "train.epochs=30", f"run_dir={run_dir}"]
+            "train.epochs=5000", f"run_dir={run_dir}"]  # step 0 far longer than the test: killed while training
     log = tmp_path / "first.log"
     with log.open("w") as out:
         first = subprocess.Popen([sys.executable, "-m", "recall.cli", *args], stdout=out, stderr=subprocess.STDOUT,

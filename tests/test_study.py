@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from recall import docs, study
-from recall.report import study_cells, study_tables
+from recall.report import attribution, contrasts, study_cells, study_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,49 @@ def test_report_aggregates_seeds_and_the_docs_quote_it(tmp_path):
     assert docs.rewrite(text, tmp_path) == text  # idempotent: a second pass changes nothing
     with pytest.raises(docs.DocsError, match="missing part 'lwf'"):
         docs.rewrite("<!-- gen:value docs/results.json cells/default/15-5/lwf/all/text --><!-- /gen -->", tmp_path)
+
+
+def test_a_world_may_run_on_some_protocols_and_joint_in_some_worlds():
+    spec = {**SPEC, "worlds": {"pretrained": [], "scratch": {"overrides": ["model.pretrained_file=null"],
+                                                             "protocols": ["15-5"]}}, "joint": ["pretrained"]}
+    tables = study.expand(spec)
+    assert {(r["world"], r["protocol"]) for r in tables["runs"].values()} == {
+        ("pretrained", "15-5"), ("pretrained", "10-2x5"), ("scratch", "15-5")}
+    assert tables["runs"]["scratch_15-5_mib_s0"]["overrides"] == "method=mib model.pretrained_file=null"
+    assert set(tables["joint"]) == {"pretrained_joint_s0", "pretrained_joint_s1"}
+
+
+def _cells(values: dict[str, list[float]]) -> dict:
+    """Cells of one world and protocol: variant -> old_no_bg over seeds 0, 1, 2 (as study_cells makes them)."""
+    def stat(v):
+        mean = sum(v) / len(v)
+        std = (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5
+        return {"mean": mean, "std": std, "values": v, "text": f"{mean:.3f} ± {std:.3f}"}
+    return {"w": {"p": {name: {"seeds": [0, 1, 2], "old_no_bg": stat(v)} for name, v in values.items()}}}
+
+
+def test_attribution_is_the_per_seed_share_of_the_gap_each_variant_closes():
+    cells = _cells({"recall": [0.40, 0.50, 0.60], "mib": [0.60, 0.70, 0.80],  # gap 0.2 in every seed
+                    "oracle": [0.50, 0.60, 0.70], "worse": [0.30, 0.50, 0.60], "same": [0.40, 0.50, 0.60]})
+    table = attribution(cells, {"world": "w", "protocol": "p", "from": "recall", "to": "mib",
+                                "variants": ["oracle", "worse", "same"]})
+    rows = {row[0]: row for row in table["rows"]}
+    assert table["columns"][1:3] == ["old (no bg) (mIoU)", "old (no bg) (share)"]
+    share = 2
+    assert rows["oracle"][share] == "0.500 ± 0.000"  # half the gap in every seed
+    assert rows["worse"][share].startswith("-0.167")  # -0.5, 0, 0: the mean of the per-seed shares
+    assert rows["same"][share] == "0.000 ± 0.000"
+    assert rows["gap: mib - recall"][1] == "0.200 ± 0.000"
+
+
+def test_a_contrast_is_called_only_beyond_the_spread():
+    cells = _cells({"gan": [0.60, 0.62, 0.64], "none": [0.40, 0.42, 0.44], "noise": [0.58, 0.63, 0.66]})
+    table = contrasts(cells, [{"world": "w", "protocol": "p", "metric": "old_no_bg",
+                               "pairs": [["gan", "none"], ["gan", "noise"], ["none", "gan"]]}])
+    verdicts = {(row[3], row[4]): row[-1] for row in table["rows"]}
+    assert verdicts == {("gan", "none"): "gan higher", ("gan", "noise"): "no difference beyond the spread",
+                        ("none", "gan"): "gan higher"}
+    assert table["rows"][0][7] == "+0.200 / +0.200 / +0.200"  # paired by seed
 
 
 def test_the_study_pipeline_runs_every_table_entry():

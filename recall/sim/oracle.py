@@ -1,9 +1,7 @@
 """Oracle labels: the toy generator's samples come with their true object masks.
 
 `label_quality(pool, labels_dir, generator)` compares the labels that label evaluation wrote for a pool with the
-generator's ground truth, per class (`python -m recall.sim.oracle POOL LABELS_DIR --mapping MAPPING.json`);
-`python -m recall.sim.oracle --study study/spec.yaml --out docs/results_labels.json` does it for every toy_gan run of
-the study (the label-quality tables of docs/results.md).
+generator's ground truth, per class (`python -m recall.sim.oracle POOL LABELS_DIR --mapping MAPPING.json`).
 `write_true_labels` is the labeller of a replay method run with `method.labels=oracle` (perfect label evaluation:
 an upper bound for the labelling step); the product names it by reference, never imports it.
 """
@@ -19,7 +17,6 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 
-from recall.data.classes import VOC_CLASSES
 from recall.errors import UserError
 from recall.labeling import save_label_png
 from recall.replay.classmap import load_mapping
@@ -72,56 +69,12 @@ def write_true_labels(replay, records: list[dict], labels_dir: Path) -> int:
     return len(records)
 
 
-def study_label_quality(study_file: Path, root: Path = Path(".")) -> dict:
-    """Label quality of every study run that evaluated labels for toy_gan replay: per world, protocol and variant, a
-    table with a row per class (label IoU and share of empty labels, mean ± std over seeds)."""
-    from recall.config import compose
-    from recall.study import load
-
-    study = load(study_file)
-    grouped: dict[tuple, list[dict]] = defaultdict(list)
-    for key, item in study["runs"].items():
-        overrides = item["overrides"].split()
-        if "replay=toy_gan" not in overrides or "method.labels=oracle" in overrides:
-            continue
-        run_dir = root / "study" / "runs" / key
-        cfg = compose([*overrides, f"run_dir={run_dir}"], params_file=root / "params.yaml")
-        grouped[(item["world"], item["protocol"], item["variant"])].append(
-            label_quality(root / str(cfg.replay.pool), run_dir / "steps" / "replay_labels", generator_of(cfg.replay)))
-    tables = {}
-    for (world, protocol, variant), per_seed in grouped.items():
-        rows = []
-        names = {n for q in per_seed for n in q}
-        for name in sorted(names, key=lambda n: VOC_CLASSES.index(n) if n in VOC_CLASSES else len(VOC_CLASSES)):
-            ious = [q[name]["iou"] for q in per_seed if name in q]
-            empty = [q[name]["empty"] for q in per_seed if name in q]
-            rows.append([name, _text(ious), _text(empty), len(ious)])
-        tables[f"{world}_{protocol}_{variant}"] = {"columns": ["class", "label IoU", "empty labels", "seeds"],
-                                                   "rows": rows}
-    return {"study": str(study_file), "tables": tables}
-
-
-def _text(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pool", type=Path, nargs="?")
-    parser.add_argument("labels_dir", type=Path, nargs="?")
-    parser.add_argument("--mapping", type=Path)
-    parser.add_argument("--study", type=Path, help="every toy_gan run of this study spec (with --out)")
-    parser.add_argument("--out", type=Path, help="with --study: the JSON file of the label-quality tables")
+    parser.add_argument("pool", type=Path)
+    parser.add_argument("labels_dir", type=Path)
+    parser.add_argument("--mapping", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.study:
-        from recall.atomic import write_json
-        if not args.out:
-            parser.error("--study needs --out")
-        write_json(args.out, study_label_quality(args.study))
-        print(f"label quality of the study's toy_gan runs: {args.out}")
-        return
-    if not (args.pool and args.labels_dir and args.mapping):
-        parser.error("give POOL LABELS_DIR --mapping MAPPING.json, or --study SPEC --out FILE")
     generator = ToyGenerator()
     generator.set_mapping(load_mapping(args.mapping, source_names=generator.source_names))
     print(json.dumps(label_quality(args.pool, args.labels_dir, generator), indent=1))
