@@ -132,3 +132,13 @@ def test_forgetting() -> None:
     assert forgetting(history[:1], {0: 0, 1: 0}) == {0: None, 1: None}
     assert 3 not in forgetting(history[:2], introduced)  # not yet introduced
     assert forgetting([], introduced) == {}
+
+
+def test_forgetting_is_measured_from_the_best_earlier_iou_not_the_first() -> None:
+    """A class that rose after it was introduced and then fell has forgotten from its peak: 0.8 - 0.3, not
+    0.5 - 0.3 (the first earlier IoU) nor 0.8 - ... of a step before it was introduced."""
+    history = [np.array([0.9, 0.5, np.nan]), np.array([0.7, 0.8, 0.95]), np.array([0.6, 0.3, 0.4])]
+    f = forgetting(history, {0: 0, 1: 0, 2: 1})
+    assert f[1] == pytest.approx(0.5)  # rise 0.5 -> 0.8, then fall to 0.3
+    assert f[0] == pytest.approx(0.3)  # 0.9 at step 0 is the best
+    assert f[2] == pytest.approx(0.55)  # introduced at step 1: its only earlier value
