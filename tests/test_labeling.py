@@ -101,3 +101,23 @@ def test_inpainting_replaces_a_pixel_exactly_at_the_threshold():
     prev = _logits([[-1000.0, 0.0]], [[0.0, 0.0]], [[0.0, -1000.0]])  # pixel 0: class 1 at exactly 0.5
     assert inpaint_background(targets, prev, threshold=0.5).tolist() == [[[1, 0]]]  # pixel 1: background wins
     assert inpaint_background(targets, prev, threshold=0.5 + 1e-6).tolist() == [[[0, 0]]]
+
+
+def test_same_size_batches_group_by_height_and_width():
+    from recall.labeling import same_size_batches
+
+    records = [{"height": 48, "width": 64}, {"height": 64, "width": 64}, {"height": 64, "width": 48}]
+    assert same_size_batches(records, batch_size=4) == [[0], [1], [2]]
+
+
+def test_label_pngs_are_written_whole_and_read_back(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recall.labeling import save_label_png
+    labels = np.array([[0, 3], [255, 20]], dtype=np.uint8)
+    save_label_png(tmp_path / "a.png", labels)
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.mode == "L" and image.format == "PNG"
+        assert np.array_equal(np.asarray(image), labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind
