@@ -76,3 +76,48 @@ def test_pool_images_of_different_sizes_are_labelled_in_same_size_batches():
     assert sorted(i for batch in batches for i in batch) == list(range(6))
     assert all(len({(records[i]["height"], records[i]["width"]) for i in batch}) == 1 for batch in batches)
     assert [0, 2] in batches and [5] in batches and [1, 4] in batches
+
+
+# --- "at least tau": a pixel whose confidence equals the threshold passes it -----------------------------------
+# Two equal logits give a softmax of exactly 0.5 (and a logit of -1000 exactly 0 next to them), so tau = 0.5 sits
+# exactly on the confidence.
+
+def test_label_replay_keeps_a_pixel_exactly_at_the_threshold():
+    logits = _logits([[0.0, 0.0]], [[0.0, 1.0]])  # pixel 0: background and the class tie at 0.5
+    assert label_replay(logits, 1, 4, threshold=0.5).tolist() == [[[0, 4]]]
+
+
+def test_label_replay_all_keeps_a_pixel_exactly_at_the_threshold():
+    from recall.labeling import label_replay_all
+
+    logits = _logits([[-1000.0, 0.0]], [[0.0, 0.0]], [[0.0, -1000.0]])  # pixel 0: class 3 vs 7 at 0.5 each
+    assert logits.softmax(1).max(1).values.tolist() == [[[0.5, 0.5]]]
+    assert label_replay_all(logits, torch.tensor([0, 3, 7]), threshold=0.5).tolist() == [[[3, 0]]]
+    assert label_replay_all(logits, torch.tensor([0, 3, 7]), threshold=0.51).tolist() == [[[255, 255]]]
+
+
+def test_inpainting_replaces_a_pixel_exactly_at_the_threshold():
+    targets = torch.zeros(1, 1, 2, dtype=torch.long)
+    prev = _logits([[-1000.0, 0.0]], [[0.0, 0.0]], [[0.0, -1000.0]])  # pixel 0: class 1 at exactly 0.5
+    assert inpaint_background(targets, prev, threshold=0.5).tolist() == [[[1, 0]]]  # pixel 1: background wins
+    assert inpaint_background(targets, prev, threshold=0.5 + 1e-6).tolist() == [[[0, 0]]]
+
+
+def test_same_size_batches_group_by_height_and_width():
+    from recall.labeling import same_size_batches
+
+    records = [{"height": 48, "width": 64}, {"height": 64, "width": 64}, {"height": 64, "width": 48}]
+    assert same_size_batches(records, batch_size=4) == [[0], [1], [2]]
+
+
+def test_label_pngs_are_written_whole_and_read_back(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recall.labeling import save_label_png
+    labels = np.array([[0, 3], [255, 20]], dtype=np.uint8)
+    save_label_png(tmp_path / "a.png", labels)
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.mode == "L" and image.format == "PNG"
+        assert np.array_equal(np.asarray(image), labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind

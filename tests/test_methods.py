@@ -147,3 +147,76 @@ def test_distillation_methods_ask_for_the_previous_model(name):
     method = build_method(name)
     assert method.needs_previous_model
     assert "kd_weight" in method.options()
+
+
+# --- temperature != 1, against a pixel-by-pixel computation in float64 -------------------------------------------
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def _pixels(logits: torch.Tensor) -> list[list[float]]:
+    """The logit vectors of every pixel of a [B, C, H, W] tensor, as float lists."""
+    return logits.double().permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).tolist()
+
+
+def unbiased_distillation_by_hand(new: torch.Tensor, old: torch.Tensor, temperature: float) -> float:
+    """MiB's UnbiasedKnowledgeDistillationLoss with alpha = 1 / temperature: the old model's softmax of
+    logits / T against the new model's probabilities, whose background takes the new classes' share."""
+    n_old, total = old.shape[1], 0.0
+    for q, p in zip(map(_softmax, _pixels(new)), (_softmax([v / temperature for v in o]) for o in _pixels(old))):
+        q_bg = q[0] + sum(q[n_old:])
+        total += (p[0] * math.log(q_bg) + sum(p[k] * math.log(q[k]) for k in range(1, n_old))) / n_old
+    return -total / len(_pixels(new))
+
+
+def distillation_by_hand(new: torch.Tensor, old: torch.Tensor, temperature: float) -> float:
+    """LwF/ILT (MiB's KnowledgeDistillationLoss): soft cross-entropy of softmax(old / T) against the new model's
+    softmax over the old channels, averaged over channels and pixels."""
+    n_old, total = old.shape[1], 0.0
+    for q, o in zip(_pixels(new), _pixels(old)):
+        log_q = [math.log(v) for v in _softmax(q[:n_old])]
+        p = _softmax([v / temperature for v in o])
+        total += sum(pk * lq for pk, lq in zip(p, log_q)) / n_old
+    return -total / len(_pixels(new))
+
+
+def _distillation_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """New logits (background, 2 old classes, 2 new ones) and the old model's (background, 2 old classes)."""
+    gen = torch.Generator().manual_seed(3)
+    return 2 * torch.randn(2, 5, 3, 3, generator=gen), 3 * torch.randn(2, 3, 3, 3, generator=gen)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 3.0])
+def test_distillation_losses_divide_the_old_logits_by_the_temperature(temperature):
+    new, old = _distillation_case()
+    assert unbiased_distillation(new, old, temperature).item() == \
+        pytest.approx(unbiased_distillation_by_hand(new, old, temperature), rel=1e-5)
+    assert knowledge_distillation(new, old, temperature).item() == \
+        pytest.approx(distillation_by_hand(new, old, temperature), rel=1e-5)
+
+
+class _Fixed(torch.nn.Module):
+    """A previous model with the same outputs whatever the images."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, images):
+        return {"out": self.out}
+
+
+@pytest.mark.parametrize("name, by_hand", [("mib", unbiased_distillation_by_hand), ("lwf", distillation_by_hand)])
+def test_the_methods_pass_their_temperature_to_the_distillation(name, by_hand):
+    """MiB / LwF built with temperature 2 and kd_weight 1: loss - its cross-entropy term = the distillation at T=2."""
+    new, old = _distillation_case()
+    targets = torch.randint(0, 5, (2, 3, 3), generator=torch.Generator().manual_seed(4))
+    ctx = StepContext(step=1, task=[[1, 2], [3, 4]], new_classes=[3, 4], old_classes=[1, 2], prev_model=_Fixed(old))
+    method = build_method(name, kd_weight=1.0, temperature=2.0)
+    cross_entropy = unbiased_cross_entropy(new, targets, num_old=2) if name == "mib" else \
+        F.cross_entropy(new, targets, ignore_index=255)
+    loss = method.loss({"out": new}, targets, torch.zeros(2, 3, 3, 3), ctx)
+    assert (loss - cross_entropy).item() == pytest.approx(by_hand(new, old, 2.0), rel=1e-5)

@@ -132,3 +132,44 @@ def test_forgetting() -> None:
     assert forgetting(history[:1], {0: 0, 1: 0}) == {0: None, 1: None}
     assert 3 not in forgetting(history[:2], introduced)  # not yet introduced
     assert forgetting([], introduced) == {}
+
+
+def test_forgetting_is_measured_from_the_best_earlier_iou_not_the_first() -> None:
+    """A class that rose after it was introduced and then fell has forgotten from its peak: 0.8 - 0.3, not
+    0.5 - 0.3 (the first earlier IoU) nor 0.8 - ... of a step before it was introduced."""
+    history = [np.array([0.9, 0.5, np.nan]), np.array([0.7, 0.8, 0.95]), np.array([0.6, 0.3, 0.4])]
+    f = forgetting(history, {0: 0, 1: 0, 2: 1})
+    assert f[1] == pytest.approx(0.5)  # rise 0.5 -> 0.8, then fall to 0.3
+    assert f[0] == pytest.approx(0.3)  # 0.9 at step 0 is the best
+    assert f[2] == pytest.approx(0.55)  # introduced at step 1: its only earlier value
+
+
+# --- what mutation testing found untested here (docs/testing.md) -------------------------------------------------
+
+def test_hmean_mean_forgetting_and_derived() -> None:
+    """The derived numbers of a step: harmonic mean of old_no_bg and new, mean of the known forgetting values."""
+    from recall.metrics import derived, hmean, mean_forgetting
+
+    assert hmean(0.6, 0.2) == pytest.approx(0.3)
+    assert hmean(None, 0.2) is None and hmean(0.6, None) is None and hmean(0.0, 0.0) == 0.0
+    assert mean_forgetting({"a": 0.1, "b": None, "c": 0.4}) == pytest.approx(0.25)
+    assert mean_forgetting({"a": None}) is None and mean_forgetting({}) is None
+    result = {"miou": {"old_no_bg": 0.6, "new": 0.2}, "forgetting": {"a": 0.2, "b": None}}
+    assert derived(result) == {"hmean": pytest.approx(0.3), "forgetting_mean": pytest.approx(0.2)}
+    assert derived({"miou": {"new": 0.2}}) == {"hmean": None, "forgetting_mean": None}
+
+
+def test_errors_name_what_is_wrong() -> None:
+    cm = ConfusionMatrix(3)
+    with pytest.raises(TypeError, match="cannot merge int into ConfusionMatrix"):
+        cm.merge(3)
+    with pytest.raises(ValueError, match="cannot merge matrices with 4 and 3 classes"):
+        cm.merge(ConfusionMatrix(4))
+    with pytest.raises(ValueError, match=r"matrix shape \(2, 2\) != \(3, 3\)"):
+        ConfusionMatrix.from_dict({"num_classes": 3, "mat": [[0, 0], [0, 0]]})
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        ConfusionMatrix(0)
+    with pytest.raises(ValueError, match="ignore_index=2 collides with a class index"):
+        ConfusionMatrix(3, ignore_index=2)
+    cm.update(torch.tensor([0, 1]), torch.tensor([0, 255]))
+    assert repr(cm) == "ConfusionMatrix(num_classes=3, ignore_index=255, pixels=1)"

@@ -1,0 +1,307 @@
+"""Wiring tests: what the real loop and the real run hand to the model, on hand-made data small enough to count by
+hand. Each test pins a behaviour that a one-line bug in the wiring would change while every unit test of the
+pieces still passes (docs/testing.md lists the bugs and the test that catches each).
+
+The hand-made world has 4 classes, 16x16 training images, 8x8 validation images and a replay pool of 16x16 images
+whose evaluated labels are written by hand. Spies wrap a real method's hooks (they record, then call the real
+hook); the only stand-ins are models with fixed outputs, so that the numbers can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from recall.atomic import write_json
+from recall.config import compose
+from recall.data.classes import IGNORE_INDEX, PADDING
+from recall.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from recall.experiment import ProtocolRun
+from recall.methods import StepContext, build_method
+from recall.model import ModelConfig, SegmentationModel, save_checkpoint
+from recall.provenance import content_id
+from recall.replay.pool import ReplayPool
+from recall.train import TrainConfig, train_step
+
+SIDE = 16  # training and replay images are SIDE x SIDE; the crop is the whole image and the scale 1
+POOL_SHARES = {1: [0.0, 0.25, 0.5, 0.75], 2: [0.375]}  # per replay image: the share its evaluated label covers
+
+
+# --------------------------------------------------------------------------------------------- hand-made pieces
+def spy(obj, name: str) -> list[tuple]:
+    """Wrap the real hook `obj.name`: every call's positional arguments are recorded, then the hook runs."""
+    calls, real = [], getattr(obj, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    setattr(obj, name, recorded)
+    return calls
+
+
+class FixedLogits(nn.Module):
+    """A previous model whose logits are the same hand-made [1, C, H, W] tensor for every image."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.logits.expand(len(images), -1, -1, -1)}
+
+
+def save_png(path: Path, array: np.ndarray, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8), mode=mode).save(path)
+
+
+def flat_image(rgb: tuple[int, int, int], side: int) -> np.ndarray:
+    return np.tile(np.array(rgb, dtype=np.uint8), (side, side, 1))
+
+
+def write_split(root: Path, split: str, samples: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt."""
+    for image_id, (image, mask) in samples.items():
+        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=100)
+        save_png(root / "SegmentationClass" / f"{image_id}.png", mask, "L")
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(samples) + "\n")
+
+
+def train_samples() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Step 0 of 2-2 learns classes 1 and 2, step 1 classes 3 and 4 (three images: t2, t3, t4)."""
+    samples = {}
+    for i, classes in enumerate([(1,), (2,), (3,), (4,), (3, 1)]):
+        mask = np.zeros((SIDE, SIDE), dtype=np.uint8)
+        for k, c in enumerate(classes):
+            mask[4 * k:4 * k + 4, 4:12] = c
+        samples[f"t{i}"] = (flat_image((0, 30 + 40 * i, 100), SIDE), mask)
+    return samples
+
+
+# Validation (8x8), evaluated after step 0 of 2-1-1 (seen: 1, 2; future: 3, 4). Each image is one flat colour
+# (red = 40 + 50 i) that the ColourModel reads to give the image's hand-made prediction.
+def _halves(left: int, right: int) -> np.ndarray:
+    mask = np.full((8, 8), right, dtype=np.uint8)
+    mask[:, :4] = left
+    return mask
+
+
+def _quarters(top: int, bottom_left: int, bottom_right: int) -> np.ndarray:
+    mask = np.full((8, 8), top, dtype=np.uint8)
+    mask[4:, :4], mask[4:, 4:] = bottom_left, bottom_right
+    return mask
+
+
+VAL = {  # id: (ground truth, prediction)
+    "a": (_halves(1, 0), _halves(1, 0)),  # a seen class, predicted right
+    "b": (_halves(4, 0), _halves(0, 0)),  # only a future class (and background)
+    "c": (_quarters(1, 3, 0), _quarters(1, 1, 2)),  # future class 3 predicted as 1; absent class 2 predicted
+    "d": (_halves(0, 0), _halves(1, 0)),  # background only, half of it predicted as class 1
+}
+
+
+class ColourModel(nn.Module):
+    """A fixed 'model': the prediction of VAL image i, found from the image's colour, as one-hot logits."""
+
+    def __init__(self, num_outputs: int):
+        super().__init__()
+        self.num_outputs = num_outputs
+        self.predictions = torch.stack([torch.from_numpy(pred).long() for _, pred in VAL.values()])
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        red = images[:, 0].mean(dim=(1, 2)) * IMAGENET_STD[0] * 255 + IMAGENET_MEAN[0] * 255
+        index = torch.round((red - 40) / 50).long()
+        one_hot = nn.functional.one_hot(self.predictions[index], self.num_outputs)
+        return {"out": one_hot.permute(0, 3, 1, 2).float()}
+
+
+def write_pool(root: Path) -> ReplayPool:
+    """Replay images of classes 1 and 2 (noise: no copy of a dataset image), one per entry of POOL_SHARES."""
+    pool, rng = ReplayPool(root), np.random.default_rng(0)
+    for c, shares in POOL_SHARES.items():
+        for _ in shares:
+            pool.add(Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)), {"target_class": c})
+    return pool
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("hand_world")
+    write_split(root / "data", "train", train_samples())
+    write_split(root / "data", "val", {i: (flat_image((40 + 50 * k, 0, 0), 8), gt)
+                                       for k, (i, (gt, _)) in enumerate(VAL.items())})
+    return SimpleNamespace(data=root / "data", pool=write_pool(root / "pool"))
+
+
+def protocol_run(world: SimpleNamespace, tmp: Path, *overrides: str) -> ProtocolRun:
+    """A ProtocolRun on the hand-made world, built from the configuration as `recall run` builds it."""
+    cfg = compose([f"dataset.root={world.data}", "dataset.name=hand", "dataset.num_classes=4", f"run_dir={tmp}/run",
+                   "model.head_channels=16", "model.pretrained_file=null", "tracking.uri=", "train.batch_size=4",
+                   f"train.crop={SIDE}", "train.scale=[1.0,1.0]", "train.epochs_incremental=1", *overrides])
+    return ProtocolRun(cfg)
+
+
+def save_step0(run: ProtocolRun) -> SegmentationModel:
+    torch.manual_seed(0)
+    model = SegmentationModel(run.model_cfg, [len(run.task[0])])
+    save_checkpoint(model, run.step_dir(0) / "model.pt", run.meta(0))
+    return model
+
+
+def replay_run(world: SimpleNamespace, tmp: Path, *overrides: str) -> ProtocolRun:
+    """A RECALL run of 2-2 at step 1: the step-0 checkpoint saved, and the pool's labels written by hand as label
+    evaluation would have (class pixels first in raster order, share POOL_SHARES), with the group's marker."""
+    run = protocol_run(world, tmp, "protocol=2-2", "method=recall", "replay=folder", f"replay.pool={world.pool.root}",
+                       *overrides)
+    save_step0(run)
+    labels_dir = run.method.labels_dir(run)
+    records = {c: world.pool.records(c) for c in POOL_SHARES}
+    for c, shares in POOL_SHARES.items():
+        for record, share in zip(records[c], shares):
+            label = np.zeros(SIDE * SIDE, dtype=np.uint8)
+            label[:round(share * SIDE * SIDE)] = c
+            save_png(labels_dir / f"{record['id']}.png", label.reshape(SIDE, SIDE), "L")
+    write_json(labels_dir / "step0.done", {"pool": content_id(world.pool.root), "classes": run.task[0]})
+    return run
+
+
+def labelled_pixels(targets: torch.Tensor) -> list[int]:
+    """Per sample: how many pixels carry a class (not background, not ignored)."""
+    return [int(((t > 0) & (t < IGNORE_INDEX)).sum()) for t in targets]
+
+
+# --------------------------------------------------------------------------------------------- RECALL's targets
+# Columns of the hand-made step (two each): the current ground truth, the previous model's logits over
+# (background, class 1, class 2), and the target the step must train on with tau = 0.5.
+COLUMNS = [
+    (0, (0.0, 6.0, 0.0), 1),  # background, previous model confident of class 1: inpainted
+    (0, (0.0, 0.0, 6.0), 2),  # ... of class 2
+    (0, (-1000.0, 0.0, 0.0), 1),  # confidence exactly tau (0.5 for class 1): "at least tau", inpainted
+    (0, (0.0, 0.5, 0.0), 0),  # class 1 at 0.45 < tau: stays background
+    (0, (6.0, 0.0, 0.0), 0),  # the previous model says background
+    (3, (0.0, 6.0, 0.0), 3),  # the current class is never rewritten
+    (IGNORE_INDEX, (0.0, 0.0, 6.0), 2),  # the image's own void: inpainted (inpaint_ignore, the authors')
+    (PADDING, (0.0, 6.0, 0.0), IGNORE_INDEX),  # crop padding: never inpainted, never trained on
+]
+
+
+def recall_step_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets [2, 16, 16], previous logits [1, 3, 16, 16], expected trained-on targets [2, 16, 16])."""
+    columns = [c for c in COLUMNS for _ in range(2)]
+    row = lambda values: torch.tensor(values).expand(SIDE, -1)  # noqa: E731
+    targets = row([t for t, _, _ in columns]).expand(2, -1, -1).long()
+    logits = torch.stack([row([lg[k] for _, lg, _ in columns]) for k in range(3)]).float()[None]
+    expected = row([e for _, _, e in columns]).expand(2, -1, -1).long()
+    return targets, logits, expected
+
+
+@pytest.mark.parametrize("inpaint_padding", [False, True])
+def test_a_recall_step_trains_on_inpainted_targets_where_the_previous_model_is_confident(inpaint_padding):
+    """The real loop (train_step) with RECALL at tau = 0.5: the targets the loss receives hold the previous
+    model's class on background and void pixels where its confidence is at least tau (one column exactly at tau),
+    keep the current class, and ignore crop padding; inpaint_padding=True (the ablation) inpaints padding too."""
+    targets, logits, expected = recall_step_inputs()
+    assert logits.softmax(1).max(1).values[0, 0, 4] == 0.5, "the threshold column sits exactly on tau"
+    if inpaint_padding:
+        expected = torch.where(expected == IGNORE_INDEX, 1, expected)  # the padding columns take class 1 too
+    method = build_method("recall", replay_ratio=0.0, inpaint_threshold=0.5, inpaint_padding=inpaint_padding)
+    trained_on = spy(method, "loss")
+    ctx = StepContext(step=1, task=[[1, 2], [3]], new_classes=[3], old_classes=[1, 2],
+                      prev_model=FixedLogits(logits), setting="overlapped")
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(head_channels=16), [2, 1])
+    loader = DataLoader(TensorDataset(torch.randn(2, 3, SIDE, SIDE), targets), batch_size=2)
+    train_step(model, method, loader, ctx, TrainConfig(batch_size=2, epochs_incremental=1, device="cpu"))
+    assert len(trained_on) == 1
+    assert torch.equal(trained_on[0][1], expected)
+
+
+# --------------------------------------------------------------------------------------------- the replay stream
+def test_each_training_batch_of_a_recall_step_holds_the_configured_replay_samples(world, tmp_path):
+    """ProtocolRun.train at step 1 with a batch of 4 and replay_ratio 0.75: every batch the loss sees holds 1 image
+    of the step (what rewrite_targets sees) and 3 replay samples, whose targets are the pool's evaluated labels."""
+    run = replay_run(world, tmp_path, "method.replay_ratio=0.75")
+    current = spy(run.method, "rewrite_targets")
+    blended = spy(run.method, "loss")
+    run.train(1)
+    assert [len(images) for images, _, _ in current] == [1, 1, 1]  # t2, t3, t4: the images of classes 3 and 4
+    replay = [targets[len(images):] for (_, targets, *_), (images, *_) in zip(blended, current)]
+    assert [len(r) for r in replay] == [3, 3, 3]
+    expected = {round(s * SIDE * SIDE) for shares in POOL_SHARES.values() for s in shares}
+    assert all(set(labelled_pixels(r)) <= expected and set(torch.unique(r).tolist()) <= {0, 1, 2} for r in replay)
+
+
+@pytest.mark.parametrize("min_labelled, kept", [(0.0, {0, 64, 96, 128, 192}), (0.25, {64, 96, 128, 192}),
+                                                (0.5, {128, 192})])
+def test_min_labelled_drops_exactly_the_replay_images_below_the_share(world, tmp_path, min_labelled, kept):
+    """The replay stream of a step (one sample a batch) holds exactly the pool images whose evaluated label covers
+    at least `min_labelled` of the image: a share equal to it is kept (0.25 = 64 of 256 pixels, 0.5 = 128)."""
+    run = replay_run(world, tmp_path, "method.replay_ratio=0.25", f"method.min_labelled={min_labelled}")
+    stream = run.method.extra_batches(run, 1, torch.Generator().manual_seed(0))
+    seen = [n for _ in range(25) for n in labelled_pixels(next(stream)[1])]  # 5 passes over the kept images
+    assert set(seen) == kept
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+EXPECTED_IOU = {  # after step 0 of 2-1-1; worked out from VAL by hand (rows: ground truth, columns: prediction)
+    # every image; future pixels ignored: bg row [96, 32, 16], class-1 row [0, 64, 0]; class 2 predicted but absent: 0
+    "recall": {"0": 2 / 3, "1": 2 / 3, "2": 0.0},
+    # images a and c only (a seen class); future ignored: bg row [32, 0, 16], class 1 [0, 64, 0]; absent: None
+    "mib": {"0": 2 / 3, "1": 1.0, "2": None},
+    # images a and c; c's future class 3 is background: bg row [32, 16, 16], class 1 [0, 64, 0]; absent: None
+    "plop": {"0": 0.5, "1": 0.8, "2": None},
+}
+
+
+@pytest.mark.parametrize("convention", sorted(EXPECTED_IOU))
+def test_evaluation_gives_the_numbers_each_convention_defines(world, tmp_path, monkeypatch, convention):
+    """ProtocolRun.evaluate under eval.convention: which images are scored, what a future class counts as, and
+    what a class that is predicted but absent scores, on four hand-made validation images."""
+    monkeypatch.setattr("recall.experiment.load_checkpoint", lambda path, cfg: (ColourModel(3), {}))
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", f"eval.convention={convention}")
+    iou = run.evaluate(0, [])["iou"]
+    expected = EXPECTED_IOU[convention]
+    assert iou.keys() == expected.keys()
+    for name, value in expected.items():
+        assert iou[name] == (None if value is None else pytest.approx(value)), name
+
+
+# --------------------------------------------------------------------------------------------- classifier init
+def splits_background(model: SegmentationModel, prev: SegmentationModel, new: int) -> bool:
+    """Whether the new classes start as MiB's init makes them: each as likely as background, and background plus
+    the new classes as likely as background was before."""
+    x = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = prev(x)["out"].softmax(1)[:, 0], model.eval()(x)["out"].softmax(1)
+    return torch.allclose(after[:, 0] + after[:, -new:].sum(1), before, atol=1e-5) and \
+        all(torch.allclose(after[:, -k], after[:, 0], atol=1e-5) for k in range(1, new + 1))
+
+
+@pytest.mark.parametrize("method, background_aware", [("mib", True), ("ft", False), ("lwf", False)])
+def test_the_method_s_classifier_init_reaches_the_next_step_s_model(world, tmp_path, method, background_aware):
+    """ProtocolRun.model_for(1) grows the classifier with the configured method's init: MiB's new classes split the
+    background's probability; the others start at random."""
+    run = protocol_run(world, tmp_path, "protocol=2-2", f"method={method}")
+    save_step0(run)
+    model, prev = run.model_for(1)
+    assert splits_background(model, prev, new=2) == background_aware
+
+
+def test_mib_s_own_default_init_is_background_aware(world, tmp_path):
+    """MiB built without a classifier_init option (its class default) still starts new classes from background."""
+    run = protocol_run(world, tmp_path, "protocol=2-2", "method=mib")
+    run.method = build_method("mib")
+    assert run.method.classifier_init == "background"
+    save_step0(run)
+    model, prev = run.model_for(1)
+    assert splits_background(model, prev, new=2)
