@@ -2,12 +2,14 @@
 # `make test`: install it with the dev extras (pytest, the plots, dashboard and cluster extras, a PostgreSQL
 # wheel), then run the suite.
 # `make ui`: MLflow on 127.0.0.1:5000, printing the runs table's address. `make plots`: DVC's plots, offline.
+# `make mutants`: mutation testing of the core modules with mutmut (docs/testing.md; not part of `make test`);
+# `make mutants MUTANTS='recall.metrics*'` runs the mutants of one module only.
 VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test bench ui plots clean
+.PHONY: install demo test bench ui plots mutants clean
 
 $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +50,11 @@ ui: $(VENV)/.installed
 plots: $(VENV)/.installed-dev
 	python -m recall.plots --out dvc_plots/offline
 
+# the configuration is [tool.mutmut] in pyproject.toml; results stay in mutants/ (`mutmut results`, `mutmut show NAME`)
+MUTANTS ?=
+mutants: $(VENV)/.installed-dev
+	mutmut run --max-children 2 $(MUTANTS)
+	mutmut results
+
 clean:
-	rm -rf runs models reports data/toy mlflow.db mlruns dvc_plots
+	rm -rf runs models reports data/toy mlflow.db mlruns dvc_plots mutants

@@ -150,7 +150,7 @@ def test_hmean_mean_forgetting_and_derived() -> None:
     """The derived numbers of a step: harmonic mean of old_no_bg and new, mean of the known forgetting values."""
     from recall.metrics import derived, hmean, mean_forgetting
 
-    assert hmean(0.6, 0.2) == pytest.approx(0.3)
+    assert hmean(0.6, 0.2) == pytest.approx(0.3) and hmean(0.2, 0.6) == pytest.approx(0.3)
     assert hmean(None, 0.2) is None and hmean(0.6, None) is None and hmean(0.0, 0.0) == 0.0
     assert mean_forgetting({"a": 0.1, "b": None, "c": 0.4}) == pytest.approx(0.25)
     assert mean_forgetting({"a": None}) is None and mean_forgetting({}) is None
@@ -173,3 +173,67 @@ def test_errors_name_what_is_wrong() -> None:
         ConfusionMatrix(3, ignore_index=2)
     cm.update(torch.tensor([0, 1]), torch.tensor([0, 255]))
     assert repr(cm) == "ConfusionMatrix(num_classes=3, ignore_index=255, pixels=1)"
+
+
+def test_from_dict_keeps_the_ignore_index_and_the_device() -> None:
+    """A matrix read back keeps a non-default ignore_index (a record without one: 255) and lands on the device
+    asked for ("meta" stands for an accelerator here: no data, but its own device)."""
+    cm = ConfusionMatrix(3, ignore_index=300)
+    cm.update(torch.tensor([0, 2]), torch.tensor([0, 300]))
+    assert ConfusionMatrix.from_dict(cm.to_dict()).ignore_index == 300
+    assert ConfusionMatrix.from_dict({"num_classes": 3, "mat": cm.mat.tolist()}).ignore_index == 255
+    assert ConfusionMatrix.from_dict(cm.to_dict(), device="meta").mat.device.type == "meta"
+
+
+def test_the_class_count_and_ignore_index_bounds() -> None:
+    """One class is a valid matrix; an ignore_index is refused exactly when it is a class index (0..N-1)."""
+    assert ConfusionMatrix(1).mat.shape == (1, 1)
+    assert ConfusionMatrix(3, ignore_index=3).ignore_index == 3
+    for bad in (0, 1, 2):
+        with pytest.raises(ValueError, match=f"ignore_index={bad} collides"):
+            ConfusionMatrix(3, ignore_index=bad)
+
+
+@pytest.mark.parametrize(
+    "pred, target, message",
+    [
+        (torch.tensor([0, 1]), torch.tensor([0, 3]), r"target contains label 3 outside \[0, 3\) \(other than "
+                                                     r"ignore_index=255\)$"),
+        (torch.tensor([0, 1]), torch.tensor([0, -1]), r"target contains label -1 outside"),
+        (torch.tensor([0, 3]), torch.tensor([0, 1]), r"pred contains label 3 outside \[0, 3\)$"),
+        (torch.tensor([0, -2]), torch.tensor([0, 1]), r"pred contains label -2 outside \[0, 3\)$"),
+        ([0, 1], torch.tensor([0, 1]), r"^pred and target must be torch tensors$"),
+        (torch.tensor([0, 1]), [0, 1], r"^pred and target must be torch tensors$"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), r"pred must be an integer tensor, got dtype torch.float32"),
+        (torch.tensor([0, 1]), torch.tensor([True, False]), r"target must be an integer tensor, got dtype torch.bool"),
+    ],
+)
+def test_invalid_inputs_are_named_in_the_message(pred, target, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ConfusionMatrix(3).update(pred, target)
+
+
+def test_uint8_masks_do_not_overflow_the_pair_index() -> None:
+    """Masks read from PNGs are uint8: target * N + pred must be computed in int64 (19 * 20 + 19 > 255)."""
+    cm = ConfusionMatrix(20)
+    cm.update(torch.tensor([19, 0], dtype=torch.uint8), torch.tensor([19, 19], dtype=torch.uint8))
+    assert int(cm.mat[19, 19]) == 1 and int(cm.mat[19, 0]) == 1 and int(cm.mat.sum()) == 2
+
+
+def test_iou_of_absent_classes_warns_nothing() -> None:
+    import warnings
+
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(cm.iou()[2])
+
+
+def test_forgetting_with_the_growing_iou_arrays_of_a_run() -> None:
+    """In a run, step s's IoU array covers the classes seen by s only, and a class map need not be in step order:
+    earlier steps are read from the class's own step on, and every class up to the current step is scored."""
+    history = [np.array([0.9, 0.5]), np.array([0.8, 0.7, 0.6]), np.array([0.7, 0.4, 0.3])]
+    assert forgetting(history, {0: 0, 1: 0, 2: 1}) == pytest.approx({0: 0.2, 1: 0.3, 2: 0.3})
+    assert forgetting(history[:2], {1: 0, 2: 1, 0: 0, 3: 5}) == pytest.approx({0: 0.1, 1: -0.2, 2: None})
+    assert forgetting(history[:2], {1: 5, 2: 1}) == {2: None}  # class 1 comes later: skipped, not the end
