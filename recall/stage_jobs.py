@@ -23,22 +23,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-def stale_stages(dvc_file: Path, prefixes: list[str]) -> list[list]:
-    """The stages of `dvc_file` whose name starts with each prefix, in that order, that `dvc status` finds stale:
-    [[stage, ...] per prefix]."""
+def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
+    """The stages of `dvc_file` named `prefix` (a foreach's items: `prefix@key`) that `dvc status` finds stale, as
+    (addressing, name, cmd, wdir)."""
     from dvc.repo import Repo
 
-    groups: list[list] = [[] for _ in prefixes]
     with Repo(".") as repo, repo.lock:
-        for stage in repo.index.stages:
-            if Path(stage.path).resolve() != dvc_file.resolve():
-                continue
-            for k, prefix in enumerate(prefixes):
-                if stage.name.split("@")[0] == prefix:
-                    if stage.status():
-                        groups[k].append((stage.addressing, stage.name, stage.cmd, stage.wdir))
-                    break
-    return groups
+        return [(stage.addressing, stage.name, stage.cmd, stage.wdir) for stage in repo.index.stages
+                if Path(stage.path).resolve() == dvc_file.resolve() and stage.name.split("@")[0] == prefix
+                and stage.status()]
 
 
 def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, list]:
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     started, all_done, all_failed = time.perf_counter(), [], []
     for prefix in args.order:
-        group = stale_stages(args.dvc_file, [prefix])[0]
+        group = stale_stages(args.dvc_file, prefix)
         print(f"{prefix}: {len(group)} stale stage(s), {args.jobs} at a time", flush=True)
         done, failed = run_group(group, args.jobs, logs, env)
         all_done += done
