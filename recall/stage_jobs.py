@@ -34,6 +34,24 @@ def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
                 and stage.status()]
 
 
+COMMIT_TRIES = 5
+
+
+def commit(addressing: str, env: dict, tries: int = COMMIT_TRIES, wait: float = 10.0) -> bool:
+    """`dvc commit` one finished stage; a failure (e.g. another `dvc` process holding the repository's lock) is
+    retried `tries` times, `wait` seconds apart. True once committed."""
+    for attempt in range(tries):
+        result = subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "-q", addressing], env=env,
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            return True
+        tqdm.write(f"{addressing}: `dvc commit` failed (try {attempt + 1} of {tries}): "
+                   f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        if attempt + 1 < tries:
+            time.sleep(wait)
+    return False
+
+
 def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, list]:
     """Run `stages` (addressing, name, cmd, wdir) `jobs` at a time; `dvc commit` each success. Returns (done,
     failed) addressings."""
@@ -52,12 +70,15 @@ def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, lis
                 continue
             handle.close()
             del running[addressing]
-            if process.returncode == 0:
-                subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "-q", addressing], check=True, env=env)
+            if process.returncode != 0:
+                failed.append(addressing)
+                tqdm.write(f"{addressing}: exit {process.returncode}; see {log}")
+            elif commit(addressing, env):
                 done.append(addressing)
             else:
                 failed.append(addressing)
-                tqdm.write(f"{addressing}: exit {process.returncode}; see {log}")
+                tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times (another DVC command "
+                           f"holding the repository's lock?); run `dvc commit {addressing}` when it is free")
             bar.update(1)
     bar.close()
     return done, failed

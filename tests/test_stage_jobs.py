@@ -58,3 +58,37 @@ def test_stale_stages_run_in_parallel_groups_and_are_committed(tmp_path):
     again = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--order", "base", "run"],
                            cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert "base: 0 stale stage(s)" in again.stdout and "run: 1 stale stage(s)" in again.stdout
+
+
+def test_a_commit_waits_out_another_dvc_process_holding_the_lock(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from dvc.repo import Repo
+
+    from recall.stage_jobs import commit
+
+    project, env = _project(tmp_path)
+    (project / "out" / "base_a.txt").write_text("base a\n")  # the stage's command ran
+    monkeypatch.chdir(project)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Repo(str(project)) as repo, repo.lock:  # another DVC process, busy for a while
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(30)
+    threading.Timer(4.0, release.set).start()
+    started = time.monotonic()
+    try:
+        assert commit("base@a", env, tries=8, wait=1.0)
+    finally:
+        release.set()
+        holder.join()
+    assert time.monotonic() - started > 3.5  # it did wait for the lock
+    assert "base@a" not in yaml.safe_load(subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True,
+        check=True).stdout)
