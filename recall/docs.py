@@ -7,6 +7,7 @@ A block is written in the page as
     ...                                    or a flat {row: {column: number}} mapping (e.g. reports/summary.json
     <!-- /gen -->                          with KEY "."); numbers are shown with 3 decimals
     <!-- gen:value FILE KEY -->0.612<!-- /gen -->      one value (text or number) inline
+    <!-- gen:value FILE KEY .1f -->21.7<!-- /gen -->    a number in a format of its own (Python's format spec)
 
 where FILE is relative to the repository root and KEY a path into the JSON, its parts separated by "/".
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/*.md")
-BLOCK = re.compile(r"(<!-- gen:(?P<kind>table|value) (?P<file>\S+) (?P<key>\S+) -->)(?P<body>.*?)(<!-- /gen -->)",
+BLOCK = re.compile(r"(<!-- gen:(?P<kind>table|value) (?P<file>\S+) (?P<key>\S+)(?: (?P<format>[^\s>]+))? -->)"
+                   r"(?P<body>.*?)(<!-- /gen -->)",
                    re.S)
 
 
@@ -38,9 +40,13 @@ def lookup(data, key: str):
     return node
 
 
-def cell(value) -> str:
+def cell(value, spec: str | None = None) -> str:
     if value is None:
         return "–"
+    if spec is not None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise DocsError(f"format {spec!r} asked of {value!r}, which is not a number")
+        return format(value, spec)
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
@@ -68,8 +74,8 @@ def rewrite(text: str, root: Path = ROOT) -> str:
                 raise DocsError(f"{file}: the report this page quotes is missing (run the stage that writes it)")
             reports[file] = json.loads(path.read_text())
         node = lookup(reports[file], match["key"])
-        body = f"\n{table(node)}\n" if match["kind"] == "table" else cell(node)
-        return match.group(1) + body + match.group(6)
+        body = f"\n{table(node)}\n" if match["kind"] == "table" else cell(node, match["format"])
+        return match.group(1) + body + match.group(7)
 
     return BLOCK.sub(fill, text)
 

@@ -94,3 +94,12 @@ def test_no_text_cites_a_file_the_repository_does_not_hold():
             if not (ROOT / cited).exists() and not any(ch in cited for ch in "<>{}$*"):
                 missing.add(f"{path.relative_to(ROOT)}: {cited}")
     assert sorted(missing) == []
+
+
+def test_a_value_may_carry_its_own_format(tmp_path):
+    page = ("took <!-- gen:value r.json t .1f -->?<!-- /gen --> min, <!-- gen:value r.json n .0f -->?<!-- /gen --> s, "
+            "<!-- gen:value r.json t -->?<!-- /gen -->")
+    (tmp_path / "r.json").write_text('{"t": 21.6810645, "n": 120.185, "s": "text"}')
+    assert docs.rewrite(page, tmp_path) == page.replace("?", "21.7", 1).replace("?", "120", 1).replace("?", "21.681")
+    with pytest.raises(docs.DocsError, match="not a number"):
+        docs.rewrite("<!-- gen:value r.json s .1f -->?<!-- /gen -->", tmp_path)
