@@ -176,7 +176,8 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
 STUDY_METRICS = (*METRICS, "hmean", "forgetting_mean")
 
 
-def _stat(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
+    """Mean and population std of per-seed values, with the text the docs quote ("0.495 ± 0.015"; one value: "0.495")."""
     mean = statistics.fmean(values)
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values, "text": f"{mean:.3f} ± {std:.3f}" if len(values) > 1
@@ -202,9 +203,23 @@ def study_cells(study: dict, root: Path = Path(".")) -> dict:
         for metric in STUDY_METRICS:
             values = [m[metric] for m in members if m.get(metric) is not None]
             if values:
-                entry[metric] = _stat(values)
+                entry[metric] = mean_std(values)
         cells.setdefault(world, {}).setdefault(protocol, {})[variant] = entry
     return cells
+
+
+def step0_table(study: dict, root: Path = Path(".")) -> dict:
+    """The step-0 models the runs start from: per world and step-0 class count, mIoU of the step-0 classes (without
+    and with background), mean ± std over the seeds (`study/step0/<world>_<base>_s<seed>/metrics.json`)."""
+    grouped: dict[tuple, list[dict]] = {}
+    for key in study["step0"]:
+        world, base, _ = key.rsplit("_", 2)
+        metrics = json.loads((root / "study" / "step0" / key / "metrics.json").read_text())
+        grouped.setdefault((world, base), []).append(metrics["final"]["miou"])
+    rows = [[world, int(base), mean_std([m["old_no_bg"] for m in members])["text"],
+             mean_std([m["all"] for m in members])["text"], len(members)]
+            for (world, base), members in grouped.items()]
+    return {"columns": ["world", "step-0 classes", "mIoU (no bg)", "mIoU (with bg)", "seeds"], "rows": rows}
 
 
 def study_tables(cells: dict, variants: list[str]) -> dict:
@@ -222,34 +237,41 @@ def study_tables(cells: dict, variants: list[str]) -> dict:
 
 def attribution(cells: dict, spec: dict | None) -> dict | None:
     """The share of the gap from `spec["from"]` to `spec["to"]` that each variant closes, per metric: per seed
-    (variant - from) / (to - from), then mean ± std over the seeds all three ran with; the gap itself too."""
+    (variant - from) / (to - from), then mean ± std over the seeds all three ran with; the gap itself too. A variant
+    named "world:variant" is taken from another world of the study (the same seeds, its own step-0 models).
+    Besides the table: "gap" and "shares" ({variant: {metric: mean_std}}) for the prose to quote."""
     if not spec:
         return None
-    by_variant = cells.get(spec["world"], {}).get(spec["protocol"], {})
+
+    def cell(variant: str) -> dict:
+        world, _, name = variant.rpartition(":")
+        return cells.get(world or spec["world"], {}).get(spec["protocol"], {}).get(name, {})
 
     def per_seed(variant: str, metric: str) -> dict:
-        entry = by_variant.get(variant, {})
+        entry = cell(variant)
         return dict(zip(entry.get("seeds", []), entry.get(metric, {}).get("values", [])))
 
     metrics = ("old_no_bg", "new", "all")
     columns = ["variant", *(f"{m} ({label})" for m in ("old (no bg)", "new", "all") for label in ("mIoU", "share"))]
-    rows, gaps = [], {}
+    rows, gaps, shares = [], {}, {}
     for metric in metrics:
         low, high = per_seed(spec["from"], metric), per_seed(spec["to"], metric)
-        gaps[metric] = _stat([high[s] - low[s] for s in low if s in high]) if set(low) & set(high) else None
+        gaps[metric] = mean_std([high[s] - low[s] for s in low if s in high]) if set(low) & set(high) else None
     for variant in spec["variants"]:
         row = [variant]
         for metric in metrics:
             low, high, mine = per_seed(spec["from"], metric), per_seed(spec["to"], metric), per_seed(variant, metric)
             seeds = [s for s in mine if s in low and s in high and high[s] != low[s]]
-            row.append(by_variant.get(variant, {}).get(metric, {}).get("text"))
-            row.append(_stat([(mine[s] - low[s]) / (high[s] - low[s]) for s in seeds])["text"] if seeds else None)
+            row.append(cell(variant).get(metric, {}).get("text"))
+            share = mean_std([(mine[s] - low[s]) / (high[s] - low[s]) for s in seeds]) if seeds else None
+            row.append(share["text"] if share else None)
+            shares.setdefault(variant, {})[metric] = share
         rows.append(row)
     gap_row = [f"gap: {spec['to']} - {spec['from']}"]
     for metric in metrics:
         gap_row += [gaps[metric]["text"] if gaps[metric] else None, None]
     return {"world": spec["world"], "protocol": spec["protocol"], "from": spec["from"], "to": spec["to"],
-            "columns": columns, "rows": [gap_row, *rows]}
+            "columns": columns, "rows": [gap_row, *rows], "gap": gaps, "shares": shares}
 
 
 def plot_study(cells: dict, variants: list[str], out: Path) -> list[Path]:
@@ -315,7 +337,7 @@ def write_study_report(study_file: Path, out: Path) -> dict:
     variants = list(study["spec"]["variants"])
     cells = study_cells(study)
     report = {"study": str(study_file), "seeds": study["spec"]["seeds"], "cells": cells,
-              "tables": study_tables(cells, variants)}
+              "tables": {**study_tables(cells, variants), "step0": step0_table(study)}}
     pretrain = Path("models/pretrain/metrics.json")  # the encoder every run of the pretrained world starts from
     if pretrain.is_file():
         report["pretrain"] = json.loads(pretrain.read_text())

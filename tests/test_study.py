@@ -110,6 +110,18 @@ def test_attribution_is_the_per_seed_share_of_the_gap_each_variant_closes():
     assert rows["worse"][share].startswith("-0.167")  # -0.5, 0, 0: the mean of the per-seed shares
     assert rows["same"][share] == "0.000 ± 0.000"
     assert rows["gap: mib - recall"][1] == "0.200 ± 0.000"
+    assert table["shares"]["oracle"]["old_no_bg"]["values"] == pytest.approx([0.5, 0.5, 0.5])
+    assert table["gap"]["old_no_bg"]["text"] == "0.200 ± 0.000"
+
+
+def test_an_attribution_variant_may_come_from_another_world():
+    cells = _cells({"recall": [0.40, 0.50, 0.60], "mib": [0.60, 0.70, 0.80]})
+    cells["wide"] = _cells({"recall": [0.60, 0.70, 0.80]})["w"]  # the same seeds, its own step-0 models
+    table = attribution(cells, {"world": "w", "protocol": "p", "from": "recall", "to": "mib",
+                                "variants": ["wide:recall", "missing:recall"]})
+    rows = {row[0]: row for row in table["rows"]}
+    assert rows["wide:recall"][1:3] == ["0.700 ± 0.082", "1.000 ± 0.000"]  # closes the whole gap in every seed
+    assert rows["missing:recall"][1:3] == [None, None]
 
 
 def test_a_contrast_is_called_only_beyond_the_spread():
@@ -126,3 +138,32 @@ def test_the_study_pipeline_runs_every_table_entry():
     stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
     assert {stages[name]["foreach"] for name in ("step0", "run", "joint")} == {"${step0}", "${runs}", "${joint}"}
     assert all("on_config_change=restart" in " ".join(stages[n]["do"]["cmd"].split()) for n in ("step0", "run", "joint"))
+
+
+def test_label_quality_summary_averages_step0_and_later_classes_per_seed():
+    from recall.sim.label_quality import class_means
+
+    seed0 = {"aeroplane": {"iou": 0.2, "empty": 0.5}, "bicycle": {"iou": 0.4, "empty": 0.1},  # VOC 1, 2: step 0
+             "bird": {"iou": 0.0, "empty": 1.0}}                                              # VOC 3: later
+    seed1 = {"aeroplane": {"iou": 0.4, "empty": 0.3}, "bicycle": {"iou": 0.6, "empty": 0.1},
+             "bird": {"iou": 0.2, "empty": 0.6}}
+    iou_old, empty_old, iou_later, empty_later = class_means([seed0, seed1], base=2)
+    assert iou_old == "0.400 ± 0.100"        # per seed 0.3 and 0.5
+    assert empty_old == "0.250 ± 0.050"      # 0.3 and 0.2
+    assert (iou_later, empty_later) == ("0.100 ± 0.100", "0.800 ± 0.200")
+    assert class_means([seed0], base=3)[2:] == [None, None]  # no class learnt later
+
+
+def test_the_step0_table_groups_the_step0_models_by_world_and_base(tmp_path):
+    import json
+
+    from recall.report import step0_table
+
+    values = {"pretrained_15_s0": 0.6, "pretrained_15_s1": 0.8, "wide_decoder_15_s0": 0.7, "pretrained_10_s0": 0.5}
+    for key, value in values.items():
+        (tmp_path / "study" / "step0" / key).mkdir(parents=True)
+        (tmp_path / "study" / "step0" / key / "metrics.json").write_text(
+            json.dumps({"final": {"miou": {"old_no_bg": value, "all": value + 0.1}}}))
+    table = step0_table({"step0": dict.fromkeys(values, {})}, tmp_path)
+    assert table["rows"] == [["pretrained", 15, "0.700 ± 0.100", "0.800 ± 0.100", 2],
+                             ["wide_decoder", 15, "0.700", "0.800", 1], ["pretrained", 10, "0.500", "0.600", 1]]
