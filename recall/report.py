@@ -279,7 +279,9 @@ def plot_study(cells: dict, variants: list[str], out: Path) -> list[Path]:
     written = []
     for world, protocols in cells.items():
         names = [p for p in protocols if p != "joint"]
-        fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names) + 1, 4), sharey=True, squeeze=False)
+        counts = [sum(v in protocols[p] for v in variants) for p in names]  # panels as wide as their bars
+        fig, axes = plt.subplots(1, len(names), figsize=(0.55 * sum(counts) + 2.5, 4.6), sharey=True, squeeze=False,
+                                 gridspec_kw={"width_ratios": counts})
         for ax, protocol in zip(axes[0], names):
             mine = [v for v in variants if v in protocols[protocol]]
             width = 0.8 / len(REPLAY_BARS)
@@ -291,7 +293,7 @@ def plot_study(cells: dict, variants: list[str], out: Path) -> list[Path]:
             joint = protocols.get("joint", {}).get("joint", {}).get("all")
             if joint:
                 ax.axhline(joint["mean"], color="black", linestyle="--", linewidth=1, label="joint, all")
-            ax.set_xticks(range(len(mine)), [v.replace("_", "\n", 1) for v in mine], fontsize=7)
+            ax.set_xticks(range(len(mine)), mine, fontsize=7, rotation=40, ha="right", rotation_mode="anchor")
             ax.set_title(f"{protocol} ({world})")
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].set(ylabel="final mIoU (mean ± std over seeds)", ylim=(0, 1))
