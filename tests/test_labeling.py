@@ -121,3 +121,20 @@ def test_label_pngs_are_written_whole_and_read_back(tmp_path):
         assert image.mode == "L" and image.format == "PNG"
         assert np.array_equal(np.asarray(image), labels)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind
+
+
+def test_the_image_own_void_pixels_are_kept_unless_asked():
+    targets = torch.tensor([[[0, 255]]])
+    prev = torch.tensor([[[[0.0, 0.0]], [[5.0, 5.0]]]])  # the previous model says class 1 everywhere
+    assert inpaint_background(targets, prev).tolist() == [[[1, 255]]]  # the default: 255 stays
+    assert inpaint_background(targets, prev, include_ignore=True).tolist() == [[[1, 1]]]
+
+
+def test_labels_are_made_on_the_logits_device():
+    # 'meta' stands in for an accelerator: a label tensor left on the CPU cannot meet the logits' device
+    from recall.labeling import label_replay_all
+
+    logits = torch.randn(2, 3, 4, 4, device="meta")
+    assert label_replay(logits, 1, 5).device.type == "meta"
+    assert label_replay(logits, 1, 5).shape == (2, 4, 4)
+    assert label_replay_all(logits, torch.tensor([0, 5, 6])).device.type == "meta"

@@ -220,3 +220,95 @@ def test_the_methods_pass_their_temperature_to_the_distillation(name, by_hand):
         F.cross_entropy(new, targets, ignore_index=255)
     loss = method.loss({"out": new}, targets, torch.zeros(2, 3, 3, 3), ctx)
     assert (loss - cross_entropy).item() == pytest.approx(by_hand(new, old, 2.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_code_defaults_are_the_config_defaults(name):
+    """One home per default: what `build_method(name)` does without options is what conf/method/<name>.yaml says."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml").read_text())
+    defaults = {k: p.default for k, p in inspect.signature(METHODS[name]).parameters.items()}
+    assert {k: v for k, v in conf.items() if k != "name"} == defaults
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_passes_its_base_options_on(name):
+    method = build_method(name, freeze_encoder=True, classifier_init="background")
+    assert (method.freeze_encoder, method.classifier_init) == (True, "background")
+    assert method.options()["freeze_encoder"] is True
+
+
+def test_the_encoder_is_frozen_only_in_incremental_steps_and_only_when_asked(previous_model):
+    ctx = lambda step: StepContext(step=step, task=[[1, 2, 3], [4, 5]], new_classes=[], old_classes=[])  # noqa: E731
+    frozen, free = build_method("ft", freeze_encoder=True), build_method("ft")
+    assert [frozen.encoder_frozen(ctx(s)) for s in (0, 1, 2)] == [False, True, True]
+    assert [free.encoder_frozen(ctx(s)) for s in (0, 1)] == [False, False]
+    decoder = {id(p) for p in previous_model.decoder_parameters()}
+    assert {id(p) for p in frozen.trainable_parameters(previous_model, ctx(1))} == decoder
+    assert len(frozen.trainable_parameters(previous_model, ctx(0))) == len(list(previous_model.parameters()))
+
+
+def test_options_leave_out_private_state():
+    method = build_method("ft")
+    method._cache = "internal"
+    assert method.options() == {"freeze_encoder": False, "classifier_init": "random"}
+
+
+def test_ilt_adds_its_weighted_feature_distillation(previous_model):
+    from recall.methods.distillation import feature_distillation
+
+    torch.manual_seed(3)
+    model = copy.deepcopy(previous_model)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the features now differ from the old model's
+    images = torch.randn(2, 3, 64, 64)
+    targets = torch.randint(0, 4, (2, 64, 64))
+    ctx = StepContext(step=1, task=[[1, 2, 3], [4]], new_classes=[4], old_classes=[1, 2, 3], prev_model=previous_model)
+    outputs = model(images)
+    features = feature_distillation(outputs["encoder"], previous_model(images)["encoder"])
+    base = build_method("ilt", de_weight=0.0).loss(outputs, targets, images, ctx)
+    for weight in (1.0, 3.0):
+        with_features = build_method("ilt", de_weight=weight).loss(outputs, targets, images, ctx)
+        assert with_features.item() == pytest.approx(base.item() + weight * features.item(), rel=1e-5)
+
+
+def test_an_unknown_method_or_option_is_named_with_the_valid_ones():
+    import re
+
+    from recall.errors import UserError
+
+    with pytest.raises(UserError, match="^" + re.escape("unknown method 'mibb'; available: " + ", ".join(sorted(METHODS)))):
+        build_method("mibb")
+    with pytest.raises(UserError, match=re.escape("; its options: kd_weight, temperature, freeze_encoder, classifier_init")):
+        build_method("mib", kd=1.0)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("labels", "gt", "method.labels='gt': expected one of evaluated, oracle"),
+    ("label_space", "both", "method.label_space='both': all (the argmax over every output of the labelling model, "
+                            "as the authors' code) or class (restricted to background and the image's class)"),
+    ("replay_ratio", 1.0, "method.replay_ratio=1.0: must be in [0, 1) (share of replay samples per batch)"),
+    ("replay_ratio", -0.1, "method.replay_ratio=-0.1: must be in [0, 1) (share of replay samples per batch)"),
+    ("min_labelled", 1.0, "method.min_labelled=1.0: must be in [0, 1) (share of an image's pixels)"),
+])
+def test_replay_options_out_of_range_are_named(option, value, message):
+    import re
+
+    from recall.errors import UserError
+
+    with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+        build_method("recall", **{option: value})
+
+
+def test_replay_options_are_kept_as_given():
+    method = build_method("recall", replay_ratio=0.25, label_threshold=0.7, min_labelled=0.1, labels="oracle",
+                          label_space="class", freeze_encoder=False)
+    assert {k: method.options()[k] for k in ("replay_ratio", "label_threshold", "min_labelled", "labels",
+                                             "label_space", "freeze_encoder")} == {
+        "replay_ratio": 0.25, "label_threshold": 0.7, "min_labelled": 0.1, "labels": "oracle",
+        "label_space": "class", "freeze_encoder": False}

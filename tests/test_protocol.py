@@ -351,3 +351,43 @@ def test_ade20k_protocols_are_mibs(option):
     assert steps(name, 150) == MIB_ADE_TASKS[option]
     with pytest.raises(ProtocolError, match="add up to 150"):
         steps(name, 20)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("", "the string is empty"),
+    ("   ", "the string is empty"),
+    ("15--5", "empty token (leading, trailing or double '-')"),
+    ("-15-5", "empty token (leading, trailing or double '-')"),
+    ("a-5", "the first token 'a' must be a positive integer"),
+    ("0-20", "the number of classes at step 0 must be a positive integer, got '0'"),
+    ("15-y", "token 'y' is neither 'n' nor 'nxk'"),
+    ("15-0-5", "the class count in '0' must be a positive integer, got '0'"),
+    ("15-5x0", "the repeat count in '5x0' must be a positive integer, got '0'"),
+])
+def test_each_bad_task_string_says_what_is_wrong(bad, problem):
+    import re
+
+    with pytest.raises(ProtocolError, match="^" + re.escape(f"invalid task {bad!r}: {problem}; expected 'joint'")):
+        steps(bad)
+
+
+def test_step_and_setting_errors_give_the_valid_values():
+    import re
+
+    task = steps("15-5")
+    with pytest.raises(ProtocolError, match=re.escape("step 2 is out of range for a task with 2 steps (0..1)") + "$"):
+        train_label_map(task, 2, "overlapped")
+    with pytest.raises(ProtocolError, match="^" + re.escape(
+            "unknown setting 'mixed'; expected one of 'disjoint', 'overlapped', 'sequential'") + "$"):
+        train_label_map(task, 0, "mixed")
+
+
+def test_canonical_uses_the_dataset_class_count():
+    assert canonical("100-50x2", 200) == "100-50-50"
+
+
+def test_label_map_defaults_are_the_voc_recall_conventions():
+    task = steps("15-5")
+    train, evaluation = train_label_map(task, 0, "overlapped"), eval_label_map(task, 0)  # 20 classes
+    assert train[255] == 0  # the border becomes background (RECALL, MiB)
+    assert evaluation[16] == 255 and evaluation[15] == 15  # future classes are ignored
