@@ -312,3 +312,15 @@ def test_replay_options_are_kept_as_given():
                                              "label_space", "freeze_encoder")} == {
         "replay_ratio": 0.25, "label_threshold": 0.7, "min_labelled": 0.1, "labels": "oracle",
         "label_space": "class", "freeze_encoder": False}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_method_built_without_options_holds_the_config_defaults(name):
+    """The same as the signature check, by behaviour: what the built object holds, not what its signature says."""
+    from pathlib import Path
+
+    import yaml
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml").read_text())
+    options = build_method(name).options()
+    assert {k: options[k] for k in conf if k != "name"} == {k: v for k, v in conf.items() if k != "name"}
