@@ -211,11 +211,13 @@ def study_cells(study: dict, root: Path = Path(".")) -> dict:
 def step0_table(study: dict, root: Path = Path(".")) -> dict:
     """The step-0 models the runs start from: per world and step-0 class count, mIoU of the step-0 classes (without
     and with background), mean ± std over the seeds (`study/step0/<world>_<base>_s<seed>/metrics.json`)."""
+    from recall.study import base_of
+
+    world_of = {run["step0"]: run["world"] for run in study["runs"].values()}  # a step-0 model exists for its runs
     grouped: dict[tuple, list[dict]] = {}
-    for key in study["step0"]:
-        world, base, _ = key.rsplit("_", 2)
+    for key, item in study["step0"].items():
         metrics = json.loads((root / "study" / "step0" / key / "metrics.json").read_text())
-        grouped.setdefault((world, base), []).append(metrics["final"]["miou"])
+        grouped.setdefault((world_of[key], base_of(item["protocol"])), []).append(metrics["final"]["miou"])
     rows = [[world, int(base), mean_std([m["old_no_bg"] for m in members])["text"],
              mean_std([m["all"] for m in members])["text"], len(members)]
             for (world, base), members in grouped.items()]

@@ -222,15 +222,21 @@ def test_the_methods_pass_their_temperature_to_the_distillation(name, by_hand):
     assert (loss - cross_entropy).item() == pytest.approx(by_hand(new, old, 2.0), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_the_code_defaults_are_the_config_defaults(name):
-    """One home per default: what `build_method(name)` does without options is what conf/method/<name>.yaml says."""
-    import inspect
+def _method_conf(name: str) -> dict:
+    """conf/method/<name>.yaml, the home of a method's defaults."""
     from pathlib import Path
 
     import yaml
 
-    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml").read_text())
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_code_defaults_are_the_config_defaults(name):
+    """One home per default: what `build_method(name)` does without options is what conf/method/<name>.yaml says."""
+    import inspect
+
+    conf = _method_conf(name)
     defaults = {k: p.default for k, p in inspect.signature(METHODS[name]).parameters.items()}
     assert {k: v for k, v in conf.items() if k != "name"} == defaults
 
@@ -317,10 +323,6 @@ def test_replay_options_are_kept_as_given():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_method_built_without_options_holds_the_config_defaults(name):
     """The same as the signature check, by behaviour: what the built object holds, not what its signature says."""
-    from pathlib import Path
-
-    import yaml
-
-    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml").read_text())
+    conf = _method_conf(name)
     options = build_method(name).options()
     assert {k: options[k] for k in conf if k != "name"} == {k: v for k, v in conf.items() if k != "name"}

@@ -164,6 +164,8 @@ def test_the_step0_table_groups_the_step0_models_by_world_and_base(tmp_path):
         (tmp_path / "study" / "step0" / key).mkdir(parents=True)
         (tmp_path / "study" / "step0" / key / "metrics.json").write_text(
             json.dumps({"final": {"miou": {"old_no_bg": value, "all": value + 0.1}}}))
-    table = step0_table({"step0": dict.fromkeys(values, {})}, tmp_path)
+    study = {"step0": {key: {"protocol": "10-2x5" if "_10_" in key else "15-5"} for key in values},
+             "runs": {f"run_{key}": {"step0": key, "world": key.rsplit("_", 2)[0]} for key in values}}
+    table = step0_table(study, tmp_path)
     assert table["rows"] == [["pretrained", 15, "0.700 ± 0.100", "0.800 ± 0.100", 2],
                              ["wide_decoder", 15, "0.700", "0.800", 1], ["pretrained", 10, "0.500", "0.600", 1]]
