@@ -301,6 +301,8 @@ def test_an_unknown_method_or_option_is_named_with_the_valid_ones():
     ("replay_ratio", 1.0, "method.replay_ratio=1.0: must be in [0, 1) (share of replay samples per batch)"),
     ("replay_ratio", -0.1, "method.replay_ratio=-0.1: must be in [0, 1) (share of replay samples per batch)"),
     ("min_labelled", 1.0, "method.min_labelled=1.0: must be in [0, 1) (share of an image's pixels)"),
+    ("helper_init", "head", "method.helper_init='head': random (the authors') or step0 (the step-0 head)"),
+    ("helper_lr_factor", 0.0, "method.helper_lr_factor=0.0: must be > 0"),
 ])
 def test_replay_options_out_of_range_are_named(option, value, message):
     import re

@@ -33,7 +33,8 @@ def test_a_run_with_oracle_labels_replays_the_true_masks(tmp_path, tiny_world):
                  "replay=toy_gan", f"replay.pool={pool}", f"replay.mapping={mapping}", f"run_dir={run_dir}",
                  "tracking.uri=", *FAST]) == 0
     labels = run_dir / "steps" / "replay_labels"
-    assert json.loads((labels / "step0.done").read_text())["labeller"] == "oracle"
+    marker = json.loads((labels / "step0.done").read_text())
+    assert (marker["labeller"], marker["images"], marker["classes"]) == ("oracle", 19 * 3, list(range(1, 20)))
     quality = label_quality(pool, labels, generator)
     assert len(quality) == 19 and all(q == {"iou": 1.0, "empty": 0.0, "images": 3} for q in quality.values())
     record = json.loads((pool / "manifest.jsonl").read_text().splitlines()[0])
