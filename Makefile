@@ -11,18 +11,23 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: install demo test bench ui plots mutants clean
 
-$(VENV)/bin/pip:
+# installs go through uv (from the package registry, like everything else): parallel downloads and a shared cache
+# make them about twice as fast as pip's; UV_NATIVE_TLS: the system's certificates, as pip uses
+export UV_NATIVE_TLS := 1
+UV = $(VENV)/bin/uv pip install -q --python $(VENV)/bin/python
+
+$(VENV)/bin/uv:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "uv>=0.13,<0.14"
 
 # what the demo needs
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
-	$(VENV)/bin/pip install -q -e .
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/uv
+	$(UV) -e .
 	touch $@
 
-# what the tests and benchmarks need too (one pip call from a fresh clone)
-$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+# what the tests and benchmarks need too (one install from a fresh clone)
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/uv
+	$(UV) -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed-dev
@@ -32,8 +37,9 @@ demo: $(VENV)/.installed
 	dvc metrics show
 	@echo "Results: reports/summary.md, reports/curves.png; browse runs with: make ui; DVC's plots offline: make plots"
 
+# two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once)
 test: $(VENV)/.installed-dev
-	pytest -q; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+	pytest -q -n 2 --dist loadfile; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py

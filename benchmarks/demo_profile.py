@@ -5,8 +5,10 @@
 Copies the project (the files git tracks) into a temporary directory and runs `dvc repro` there, with a
 `sitecustomize` hook on PYTHONPATH that records each stage's process when it exits (dvc.yaml is not touched, so
 the copy's dvc.lock is the one `dvc repro` makes; `--adopt` copies it and reports/summary.json back). With
-`--fresh-venv` it first installs the project as `make demo` does (`make .venv/.installed`: a new virtualenv,
-`pip install -e .`, timed; pip's cache is whatever this machine has) and runs the pipeline with that venv.
+`--fresh-venv` it first installs the project as `make demo` does (`make .venv/.installed`: a new virtualenv, uv,
+`uv pip install -e .`, timed; uv's cache is whatever this machine has, and the profile says whether it was there)
+and runs the pipeline with that venv. The machine's load average before the run is recorded too: a profile taken
+beside other work is slower, and says so.
 Per stage: wall seconds, CPU seconds (user + system of the command's processes) and peak RSS; for the run stages, how the wall time splits into what the run itself tallies
 (`timing.json`: pre-flight, train, method, evaluate, figures, tracking) and the rest (process start, imports,
 building the model and data, checkpoints). DVC's own bookkeeping is the wall time of `dvc repro` outside every
@@ -135,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         copy_project(project)
         hooks = Path(scratch) / "hooks"
         hooks.mkdir()
+        load_before = os.getloadavg()[0]
+        uv_cache = Path(os.environ.get("UV_CACHE_DIR") or Path.home() / ".cache" / "uv").is_dir()
         python, install_seconds = install(project) if args.fresh_venv else (sys.executable, None)
         result = profile(project, hooks, python)
         result["install_seconds"] = install_seconds
+        result["uv_cache_was_there"] = uv_cache if args.fresh_venv else None
+        result["load_average_before"] = load_before
         if install_seconds is not None:
             result["make_demo_minutes"] = (install_seconds + result["total_wall"]) / 60
         if args.adopt:
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["install_seconds"] is not None:
         print(f"\ninstalls (make .venv/.installed): {result['install_seconds']:.0f} s; make demo in all: "
               f"{result['make_demo_minutes']:.1f} min")
+    print(f"\nload average before the run: {result['load_average_before']:.2f}")
     print(f"\n{result['machine']}: dvc repro {result['total_wall']:.0f} s wall, {result['total_cpu']:.0f} s CPU, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB; a second dvc repro: {result['noop_repro']:.1f} s "
           f"({'nothing ran' if result['noop_ran_nothing'] else 'STAGES RAN AGAIN'})")

@@ -11,11 +11,15 @@ import pytest
 import torch
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-torch.set_num_threads(2)
+# `make test` runs the suite in two pytest-xdist workers, one per core: each computes on one thread (so do the
+# commands the tests start, through FAST); alone, pytest uses both cores
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
 
 # a few seconds of training per step on 64x64 images
 FAST = ["train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "train.eval_batch_size=16",
-        "model.head_channels=16", "model.pretrained_file=null"]  # the tests do not pretrain (test_pretrain does)
+        "model.head_channels=16", "model.pretrained_file=null",  # the tests do not pretrain (test_pretrain does)
+        f"train.threads={THREADS}"]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import FAST
+from hand_world import make_world, protocol_run
 from PIL import Image
 
 from recall.cli import main
@@ -67,3 +69,15 @@ def test_the_dry_run_plan_shows_its_replay_and_no_helpers(tmp_path, tiny_world, 
     assert [s.get("extra_data") for s in plan["steps"]] == [None, "18 old", "19 old"]
     assert not any("extra_training" in s for s in plan["steps"])
     assert plan["method_inputs"]["replay"]["images"] == 19 * 4
+
+
+def test_pseudo_replay_s_labeller_of_each_group_is_the_model_of_its_step(tmp_path):
+    """On the hand-made world (tests/hand_world.py), 2-1-1: group k is labelled by steps/<k>/model.pt, whose
+    outputs are background and every class up to step k; no target rewriting."""
+    world = make_world(tmp_path / "world")
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", "method=pseudo_replay", "replay=folder",
+                       f"replay.pool={world.pool.root}")
+    assert run.method.labeller(run, 0) == (run.step_dir(0) / "model.pt", [0, 1, 2])
+    assert run.method.labeller(run, 1) == (run.step_dir(1) / "model.pt", [0, 1, 2, 3])
+    targets = torch.tensor([[[0, 1], [255, 3]]])
+    assert run.method.rewrite_targets(torch.zeros(1, 3, 2, 2), targets, run.context(1, None)) is targets

@@ -15,7 +15,7 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
-from hand_world import POOL_SHARES, SIDE, make_world, protocol_run, recall_run, replay_run, spy
+from hand_world import POOL_SHARES, SIDE, make_world, recall_run, replay_run, spy
 from recall.atomic import write_json
 from recall.data.transforms import eval_transform
 from recall.errors import UserError
@@ -503,14 +503,6 @@ def test_plan_inputs_list_at_most_five_short_classes(world, tmp_path):
     plan = run.method.plan_inputs(run, 1, [1])
     assert "needs 7 old classes; 1 images on disk" in plan["lines"][0][1] and plan["replay"]["needed"] is None
     assert plan["eval_images"] == 1  # per class on disk, 0 for the classes the pool lacks
-
-
-def test_pseudo_replay_labels_each_group_with_the_model_that_finished_its_step(world, tmp_path):
-    run = protocol_run(world, tmp_path, "protocol=2-1-1", "method=pseudo_replay", "replay=folder",
-                       f"replay.pool={world.pool.root}")
-    assert run.method.labeller(run, 0) == (run.step_dir(0) / "model.pt", [0, 1, 2])
-    assert run.method.labeller(run, 1) == (run.step_dir(1) / "model.pt", [0, 1, 2, 3])
-    assert not hasattr(run.method, "needs_helper") and run.method.rewrite_targets(None, "targets", None) == "targets"
 
 
 def test_plan_inputs_without_a_per_class_budget(world, tmp_path):
