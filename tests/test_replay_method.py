@@ -19,7 +19,8 @@ from hand_world import POOL_SHARES, SIDE, make_world, recall_run, replay_run, sp
 from recall.atomic import write_json
 from recall.data.transforms import eval_transform
 from recall.errors import UserError
-from recall.methods.replay import old_classes, spread
+from recall.methods import METHODS
+from recall.methods.replay import ReplayMethod, old_classes, spread
 from recall.model import SegmentationModel, load_checkpoint, save_checkpoint
 from recall.provenance import content_id
 from recall.replay.pool import PoolDataset, ReplayPool
@@ -521,3 +522,18 @@ def test_plan_inputs_list_five_short_classes_without_an_ellipsis(world, tmp_path
     run = recall_run(world, tmp_path, "replay.per_class=1", "dataset.num_classes=12", protocol="6-6",
                      pool=noise_pool(tmp_path / "pool", {1: 1}).root)
     assert run.method.plan_inputs(run, 1, [1])["lines"][0][1].endswith("fewer than 1 for 5 classes (2, 3, 4, 5, 6)")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if issubclass(cls, ReplayMethod)))
+def test_every_replay_method_labels_a_group_with_a_model_of_the_step_that_learnt_it(world, tmp_path, name):
+    """The contract of `labeller` (2-1-1): group 0 is labelled by the step-0 model (background and step 0's
+    classes, in order); group k by a checkpoint of step k whose outputs are background first, then classes learnt
+    up to step k, step k's among them."""
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", f"method={name}", "replay=folder",
+                       f"replay.pool={world.pool.root}")
+    assert run.method.labeller(run, 0) == (run.step_dir(0) / "model.pt", [0, 1, 2])
+    for k in (1, 2):
+        checkpoint, channels = run.method.labeller(run, k)
+        assert checkpoint.parent == run.step_dir(k) and checkpoint.suffix == ".pt"
+        assert channels[0] == 0 and set(run.task[k]) <= set(channels) <= {0, *range(1, 2 + k + 1)}
+        assert len(channels) == len(set(channels)) and channels[1:] == sorted(channels[1:])
