@@ -15,7 +15,7 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
-from hand_world import POOL_SHARES, SIDE, make_world, recall_run, replay_run, spy
+from hand_world import POOL_SHARES, SIDE, make_world, protocol_run, recall_run, replay_run, spy
 from recall.atomic import write_json
 from recall.data.transforms import eval_transform
 from recall.errors import UserError
