@@ -2,8 +2,8 @@
 # `make test`: install it with the dev extras (pytest, the plots, dashboard and cluster extras, a PostgreSQL
 # wheel), then run the suite.
 # `make ui`: MLflow on 127.0.0.1:5000, printing the runs table's address. `make plots`: DVC's plots, offline.
-# `make mutants`: mutation testing of the core modules with mutmut (docs/testing.md; not part of `make test`);
-# `make mutants MUTANTS='recall.metrics*'` runs the mutants of one module only.
+# `make mutants`: mutation testing of a sample of the core's mutants with mutmut, then its report (docs/testing.md;
+# not part of `make test`); `make mutants MUTANTS=all`: every mutant (hours); MUTANTS='recall.metrics.*': those.
 VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -39,9 +39,10 @@ demo: $(VENV)/.installed
 	dvc metrics show
 	@echo "Results: reports/summary.md, reports/curves.png; browse runs with: make ui; DVC's plots offline: make plots"
 
-# two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once)
+# two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once),
+# the slowest files first (the groups and their order: tests/conftest.py)
 test: $(VENV)/.installed-dev
-	pytest -q -n 2 --dist loadfile; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+	pytest -q -n 2 --dist loadgroup --no-loadscope-reorder; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py
@@ -61,8 +62,8 @@ plots: $(VENV)/.installed-dev
 # the configuration is [tool.mutmut] in pyproject.toml; results stay in mutants/ (`mutmut results`, `mutmut show NAME`)
 MUTANTS ?=
 mutants: $(VENV)/.installed-dev
-	mutmut run --max-children 2 $(MUTANTS)
-	mutmut results
+	set -f; mutmut run --max-children 2 $(if $(filter all,$(MUTANTS)),$$(python benchmarks/mutation_report.py --scope --all),$(if $(MUTANTS),$(MUTANTS),$$(python benchmarks/mutation_report.py --scope)))
+	python benchmarks/mutation_report.py
 
 clean:
 	rm -rf runs models reports data/toy mlflow.db mlruns dvc_plots mutants

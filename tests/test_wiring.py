@@ -23,7 +23,7 @@ from recall.data.classes import IGNORE_INDEX, PADDING
 from recall.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from recall.methods import StepContext, build_method
 from recall.model import ModelConfig, SegmentationModel
-from recall.train import TrainConfig, train_step
+from recall.train import TrainConfig, make_optimizer, train_one_epoch, train_step
 
 
 # --------------------------------------------------------------------------------------------- stand-ins
@@ -183,3 +183,91 @@ def test_mib_s_own_default_init_is_background_aware(world, tmp_path):
     save_step0(run)
     model, prev = run.model_for(1)
     assert splits_background(model, prev, new=2)
+
+
+# ------------------------------------------------------------------------------------------------- step results
+def test_a_step_result_scores_old_and_new_classes_by_the_steps_that_brought_them(world, tmp_path):
+    """ProtocolRun.result of 2-1-1 at step 2 on a hand-made confusion matrix: old = background and step 0's
+    classes, new = the classes of steps 1 and 2 (not step 2's alone), forgetting from the best earlier IoU."""
+    import numpy as np
+
+    from recall.metrics import ConfusionMatrix
+
+    run = protocol_run(world, tmp_path, "protocol=2-1-1")
+    assert run.task == [[1, 2], [3], [4]]
+    matrix = ConfusionMatrix(5)
+    matrix.mat[:] = torch.tensor([[4, 0, 0, 0, 0],   # rows: ground truth; IoU 1, 3/4, 2/3, 1/2, 4/5
+                                  [0, 3, 1, 0, 0],
+                                  [0, 0, 2, 0, 0],
+                                  [0, 0, 0, 1, 1],
+                                  [0, 0, 0, 0, 4]])
+    iou = {0: 1.0, 1: 3 / 4, 2: 2 / 3, 3: 1 / 2, 4: 4 / 5}
+    history = [np.array([1.0, 0.9, 0.5]), np.array([1.0, 0.8, 0.7, 0.6])]
+    result = run.result(2, matrix, history)
+    mean = lambda classes: pytest.approx(sum(iou[c] for c in classes) / len(classes))  # noqa: E731
+    assert result["miou"] == {"all": mean([0, 1, 2, 3, 4]), "all_no_bg": mean([1, 2, 3, 4]), "old": mean([0, 1, 2]),
+                              "old_no_bg": mean([1, 2]), "new": mean([3, 4])}
+    assert result["new_classes"] == [run.class_names[4]]
+    names = run.class_names
+    assert result["forgetting"][names[1]] == pytest.approx(0.9 - 3 / 4)  # the best earlier IoU, not the first
+    assert result["forgetting"][names[3]] == pytest.approx(0.6 - 1 / 2)
+    assert result["forgetting"].get(names[4]) is None  # learnt at this step: nothing to forget yet
+    assert run.result(1, ConfusionMatrix.from_dict(ConfusionMatrix(4).to_dict()), history[:1])["miou"]["new"] is None
+    assert ConfusionMatrix.from_dict(result["confusion_matrix"]).mat.tolist() == matrix.mat.tolist()
+
+
+# ------------------------------------------------------------------------------------------------- the loaders
+@pytest.mark.parametrize("convention, border", [("recall", 0), ("mib", 0), ("plop", IGNORE_INDEX)])
+def test_the_training_targets_map_the_void_border_as_the_convention_says(world, tmp_path, convention, border):
+    """eval.convention's border_in_training reaches the step's label map (incremental and joint): the dataset's
+    255 border becomes background (RECALL, MiB) or stays ignored (PLOP)."""
+    for method in ("ft", "joint"):
+        run = protocol_run(world, tmp_path / method, "protocol=2-2", f"method={method}",
+                           f"eval.convention={convention}")
+        lut = run.train_loader(1, torch.Generator()).dataset.label_map
+        assert lut[IGNORE_INDEX] == border and lut[3] == 3, method
+
+
+def test_the_training_loader_shuffles_with_the_run_s_generator(world, tmp_path):
+    """A step's images come in an order drawn from the generator it is given: the same seed, the same order; other
+    seeds, other orders (not the dataset's)."""
+    run = protocol_run(world, tmp_path, "protocol=2-2")
+    order = lambda seed: list(run.train_loader(1, torch.Generator().manual_seed(seed)).sampler)  # noqa: E731
+    orders = [order(seed) for seed in range(10)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders)
+    assert order(3) == orders[3] and len({tuple(o) for o in orders}) > 1
+
+
+def test_the_loaders_take_the_configured_workers(world, tmp_path):
+    run = protocol_run(world, tmp_path, "protocol=2-2", "train.num_workers=2")
+    assert run.train_loader(1, torch.Generator()).num_workers == 2 and run.eval_loader(1).num_workers == 2
+
+
+def test_one_epoch_called_alone_trains_the_model_itself_in_full_precision():
+    """train_one_epoch without `net` or `precision` (as a method's own loop may call it): the model itself runs
+    the forward pass in fp32 on the CPU, one optimiser step per batch, and the mean loss per image comes back."""
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(head_channels=16), [3])
+    method = build_method("ft")
+    ctx = StepContext(step=0, task=[[1, 2]], new_classes=[1, 2], old_classes=[], prev_model=None,
+                      setting="overlapped")
+    targets = torch.randint(0, 3, (4, SIDE, SIDE))
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, SIDE, SIDE), targets), batch_size=2)
+    optimizer, scheduler = make_optimizer(list(model.parameters()), 0.01, TrainConfig(), total_iters=2)
+    losses = spy(method, "loss")
+    before = [p.detach().clone() for p in model.parameters()]
+    mean = train_one_epoch(model, method, loader, optimizer, scheduler, ctx)
+    assert len(losses) == 2 and all(outputs["out"].dtype == torch.float32 for outputs, *_ in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert isinstance(mean, float) and mean > 0
+
+
+@pytest.mark.parametrize("method, keeps_previous", [("ft", False), ("mib", True)])
+def test_a_step_s_context_names_the_classes_before_it_and_now(world, tmp_path, method, keeps_previous):
+    """What a method's hooks are told at step 2 of 2-1-1: the classes learnt before (for a method's own use: no
+    built-in one reads them), the step's new ones, and the previous model only if the method asks for it."""
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", f"method={method}")
+    prev = SegmentationModel(ModelConfig(head_channels=16), [2, 1])
+    ctx = run.context(2, prev)
+    assert (ctx.step, ctx.task, ctx.old_classes, ctx.new_classes) == (2, [[1, 2], [3], [4]], [1, 2, 3], [4])
+    assert (ctx.prev_model is prev) == keeps_previous and ctx.setting == "overlapped"
