@@ -72,7 +72,7 @@ def test_the_run_records_the_pool_it_read_and_notices_another(tmp_path, tiny_wor
 
 
 # ------------------------------------------------------------------ 3. one writer per run directory
-def test_a_second_writer_is_refused_and_a_killed_holder_frees_the_directory(tmp_path, tiny_world):
+def test_a_second_writer_is_refused_and_a_killed_holder_frees_the_directory(tmp_path, tiny_world, capsys):
     from recall.locks import lock_file_of
 
     run_dir = tmp_path / "run"
@@ -90,11 +90,12 @@ def test_a_second_writer_is_refused_and_a_killed_holder_frees_the_directory(tmp_
             time.sleep(0.1)
         assert first.poll() is None, f"the first writer ended early: {log.read_text()[-2000:]}"
         assert holder.read_text().strip() == str(first.pid), "the first writer holds the run directory"
-        second = subprocess.run([sys.executable, "-m", "recall.cli", *args], capture_output=True, text=True,
-                                timeout=120)
+        capsys.readouterr()
+        code = main(args)  # the second writer (in this process: the lock is the OS's, per open file)
+        second = capsys.readouterr()
         assert first.poll() is None, f"the first writer ended early: {log.read_text()[-2000:]}"
-        assert second.returncode == 2, second.stdout[-1000:] + second.stderr[-1000:]
-        assert f"in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert code == 2, second.out[-1000:] + second.err[-1000:]
+        assert f"in use by process {first.pid}" in second.err and "Traceback" not in second.err
     finally:
         os.killpg(first.pid, 9)
         first.wait()
