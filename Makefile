@@ -40,9 +40,9 @@ demo: $(VENV)/.installed
 	@echo "Results: reports/summary.md, reports/curves.png; browse runs with: make ui; DVC's plots offline: make plots"
 
 # two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once),
-# the slowest files first (the groups and their order: tests/conftest.py)
+# the slowest files first (their order: tests/conftest.py)
 test: $(VENV)/.installed-dev
-	pytest -q -n 2 --dist loadgroup --no-loadscope-reorder; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py

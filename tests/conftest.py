@@ -22,24 +22,19 @@ FAST = ["train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "t
         f"train.threads={THREADS}"]
 
 
-# `make test` (pytest-xdist, --dist loadgroup --no-loadscope-reorder): one group per test file, so that a file's
-# module fixtures are built once; the two files that use tune_world (a step-0 run and a replay pool, about 20 s)
-# share a group, so that it is built once. The slowest groups are sent first (longest first keeps the two
-# workers' finishing times close; xdist's own order, the files with most tests first, left the slowest for last).
-SHARED_GROUPS = {"test_cluster": "tune_world", "test_tune": "tune_world"}
-SLOWEST_FIRST = ["tune_world", "test_dvc_resume", "test_cli", "test_distributed", "test_corruption",
+# `make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder): each test file on one worker, so that its
+# module fixtures are built once, and the slowest files sent first: longest first keeps the two workers'
+# finishing times close (xdist's own order, the files with most tests first, left the slow process tests for
+# last). Not --dist loadgroup: with pytest 9.2 xdist 3.8 no longer puts a group into the test ids, and every test
+# of a group went to either worker, each building the module fixtures again.
+SLOWEST_FIRST = ["test_cluster", "test_tune", "test_dvc_resume", "test_cli", "test_distributed", "test_corruption",
                  "test_results", "test_replay_stages", "test_stage_jobs", "test_mlflow_runs", "test_plots",
                  "test_dvc_deps", "test_replay_method", "test_web"]
 
 
 def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        return SHARED_GROUPS.get(item.path.stem, item.path.stem)
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: each file keeps its own order
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its own order
 
 
 @pytest.fixture(scope="session")
