@@ -1,14 +1,20 @@
 """Run the out-of-date stages of a DVC pipeline several at a time, then `dvc commit` each one that finished.
 
+    python -m recall.stage_jobs dvc.yaml --jobs 2 --alone pretrain     # every stage once its inputs are made
     python -m recall.stage_jobs study/dvc.yaml --jobs 2 --order step0 run joint
 
 `dvc repro` runs one stage at a time. On a 2-core machine two one-thread runs finish sooner than one two-thread
-run after the other (the study's runs use `train.threads=1` for this). This runs each stale stage's own command
-(DVC resolves it; nothing is rewritten) in its working directory, `--jobs` at a time, group after group
-(`--order`: stage-name prefixes; a group starts when the one before it has finished: the runs need their step-0
-models), and records each finished stage with `dvc commit` (the DVC workflow for commands run outside `dvc
-repro`). A failed command is reported with its log (`<dvc file dir>/logs/<stage>.log`) and not committed; the
-others go on. Afterwards `dvc repro <dvc file>` runs what is left (the report) and finds the rest up to date.
+run after the other (the demo's and the study's runs use `train.threads=1` for this). This runs each stale
+stage's own command (DVC resolves it; nothing is rewritten) in its working directory with the environment `dvc
+repro` gives it (DVC_ROOT, DVC_STAGE), `--jobs` at a time, and records each finished stage with `dvc commit`
+(the DVC workflow for commands run outside `dvc repro`). Without `--order` a stage starts once every stage of
+the file whose outputs it reads has finished, and is run only if DVC then finds it stale (as `dvc repro` would);
+among the stages ready to start, the one with the most stages downstream goes first, and a stage named in
+`--alone` (one that uses every core itself, such as the demo's two-thread pretraining) runs with no other.
+With `--order` (stage-name prefixes) the stale stages of each prefix run as a group, a group after the one
+before it has finished. A failed command is reported with its log (`<dvc file dir>/logs/<stage>.log`) and not committed, and the stages
+downstream of it are not started; the others go on. Afterwards `dvc repro <dvc file>` finds the rest up to date
+(or runs what failed, with its error in the terminal).
 """
 
 from __future__ import annotations
@@ -34,6 +40,41 @@ def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
                 and stage.status()]
 
 
+def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str, int]]:
+    """The stages of `dvc_file` as (addressing, name, cmd, wdir) in the file's order; for each, the stages of the
+    file whose outputs it reads, directly or not (upstream); and how many stages read its outputs (downstream)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(".") as repo, repo.lock:
+        graph = repo.index.graph  # an edge goes from a stage to a stage whose outputs it reads
+        stages = [stage for stage in repo.index.stages
+                  if Path(stage.path).resolve() == dvc_file.resolve() and stage.cmd]
+        names = {stage.addressing for stage in stages}
+        upstream = {stage.addressing: {s.addressing for s in nx.descendants(graph, stage)} & names for stage in stages}
+        downstream = {stage.addressing: len({s.addressing for s in nx.ancestors(graph, stage)} & names)
+                      for stage in stages}
+        return [(s.addressing, s.name, s.cmd, s.wdir) for s in stages], upstream, downstream
+
+
+def is_stale(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
+    """Whether DVC finds the stage out of date now (its upstream stages committed), waiting out another DVC
+    process holding the repository's lock (a `dvc commit` of a finished stage)."""
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    for attempt in range(tries):
+        try:
+            with Repo(".") as repo, repo.lock:
+                (stage,) = repo.stage.collect(addressing)
+                return bool(stage.status())
+        except LockError:
+            if attempt + 1 == tries:
+                raise
+            time.sleep(wait)
+    return True
+
+
 COMMIT_TRIES = 5
 
 
@@ -52,6 +93,63 @@ def commit(addressing: str, env: dict, tries: int = COMMIT_TRIES, wait: float = 
     return False
 
 
+def start(stage: tuple, logs: Path, env: dict) -> tuple:
+    """Start a stage's command as `dvc repro` would: in its directory, with DVC_ROOT and DVC_STAGE set."""
+    addressing, name, cmd, wdir = stage
+    log = logs / f"{name.replace('@', '_')}.log"
+    handle = log.open("w")
+    process = subprocess.Popen(cmd, shell=True, cwd=wdir, stdout=handle, stderr=subprocess.STDOUT,
+                               env={**env, "DVC_ROOT": os.getcwd(), "DVC_STAGE": addressing})
+    return process, handle, log
+
+
+def finish(addressing: str, running: dict, env: dict) -> bool:
+    """A finished command: committed (True) or reported as failed (False)."""
+    process, handle, log = running.pop(addressing)
+    handle.close()
+    if process.returncode != 0:
+        tqdm.write(f"{addressing}: exit {process.returncode}; see {log}")
+        return False
+    if commit(addressing, env):
+        return True
+    tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times (another DVC command holding the "
+               f"repository's lock?); run `dvc commit {addressing}` when it is free")
+    return False
+
+
+def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = ()) -> tuple[list, list, list]:
+    """Every stage of `dvc_file` once the stages upstream of it have finished, if DVC then finds it stale, `jobs`
+    at a time (the ready stage with most stages downstream first); a stage named with a prefix in `alone` (one
+    that uses every core itself) runs with no other. Returns the addressings run, failed, and not started
+    (downstream of a failure)."""
+    stages, upstream, downstream = pipeline(dvc_file)
+    by_name = {stage[0]: stage for stage in stages}
+    by_itself = lambda a: by_name[a][1].split("@")[0] in alone  # noqa: E731
+    pending = sorted(by_name, key=lambda a: -downstream[a])  # stable: the file's order among equals
+    running, finished, done, failed = {}, set(), [], []
+    bar = tqdm(total=len(stages), desc="stages", unit="stage")
+    while running or any(upstream[a] <= finished for a in pending):
+        for addressing in [a for a in pending if upstream[a] <= finished]:
+            if len(running) >= jobs or any(by_itself(a) for a in running) or (running and by_itself(addressing)):
+                break
+            pending.remove(addressing)
+            if is_stale(addressing):
+                running[addressing] = start(by_name[addressing], logs, env)
+            else:
+                finished.add(addressing)
+                bar.update(1)
+        time.sleep(1)
+        for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
+            if finish(addressing, running, env):
+                done.append(addressing)
+                finished.add(addressing)
+            else:
+                failed.append(addressing)
+            bar.update(1)
+    bar.close()
+    return done, failed, pending
+
+
 def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, list]:
     """Run `stages` (addressing, name, cmd, wdir) `jobs` at a time; `dvc commit` each success. Returns (done,
     failed) addressings."""
@@ -59,26 +157,11 @@ def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, lis
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
     while pending or running:
         while pending and len(running) < jobs:
-            addressing, name, cmd, wdir = pending.pop(0)
-            log = logs / f"{name.replace('@', '_')}.log"
-            handle = log.open("w")
-            running[addressing] = (subprocess.Popen(cmd, shell=True, cwd=wdir, env=env, stdout=handle,
-                                                    stderr=subprocess.STDOUT), handle, log)
+            stage = pending.pop(0)
+            running[stage[0]] = start(stage, logs, env)
         time.sleep(2)
-        for addressing, (process, handle, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            handle.close()
-            del running[addressing]
-            if process.returncode != 0:
-                failed.append(addressing)
-                tqdm.write(f"{addressing}: exit {process.returncode}; see {log}")
-            elif commit(addressing, env):
-                done.append(addressing)
-            else:
-                failed.append(addressing)
-                tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times (another DVC command "
-                           f"holding the repository's lock?); run `dvc commit {addressing}` when it is free")
+        for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
+            (done if finish(addressing, running, env) else failed).append(addressing)
             bar.update(1)
     bar.close()
     return done, failed
@@ -88,13 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recall.stage_jobs", description=__doc__.splitlines()[0])
     parser.add_argument("dvc_file", type=Path)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--order", nargs="+", required=True, help="stage-name prefixes, one group each, in order")
+    parser.add_argument("--order", nargs="+", help="stage-name prefixes, one group each, in order (default: every "
+                                                   "stage once its inputs are made)")
+    parser.add_argument("--alone", nargs="+", default=[], help="without --order: stage-name prefixes of stages that "
+                                                               "use every core themselves, run with no other")
     args = parser.parse_args(argv)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     logs = args.dvc_file.parent / "logs"
     logs.mkdir(exist_ok=True)
-    started, all_done, all_failed = time.perf_counter(), [], []
-    for prefix in args.order:
+    started, all_done, all_failed, not_started = time.perf_counter(), [], [], []
+    if args.order is None:
+        all_done, all_failed, not_started = run_dag(args.dvc_file, args.jobs, logs, env, tuple(args.alone))
+    for prefix in args.order or []:
         group = stale_stages(args.dvc_file, prefix)
         print(f"{prefix}: {len(group)} stale stage(s), {args.jobs} at a time", flush=True)
         done, failed = run_group(group, args.jobs, logs, env)
@@ -102,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         all_failed += failed
     minutes = (time.perf_counter() - started) / 60
     print(f"{len(all_done)} stage(s) run and committed, {len(all_failed)} failed, in {minutes:.0f} min"
-          + (f": {', '.join(all_failed)}" if all_failed else ""))
+          + (f": {', '.join(all_failed)}" if all_failed else "")
+          + (f"; not started (downstream of a failure): {', '.join(not_started)}" if not_started else ""))
     return 1 if all_failed else 0
 
 

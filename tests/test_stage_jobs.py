@@ -19,15 +19,22 @@ DVC_YAML = {
         "run": {"foreach": ["a", "b", "bad"], "do": {"cmd": "python make.py run ${item}",
                                                      "deps": ["make.py", "out/base_a.txt"],
                                                      "outs": ["out/run_${item}.txt"]}},
+        "report": {"cmd": "python make.py report all", "deps": ["make.py", "out/run_bad.txt"],
+                   "outs": ["out/report_all.txt"]},
     }
 }
 MAKE = """\
-import sys, time
+import os, sys, time
 kind, item = sys.argv[1:]
 if item == "bad":
     sys.exit("no such item")
+if kind == "run" and not os.path.exists("out/base_a.txt"):
+    sys.exit("started before base@a made its output")
+started = time.time()
 time.sleep(0.5)
-open(f"out/{kind}_{item}.txt", "w").write(f"{kind} {item}\\n")
+open(f"out/{kind}_{item}.txt", "w").write(f"{kind} {item} {os.environ.get('DVC_STAGE')}\\n")
+os.makedirs("times", exist_ok=True)
+open(f"times/{kind}_{item}", "w").write(f"{started} {time.time()}")
 """
 
 
@@ -50,14 +57,40 @@ def test_stale_stages_run_in_parallel_groups_and_are_committed(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr  # run@bad failed
     assert "run@bad: exit 1" in done.stderr + done.stdout
     assert "4 stage(s) run and committed, 1 failed" in done.stdout
-    assert (project / "out" / "run_b.txt").read_text() == "run b\n"
+    assert (project / "out" / "run_b.txt").read_text() == "run b run@b\n"  # DVC_STAGE, as `dvc repro` sets it
     assert (project / "logs" / "run_bad.log").read_text().strip().endswith("no such item")
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, env=env,
-                            capture_output=True, text=True, check=True)
-    assert set(yaml.safe_load(status.stdout)) == {"run@bad"}  # every other stage is recorded in dvc.lock
+    assert _stale(project, env) == {"run@bad", "report"}  # every other stage is recorded in dvc.lock
     again = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--order", "base", "run"],
                            cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert "base: 0 stale stage(s)" in again.stdout and "run: 1 stale stage(s)" in again.stdout
+
+
+def _stale(project: Path, env: dict) -> set[str]:
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, env=env,
+                            capture_output=True, text=True, check=True)
+    return set(yaml.safe_load(status.stdout))
+
+
+def test_without_an_order_each_stage_starts_when_the_stages_it_reads_have_finished(tmp_path):
+    """The whole graph, 2 at a time: the runs wait for base@a (make.py fails a run started before), the base stages
+    (--alone) run with no other, run@bad fails and the report that reads its output is not started; a second call
+    finds only those two stale."""
+    project, env = _project(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--jobs", "2", "--alone", "base"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "4 stage(s) run and committed, 1 failed" in done.stdout
+    assert "not started (downstream of a failure): report" in done.stdout
+    assert (project / "out" / "run_a.txt").read_text() == "run a run@a\n"
+    assert _stale(project, env) == {"run@bad", "report"}
+    times = {p.name: tuple(map(float, p.read_text().split())) for p in (project / "times").iterdir()}
+    assert sorted(times) == ["base_a", "base_b", "run_a", "run_b"]
+    overlap = lambda a, b: a[0] < b[1] and b[0] < a[1]  # noqa: E731
+    assert not any(overlap(times[x], times[y]) for x in ("base_a", "base_b") for y in times if y != x), \
+        "a stage named in --alone ran beside another"
+    again = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml"], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert "0 stage(s) run and committed, 1 failed" in again.stdout, again.stdout + again.stderr
 
 
 def test_a_commit_waits_out_another_dvc_process_holding_the_lock(tmp_path, monkeypatch):
