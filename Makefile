@@ -1,4 +1,4 @@
-# `make demo`: install the project, then run the whole demo pipeline on the toy world (dvc repro).
+# `make demo`: install the project, then run the whole demo pipeline on the toy world (`make pipeline`).
 # `make test`: install it with the dev extras (pytest, the plots, dashboard and cluster extras, a PostgreSQL
 # wheel), then run the suite.
 # `make ui`: MLflow on 127.0.0.1:5000, printing the runs table's address. `make plots`: DVC's plots, offline.
@@ -9,7 +9,7 @@ PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test bench ui plots mutants clean
+.PHONY: install demo pipeline test bench ui plots mutants clean
 
 # installs go through uv (from the package registry, like everything else): parallel downloads and a shared cache
 # make them several times faster than pip's; UV_NATIVE_TLS: the system's certificates, as pip uses.
@@ -35,9 +35,17 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/uv
 install: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	dvc repro
+	$(MAKE) --no-print-directory pipeline
 	dvc metrics show
 	@echo "Results: reports/summary.md, reports/curves.png; browse runs with: make ui; DVC's plots offline: make plots"
+
+# the pipeline two stages at a time, each run on one thread (recall/stage_jobs.py: a stage starts once the stages it
+# reads have finished; two one-thread runs finish sooner than one two-thread run after the other; the pretraining
+# keeps its two threads and runs alone), then `dvc repro`, which finds everything up to date (or runs a stage
+# that failed, with its error in the terminal)
+pipeline:
+	python -m recall.stage_jobs dvc.yaml --jobs 2 --alone pretrain
+	dvc repro
 
 # two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once),
 # the slowest files first (their order: tests/conftest.py)
