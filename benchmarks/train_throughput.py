@@ -21,6 +21,7 @@ from recall.data.protocol import steps, train_label_map
 from recall.sim.toyworld import generate
 from recall.data.transforms import train_transform
 from recall.data.voc import VOCSegmentation
+from recall.labeling import ignore_padding
 from recall.methods import StepContext, build_method
 from recall.model import ModelConfig, SegmentationModel
 from recall.train import TrainConfig, make_optimizer, train_one_epoch
@@ -29,6 +30,7 @@ from recall.train import TrainConfig, make_optimizer, train_one_epoch
 def bare_epoch(model, loader, optimizer) -> None:
     model.train()
     for images, targets in loader:
+        targets = ignore_padding(targets)  # crop padding is ignored by the loss, as in the real loop
         loss = F.cross_entropy(model(images)["out"], targets, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
