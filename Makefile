@@ -44,7 +44,7 @@ demo: $(VENV)/.installed
 # keeps its two threads and runs alone), then `dvc repro`, which finds everything up to date (or runs a stage
 # that failed, with its error in the terminal)
 pipeline:
-	python -m recall.stage_jobs dvc.yaml --jobs 2 --alone pretrain
+	-python -m recall.stage_jobs dvc.yaml --jobs 2 --alone pretrain
 	dvc repro
 
 # two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once),
@@ -70,8 +70,9 @@ plots: $(VENV)/.installed-dev
 # the configuration is [tool.mutmut] in pyproject.toml; results stay in mutants/ (`mutmut results`, `mutmut show NAME`)
 MUTANTS ?=
 mutants: $(VENV)/.installed-dev
-	set -f; mutmut run --max-children 2 $(if $(filter all,$(MUTANTS)),$$(python benchmarks/mutation_report.py --scope --all),$(if $(MUTANTS),$(MUTANTS),$$(python benchmarks/mutation_report.py --scope)))
-	python benchmarks/mutation_report.py
+	set -f; p="$(if $(filter all,$(MUTANTS)),$$(python benchmarks/mutation_report.py --scope --all),$(if $(MUTANTS),$(MUTANTS),$$(python benchmarks/mutation_report.py --scope)))" \
+	  && [ -n "$$p" ] && mutmut run --max-children 2 $$p
+	python benchmarks/mutation_report.py --out docs/mutation.json
 
 clean:
 	rm -rf runs models reports data/toy mlflow.db mlruns dvc_plots mutants

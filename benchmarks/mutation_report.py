@@ -10,9 +10,10 @@ mutated (pyproject's `only_mutate` takes whole files) but not run: the process-l
 
 Every mutant of the core takes about 7 hours on 2 cores (each runs the in-process tests that reach its function,
 and the runner's functions are reached by whole protocol runs), so `make mutants` runs a sample: every function's
-mutants numbered ...1 (1, 11, 21, ...), about one in eleven, fixed before any result was seen. mutmut numbers a
+mutants numbered ...1 (1, 11, 21, ...), about one in eight, fixed before any result was seen. mutmut numbers a
 function's mutants in source order, so the sample spreads over every function and kind of change; every function
-has its first mutant in it. `make mutants MUTANTS=all` runs them all; this report then scores all of them.
+has its first mutant in it (so small functions weigh a little more than in the whole: the interval is the
+sample's). `make mutants MUTANTS=all` runs them all; this report then scores all of them.
 
 Reads mutmut's result files (`mutants/**/*.py.meta`: each mutant's exit code) and prints, per module, the
 mutants, how many the tests killed, survived, reached no test or timed out, and the score (killed / mutants),
@@ -45,6 +46,7 @@ SCOPE = ["recall.metrics.*", "recall.data.protocol.*", "recall.labeling.*", "rec
          *(f"recall.train.x_{f}__mutmut_*" for f in ("blend", "iters_per_class", "step_iterations",
                                                        "train_one_epoch"))]
 SAMPLE = "1"  # the sample: mutants whose number ends in this digit
+FINAL = ("killed", "survived", "no tests", "timeout", "segfault", "caught by type check")  # results, not states
 
 
 def patterns(sample: bool = True) -> list[str]:
@@ -78,7 +80,7 @@ def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def report(by_module: dict[str, dict[str, str]], explanations: list[dict]) -> dict:
     """Whole if every mutant of the core was checked, else its sample (which must then be checked whole)."""
-    whole = all(status != "not checked" for statuses in by_module.values() for status in statuses.values())
+    whole = all(status in FINAL for statuses in by_module.values() for status in statuses.values())
     why = {name: group for group in explanations for name in group["mutants"]}
     rows, survivors, unexplained, not_checked, total = [], {}, [], [], Counter()
     for module, statuses in by_module.items():
@@ -92,9 +94,10 @@ def report(by_module: dict[str, dict[str, str]], explanations: list[dict]) -> di
                     survivors.setdefault(id(why[name]), (why[name], []))[1].append(name)
                 else:
                     unexplained.append(name)
-            elif status == "not checked":
+            elif status not in FINAL:  # not checked, interrupted, suspicious, skipped: not a result
                 not_checked.append(name)
     rows.append(_row("all", total, sum(len(s) for s in by_module.values())))
+    total = Counter({k: v for k, v in total.items() if k in FINAL})
     survivor_rows = [[", ".join(_short(n) for n in names), group["change"], group["why"]]
                      for group, names in survivors.values()]
     checked = sum(total.values())
@@ -109,7 +112,7 @@ def report(by_module: dict[str, dict[str, str]], explanations: list[dict]) -> di
 
 
 def _row(module: str, counts: Counter, mutants: int) -> list[str]:
-    n = sum(counts.values())
+    n = sum(v for k, v in counts.items() if k in FINAL)
     return [module, str(mutants), str(n), str(counts["killed"]), str(counts["survived"]), str(counts["no tests"]),
             str(counts["timeout"]), f"{counts['killed'] / n:.1%}" if n else ""]
 
@@ -134,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.mutants.is_dir():
         print(f"{args.mutants}: no mutmut results; run `make mutants` first", file=sys.stderr)
         return 2
-    result = report(results(args.mutants), yaml.safe_load(EXPLANATIONS.read_text()))
+    by_module = results(args.mutants)
+    if not by_module:
+        print(f"{args.mutants}: no mutant of the core (patterns: --scope); run `make mutants`", file=sys.stderr)
+        return 2
+    result = report(by_module, yaml.safe_load(EXPLANATIONS.read_text()))
     table = result["modules"]
     width = [max(len(c) for c in col) for col in zip(table["columns"], *table["rows"])]
     for row in [table["columns"], *table["rows"]]:
@@ -146,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  UNEXPLAINED {name} (mutmut show {name}; explain it in {EXPLANATIONS.relative_to(ROOT)})")
     if result["not_checked"]:
         print(f"{result['not_checked']} mutants of the sample not checked: an interrupted run; run `make mutants`")
-    if args.out:
+    failed = bool(result["unexplained"] or result["not_checked"])
+    if args.out and not failed:  # an incomplete or unexplained run never replaces the published report
         args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    return 1 if result["unexplained"] or result["not_checked"] else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

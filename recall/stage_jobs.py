@@ -8,13 +8,15 @@ run after the other (the demo's and the study's runs use `train.threads=1` for t
 stage's own command (DVC resolves it; nothing is rewritten) in its working directory with the environment `dvc
 repro` gives it (DVC_ROOT, DVC_STAGE), `--jobs` at a time, and records each finished stage with `dvc commit`
 (the DVC workflow for commands run outside `dvc repro`). Without `--order` a stage starts once every stage of
-the file whose outputs it reads has finished, and is run only if DVC then finds it stale (as `dvc repro` would);
-among the stages ready to start, the one with the most stages downstream goes first, and a stage named in
-`--alone` (one that uses every core itself, such as the demo's two-thread pretraining) runs with no other.
-With `--order` (stage-name prefixes) the stale stages of each prefix run as a group, a group after the one
-before it has finished. A failed command is reported with its log (`<dvc file dir>/logs/<stage>.log`) and not committed, and the stages
-downstream of it are not started; the others go on. Afterwards `dvc repro <dvc file>` finds the rest up to date
-(or runs what failed, with its error in the terminal).
+the file whose outputs it reads has finished, and is run only if DVC then finds it stale (as `dvc repro` would,
+removing its outputs first except the persisted ones); among the stages ready to start, the one with the most
+stages downstream goes first, and a stage named in `--alone` (one that uses every core itself, such as the
+demo's two-thread pretraining) runs with no other. With `--order` (stage-name prefixes) the stale stages of each
+prefix run as a group, a group after the one before it has finished. A failed command is reported with its log
+(`<dvc file dir>/logs/<stage, @ as _>.log`) and not committed; without `--order` the stages downstream of it are
+not started (with `--order` the next group starts anyway); the others go on. Stages of other DVC files that a
+stage reads must be up to date (`dvc repro` them first). Afterwards `dvc repro <dvc file>` finds the rest up to
+date (or runs what failed, with its error in the terminal). Interrupted, it stops the commands it started.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str
         return [(s.addressing, s.name, s.cmd, s.wdir) for s in stages], upstream, downstream
 
 
-def is_stale(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
-    """Whether DVC finds the stage out of date now (its upstream stages committed), waiting out another DVC
-    process holding the repository's lock (a `dvc commit` of a finished stage)."""
+def prepare(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
+    """Whether DVC finds the stage out of date now (its upstream stages committed); if it does, its outputs are
+    removed as `dvc repro` removes them before a run (persisted ones kept, unprotected), so that no file of an
+    earlier run is committed with the new ones. Waits out another DVC process holding the repository's lock (a
+    `dvc commit` of a finished stage)."""
     from dvc.lock import LockError
     from dvc.repo import Repo
 
@@ -67,7 +71,10 @@ def is_stale(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
         try:
             with Repo(".") as repo, repo.lock:
                 (stage,) = repo.stage.collect(addressing)
-                return bool(stage.status())
+                if not stage.status():
+                    return False
+                stage.remove_outs(ignore_remove=False, force=False)
+                return True
         except LockError:
             if attempt + 1 == tries:
                 raise
@@ -96,6 +103,7 @@ def commit(addressing: str, env: dict, tries: int = COMMIT_TRIES, wait: float = 
 def start(stage: tuple, logs: Path, env: dict) -> tuple:
     """Start a stage's command as `dvc repro` would: in its directory, with DVC_ROOT and DVC_STAGE set."""
     addressing, name, cmd, wdir = stage
+    cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd  # a list of commands runs one after the other
     log = logs / f"{name.replace('@', '_')}.log"
     handle = log.open("w")
     process = subprocess.Popen(cmd, shell=True, cwd=wdir, stdout=handle, stderr=subprocess.STDOUT,
@@ -128,26 +136,39 @@ def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, 
     pending = sorted(by_name, key=lambda a: -downstream[a])  # stable: the file's order among equals
     running, finished, done, failed = {}, set(), [], []
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
-    while running or any(upstream[a] <= finished for a in pending):
-        for addressing in [a for a in pending if upstream[a] <= finished]:
-            if len(running) >= jobs or any(by_itself(a) for a in running) or (running and by_itself(addressing)):
-                break
-            pending.remove(addressing)
-            if is_stale(addressing):
-                running[addressing] = start(by_name[addressing], logs, env)
-            else:
-                finished.add(addressing)
+    try:
+        while running or any(upstream[a] <= finished for a in pending):
+            for addressing in [a for a in pending if upstream[a] <= finished]:
+                if len(running) >= jobs or any(map(by_itself, running)) or (running and by_itself(addressing)):
+                    break
+                pending.remove(addressing)
+                if prepare(addressing):
+                    running[addressing] = start(by_name[addressing], logs, env)
+                else:
+                    finished.add(addressing)
+                    bar.update(1)
+            time.sleep(1)
+            for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
+                if finish(addressing, running, env):
+                    done.append(addressing)
+                    finished.add(addressing)
+                else:
+                    failed.append(addressing)
                 bar.update(1)
-        time.sleep(1)
-        for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
-            if finish(addressing, running, env):
-                done.append(addressing)
-                finished.add(addressing)
-            else:
-                failed.append(addressing)
-            bar.update(1)
-    bar.close()
+    finally:
+        stop(running)
+        bar.close()
     return done, failed, pending
+
+
+def stop(running: dict) -> None:
+    """Interrupted (Ctrl-C, an error): stop the commands still running; nothing of theirs is committed."""
+    for addressing, (process, handle, _) in running.items():
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+            tqdm.write(f"{addressing}: stopped, not committed")
+        handle.close()
 
 
 def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, list]:
@@ -155,22 +176,31 @@ def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, lis
     failed) addressings."""
     pending, running, done, failed = list(stages), {}, [], []
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
-    while pending or running:
-        while pending and len(running) < jobs:
-            stage = pending.pop(0)
-            running[stage[0]] = start(stage, logs, env)
-        time.sleep(2)
-        for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
-            (done if finish(addressing, running, env) else failed).append(addressing)
-            bar.update(1)
-    bar.close()
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                stage = pending.pop(0)
+                running[stage[0]] = start(stage, logs, env)
+            time.sleep(2)
+            for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
+                (done if finish(addressing, running, env) else failed).append(addressing)
+                bar.update(1)
+    finally:
+        stop(running)
+        bar.close()
     return done, failed
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of stages, at least 1")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recall.stage_jobs", description=__doc__.splitlines()[0])
     parser.add_argument("dvc_file", type=Path)
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=_positive, default=2)
     parser.add_argument("--order", nargs="+", help="stage-name prefixes, one group each, in order (default: every "
                                                    "stage once its inputs are made)")
     parser.add_argument("--alone", nargs="+", default=[], help="without --order: stage-name prefixes of stages that "
