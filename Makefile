@@ -70,8 +70,7 @@ plots: $(VENV)/.installed-dev
 # the configuration is [tool.mutmut] in pyproject.toml; results stay in mutants/ (`mutmut results`, `mutmut show NAME`)
 MUTANTS ?=
 mutants: $(VENV)/.installed-dev
-	set -f; p="$(if $(filter all,$(MUTANTS)),$$(python benchmarks/mutation_report.py --scope --all),$(if $(MUTANTS),$(MUTANTS),$$(python benchmarks/mutation_report.py --scope)))" \
-	  && [ -n "$$p" ] && mutmut run --max-children 2 $$p
+	set -f; p="$$(python benchmarks/mutation_report.py --scope $(MUTANTS))" && [ -n "$$p" ] && mutmut run --max-children 2 $$p
 	python benchmarks/mutation_report.py --out docs/mutation.json
 
 clean:

@@ -1,7 +1,7 @@
 """The mutation score of the core, from the results `make mutants` left in `mutants/`.
 
     python benchmarks/mutation_report.py [--out docs/mutation.json]
-    python benchmarks/mutation_report.py --scope [--all]   # the mutant-name patterns `make mutants` runs
+    python benchmarks/mutation_report.py --scope [all | PATTERN ...]   # the names `make mutants` runs
 
 The core is SCOPE below: metrics, the protocol, label evaluation, the methods, and the runner's data flow (which
 images and targets reach a step's training, how replay batches join them, what is evaluated and scored). The
@@ -128,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mutants", type=Path, default=ROOT / "mutants", help="mutmut's directory (default: mutants/)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here (e.g. docs/mutation.json)")
-    parser.add_argument("--scope", action="store_true", help="print the core's mutant-name patterns, one a line")
-    parser.add_argument("--all", action="store_true", help="with --scope: every mutant of the core, not the sample")
+    parser.add_argument("--scope", nargs="*", metavar="all|PATTERN",
+                        help="print the mutant-name patterns to run, one a line: the core's sample (no argument), "
+                             "every mutant of the core (all), or the patterns given")
     args = parser.parse_args(argv)
-    if args.scope:
-        print("\n".join(patterns(sample=not args.all)))
+    if args.scope is not None:
+        print("\n".join(patterns(sample=True) if not args.scope else
+                        patterns(sample=False) if args.scope == ["all"] else args.scope))
         return 0
     if not args.mutants.is_dir():
         print(f"{args.mutants}: no mutmut results; run `make mutants` first", file=sys.stderr)

@@ -31,15 +31,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def _stages_of(repo, dvc_file: Path) -> list:
+    """The stages `dvc_file` defines (a foreach's items one by one), in the file's order."""
+    return [stage for stage in repo.index.stages if Path(stage.path).resolve() == dvc_file.resolve() and stage.cmd]
+
+
+def _command(stage) -> tuple:
+    """What `start` needs of a stage: (addressing, name, cmd, wdir)."""
+    return stage.addressing, stage.name, stage.cmd, stage.wdir
+
+
 def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
     """The stages of `dvc_file` named `prefix` (a foreach's items: `prefix@key`) that `dvc status` finds stale, as
     (addressing, name, cmd, wdir)."""
     from dvc.repo import Repo
 
     with Repo(".") as repo, repo.lock:
-        return [(stage.addressing, stage.name, stage.cmd, stage.wdir) for stage in repo.index.stages
-                if Path(stage.path).resolve() == dvc_file.resolve() and stage.name.split("@")[0] == prefix
-                and stage.status()]
+        return [_command(stage) for stage in _stages_of(repo, dvc_file)
+                if stage.name.split("@")[0] == prefix and stage.status()]
 
 
 def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str, int]]:
@@ -50,13 +59,12 @@ def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str
 
     with Repo(".") as repo, repo.lock:
         graph = repo.index.graph  # an edge goes from a stage to a stage whose outputs it reads
-        stages = [stage for stage in repo.index.stages
-                  if Path(stage.path).resolve() == dvc_file.resolve() and stage.cmd]
+        stages = _stages_of(repo, dvc_file)
         names = {stage.addressing for stage in stages}
         upstream = {stage.addressing: {s.addressing for s in nx.descendants(graph, stage)} & names for stage in stages}
         downstream = {stage.addressing: len({s.addressing for s in nx.ancestors(graph, stage)} & names)
                       for stage in stages}
-        return [(s.addressing, s.name, s.cmd, s.wdir) for s in stages], upstream, downstream
+        return [_command(stage) for stage in stages], upstream, downstream
 
 
 def prepare(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
@@ -132,7 +140,7 @@ def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, 
     (downstream of a failure)."""
     stages, upstream, downstream = pipeline(dvc_file)
     by_name = {stage[0]: stage for stage in stages}
-    by_itself = lambda a: by_name[a][1].split("@")[0] in alone  # noqa: E731
+    by_itself = lambda a: by_name[a][1].split("@")[0] in alone
     pending = sorted(by_name, key=lambda a: -downstream[a])  # stable: the file's order among equals
     running, finished, done, failed = {}, set(), [], []
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
