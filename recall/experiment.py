@@ -238,6 +238,7 @@ class ProtocolRun:
         forgot = forgetting(history, intro)
         nan_to_none = lambda v: None if v is None or np.isnan(v) else float(v)
         return {"step": step, "new_classes": [self.class_names[c] for c in self.task[step]],
+                "old_classes": [self.class_names[c] for c in old],
                 "iou": {self.class_names[c]: nan_to_none(v) for c, v in enumerate(iou)},
                 "miou": summarize(iou, old, new),
                 "forgetting": {self.class_names[c]: nan_to_none(v) for c, v in forgot.items()},

@@ -212,15 +212,16 @@ def hmean(a: float | None, b: float | None) -> float | None:
     return 0.0 if a + b <= 0 else 2 * a * b / (a + b)
 
 
-def mean_forgetting(per_class: Mapping[str, float | None]) -> float | None:
-    """Mean of the known per-class forgetting values of a step; None when none is known (step 0)."""
-    known = [v for v in per_class.values() if v is not None]
+def mean_forgetting(per_class: Mapping[str, float | None], classes: Iterable[str]) -> float | None:
+    """Mean of the known forgetting values of `classes` at a step; None when none is known (step 0)."""
+    known = [v for c in classes if (v := per_class.get(c)) is not None]
     return sum(known) / len(known) if known else None
 
 
 def derived(result: Mapping) -> dict[str, float | None]:
-    """The numbers derived from a step's result record (metrics.json `steps[i]`): `hmean` of old_no_bg and new,
-    and `forgetting_mean`. The report, MLflow and `recall tune` all take them from here."""
+    """The numbers derived from a step's result record (metrics.json `steps[i]`): `hmean` of old_no_bg and new, and
+    `forgetting_mean`, the mean forgetting of the old classes (the step-0 classes without background, the record's
+    `old_classes`), as "old" is defined everywhere. The report, MLflow and `recall tune` all take them from here."""
     miou = result["miou"]
     return {"hmean": hmean(miou.get("old_no_bg"), miou.get("new")),
-            "forgetting_mean": mean_forgetting(result.get("forgetting") or {})}
+            "forgetting_mean": mean_forgetting(result.get("forgetting") or {}, result.get("old_classes") or ())}

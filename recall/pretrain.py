@@ -6,10 +6,13 @@ backbone), made here on a classification set named in the config (`pretrain.data
 classify the set's training images and writes
 
     out/encoder.pth      the backbone's weights without its classifier: `model.pretrained_file` (loaded strictly)
-    out/classifier.pth   the whole classifier (backbone + its classifier layer): the class mapping's classifier,
-                         as the paper maps VOC classes with an ImageNet classifier
+    out/classifier.pth   the whole classifier (backbone + its classifier layer) and its preprocessing (ImageNet's
+                         mean and std, the input size): the class mapping's classifier, as the paper maps VOC
+                         classes with an ImageNet classifier (`recall.replay.classmap.save_classifier`)
     out/classes.json     the class names, in the classifier's order
     out/metrics.json     held-out top-1 / top-5 accuracy, training accuracy, images, seconds
+
+The held-out accuracy is measured through `recall.replay.classmap.classify`, the class map's own preprocessing.
 
 Training is deterministic for a seed (AdamW, one-cycle schedule, random flips and zoom-outs: the classifier must
 also recognise the small objects of segmentation images).
@@ -29,7 +32,7 @@ from tqdm.auto import tqdm
 from recall.atomic import write_bytes, write_json
 from recall.errors import UserError
 from recall.registry import resolve
-from recall.replay.classmap import SourceClassifier
+from recall.replay.classmap import SourceClassifier, classify, save_classifier
 
 # pretrain.dataset -> "module:function(split, per_class, size, seed, workers) -> (uint8 NHWC images, labels, names)"
 DATASETS = {"toy_imagenet": "recall.sim.toy_imagenet:classification_set"}
@@ -45,7 +48,7 @@ class PretrainConfig:
     train_per_class: int = 60
     val_per_class: int = 20
     size: int = 64
-    epochs: int = 6
+    epochs: int = 16
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -116,17 +119,11 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return accuracy
 
 
-@torch.inference_mode()
-def top_k_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ks=(1, 5),
+def top_k_accuracy(classifier: SourceClassifier, images: torch.Tensor, labels: torch.Tensor, ks=(1, 5),
                    batch_size: int = 256) -> dict[int, float]:
-    model.eval()
-    hits = dict.fromkeys(ks, 0)
-    for first in range(0, len(labels), batch_size):
-        logits = model(images[first:first + batch_size].float() / 255)
-        top = logits.topk(max(ks), dim=1).indices
-        for k in ks:
-            hits[k] += int((top[:, :k] == labels[first:first + batch_size, None]).any(1).sum())
-    return {k: hits[k] / len(labels) for k in ks}
+    """Top-k accuracy of uint8 NCHW `images`, preprocessed as the class map preprocesses them (`classify`)."""
+    top = classify(classifier, images, batch_size).topk(max(ks), dim=1).indices
+    return {k: int((top[:, :k] == labels[:, None]).any(1).sum()) / len(labels) for k in ks}
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
@@ -168,7 +165,8 @@ def pretrain(cfg: PretrainConfig, backbone: str, out: Path, tracker=None, progre
     head = set(classifier_head_keys(network))
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(out / "encoder.pth", _state_bytes({k: v for k, v in state.items() if k not in head}))
-    write_bytes(out / "classifier.pth", _state_bytes(state))
+    save_classifier(out / "classifier.pth", state, model.mean.flatten().tolist(), model.std.flatten().tolist(),
+                    cfg.size)
     write_json(out / "classes.json", names)
     metrics = {"top1": held_out[1], "top5": held_out[5], "train_top1": train_accuracy[-1],
                "classes": len(names), "train_images": len(train_y), "val_images": len(val_y),

@@ -303,26 +303,35 @@ class Tracker:
         self.client.set_terminated(self.parent_id, status=status)
 
 
-class PretrainTracker:
-    """The MLflow run of a pretraining (`recall pretrain`): its settings, accuracy per epoch, held-out accuracy."""
+class StageTracker:
+    """The MLflow run of a stage that is not a protocol run (`recall pretrain`, `recall classmap`): its settings, its
+    metrics (with an optional per-epoch series) and files."""
 
     def __init__(self, uri: str = "sqlite:///mlflow.db", experiment: str = "toy"):
         self.uri, self.experiment = uri, experiment
 
-    def log_pretraining(self, params: dict, metrics: dict, train_accuracy: list[float], artifacts: list[Path]) -> str:
+    def log(self, name: str, role: str, command: str, params: dict, metrics: dict[str, float],
+            artifacts: list[Path] = (), series: dict[str, list[float]] | None = None) -> str:
         client = open_client(self.uri)
-        run = client.create_run(experiment_id(client, self.experiment),
-                                run_name=f"pretrain · {params['backbone']} · {params['dataset']}",
-                                tags={"role": "pretrain", **source_tags("recall pretrain")})
+        run = client.create_run(experiment_id(client, self.experiment), run_name=name,
+                                tags={"role": role, **source_tags(command)})
         run_id = run.info.run_id
         log_params(client, run_id, params)
-        for epoch, value in enumerate(train_accuracy):
-            log_metrics(client, run_id, {"pretrain/train_top1": value}, step=epoch)
-        log_metrics(client, run_id, {f"pretrain/{k}": float(v) for k, v in metrics.items()}, step=len(train_accuracy))
+        last = 0
+        for key, values in (series or {}).items():
+            for step, value in enumerate(values):
+                log_metrics(client, run_id, {key: value}, step=step)
+            last = max(last, len(values))
+        log_metrics(client, run_id, {k: float(v) for k, v in metrics.items()}, step=last)
         for path in artifacts:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id)
         return run_id
+
+    def log_pretraining(self, params: dict, metrics: dict, train_accuracy: list[float], artifacts: list[Path]) -> str:
+        return self.log(f"pretrain · {params['backbone']} · {params['dataset']}", "pretrain", "recall pretrain",
+                        params, {f"pretrain/{k}": v for k, v in metrics.items()}, artifacts,
+                        {"pretrain/train_top1": train_accuracy})
 
 
 # ---------------------------------------------------------------------------------------------- recall tune

@@ -22,7 +22,7 @@ from recall.metrics import ConfusionMatrix
 @dataclass
 class TrainConfig:
     batch_size: int = 16
-    epochs: int = 8  # step 0
+    epochs: int = 24  # step 0 (and joint)
     epochs_incremental: int = 10  # every later step
     lr: float = 0.05
     lr_incremental: float = 0.01

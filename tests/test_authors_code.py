@@ -157,7 +157,7 @@ def test_the_classmap_stage_names_the_dataset_s_own_classes(tiny_world, tmp_path
     weights = make_standin_classifier(tmp_path / "classifier.pth")
     cfg = compose(["dataset=ade20k", f"dataset.root={tiny_world}", "dataset.mask_dir=SegmentationClass",
                    "dataset.train_split=train", "replay=gan", f"replay.classifier.weights={weights}",
-                   "replay.classifier.input_size=32", f"replay.mapping={tmp_path}/mapping.json"])
+                   f"replay.mapping={tmp_path}/mapping.json"])
     class_mapping(cfg)
     saved = json.loads((tmp_path / "mapping.json").read_text())
     assert saved["1"]["name"] == "wall" and saved["150"]["n_images"] == 0

@@ -278,31 +278,33 @@ def test_interrupted_pool_build_resumes_to_the_same_pool(tiny_gan: Path, tmp_pat
 
 def test_imagenet_classifier_loads_standin_weights(standin: Path, tmp_path: Path) -> None:
     classifier = imagenet_classifier("test_efficientnet", weights=standin)
-    assert classifier.input_size == 160 and not classifier.training
+    assert classifier.input_size == 160 and not classifier.training  # timm's config of the model, kept in the file
     assert classifier.source_names[404] == "airliner"
     assert classifier(torch.rand(2, 3, 64, 64)).shape == (2, 1000)
-    assert imagenet_classifier("test_efficientnet", weights=standin, input_size=96).input_size == 96
 
-    wrapped = tmp_path / "checkpoint.pth"
-    torch.save({"epoch": 3, "state_dict": torch.load(standin, weights_only=True)}, wrapped)
+    saved = torch.load(standin, weights_only=True)
+    wrapped = tmp_path / "checkpoint.pth"  # a checkpoint with more in it: the state dict and the preprocessing found
+    torch.save({"epoch": 3, **saved}, wrapped)
     safetensors = make_standin_classifier(tmp_path / "weights.safetensors")
     reference = classifier.model.state_dict()
     for path in (wrapped, safetensors):
-        loaded = imagenet_classifier("test_efficientnet", weights=path).model.state_dict()
-        assert all(torch.equal(loaded[k], v) for k, v in reference.items())
+        loaded = imagenet_classifier("test_efficientnet", weights=path)
+        assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in reference.items())
+        assert loaded.input_size == 160 and torch.equal(loaded.mean, classifier.mean)
 
 
 def test_imagenet_classifier_loads_strictly(standin: Path, tmp_path: Path) -> None:
     with pytest.raises(ReplayError, match=r"b2\.pth: weights file is missing.*timm\.create_model\('efficientnet_b2', "
                                           r"pretrained=True\).*torch\.save"):
         imagenet_classifier(weights=tmp_path / "b2.pth")
-    state = torch.load(standin, weights_only=True)
+    saved = torch.load(standin, weights_only=True)
+    state = saved["state_dict"]
     removed = {k: v for k, v in state.items() if k != "classifier.bias"}
     extra = {**state, "head.fc.weight": torch.zeros(2)}
     cases = ((removed, r"missing keys: classifier\.bias"), (extra, r"unexpected keys: head\.fc\.weight"))
     for edited, message in cases:
         path = tmp_path / "edited.pth"
-        torch.save(edited, path)
+        torch.save({**saved, "state_dict": edited}, path)
         with pytest.raises(ReplayError, match=rf"edited\.pth: .*{message}"):
             imagenet_classifier("test_efficientnet", weights=path)
     with pytest.raises(ReplayError, match=r"efficientnet\.pth: .*wrong shape.*conv_stem\.weight"):
@@ -313,7 +315,7 @@ def test_imagenet_classifier_loads_strictly(standin: Path, tmp_path: Path) -> No
 
 def test_map_classes_with_the_imagenet_classifier_round_trips(standin: Path, tiny_world: Path, tmp_path: Path) -> None:
     classifier = imagenet_classifier("test_efficientnet", weights=standin)
-    mapping = map_classes(classifier, tiny_world, max_images_per_class=3, input_size=classifier.input_size)
+    mapping = map_classes(classifier, tiny_world, max_images_per_class=3)
     assert {entry["source_name"] for entry in mapping.values() if entry["n_images"]} <= set(imagenet_names())
     save_mapping(mapping, tmp_path / "mapping.json")
     loaded = load_mapping(tmp_path / "mapping.json", source_names=imagenet_names())

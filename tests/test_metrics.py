@@ -147,14 +147,17 @@ def test_forgetting_is_measured_from_the_best_earlier_iou_not_the_first() -> Non
 # --- what mutation testing found untested here (docs/testing.md) -------------------------------------------------
 
 def test_hmean_mean_forgetting_and_derived() -> None:
-    """The derived numbers of a step: harmonic mean of old_no_bg and new, mean of the known forgetting values."""
+    """The derived numbers of a step: harmonic mean of old_no_bg and new, mean of the known forgetting values of
+    the old classes (the step-0 classes without background: never background, never a class learnt later)."""
     from recall.metrics import derived, hmean, mean_forgetting
 
     assert hmean(0.6, 0.2) == pytest.approx(0.3) and hmean(0.2, 0.6) == pytest.approx(0.3)
     assert hmean(None, 0.2) is None and hmean(0.6, None) is None and hmean(0.0, 0.0) == 0.0
-    assert mean_forgetting({"a": 0.1, "b": None, "c": 0.4}) == pytest.approx(0.25)
-    assert mean_forgetting({"a": None}) is None and mean_forgetting({}) is None
-    result = {"miou": {"old_no_bg": 0.6, "new": 0.2}, "forgetting": {"a": 0.2, "b": None}}
+    assert mean_forgetting({"a": 0.1, "b": None, "c": 0.4}, "abc") == pytest.approx(0.25)
+    assert mean_forgetting({"a": 0.1, "b": None, "c": 0.4}, "ab") == pytest.approx(0.1)
+    assert mean_forgetting({"a": None}, "a") is None and mean_forgetting({}, "a") is None
+    result = {"miou": {"old_no_bg": 0.6, "new": 0.2}, "old_classes": ["a", "b"],
+              "forgetting": {"background": 0.5, "a": 0.2, "b": None, "later": 0.0}}
     assert derived(result) == {"hmean": pytest.approx(0.3), "forgetting_mean": pytest.approx(0.2)}
     assert derived({"miou": {"new": 0.2}}) == {"hmean": None, "forgetting_mean": None}
 

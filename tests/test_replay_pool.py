@@ -240,3 +240,21 @@ def test_pool_dataset_cache_and_keep(tmp_path: Path, generator: ToyGenerator) ->
     assert len(cached) == 2 and cached[0][1].unique().tolist() == [7]  # cache dropped with the records
     with pytest.raises(ValueError, match="flags"):
         cached.keep([True])
+
+
+def test_a_source_class_shared_by_two_classes_is_warned_unless_on_purpose(tmp_path: Path, capsys) -> None:
+    from recall.replay.classmap import shared_sources
+    from recall.stages.pool import warn_shared
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"aeroplane": 3, "bicycle": 3, "bird": 4}))
+    warn_shared(load_mapping(path), path)
+    err = capsys.readouterr().err
+    assert "map.json: source class 3 replays classes [1, 2]" in err and '"_shared": true' in err
+    path.write_text(json.dumps({"aeroplane": 3, "bicycle": 3, "_shared": True}))
+    assert load_mapping(path) == {1: 3, 2: 3}
+    warn_shared(load_mapping(path), path)
+    assert capsys.readouterr().err == ""
+    made = {1: {"name": "aeroplane", "source_name": "s3"}, 2: {"name": "bicycle", "source_name": "s3"},
+            3: {"name": "bird", "source_name": "s4"}, 4: {"name": "boat", "source_name": None}}
+    assert shared_sources(made) == {"s3": ["aeroplane", "bicycle"]}  # what the classmap stage warns about

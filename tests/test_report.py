@@ -35,7 +35,7 @@ def test_seeds_are_averaged_and_rows_follow_the_papers_order(tmp_path: Path) -> 
         ("recall", "toy_gan", "inpaint_threshold=0.9"), ("recall", "toy_web", "inpaint_threshold=0.0")]
     gan = table[2]
     assert gan["seeds"] == "0,1" and gan["old_no_bg"] == pytest.approx(0.55)
-    assert gan["old_no_bg_std"] == pytest.approx(statistics.pstdev([0.5, 0.6]))
+    assert gan["old_no_bg_std"] == pytest.approx(statistics.stdev([0.5, 0.6]))
     assert table[1]["new"] is None and table[1]["old_no_bg_std"] is None
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "0.550 ± 0.050" in markdown and "| 15-5 | overlapped | mib | none |  | 0 | 2 | 0.400 | – |" in markdown

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from recall import docs, study
-from recall.report import attribution, contrasts, study_cells, study_tables
+from recall.study_report import attribution, contrasts, interactions, study_cells, study_tables, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,9 @@ def test_study_tables_are_current():
         "run `python -m recall.study` after editing study/spec.yaml"
 
 
-SPEC = {"seeds": [0, 1], "protocols": ["15-5", "10-2x5"], "joint": True,
+SOURCES = {"toy_gan": ["replay.mapping={chain}/toy_gan_mapping.json", "replay.source.seed={seed}"],
+           "web": ["replay.source.standin.seed={seed}"]}
+SPEC = {"seeds": [0, 1], "protocols": ["15-5", "10-2x5"], "joint": True, "chain": {"sources": SOURCES},
         "worlds": {"pretrained": [], "scratch": ["model.pretrained_file=null"]},
         "variants": {"mib": ["method=mib"], "recall_gan": ["method=recall", "replay=toy_gan"],
                      "tau": {"overrides": ["method=recall", "replay=toy_gan", "method.inpaint_threshold=0.5"],
@@ -34,18 +36,46 @@ def test_expand_makes_one_step0_per_world_base_and_seed_and_one_run_per_cell():
                                              for s in (0, 1))
     assert len(tables["runs"]) == 2 * 2 * 2 * 2 + 1  # worlds x protocols x seeds x (mib, recall_gan) + one tau run
     tau = tables["runs"]["pretrained_10-2x5_tau_s0"]
-    assert tau["step0"] == "pretrained_10_s0" and tau["pool"] == "pools/toy_gan"
-    assert tau["overrides"] == "method=recall replay=toy_gan method.inpaint_threshold=0.5"
+    chain = "study/chains/main_s0"
+    assert tau["step0"] == "pretrained_10_s0" and tau["pool"] == f"{chain}/pools/toy_gan" and tau["chain"] == "main_s0"
+    assert tau["overrides"].split() == [  # the seed's encoder, the study's threads, the variant, the seed's pool
+        f"model.pretrained_file={chain}/pretrain/encoder.pth", "train.threads=1", "method=recall", "replay=toy_gan",
+        "method.inpaint_threshold=0.5", f"replay.mapping={chain}/toy_gan_mapping.json", "replay.source.seed=0",
+        f"replay.pool={chain}/pools/toy_gan"]
     scratch = tables["runs"]["scratch_15-5_mib_s1"]
-    assert scratch["overrides"] == "method=mib model.pretrained_file=null" and scratch["pool"] == "conf/replay/none.yaml"
-    assert tables["step0"]["scratch_15_s1"]["overrides"] == "model.pretrained_file=null"
+    assert scratch["overrides"] == "model.pretrained_file=null train.threads=1 method=mib"  # the world's value wins
+    assert scratch["pool"] == "conf/replay/none.yaml"
+    assert tables["step0"]["scratch_15_s1"]["overrides"] == "model.pretrained_file=null train.threads=1 method=ft"
     assert set(tables["joint"]) == {f"{w}_joint_s{s}" for w in ("pretrained", "scratch") for s in (0, 1)}
 
 
+def test_every_seed_owns_its_chain_and_a_world_may_have_chains_of_its_own():
+    spec = {**SPEC, "worlds": {"pretrained": [], "float_order": {"chain": ["pretrain.threads=1"],
+                                                                 "overrides": ["train.threads=2"],
+                                                                 "protocols": ["15-5"]}}}
+    tables = study.expand(spec)
+    assert tables["chains"] == {"main_s0": {"seed": 0, "overrides": ""}, "main_s1": {"seed": 1, "overrides": ""},
+                                "float_order_s0": {"seed": 0, "overrides": "pretrain.threads=1"},
+                                "float_order_s1": {"seed": 1, "overrides": "pretrain.threads=1"}}
+    # a class map only for a source with one, a pool per source and chain, each from the chain's own files
+    assert sorted(tables["classmaps"]) == sorted(f"{c}_toy_gan" for c in tables["chains"])
+    assert sorted(tables["pools"]) == sorted(f"{c}_{s}" for c in tables["chains"] for s in SOURCES)
+    web = tables["pools"]["float_order_s1_web"]
+    assert web == {"chain": "float_order_s1", "source": "web", "mapping": "conf/replay/web.yaml",
+                   "pool": "study/chains/float_order_s1/pools/web",
+                   "overrides": "replay.source.standin.seed=1 replay.pool=study/chains/float_order_s1/pools/web"}
+    run = tables["runs"]["float_order_15-5_recall_gan_s1"]
+    assert run["chain"] == "float_order_s1" and "train.threads=2" in run["overrides"].split()
+    assert "train.threads=1" not in run["overrides"].split()
+    with pytest.raises(ValueError, match="replays gan, which the spec's chain.sources lacks"):
+        study.expand({**SPEC, "variants": {"noise": ["method=recall", "replay=gan"]}})
+
+
 def _finish(root: Path, key: str, old: float, new: float, all_: float) -> None:
-    """A finished run directory with the metrics.json of a 2-step run."""
+    """A finished run directory with the metrics.json of a 2-step run (old classes a, b; c learnt at step 1)."""
     final = {"step": 1, "miou": {"old_no_bg": old, "new": new, "all": all_, "all_no_bg": all_, "old": old},
-             "forgetting": {"a": 0.1, "b": 0.3}, "iou": {}, "new_classes": ["b"]}
+             "forgetting": {"background": 0.9, "a": 0.1, "b": 0.3, "c": 0.7}, "iou": {}, "new_classes": ["c"],
+             "old_classes": ["a", "b"]}
     path = root / "study" / "runs" / key / "metrics.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"final": final, "steps": [final]}))
@@ -61,10 +91,10 @@ def test_report_aggregates_seeds_and_the_docs_quote_it(tmp_path):
     cells = study_cells(tables, tmp_path)
     mib = cells["default"]["15-5"]["mib"]
     assert mib["seeds"] == [0, 1] and mib["old_no_bg"]["mean"] == pytest.approx(0.7)
-    assert mib["old_no_bg"]["std"] == pytest.approx(0.1)  # population std over the seeds
+    assert mib["old_no_bg"]["std"] == pytest.approx(0.1 * 2 ** 0.5)  # the sample std (n - 1) over the seeds
     assert mib["hmean"]["values"] == pytest.approx([2 * 0.6 * 0.2 / 0.8, 2 * 0.8 * 0.4 / 1.2])
-    assert mib["forgetting_mean"]["mean"] == pytest.approx(0.2)
-    assert mib["all"]["text"] == "0.600 ± 0.100"
+    assert mib["forgetting_mean"]["mean"] == pytest.approx(0.2)  # over the old classes a, b: not background, not c
+    assert mib["all"]["text"] == "0.600 ± 0.141"
     report = {"cells": cells, "tables": study_tables(cells, ["mib"])}
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "results.json").write_text(json.dumps(report))
@@ -72,11 +102,32 @@ def test_report_aggregates_seeds_and_the_docs_quote_it(tmp_path):
             "of the old classes.\n<!-- gen:table docs/results.json tables/default_15-5 -->\n<!-- /gen -->\n")
     text = docs.rewrite(page, tmp_path)
     shown = re.sub(r"<!--.*?-->", "", text)  # what a reader sees
-    assert "MiB keeps 0.700 ± 0.100 of the old classes." in shown
-    assert "| mib | 0.700 ± 0.100 | 0.300 ± 0.100 | 0.600 ± 0.100 |" in shown
+    assert "MiB keeps 0.700 ± 0.141 of the old classes." in shown
+    assert "| mib | 0.700 ± 0.141 | 0.300 ± 0.141 | 0.600 ± 0.141 |" in shown
     assert docs.rewrite(text, tmp_path) == text  # idempotent: a second pass changes nothing
     with pytest.raises(docs.DocsError, match="missing part 'lwf'"):
         docs.rewrite("<!-- gen:value docs/results.json cells/default/15-5/lwf/all/text --><!-- /gen -->", tmp_path)
+
+
+def test_joint_is_scored_on_each_protocols_classes(tmp_path):
+    """The upper bound's row of a protocol: old = that protocol's step-0 classes, new = its later ones."""
+    spec = {"seeds": [0], "protocols": ["15-5", "10-2x5"], "joint": True, "variants": {"mib": ["method=mib"]}}
+    tables = {"spec": spec, **study.expand(spec)}
+    for key in tables["runs"]:
+        _finish(tmp_path, key, 0.5, 0.5, 0.5)
+    classes = ["background", *(f"c{i}" for i in range(1, 21))]
+    iou = {name: (0.9 if i <= 10 else 0.6 if i <= 15 else 0.3) for i, name in enumerate(classes)}
+    final = {"miou": {"old_no_bg": 0.6, "new": None, "all": 0.6, "all_no_bg": 0.6, "old": 0.6}, "iou": iou,
+             "old_classes": classes[1:], "forgetting": {}}
+    path = tmp_path / "study" / "runs" / "default_joint_s0" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"classes": classes, "final": final, "steps": [final]}))
+    cells = study_cells(tables, tmp_path)["default"]
+    assert cells["15-5"]["joint"]["old_no_bg"]["mean"] == pytest.approx((10 * 0.9 + 5 * 0.6) / 15)
+    assert cells["15-5"]["joint"]["new"]["mean"] == pytest.approx(0.3)
+    assert cells["10-2x5"]["joint"]["old_no_bg"]["mean"] == pytest.approx(0.9)
+    assert cells["10-2x5"]["joint"]["new"]["mean"] == pytest.approx((5 * 0.6 + 5 * 0.3) / 10)
+    assert cells["joint"]["joint"]["all"]["mean"] == pytest.approx(0.6)  # as the run reported it
 
 
 def test_a_world_may_run_on_some_protocols_and_joint_in_some_worlds():
@@ -85,17 +136,15 @@ def test_a_world_may_run_on_some_protocols_and_joint_in_some_worlds():
     tables = study.expand(spec)
     assert {(r["world"], r["protocol"]) for r in tables["runs"].values()} == {
         ("pretrained", "15-5"), ("pretrained", "10-2x5"), ("scratch", "15-5")}
-    assert tables["runs"]["scratch_15-5_mib_s0"]["overrides"] == "method=mib model.pretrained_file=null"
+    assert tables["runs"]["scratch_15-5_mib_s0"]["overrides"] == "model.pretrained_file=null train.threads=1 method=mib"
     assert set(tables["joint"]) == {"pretrained_joint_s0", "pretrained_joint_s1"}
 
 
 def _cells(values: dict[str, list[float]]) -> dict:
     """Cells of one world and protocol: variant -> old_no_bg over seeds 0, 1, 2 (as study_cells makes them)."""
-    def stat(v):
-        mean = sum(v) / len(v)
-        std = (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5
-        return {"mean": mean, "std": std, "values": v, "text": f"{mean:.3f} ± {std:.3f}"}
-    return {"w": {"p": {name: {"seeds": [0, 1, 2], "old_no_bg": stat(v)} for name, v in values.items()}}}
+    from recall.study_report import mean_std
+
+    return {"w": {"p": {name: {"seeds": [0, 1, 2], "old_no_bg": mean_std(v)} for name, v in values.items()}}}
 
 
 def test_attribution_is_the_per_seed_share_of_the_gap_each_variant_closes():
@@ -114,50 +163,74 @@ def test_attribution_is_the_per_seed_share_of_the_gap_each_variant_closes():
     assert table["gap"]["old_no_bg"]["text"] == "0.200 ± 0.000"
 
 
-def test_an_attribution_variant_may_come_from_another_world():
+def test_an_attribution_share_never_crosses_worlds():
     cells = _cells({"recall": [0.40, 0.50, 0.60], "mib": [0.60, 0.70, 0.80]})
-    cells["wide"] = _cells({"recall": [0.60, 0.70, 0.80]})["w"]  # the same seeds, its own step-0 models
-    table = attribution(cells, {"world": "w", "protocol": "p", "from": "recall", "to": "mib",
-                                "variants": ["wide:recall", "missing:recall"]})
-    rows = {row[0]: row for row in table["rows"]}
-    assert rows["wide:recall"][1:3] == ["0.700 ± 0.082", "1.000 ± 0.000"]  # closes the whole gap in every seed
-    assert rows["missing:recall"][1:3] == [None, None]
+    with pytest.raises(ValueError, match=r"\['wide:recall'\] come from another world.*interactions"):
+        attribution(cells, {"world": "w", "protocol": "p", "from": "recall", "to": "mib", "variants": ["wide:recall"]})
 
 
-def test_a_contrast_is_called_only_beyond_the_spread():
+def test_an_interaction_is_the_difference_of_two_gains_per_seed():
+    cells = _cells({"recall": [0.40, 0.50, 0.60], "mib": [0.60, 0.70, 0.80]})
+    cells["wide"] = _cells({"recall": [0.50, 0.62, 0.71], "mib": [0.62, 0.71, 0.83]})["w"]  # the same seeds
+    table = interactions(cells, [{"base": "w", "world": "wide", "protocol": "p", "variants": ["recall", "mib"]}])
+    entry = table["values"]["recall vs mib in wide"]["old_no_bg"]
+    assert entry["gain_a"]["values"] == pytest.approx([0.10, 0.12, 0.11])
+    assert entry["gain_b"]["values"] == pytest.approx([0.02, 0.01, 0.03])
+    assert entry["interaction"]["values"] == pytest.approx([0.08, 0.11, 0.08])
+    assert entry["verdict"] == "recall gains more from wide"
+
+
+def test_a_difference_is_called_only_when_every_seed_agrees_and_the_mean_exceeds_the_spread():
+    assert verdict("a", "b", [0.2, 0.2, 0.2]) == "a higher"
+    assert verdict("a", "b", [-0.1, -0.12, -0.08]) == "b higher"
+    assert verdict("a", "b", [0.3, 0.3, -0.01]) == "no difference"  # one seed disagrees
+    assert verdict("a", "b", [0.01, 0.3, 0.02]) == "no difference"  # same sign, mean 0.11 < sample std 0.16
+    assert verdict("a", "b", [0.5]) == "no difference"  # one seed is no spread
     cells = _cells({"gan": [0.60, 0.62, 0.64], "none": [0.40, 0.42, 0.44], "noise": [0.58, 0.63, 0.66]})
     table = contrasts(cells, [{"world": "w", "protocol": "p", "metric": "old_no_bg",
                                "pairs": [["gan", "none"], ["gan", "noise"], ["none", "gan"]]}])
     verdicts = {(row[3], row[4]): row[-1] for row in table["rows"]}
-    assert verdicts == {("gan", "none"): "gan higher", ("gan", "noise"): "no difference beyond the spread",
+    assert verdicts == {("gan", "none"): "gan higher", ("gan", "noise"): "no difference",
                         ("none", "gan"): "gan higher"}
     assert table["rows"][0][7] == "+0.200 / +0.200 / +0.200"  # paired by seed
+    assert table["calls"]["w"]["p"]["old_no_bg"]["gan vs noise"]["difference"]["values"] == pytest.approx(
+        [0.02, -0.01, -0.02])
 
 
 def test_the_study_pipeline_runs_every_table_entry():
     stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
-    assert {stages[name]["foreach"] for name in ("step0", "run", "joint")} == {"${step0}", "${runs}", "${joint}"}
+    tables = {"pretrain": "chains", "standin": "chains", "classmap": "classmaps", "pool": "pools", "step0": "step0",
+              "run": "runs", "joint": "joint"}
+    assert {name: stages[name]["foreach"] for name in tables} == {k: f"${{{v}}}" for k, v in tables.items()}
     assert all("on_config_change=restart" in " ".join(stages[n]["do"]["cmd"].split()) for n in ("step0", "run", "joint"))
 
 
-def test_label_quality_summary_averages_step0_and_later_classes_per_seed():
-    from recall.sim.label_quality import class_means
+def test_label_tables_average_the_runs_own_label_quality_over_seeds(tmp_path):
+    from recall.study_report import label_tables
 
-    seed0 = {"aeroplane": {"iou": 0.2, "empty": 0.5}, "bicycle": {"iou": 0.4, "empty": 0.1},  # VOC 1, 2: step 0
-             "bird": {"iou": 0.0, "empty": 1.0}}                                              # VOC 3: later
-    seed1 = {"aeroplane": {"iou": 0.4, "empty": 0.3}, "bicycle": {"iou": 0.6, "empty": 0.1},
-             "bird": {"iou": 0.2, "empty": 0.6}}
-    iou_old, empty_old, iou_later, empty_later = class_means([seed0, seed1], base=2)
-    assert iou_old == "0.400 ± 0.100"        # per seed 0.3 and 0.5
-    assert empty_old == "0.250 ± 0.050"      # 0.3 and 0.2
-    assert (iou_later, empty_later) == ("0.100 ± 0.100", "0.800 ± 0.200")
-    assert class_means([seed0], base=3)[2:] == [None, None]  # no class learnt later
+    spec = {"seeds": [0, 1], "protocols": ["15-1x5"], "variants": {"gan": ["method=recall", "replay=toy_gan"]},
+            "chain": {"sources": SOURCES}}
+    tables = {"spec": spec, **study.expand(spec)}
+    for seed, (iou, empty) in enumerate(((0.2, 0.5), (0.4, 0.3))):
+        _finish(tmp_path, f"default_15-1x5_gan_s{seed}", 0.5, 0.5, 0.5)
+        path = tmp_path / "study" / "runs" / f"default_15-1x5_gan_s{seed}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["final"]["statistics"] = {"replay/pool_images": 60.0, "replay_labels/iou/aeroplane": iou,
+                                          "replay_labels/empty/aeroplane": empty, "replay_labels/iou_step0_classes": iou,
+                                          "replay_labels/empty_step0_classes": empty}
+        path.write_text(json.dumps(metrics))
+    labels = label_tables(tables, tmp_path)
+    assert labels["tables"]["default_15-1x5_gan"]["rows"] == [["aeroplane", "0.300 ± 0.141", "0.400 ± 0.141", 2]]
+    assert labels["cells"]["default"]["15-1x5"]["gan"]["iou_step0_classes"]["values"] == [0.2, 0.4]
+    assert labels["cells"]["default"]["15-1x5"]["gan"]["iou_later_classes"] is None  # no later class replayed
+    assert labels["tables"]["summary"]["rows"][0][:5] == ["default", "15-1x5", "gan", "0.300 ± 0.141",
+                                                          "0.400 ± 0.141"]
 
 
 def test_the_step0_table_groups_the_step0_models_by_world_and_base(tmp_path):
     import json
 
-    from recall.report import step0_table
+    from recall.study_report import step0_table
 
     values = {"pretrained_15_s0": 0.6, "pretrained_15_s1": 0.8, "wide_decoder_15_s0": 0.7, "pretrained_10_s0": 0.5}
     for key, value in values.items():
@@ -167,5 +240,5 @@ def test_the_step0_table_groups_the_step0_models_by_world_and_base(tmp_path):
     study = {"step0": {key: {"protocol": "10-2x5" if "_10_" in key else "15-5"} for key in values},
              "runs": {f"run_{key}": {"step0": key, "world": key.rsplit("_", 2)[0]} for key in values}}
     table = step0_table(study, tmp_path)
-    assert table["rows"] == [["pretrained", 15, "0.700 ± 0.100", "0.800 ± 0.100", 2],
+    assert table["rows"] == [["pretrained", 15, "0.700 ± 0.141", "0.800 ± 0.141", 2],
                              ["wide_decoder", 15, "0.700", "0.800", 1], ["pretrained", 10, "0.500", "0.600", 1]]

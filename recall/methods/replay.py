@@ -10,7 +10,8 @@ A `ReplayMethod` owns, through the run hooks of `recall.methods.base.Method`:
   names the pool it labelled: another pool is labelled again);
 * the replay stream (`extra_batches`): labelled pool images of every class learnt before the step, `replay_ratio`
   of each batch (`batch_split`);
-* what the run records: replay statistics per step, the replay figure, its part of the `--dry-run` plan.
+* what the run records: replay statistics per step (with a simulated source, the labels' quality against the
+  truth it knows: `replay.truth.labels`), the replay figure, its part of the `--dry-run` plan.
 
 A subclass says which model labels a class group (`labeller`) and may add work after a step (`after_step`).
 """
@@ -39,8 +40,9 @@ from recall.registry import resolve
 from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems
 
 # method.labels: where replay labels come from. "evaluated" is label evaluation (the method's `labeller` models);
-# "oracle" writes the toy generator's true masks (a simulation: an upper bound for the labelling step).
-LABEL_SOURCES = {"evaluated": None, "oracle": "recall.sim.oracle:write_true_labels"}
+# "oracle" corrects its labels of the image's own class to the true mask, which only a simulated source knows
+# (`replay.truth.oracle`: an upper bound for the labelling step).
+LABEL_SOURCES = ("evaluated", "oracle")
 REPLAY_SAMPLES = 8  # replay images in replay_labels.png (spread over the old classes)
 INPAINT_SAMPLE = 256  # replay images the rewritten share is measured on, per step (evenly spaced)
 TARGET_BATCH = 64
@@ -109,9 +111,12 @@ class ReplayMethod(Method):
         return run.last_step >= 1 and self.replay_ratio > 0
 
     def check_inputs(self, run: RunServices) -> None:
-        """The pool exists and holds images of every class this run will replay."""
+        """The pool exists and holds images of every class this run will replay (and, for oracle labels, its source
+        knows the true masks)."""
         if not self.replays(run):
             return
+        if self.labels == "oracle":
+            truth_of(run, "oracle", "method.labels=oracle")
         pool = ReplayPool(self.pool_dir(run))
         if not pool.manifest_path.is_file():
             raise UserError(f"replay pool {pool.root} is not built (no {pool.manifest_path.name}): build it first "
@@ -163,15 +168,14 @@ class ReplayMethod(Method):
                 if len(data) == 0:
                     raise UserError(f"replay pool {pool.root} has no usable image of the classes of step {k} "
                                     f"({', '.join(run.class_names[c] for c in run.task[k])}); rebuild it")
-                if LABEL_SOURCES[self.labels] is None:
-                    checkpoint, channel_classes = self.labeller(run, k)
-                    model, _ = load_checkpoint(checkpoint, run.model_cfg)
-                    n = label_pool(model, data, channel_classes, out=labels_dir, threshold=self.label_threshold,
-                                   space=self.label_space, device=run.device())
-                    labeller = str(checkpoint.relative_to(run.run_dir))
-                else:
-                    n = resolve(LABEL_SOURCES[self.labels])(run.cfg.replay, data.records, labels_dir)
-                    labeller = self.labels
+                checkpoint, channel_classes = self.labeller(run, k)
+                model, _ = load_checkpoint(checkpoint, run.model_cfg)
+                n = label_pool(model, data, channel_classes, out=labels_dir, threshold=self.label_threshold,
+                               space=self.label_space, device=run.device())
+                labeller = str(checkpoint.relative_to(run.run_dir))
+                if self.labels == "oracle":
+                    resolve(truth_of(run, "oracle", "method.labels=oracle"))(run.cfg.replay, data.records, labels_dir)
+                    labeller += " + the true masks of each image's class"
                 write_json(done, {"pool": pool_id, "classes": run.task[k], "images": n, "labeller": labeller})
         return labels_dir
 
@@ -233,7 +237,8 @@ class ReplayMethod(Method):
 
     def step_statistics(self, run: RunServices, step: int) -> dict[str, float]:
         """Pool images of old classes, the mean share of their pixels labelled with their class, and the share of
-        pixels this method's target rewriting (RECALL: inpainting) changed, on a sample."""
+        pixels this method's target rewriting (RECALL: inpainting) changed, on a sample; with a simulated source,
+        the labels' quality against its truth (`label_quality`)."""
         if step < 1 or not self.replays(run):
             return {}
         data = self.replay_data(run, step, eval_transform())
@@ -244,7 +249,26 @@ class ReplayMethod(Method):
         changed = sum(int((label != target).sum()) for label, target in pairs)
         pixels = sum(label.size for label, _ in pairs)
         return {"replay/pool_images": float(len(data)), "replay/labelled_share": float(np.mean(shares)),
-                "replay/inpainted_share": changed / pixels}
+                "replay/inpainted_share": changed / pixels, **self.label_quality(run, data)}
+
+    def label_quality(self, run: RunServices, data: PoolDataset) -> dict[str, float]:
+        """Where the replay source is a simulation that knows the true masks (`replay.truth.labels`): per replayed
+        class, the IoU of its evaluated labels with the true objects and the share of its images labelled empty,
+        and both averaged over the step-0 classes and over the classes learnt later (`replay_labels/...`)."""
+        scorer = (run.cfg.replay.get("truth") or {}).get("labels")
+        if not scorer:
+            return {}
+        per_class = resolve(str(scorer))(run.cfg.replay, data.records, data.labels_dir)
+        out = {}
+        for c, q in per_class.items():
+            name = run.class_names[c]
+            out[f"replay_labels/iou/{name}"], out[f"replay_labels/empty/{name}"] = q["iou"], q["empty"]
+        for group, classes in (("step0_classes", [c for c in per_class if c in run.task[0]]),
+                               ("later_classes", [c for c in per_class if c not in run.task[0]])):
+            for key in ("iou", "empty"):
+                if classes:
+                    out[f"replay_labels/{key}_{group}"] = float(np.mean([per_class[c][key] for c in classes]))
+        return out
 
     def figures(self, run: RunServices, step: int, title: str, out: Path) -> list[Path]:
         """replay_labels.png: replay images of `step` with their evaluated labels and training targets."""
@@ -311,6 +335,16 @@ class ReplayMethod(Method):
         on_disk = status["per_class_on_disk"]
         label_images = sum(on_disk.get(names[c], per_class or 0) for k in todo for c in run.task[k])
         return {"lines": lines, "eval_images": label_images, "replay": status}
+
+
+def truth_of(run: RunServices, what: str, wanted_by: str) -> str:
+    """The reference of `replay.truth.<what>`: what a simulated replay source knows (its config names it); a clear
+    error when the source is not a simulation."""
+    reference = (run.cfg.replay.get("truth") or {}).get(what)
+    if not reference:
+        raise UserError(f"{wanted_by} needs a simulated replay source that knows its images' true masks "
+                        f"(replay=toy_gan); replay={run.cfg.replay.name} has no replay.truth.{what}")
+    return str(reference)
 
 
 def _marker(path: Path) -> dict:

@@ -53,20 +53,23 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:MAX_LISTED_KEYS]) + more
 
 
-def read_state_dict(path: str | Path, how_to_obtain: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.pth``/``.bin``/``.pt`` (``torch.load``, weights only) or ``.safetensors`` file.
-
-    A checkpoint wrapping the state dict under one of ``STATE_DICT_WRAPPERS`` is unwrapped.
-    ``how_to_obtain`` ends the error for a missing file.
-    """
+def read_checkpoint(path: str | Path, how_to_obtain: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a ``.pth``/``.bin``/``.pt`` (``torch.load``, weights only) or ``.safetensors`` file, and what
+    the file holds beside them: the other entries of a checkpoint that wraps its state dict under one of
+    ``STATE_DICT_WRAPPERS`` (unwrapped), or a safetensors file's metadata (strings). ``how_to_obtain`` ends the
+    error for a missing file."""
     path = Path(path)
     if not path.is_file():
         raise ReplayError(f"{path}: weights file is missing; {how_to_obtain}")
+    extras: dict = {}
     try:
         if path.suffix == SAFETENSORS_SUFFIX:
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as handle:
+                extras = dict(handle.metadata() or {})
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load / safetensors raise many types for a bad or truncated file
@@ -74,12 +77,18 @@ def read_state_dict(path: str | Path, how_to_obtain: str) -> dict[str, torch.Ten
                           f"the file is damaged or not a weights file; {how_to_obtain}") from error
     for wrapper in STATE_DICT_WRAPPERS:
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            extras = {k: v for k, v in state.items() if k != wrapper}
             state = state[wrapper]
             break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ReplayError(f"{path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}; "
                           f"{how_to_obtain}")
-    return state  # keeps torch's _metadata (spectral-norm versions) when it is an OrderedDict
+    return state, extras  # state keeps torch's _metadata (spectral-norm versions) when it is an OrderedDict
+
+
+def read_state_dict(path: str | Path, how_to_obtain: str) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (``read_checkpoint`` without what the file holds beside it)."""
+    return read_checkpoint(path, how_to_obtain)[0]
 
 
 def load_strictly(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -104,6 +104,24 @@ _PHOTO_URL = re.compile(r"^/photos/(\d+)/(\d+)_([0-9a-f]+)_([a-z])\.jpg$")
 _OAUTH_PARAM = re.compile(r'([a-z_]+)="([^"]*)"')
 
 
+def photo_id(seed: int, class_index: int, index: int) -> str:
+    """The id of the stand-in's result ``index`` for ``class_index``, numeric like Flickr's: "5", the seed (3
+    digits), the class (2), the result index (6)."""
+    return f"5{seed % 1000:03d}{class_index:02d}{index:06d}"
+
+
+def parse_photo_id(photo_id: str, seed: int, per_class_limit: int) -> tuple[int, int] | None:
+    """(class, result index) of a ``photo_id`` the stand-in of ``seed`` gave its rendered photos; None for any other
+    id (a planted photo, another seed's, a real Flickr photo)."""
+    if len(photo_id) != 12 or not photo_id.isdigit() or not photo_id.startswith("5") \
+            or photo_id[1:4] != f"{seed % 1000:03d}":
+        return None
+    c, k = int(photo_id[4:6]), int(photo_id[6:])
+    if not 1 <= c < len(VOC_CLASSES) or k >= per_class_limit:
+        return None
+    return c, k
+
+
 @dataclass
 class Faults:
     """What the stand-in does wrong. Counters (``http_errors``, ``rate_limits``, ``unavailable``,
@@ -323,16 +341,10 @@ class FlickrStandIn:
 
     # ------------------------------------------------------------------ content
     def photo_id(self, class_index: int, index: int) -> str:
-        """Numeric like Flickr's: "5", the seed (3 digits), the class (2), the result index (6)."""
-        return f"5{self.photos.seed % 1000:03d}{class_index:02d}{index:06d}"
+        return photo_id(self.photos.seed, class_index, index)
 
     def _parse_toy_id(self, photo_id: str) -> tuple[int, int] | None:
-        if len(photo_id) != 12 or not photo_id.startswith("5") or photo_id[1:4] != f"{self.photos.seed % 1000:03d}":
-            return None
-        c, k = int(photo_id[4:6]), int(photo_id[6:])
-        if not 1 <= c < len(VOC_CLASSES) or k >= self.photos.per_class_limit:
-            return None
-        return c, k
+        return parse_photo_id(photo_id, self.photos.seed, self.photos.per_class_limit)
 
     def _render(self, class_index: int, index: int) -> tuple[Image.Image, dict]:
         """Photo ``index`` of ``class_index`` and its meta, from a bounded LRU cache."""

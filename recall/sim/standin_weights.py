@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from recall.atomic import write_bytes
-from recall.replay.classmap import STANDIN_MODEL, _create_timm_model
+from recall.replay.classmap import STANDIN_MODEL, _create_timm_model, save_classifier
 from recall.replay.gan import CONFIG_NAME, WEIGHTS_NAME, _library, truncated_noise
 from recall.replay.pool import ReplayError
 from recall.replay.weights import IMAGENET_NUM_CLASSES
@@ -209,27 +209,17 @@ def make_tiny_biggan(out_dir: str | Path, seed: int = 0, channel_width: int = TI
 
 
 def make_standin_classifier(path: str | Path, model_name: str = STANDIN_MODEL, seed: int = 0) -> Path:
-    """Write the state dict of a random-weight 1000-class timm model to ``path`` (atomically); returns it.
+    """Write a random-weight 1000-class timm model as a classifier file (``classmap.save_classifier``: its state dict
+    and the preprocessing of timm's config for it) to ``path``, atomically; returns it.
 
     The demo's stand-in for the EfficientNet-B2 ImageNet weights (``test_efficientnet``: 0.36M
     parameters). Deterministic from ``seed``; ``.safetensors`` paths are written in that format.
     """
-    path = Path(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        state = _create_timm_model(model_name).state_dict()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        data = save({k: v.contiguous() for k, v in state.items()})
-    else:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        data = buffer.getvalue()
-    write_bytes(path, data)
-    return path
-
-
+        model = _create_timm_model(model_name)
+    config = model.pretrained_cfg
+    return save_classifier(path, model.state_dict(), config["mean"], config["std"], config["input_size"][-1])
 
 
 def standin_weights(out: str | Path, seed: int = 0) -> dict[str, Path]:

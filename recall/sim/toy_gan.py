@@ -103,7 +103,7 @@ class ToyGenerator:
 
     def render_with_mask(self, source_class: int, z: np.ndarray) -> tuple[Image.Image, np.ndarray]:
         """The image and a mask of its main object (1; 0 elsewhere): ground truth that a real GAN never
-        gives, used only to measure label evaluation (`recall.sim.oracle`)."""
+        gives, used only to measure label evaluation (`recall.sim.truth`)."""
         if not 0 <= source_class < self.num_source_classes:
             raise ReplayError(f"source class {source_class} out of range 0..{self.num_source_classes - 1}")
         size = self.size

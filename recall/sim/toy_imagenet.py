@@ -7,7 +7,12 @@ Its class space (``class_space``) holds
   a look-alike of every toy-world class (hue, texture period and brightness shifted), more-shifted variants of
   some, and distractors that are no toy class;
 - further classes that are none of them: shape x texture x colour combinations kept away from every toy-world
-  class (another hue, or another shape or texture).
+  class.
+
+"Kept away" (``_far_from_the_toy_world``, for distractors and further classes alike): a class differs from every
+toy-world class in at least two of shape, texture and hue (by ``MIN_HUE_DISTANCE``). A class that shares two of
+them with a toy class (the same hue and texture in another shape, say) would be closer to that class than its
+look-alike is, and the class map would rightly pick it: in ImageNet the look-alike is the nearest class.
 
 An image of a class is one object of the class's style with strong variation within the class (hue, saturation,
 brightness, texture period and angle, size, position, rotation), on a random textured background, with 0-2 small
@@ -33,7 +38,8 @@ CLASS_SPACE_SEED = 20210  # the generator's part (unchanged from the toy generat
 OTHER_CLASSES_SEED = 31337  # the rest
 SPLIT_CODES = {"train": 0, "val": 1}
 IMAGE_SEED_TAG = 0x1A9E  # no other random stream of the project starts with it (toy world: [seed, split, index])
-MIN_HUE_DISTANCE = 35.0  # an "other" class with a toy class's shape and texture keeps this far from its hue
+MIN_HUE_DISTANCE = 35.0  # hues closer than this count as the same (``_far_from_the_toy_world``)
+MIN_DIFFERENCES = 2  # of shape, texture and hue: how many a distractor or further class differs in from a toy class
 
 # Domain shift of the generator's classes from the toy-world classes they imitate.
 LOOKALIKE_HUE_SHIFT = (10.0, 20.0)
@@ -99,6 +105,8 @@ def _generator_classes(n: int) -> list[SourceClass]:
         style = ClassStyle(shape=shape, texture=texture, hue=float(rng.uniform(0, 360)),
                            texture_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
                            texture_period=float(rng.uniform(4.0, 8.0)))
+        while not _far_from_the_toy_world(style):  # another hue until no toy class is as near as its look-alike
+            style = replace(style, hue=float(rng.uniform(0, 360)))
         made.append((style, "distractor", None))
     order = rng.permutation(len(made))
     return [SourceClass(name=f"src{i:02d}_{made[j][0].shape}_{made[j][0].texture}", style=made[j][0],
@@ -106,9 +114,12 @@ def _generator_classes(n: int) -> list[SourceClass]:
 
 
 def _far_from_the_toy_world(style: ClassStyle) -> bool:
+    """Whether `style` differs from every toy-world class in at least ``MIN_DIFFERENCES`` of shape, texture and hue
+    (hues nearer than ``MIN_HUE_DISTANCE`` count as the same)."""
     for toy in CLASS_STYLES.values():
         hue_gap = abs((style.hue - toy.hue + 180) % 360 - 180)
-        if (style.shape, style.texture) == (toy.shape, toy.texture) and hue_gap < MIN_HUE_DISTANCE:
+        differences = (style.shape != toy.shape) + (style.texture != toy.texture) + (hue_gap >= MIN_HUE_DISTANCE)
+        if differences < MIN_DIFFERENCES:
             return False
     return True
 
@@ -204,3 +215,26 @@ def classification_set(split: str, per_class: int, size: int = 64, seed: int = 0
         parts = [_render_classes(job) for job in jobs]
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
     return np.concatenate(parts), labels, class_names(num_classes)
+
+
+# ------------------------------------------------------------------------------ the class map's truth
+MAP_KINDS = ("lookalike", "variant", "wrong_target", "distractor", "other")  # what a mapped source class can be
+
+
+def class_map_score(mapping: dict[int, int], num_classes: int = NUM_CLASSES) -> dict:
+    """A class map (toy class -> source class index of this class space) against the truth the class space knows:
+    per toy class the kind of source class it got (``MAP_KINDS``: its own look-alike, a variant of it, a look-alike
+    or variant made from another toy class, a distractor, another class), the counts of each kind, ``correct``
+    (look-alikes and variants of the right class) out of ``classes``, and the source classes that serve more than
+    one toy class (``shared``)."""
+    classes = class_space(num_classes)
+    per_class, serves = {}, {}
+    for target, source in sorted(mapping.items()):
+        s = classes[int(source)]
+        kind = s.kind if s.kind in ("distractor", "other") else s.kind if s.target == int(target) else "wrong_target"
+        per_class[int(target)] = {"source": s.name, "kind": kind}
+        serves.setdefault(s.name, []).append(int(target))
+    counts = {kind: sum(v["kind"] == kind for v in per_class.values()) for kind in MAP_KINDS}
+    return {"correct": counts["lookalike"] + counts["variant"], "classes": len(per_class), **counts,
+            "shared": {name: targets for name, targets in serves.items() if len(targets) > 1},
+            "per_class": per_class}

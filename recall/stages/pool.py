@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recall.commands import compose, script, with_overrides
 from recall.data.classes import class_names
-from recall.replay.classmap import load_mapping
+from recall.replay.classmap import SHARED_KEY, load_mapping, shared_on_purpose
 from recall.replay.leakage import DEFAULT_MAX_DISTANCE, LeakageGuard
 from recall.replay.pool import build_pool
 from recall.replay.sources import build_source
@@ -23,12 +23,28 @@ def _options(section) -> dict:
     return OmegaConf.to_container(section, resolve=True) if section is not None else {}
 
 
+def warn_shared(mapping: dict[int, int], path, source_names=None) -> None:
+    """A warning for target classes that share a source class (their images would be the same images, which the
+    pool keeps once), unless the map file says so on purpose."""
+    serves: dict[int, list[int]] = {}
+    for target, source in mapping.items():
+        serves.setdefault(source, []).append(target)
+    for source, targets in serves.items():
+        if len(targets) > 1 and not shared_on_purpose(path):
+            name = source_names[source] if source_names else source
+            print(f"warning: {path}: source class {name} replays classes {targets}: their images would be the same, "
+                  f"and the pool keeps each once; choose another source class for all but one, or add "
+                  f'"{SHARED_KEY}": true to the file if that is on purpose', file=sys.stderr)
+
+
 def replay_pool(cfg: DictConfig) -> dict:
     """Build (or resume) the pool of `replay.per_class` images for every class; copies of dataset images are dropped."""
     source = build_source(cfg.replay.name, **_options(cfg.replay.source))
     with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
         if cfg.replay.get("mapping"):
-            source.set_mapping(load_mapping(cfg.replay.mapping, source_names=getattr(source, "source_names", None)))
+            mapping = load_mapping(cfg.replay.mapping, source_names=getattr(source, "source_names", None))
+            source.set_mapping(mapping)
+            warn_shared(mapping, cfg.replay.mapping, getattr(source, "source_names", None))
         names = class_names(str(cfg.dataset.name), int(cfg.dataset.num_classes))
         classes = dict(enumerate(names))
         del classes[0]  # background is never replayed

@@ -24,8 +24,8 @@ def main(args) -> int:
     settings = section(cfg.pretrain, PretrainConfig)
     tracker = None
     if cfg.tracking.uri:
-        from recall.tracking import PretrainTracker
-        tracker = PretrainTracker(cfg.tracking.uri, cfg.tracking.experiment or str(cfg.dataset.name))
+        from recall.tracking import StageTracker
+        tracker = StageTracker(cfg.tracking.uri, cfg.tracking.experiment or str(cfg.dataset.name))
     metrics = pretrain(settings, str(cfg.model.backbone), Path(args.out), tracker)
     print(f"pretrained {cfg.model.backbone} on {settings.dataset} ({metrics['classes']} classes, "
           f"{metrics['train_images']} images, {settings.epochs} epochs) in {metrics['seconds']:.0f} s: held-out "

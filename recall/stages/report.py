@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     if args.study:
         from recall import docs
-        from recall.report import write_study_report
+        from recall.study_report import write_study_report
 
         write_study_report(Path(args.study), Path(args.out))
         return docs.main([])
