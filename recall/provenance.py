@@ -21,6 +21,9 @@ PACKAGE = "recall"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # a lazy reference to a module of the package in a string (registries: "recall.sim.toy_gan:ToyGenerator")
 MODULE_REFERENCE = re.compile(rf"^{PACKAGE}(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
+# modules that compose a directory of config files: whatever those files name ("replay.truth.labels:
+# recall.sim.truth:gan_label_quality") may run too, so it is part of the closure of the module that reads them
+CONFIG_READERS = {f"{PACKAGE}.config": PACKAGE_DIR.parent / "conf"}
 
 
 def module_file(name: str) -> Path | None:
@@ -56,11 +59,32 @@ def imported_modules(name: str) -> set[str]:
             found.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_REFERENCE.match(node.value):
             found.add(node.value.partition(":")[0])
+    if name in CONFIG_READERS:
+        found.update(configured_modules(CONFIG_READERS[name]))
     modules = set()
     for module in found:
         parts = module.split(".")
         modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return {m for m in modules if module_file(m) is not None}
+
+
+def configured_modules(directory: Path) -> set[str]:
+    """The package's modules that the YAML files under `directory` name in "module:attribute" strings."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str) and MODULE_REFERENCE.match(node.strip()):
+            found.add(node.strip().partition(":")[0])
+
+    for path in sorted(directory.rglob("*.yaml")):
+        walk(yaml.safe_load(path.read_text()))
+    return found
 
 
 @cache

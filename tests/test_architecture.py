@@ -81,3 +81,14 @@ def test_the_closure_follows_lazy_imports_and_registry_names():
     report = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("recall.stages.report")}
     assert "report.py" in report and not {"model.py", "train.py", "experiment.py"} & report
     assert "recall/methods" in code_deps("recall.stages.run")  # a directory stands for all its files
+
+
+def test_a_module_a_config_file_names_is_code_of_every_stage_that_composes_the_config():
+    """replay.truth names recall.sim.truth in conf/replay/toy_gan.yaml: a run executes it, so editing it must make
+    DVC re-run the runs (the closure follows config files as it follows registry strings)."""
+    from recall.provenance import PACKAGE_DIR, configured_modules, import_closure
+
+    named = configured_modules(PACKAGE_DIR.parent / "conf")
+    assert "recall.sim.truth" in named
+    closure = import_closure("recall.stages.run")
+    assert PACKAGE_DIR / "sim" / "truth.py" in closure and PACKAGE_DIR / "sim" / "toy_web.py" in closure

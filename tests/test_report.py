@@ -38,7 +38,7 @@ def test_seeds_are_averaged_and_rows_follow_the_papers_order(tmp_path: Path) -> 
     assert gan["old_no_bg_std"] == pytest.approx(statistics.stdev([0.5, 0.6]))
     assert table[1]["new"] is None and table[1]["old_no_bg_std"] is None
     markdown = (tmp_path / "out" / "summary.md").read_text()
-    assert "0.550 ± 0.050" in markdown and "| 15-5 | overlapped | mib | none |  | 0 | 2 | 0.400 | – |" in markdown
+    assert "0.550 ± 0.071" in markdown and "| 15-5 | overlapped | mib | none |  | 0 | 2 | 0.400 | – |" in markdown
     with (tmp_path / "out" / "summary.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 5
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
