@@ -83,6 +83,17 @@ def test_web_pool_and_recall_run_never_leak_the_key(tmp_path: Path, tiny_world: 
         params = dict(db.execute("SELECT key, value FROM params").fetchall())
     assert params["pool_built.total"] == "80" and params["replay.name"] == "web"
     assert "pool_built.dropped_near_copies" in params
+    # the stand-in knows its photos' true masks: the run scored its replay labels against them, as we do here
+    from omegaconf import OmegaConf
+
+    from recall.sim.truth import web_label_quality
+
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]["statistics"]
+    replay_cfg = OmegaConf.create({"name": "web", "source": {"endpoint": "standin", "standin": {"size": 64}}})
+    quality = web_label_quality(replay_cfg, ReplayPool(pool).records(), run_dir / "steps" / "replay_labels")
+    assert len(quality) == 19 and all(q["images"] == 4 for q in quality.values())  # every photo parsed to its truth
+    assert final["replay_labels/iou/aeroplane"] == quality[1]["iou"]
+    assert final["replay_labels/empty/sofa"] == quality[18]["empty"]
     replay = compose(["replay=web"]).replay  # no config field can hold a key or a secret
     assert not [k for k in json.dumps(dict(replay), default=str).lower().split('"') if "secret" in k or "api_key" in k]
     repo_params = (Path(__file__).parents[1] / "params.yaml").read_text()

@@ -49,3 +49,20 @@ def test_seeds_are_averaged_and_rows_follow_the_papers_order(tmp_path: Path) -> 
 def test_missing_run_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothere"):
         write_report([tmp_path / "nothere"], tmp_path / "out")
+
+
+def test_the_replay_labels_quality_stands_beside_the_miou_it_drives(tmp_path: Path) -> None:
+    """A run whose source knows its truth logged its labels' quality: the summary carries it beside its mIoU."""
+    run = _run(tmp_path, "g0", "recall", "toy_gan", 0, 0.5, 0.3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["final"]["statistics"] = {"replay/pool_images": 60.0, "replay_labels/iou_step0_classes": 0.41,
+                                      "replay_labels/empty_step0_classes": 0.2, "replay_labels/iou/cat": 0.9}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    plain = _run(tmp_path, "m0", "mib", "none", 0, 0.4, 0.2)
+    write_report([run, plain], tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["g0"] == {"old_no_bg": 0.5, "new": 0.3, "all": 0.5, "all_no_bg": 0.45, "label_iou_step0": 0.41,
+                             "label_empty_step0": 0.2}
+    assert set(summary["m0"]) == {"old_no_bg", "new", "all", "all_no_bg"}
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| g0 | 0.410 | 0.200 | – | – |" in markdown and "| m0 |" not in markdown.split("## Replay labels")[1]
