@@ -112,6 +112,8 @@ def test_a_run_with_oracle_labels_keeps_label_evaluation_but_the_true_mask_of_ea
     measured = gan_label_quality(replay, records, labels_of["evaluated"])
     assert final["replay_labels/iou/aeroplane"] == measured[1]["iou"]  # the run's own numbers
     assert final["replay_labels/empty_step0_classes"] == np.mean([q["empty"] for q in measured.values()])
+    mapping.unlink()  # each record names its generator class and latent: scoring a pool needs not the map it was built with
+    assert gan_label_quality(replay, records, labels_of["evaluated"]) == measured
 
 
 def test_oracle_labels_need_a_source_that_knows_its_true_masks(tmp_path, tiny_world, capsys):

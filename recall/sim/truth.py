@@ -15,7 +15,7 @@ Each takes the replay config section first:
   class, and the image's class takes exactly the true mask (its pixels outside the mask become background). An
   upper bound for the labelling step, with the authors' label space.
 
-`python -m recall.sim.truth POOL LABELS_DIR --mapping MAPPING.json [--seed S]` prints a toy-GAN pool's label
+`python -m recall.sim.truth POOL LABELS_DIR [--seed S]` prints a toy-GAN pool's label
 quality.
 """
 
@@ -33,7 +33,6 @@ from PIL import Image
 
 from recall.errors import UserError
 from recall.labeling import save_label_png
-from recall.replay.classmap import load_mapping
 from recall.replay.pool import ReplayPool
 from recall.sim.toy_gan import ToyGenerator
 
@@ -51,13 +50,12 @@ def true_mask(generator: ToyGenerator, record: dict) -> np.ndarray:
 
 
 def generator_of(replay) -> ToyGenerator:
-    """The toy generator that built a pool, from the run's `replay` config section (source options, mapping)."""
+    """The toy generator that built a pool, from the run's `replay` config section (its source options). A pool record
+    names the generator class and latent index of its image, so its true mask needs no class map: a run scores its
+    labels even where the map file it was built with is gone."""
     if str(replay.name) != "toy_gan":
         raise UserError(f"the toy generator's true masks need replay=toy_gan; replay={replay.name} has none")
-    generator = ToyGenerator(**_source_options(replay))
-    if replay.get("mapping"):
-        generator.set_mapping(load_mapping(replay.mapping, source_names=generator.source_names))
-    return generator
+    return ToyGenerator(**_source_options(replay))
 
 
 def web_photos_of(replay):
@@ -148,11 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pool", type=Path)
     parser.add_argument("labels_dir", type=Path)
-    parser.add_argument("--mapping", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0, help="the generator's seed (replay.source.seed)")
     args = parser.parse_args(argv)
     generator = ToyGenerator(seed=args.seed)
-    generator.set_mapping(load_mapping(args.mapping, source_names=generator.source_names))
     print(json.dumps(score_labels(ReplayPool(args.pool).records(), args.labels_dir,
                                   lambda record: true_mask(generator, record)), indent=1))
 
