@@ -159,3 +159,126 @@ def test_a_missing_or_undecodable_image_fails_before_training(tmp_path, tiny_wor
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(world / "JPEGImages" / f"{ids[-1]}.jpg")  # wrong size
     assert run(world, tmp_path / "run", "protocol=19-1") == 2
     assert "differs from its image" in capsys.readouterr().err
+
+
+# ================================================================== issue 26: never touch what is not ours
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root`` (the user's files, checked by hash)."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("recall: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def pool_args(world: Path, pool: Path, *extra: str) -> list[str]:
+    return ["pool", f"dataset.root={world}", "replay=toy_web", "replay.per_class=2", f"replay.pool={pool}", *extra]
+
+
+# ------------------------------------------------------------------ 1. a pool build never deletes the user's images
+def test_a_pool_build_leaves_a_directory_of_the_users_images_as_it_is(tmp_path, tiny_world, capsys):
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    for i, name in enumerate(("a.jpg", "b.jpg", "c001_000000.jpg")):  # the last one: the name of the pool's first id
+        Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(photos / "images" / name)
+    before = tree(tmp_path)
+    assert main(pool_args(tiny_world, photos)) == 2
+    err = one_line_error(capsys)
+    assert f"replay.pool={photos} holds files" in err and "images/a.jpg" in err
+    assert tree(tmp_path) == before, "nothing deleted, overwritten or added (no lock file, no partial build)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+# ------------------------------------------------------------------ 2. pools know their source
+@pytest.fixture(scope="module")
+def web_pool(tmp_path_factory, tiny_world) -> Path:
+    """A toy_web pool built by `recall pool` (2 images a class)."""
+    where = tmp_path_factory.mktemp("web") / "pools" / "toy_web"
+    assert main(pool_args(tiny_world, where)) == 0
+    return where
+
+
+def test_a_new_pool_is_built_beside_its_place_and_carries_its_source(web_pool):
+    owner = json.loads((web_pool / "owner.json").read_text())
+    assert owner["kind"] == "pool" and owner["params"]["source"] == "toy_web" and owner["format_version"] == 1
+    assert (web_pool / "pool.json").is_file() and not (web_pool / ".lock").exists()
+    assert sorted(p.name for p in web_pool.parent.iterdir()) == ["toy_web"], "no partial build left beside it"
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["replay=folder", "replay.source.root={root}"], "its images come from source toy_web, not folder"),
+    (["replay.source.seed=7"], "other toy_web parameters (differ: seed)"),
+])
+def test_building_into_a_pool_of_another_source_or_parameters_is_refused(tmp_path, tiny_world, web_pool, capsys,
+                                                                         overrides, named):
+    copy = Path(shutil.copytree(web_pool, tmp_path / "pools" / "twc"))
+    (tmp_path / "R" / "cat").mkdir(parents=True)
+    Image.new("RGB", (30, 30), (9, 9, 9)).save(tmp_path / "R" / "cat" / "x.jpg")
+    before = tree(copy)
+    args = pool_args(tiny_world, copy, *[o.format(root=tmp_path / "R") for o in overrides])
+    assert main(args) == 2
+    assert named in one_line_error(capsys)
+    assert tree(copy) == before
+
+
+def test_a_run_refuses_a_pool_of_another_source_unless_told(tmp_path, tiny_world, web_pool, capsys):
+    copy = Path(shutil.copytree(web_pool, tmp_path / "pools" / "twc"))
+    args = ("protocol=19-1", "method=recall", "replay=folder", f"replay.pool={copy}")
+    assert run(tiny_world, tmp_path / "run", *args) == 2
+    assert "holds images of source toy_web, not folder" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+    assert run(tiny_world, tmp_path / "run", *args, "+replay.any_source=true") == 0  # on purpose: replayed as it is
+
+
+def test_a_run_refuses_a_pool_whose_build_has_not_finished(tmp_path, tiny_world, web_pool, capsys):
+    copy = Path(shutil.copytree(web_pool, tmp_path / "pool"))
+    (copy / "pool.json").unlink()  # as while a build grows it, or after one was killed
+    assert run(tiny_world, tmp_path / "run", "protocol=19-1", "method=recall", "replay=toy_web",
+               f"replay.pool={copy}") == 2
+    assert "is not complete (no pool.json" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------ 4. a run directory never overwrites the user's files
+def test_a_run_leaves_a_directory_of_the_users_files_as_it_is(tmp_path, tiny_world, capsys):
+    user = tmp_path / "U"
+    (user / "figures").mkdir(parents=True)
+    for name, text in (("metrics.json", "{}"), ("curve.csv", "mine"), ("figures/miou_curves.png", "mine")):
+        (user / name).write_text(text)
+    before = tree(tmp_path)
+    for dry in ([], ["--dry-run"]):
+        code = main(["run", *dry, f"dataset.root={tiny_world}", "tracking.uri=", *FAST, "protocol=19-1", f"run_dir={user}"])
+        assert code == 2
+        err = one_line_error(capsys)
+        assert f"run_dir={user} holds files" in err and "metrics.json" in err and "steps/owner.json" in err
+    assert tree(tmp_path) == before, "nothing overwritten, no lock file left"
+
+
+@pytest.mark.parametrize("where,named", [("/", "the root directory"), ("~", "your home directory"),
+                                         (".", "a project root"), ("README.md", "a file")])
+def test_the_root_the_home_the_project_and_a_file_are_never_a_run_directory(tiny_world, capsys, monkeypatch, where,
+                                                                           named):
+    monkeypatch.chdir(ROOT)
+    listing = sorted(p.name for p in ROOT.iterdir())
+    path = str(Path(where).expanduser())
+    for dry in (["--dry-run"], []):
+        assert main(["run", *dry, f"dataset.root={tiny_world}", "tracking.uri=", *FAST, f"run_dir={path}"]) == 2
+        assert f"run_dir={path} is {named}" in one_line_error(capsys)
+    assert sorted(p.name for p in ROOT.iterdir()) == listing, "no lock file, no metrics.json beside README.md"
+
+
+def test_a_run_directory_holds_its_marker_and_its_lock_inside(tmp_path, tiny_world):
+    run_dir = tmp_path / "runs" / "r"
+    assert run(tiny_world, run_dir, "protocol=19-1") == 0
+    owner = json.loads((run_dir / "steps" / "owner.json").read_text())
+    assert owner["kind"] == "run" and owner["params"]["protocol"] == "19-1" and owner["params"]["method"] == "ft"
+    assert (run_dir / ".lock").read_text() == "", "released: no stale pid"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"], "nothing beside the run directory"
+    assert run(tiny_world, run_dir, "protocol=19-1") == 0  # its own directory: resumed (nothing left to do)
