@@ -53,8 +53,11 @@ from recall.locks import DirectoryLock
 from recall.ownership import RUN_PLACE, Marker, claim, read_marker, write_marker
 from recall.methods import Method, StepContext, build_method
 from recall.metrics import ConfusionMatrix, forgetting, summarize
+from recall.errors import Diverged, UserError
 from recall.model import (
+    REQUIRED,
     ModelConfig,
+    backbone_weights_needed,
     SegmentationModel,
     load_checkpoint,
     save_checkpoint,
@@ -62,7 +65,7 @@ from recall.model import (
 from recall.provenance import code_id, content_id, dvc_hash
 from recall.run_figures import write_figures
 from recall.timing import phase
-from recall.train import TrainConfig, evaluate, train_step
+from recall.train import TrainConfig, evaluate, finite_weights, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
 RUN_ENTRY = "recall.stages.run"  # the module a run executes: its import closure is the run's code
@@ -111,6 +114,8 @@ class ProtocolRun:
         self.setting = str(cfg.setting.name)
         self.convention: Conventions = get_convention(cfg.eval.convention)
         self.model_cfg = section(cfg.model, ModelConfig)
+        if self.model_cfg.pretrained_file == REQUIRED:  # a paper profile: ImageNet weights, or null on purpose
+            raise UserError(backbone_weights_needed(self.model_cfg.backbone))
         self.train_cfg = section(cfg.train, TrainConfig)
         method_opts = OmegaConf.to_container(cfg.method, resolve=True)
         self.method: Method = build_method(method_opts.pop("name"), **method_opts)
@@ -245,6 +250,10 @@ class ProtocolRun:
                                 self.train_cfg, extra)
         with phase("method"):
             self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
+        if not finite_weights(model):  # e.g. the last update overflowed: never saved as a finished step
+            raise Diverged(f"step {step}: the trained weights are not finite (training diverged); nothing of step "
+                           f"{step} was saved: lower the learning rate (train.lr, train.lr_incremental), then run the "
+                           "same command again")
         if distributed.is_main():
             save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
         distributed.barrier()  # the others load this checkpoint next

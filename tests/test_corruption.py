@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import FAST
 from PIL import Image
 
@@ -141,6 +142,12 @@ def test_a_folder_source_skips_bombs_empty_files_and_links_out_of_its_root_with_
     ("method=nonexistent", "unknown method 'nonexistent'"),
     ("train.batch_size=0", "train.batch_size=0: must be an integer >= 1"),
     ("+method.bogus=1", "method=ft: "),
+    ("train.lr=abc", "train.lr='abc': expected a number"),  # the key exists: its value has the wrong type
+    ("model.head_channels=abc", "model.head_channels='abc': expected an integer"),
+    ("train.epochs=1.5", "train.epochs=1.5: expected an integer"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),  # refused before steps/config.yaml is written
+    ("train.lr=inf", "train.lr=inf: must be a finite number"),
+    ("seed=-1", "seed=-1: must be an integer >= 0"),
 ])
 def test_config_errors_are_one_line_and_create_nothing(tmp_path, tiny_world, capsys, override, named):
     assert run(tiny_world, tmp_path / "run", override, tracking=f"sqlite:///{tmp_path}/mlflow.db") == 2
@@ -177,6 +184,13 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("recall: error:") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def last_line(err: str) -> str:
+    """The last line of a command's stderr (progress bars before it end in carriage returns)."""
+    import re
+
+    return re.split(r"[\r\n]", err.strip())[-1]
 
 
 def pool_args(world: Path, pool: Path, *extra: str) -> list[str]:
@@ -282,3 +296,82 @@ def test_a_run_directory_holds_its_marker_and_its_lock_inside(tmp_path, tiny_wor
     assert (run_dir / ".lock").read_text() == "", "released: no stale pid"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"], "nothing beside the run directory"
     assert run(tiny_world, run_dir, "protocol=19-1") == 0  # its own directory: resumed (nothing left to do)
+
+
+# ------------------------------------------------------------------ 3. non-finite values stop the run
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "train.lr_incremental=-inf"])
+def test_the_dry_run_refuses_a_value_that_is_not_finite(tiny_world, tmp_path, capsys, override):
+    assert main(["run", "--dry-run", f"dataset.root={tiny_world}", f"run_dir={tmp_path / 'run'}", override]) == 2
+    assert f"{override}: must be a finite number" in one_line_error(capsys)
+
+
+def test_an_exploding_loss_stops_the_run_and_nothing_looks_finished(tmp_path, tiny_world, capsys):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
+    code = run(tiny_world, run_dir, "protocol=19-1", "train.lr_incremental=1e30", "train.epochs_incremental=3",
+               tracking=uri)  # step 0 trains as usual; step 1 explodes in its second epoch
+    err = last_line(capsys.readouterr().err)
+    assert code == 2 and err.startswith("recall: error: step 1 epoch 2/3, batch 1: the loss (nan) is not finite")
+    assert "nothing of step 1 was saved" in err
+    assert (run_dir / "steps/0/model.pt").is_file() and (run_dir / "steps/0/eval.json").is_file(), "the last good step"
+    assert not (run_dir / "steps/1").exists()
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "curve.csv").exists(), "nothing looks finished"
+    client = MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+
+
+def test_a_gradient_that_is_not_finite_is_never_applied():
+    from recall.train import Precision
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    loss = torch.sqrt(weight).sum()  # finite (0), its gradient is not (inf)
+    assert torch.isfinite(loss) and not Precision(None, torch.device("cpu")).backward_and_step(loss, optimizer)
+    assert torch.equal(weight.detach(), torch.zeros(3)), "the step was not taken"
+    assert Precision(None, torch.device("cpu")).backward_and_step((weight - 1).square().sum(), optimizer)
+    assert torch.equal(weight.detach(), torch.full((3,), 0.2)), "a finite step is taken as before"
+
+
+# ------------------------------------------------------------------ 6. clean messages
+@pytest.mark.parametrize("content,named", [
+    (None, "no such file"), ("dir", "is a directory"),
+    ("a: 1\nb: [1, 2\nc: 3\n", "not valid YAML at line 3, column 2: expected ',' or ']'"),
+    ("- 1\n- 2\n", "expected a mapping of sections"),
+])
+def test_a_params_file_that_cannot_be_read_is_named(tmp_path, capsys, content, named):
+    path = tmp_path / "params.yaml"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    assert main(["run", "--dry-run", "--params", str(path)]) == 2
+    assert f"--params {path}: {named}" in one_line_error(capsys)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, tiny_world):
+    import signal
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}", "tracking.uri=",
+                             *FAST, "protocol=19-1", "train.epochs=5000", f"run_dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "steps" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert last_line(err) == "recall: interrupted (Ctrl-C); run the same command again to resume"
+
+
+def test_a_paper_profile_refuses_a_random_backbone_unless_asked(tmp_path, capsys):
+    args = ["run", "--dry-run", "experiment=paper_voc", "protocol=15-1x5", f"dataset.root={tmp_path / 'voc'}",
+            f"run_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert "model.pretrained_file=resnet101.pth" in err and "timm.create_model('resnet101', pretrained=True)" in err
+    assert main([*args, "model.pretrained_file=null"]) == 0  # on purpose
+    assert "none (random init)" in capsys.readouterr().out
