@@ -66,7 +66,12 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-
 
 
 def execute(main, args: argparse.Namespace) -> int:
-    """Run a command's ``main``; a user error becomes one line on stderr and status 2, Ctrl-C one line and 130."""
+    """Run a command's ``main``; a user error becomes one line on stderr and status 2, Ctrl-C one line and 130. A
+    DVC stage's command dies with the process that started it (recall.processes)."""
+    from recall.processes import die_with_parent, in_stage
+
+    if in_stage():
+        die_with_parent()
     try:
         return main(args)
     except KeyboardInterrupt:

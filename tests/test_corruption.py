@@ -298,6 +298,104 @@ def test_a_run_directory_holds_its_marker_and_its_lock_inside(tmp_path, tiny_wor
     assert run(tiny_world, run_dir, "protocol=19-1") == 0  # its own directory: resumed (nothing left to do)
 
 
+# ------------------------------------------------------------------ 5. kill -9 of `dvc repro` leaves nothing torn
+KILL_DVC_YAML = """\
+stages:
+  toyworld:
+    cmd: recall toyworld data/toy --params params.yaml
+    params: [toyworld]
+    outs: [data/toy]
+  pool:
+    cmd: recall pool --params params.yaml replay=toy_web replay.per_class=10
+    deps: [data/toy]
+    params: [dataset]
+    outs: [pools/toy_web]
+"""
+
+
+def dvc_project(root: Path) -> Path:
+    """A DVC project of two stages that write a directory: a tiny toy world (400 + 40 images) and a pool on it."""
+    import yaml
+
+    from recall.config import default_params
+
+    root.mkdir(parents=True)
+    params = default_params()
+    params["toyworld"].update(n_train=400, n_val=40)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.yaml").write_text(KILL_DVC_YAML)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=dvc_env())
+    return root
+
+
+def dvc_env(shell: str = "/bin/bash") -> dict:
+    """DVC runs a stage's command with $SHELL: bash execs it, sh (dash) keeps itself between DVC and the command."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "SHELL": shell,
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def repro(project: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=dvc_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def kill_dvc_when(project: Path, shell: str, ready) -> None:
+    """Start `dvc repro` and kill -9 the dvc process alone (not its group) once `ready()`: its stage's command dies
+    with it (no orphan goes on writing)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=dvc_env(shell),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    below = descendants(proc.pid)
+    assert proc.poll() is None and below, "dvc repro ended before it was killed"
+    os.kill(proc.pid, 9)
+    proc.wait()
+    deadline = time.time() + 10
+    while (alive := {p for p in below if Path(f"/proc/{p}").exists() and "Z" != Path(
+            f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]}) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"orphans of the killed dvc repro still run: {alive}"
+
+
+def test_kill_9_of_dvc_repro_leaves_nothing_torn_and_a_rerun_matches_an_uninterrupted_one(tmp_path):
+    reference = dvc_project(tmp_path / "reference")
+    repro(reference)
+    project = dvc_project(tmp_path / "killed")
+    # 1. during the toy world (under sh, which stays between DVC and the command): half a world, beside its place
+    kill_dvc_when(project, "/bin/sh", lambda: len(list((project / "data/.toy.partial/JPEGImages").glob("*.jpg"))) > 100)
+    assert (project / "data/.toy.partial").is_dir() and not (project / "data/toy").exists(), \
+        "the stage's command outlived dvc and finished the world"
+    # 2. an immediate `dvc repro` starts the world afresh; killed again half way through the pool
+    manifest = project / "pools/.toy_web.partial/manifest.jsonl"
+    kill_dvc_when(project, "/bin/bash", lambda: manifest.is_file() and manifest.read_bytes().count(b"\n") >= 40)
+    assert (project / "data/toy/toyworld.json").is_file() and not (project / "pools/toy_web").exists(), \
+        "the stage's command outlived dvc and finished the pool"
+    # 3. and the next one resumes the pool: every output as an uninterrupted `dvc repro` made it, byte for byte
+    repro(project)
+    for out in ("data/toy", "pools/toy_web"):
+        assert tree(project / out) == tree(reference / out), out
+    assert not list(project.glob("*/.*.partial")), "no partial build left"
+
+
 # ------------------------------------------------------------------ 3. non-finite values stop the run
 @pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "train.lr_incremental=-inf"])
 def test_the_dry_run_refuses_a_value_that_is_not_finite(tiny_world, tmp_path, capsys, override):
