@@ -84,7 +84,7 @@ def run_marker(cfg: DictConfig) -> Marker:
                                         "seed": int(cfg.seed), "dataset": str(cfg.dataset.name)})
 
 
-def _legacy_run(directory: Path) -> dict | None:
+def legacy_run(directory: Path) -> dict | None:
     """A run directory from before markers existed: it holds steps/config.yaml."""
     return {"kind": "run", "made_by": "recall run"} if (directory / "steps" / "config.yaml").is_file() else None
 
@@ -92,7 +92,7 @@ def _legacy_run(directory: Path) -> dict | None:
 def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     """`run_dir` is new, empty, or a run directory (any run's: the resume check compares configurations); nothing
     else, and never /, the home directory, a project root or a file. Read-only (the dry run checks it too)."""
-    claim(run_dir, run_marker(cfg), "run_dir", where=RUN_PLACE, legacy=_legacy_run)
+    claim(run_dir, run_marker(cfg), "run_dir", where=RUN_PLACE, legacy=legacy_run)
 
 
 def mark_run_dir(run_dir: Path, cfg: DictConfig) -> None:

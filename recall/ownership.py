@@ -75,7 +75,11 @@ def forbidden(path: Path) -> str | None:
     resolved = Path(path).resolve()
     if resolved == Path(resolved.anchor):
         return "the root directory"
-    if resolved == Path.home().resolve():
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home directory known
+        home = None
+    if resolved == home:
         return "your home directory"
     if resolved in project_roots():
         return "a project root"
@@ -166,10 +170,10 @@ def write_marker(directory: Path, marker: Marker) -> None:
         write_json(Path(directory) / MARKER, marker.as_json())
 
 
-def remove_ours(directory: Path, kind: str) -> None:
-    """Delete a directory left by a killed build of ours (its marker says `kind`, or it holds no file); refuse any
-    other."""
-    found = find_marker(directory)
+def remove_ours(directory: Path, kind: str, legacy: Callable[[Path], dict | None] = lambda directory: None) -> None:
+    """Delete a directory of ours that is no longer wanted (its marker, or what it holds from before markers
+    (`legacy`), says `kind`; or it holds no file); refuse any other."""
+    found = find_marker(directory) or legacy(directory)
     if found is None and files_in(directory):
         raise UserError(f"{directory} holds {describe_files(files_in(directory))}: recall does not delete it; move it "
                         "away")
@@ -194,16 +198,20 @@ def staged(target: Path, marker: Marker, option: str, *, fresh: bool, what: str,
     partial = partial_of(target)
     claim(partial, marker, option, accepts=accepts)
     with DirectoryLock(partial, what=what, option=option):
-        if fresh:
-            for entry in partial.iterdir():
-                if entry.name != LOCK_NAME:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in partial.iterdir() if fresh else ():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         write_marker(partial, marker)
         yield partial
         old = target.parent / f".{target.name}.old"
         if old.exists():  # left by a replacement that was killed
             remove_ours(old, marker.kind)
-        if target.exists() and files_in(target):
+        if target.exists() and files_in(target):  # ours (the caller's claim): marked, then moved aside
+            write_marker(target, marker)
             os.replace(target, old)
         elif target.exists():
             shutil.rmtree(target)  # empty directories only

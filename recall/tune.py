@@ -466,14 +466,14 @@ class Tuner:
 
     # ------------------------------------------------------------------ one trial
     def objective(self, trial: optuna.Trial):
-        from recall.experiment import check_run_dir, mark_run_dir, run_protocol
+        from recall.experiment import check_run_dir, legacy_run, mark_run_dir, run_protocol
 
         s = self.s
         params = {p.path: p.suggest(trial) for p in s.space}
         run_dir = s.study_dir / f"trial_{trial.number}"
         cfg = self.trial_config(params, run_dir)
         if run_dir.exists():  # left by an earlier study of the same name (trial numbers are unique in a study)
-            remove_ours(run_dir, "run")
+            remove_ours(run_dir, "run", legacy=legacy_run)
         check_run_dir(run_dir, cfg)
         mark_run_dir(run_dir, cfg)  # a run directory of ours before anything is put in it
         for cache in s.step0.glob("image_classes_*.json"):  # the step-0 run's class index (checked by fingerprint)
