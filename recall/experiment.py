@@ -49,19 +49,19 @@ from recall.data.protocol import (
 )
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
+from recall.errors import Diverged, UserError
 from recall.locks import DirectoryLock
-from recall.ownership import RUN_PLACE, Marker, claim, read_marker, write_marker
 from recall.methods import Method, StepContext, build_method
 from recall.metrics import ConfusionMatrix, forgetting, summarize
-from recall.errors import Diverged, UserError
 from recall.model import (
     REQUIRED,
     ModelConfig,
-    backbone_weights_needed,
     SegmentationModel,
+    backbone_weights_needed,
     load_checkpoint,
     save_checkpoint,
 )
+from recall.ownership import RUN_PLACE, Marker, claim, read_marker, write_marker
 from recall.provenance import code_id, content_id, dvc_hash
 from recall.run_figures import write_figures
 from recall.timing import phase

@@ -35,8 +35,8 @@ from optuna.trial import TrialState
 from recall.atomic import write_text
 from recall.config import compose, strip_password
 from recall.locks import exclusive
-from recall.ownership import remove_ours
 from recall.metrics import hmean
+from recall.ownership import remove_ours
 
 OBJECTIVES = {"all": ("maximize",), "hmean": ("maximize",), "old_new": ("maximize", "maximize")}
 OBJECTIVE_NAMES = {"all": ["miou_all"], "hmean": ["hmean_old_new"], "old_new": ["miou_old_no_bg", "miou_new"]}

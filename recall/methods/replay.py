@@ -35,9 +35,9 @@ from recall.figures import plot_grid
 from recall.labeling import LABEL_SPACES, label_pool, labelled_share, same_size_batches
 from recall.methods.base import Method, RunServices, StepContext
 from recall.model import load_checkpoint
+from recall.ownership import partial_of
 from recall.provenance import content_id
 from recall.registry import resolve
-from recall.ownership import partial_of
 from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems, pool_owner
 
 # method.labels: where replay labels come from. "evaluated" is label evaluation (the method's `labeller` models);
