@@ -34,10 +34,16 @@ class DirectoryLock:
         self.directory, self.what, self.option = Path(directory), what, option
         self.path = lock_file_of(self.directory)
         self._fd: int | None = None
+        self._writable = True
 
     def acquire(self) -> DirectoryLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._writable = True
+        except PermissionError:  # a read-only file (e.g. linked from DVC's cache): a lock still, without the pid
+            fd = os.open(self.path, os.O_RDONLY)
+            self._writable = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -45,14 +51,16 @@ class DirectoryLock:
             os.close(fd)
             raise UserError(f"{self.directory} is in use by process {holder} ({self.what} writing there); wait for "
                             f"it to finish or stop it, or pass another {self.option}=") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if self._writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # no stale pid: the file is the same after every run
+            if self._writable:
+                os.ftruncate(self._fd, 0)  # no stale pid: the file is the same after every run
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
