@@ -3,8 +3,9 @@
 A command is a module with ``add_arguments(parser)`` and ``main(args) -> int``. Its arguments end in Hydra
 overrides (``key=value``, ``group=option``), which may also follow options (``recall toyworld OUT --params
 params.yaml toyworld.n_train=500``). A mistake in what the user gave ends in one line, ``recall: error: ...``, and
-exit status 2, with no traceback: a ``UserError`` (or plain ``ValueError``), a missing file, or a configuration
-Hydra cannot compose (unknown key or group option, unparsable override).
+exit status 2, with no traceback: a ``UserError`` (or plain ``ValueError``), a missing file, a run that diverged
+(``recall.errors.Diverged``), or a configuration Hydra cannot compose (unknown key or group option, unparsable
+override). Ctrl-C ends in one line and exit status 130.
 
 This module imports nothing heavy: a command's module keeps torch, Hydra and MLflow inside ``main``.
 """
@@ -49,9 +50,9 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
 
 def user_error(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
-    from recall.errors import UserError
+    from recall.errors import Diverged, UserError
 
-    if isinstance(error, (UserError, FileNotFoundError)) or type(error) is ValueError:
+    if isinstance(error, (UserError, FileNotFoundError, Diverged)) or type(error) is ValueError:
         return str(error)
     module = type(error).__module__ or ""
     if module.startswith(("hydra", "omegaconf")):
@@ -61,10 +62,21 @@ def user_error(error: BaseException) -> str | None:
     return None
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
 def execute(main, args: argparse.Namespace) -> int:
-    """Run a command's ``main``; a user error becomes one line on stderr and status 2."""
+    """Run a command's ``main``; a user error becomes one line on stderr and status 2, Ctrl-C one line and 130. A
+    DVC stage's command dies with the process that started it (recall.processes)."""
+    from recall.processes import die_with_parent, in_stage
+
+    if in_stage():
+        die_with_parent()
     try:
         return main(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        return INTERRUPTED
     except Exception as error:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
         message = user_error(error)
         if message is None:

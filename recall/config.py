@@ -5,12 +5,18 @@ protocol grammar works, not only the files in conf/protocol/. With `params_file`
 (the file DVC tracks and `dvc exp run -S` edits) replace the composed defaults for every section whose
 group was not chosen on the command line, so a DVC stage runs exactly what params.yaml says. An
 `experiment=` profile (conf/experiment/, e.g. paper_voc) counts as choosing every section it changes.
+
+Every composed value is checked before any command uses it (`check_values`): a number is finite, a value whose
+default is a number, an integer or a boolean has that type, `seed` and `last_step` are not negative; a mistake is
+one line naming the key and the value (a UserError).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 from pathlib import Path
 from typing import TypeVar
@@ -52,14 +58,103 @@ def compose(overrides: list[str] | tuple[str, ...] = (), params_file: str | Path
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=hydra_overrides + rest)
     if params_file is not None:
-        params = OmegaConf.load(params_file)
+        params = load_params(params_file)
         chosen = set(groups) | (_changed_by_experiment(cfg, overrides) if "experiment" in groups else set())
         for key in params:
             if key not in chosen:
                 cfg[key] = params[key]
         if rest:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+    check_values(cfg, _defaults(tuple(hydra_overrides)))
     return cfg
+
+
+def load_params(path: str | Path) -> DictConfig:
+    """A params.yaml (`--params`): a missing file, a directory, YAML that does not parse (with its line) or a file that
+    is not a mapping of sections is a UserError naming the file."""
+    import yaml
+
+    from recall.errors import UserError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--params {path}: no such file; give the params.yaml to read (e.g. --params params.yaml)")
+    if path.is_dir():
+        raise UserError(f"--params {path}: is a directory; give the params.yaml to read (e.g. --params params.yaml)")
+    try:
+        params = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"--params {path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--params {path}: cannot read it ({error})") from None
+    if not isinstance(params, DictConfig):
+        raise UserError(f"--params {path}: expected a mapping of sections (dataset:, train:, ... as params.yaml), got "
+                        f"a {type(params).__name__}")
+    return params
+
+
+@functools.lru_cache(maxsize=32)
+def _defaults(hydra_overrides: tuple[str, ...]) -> dict:
+    """conf/ composed with only the group choices: the default of every key, whose type a value must have."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(hydra_compose(config_name="config", overrides=list(hydra_overrides)))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _leaves(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _default_of(defaults: dict, key: str):
+    node = defaults
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def check_values(cfg: DictConfig, defaults: dict) -> None:
+    """Refuse a value no command can use, naming the key and the value: a number that is not finite (nan, inf); a
+    value whose default (`defaults`) is a number, an integer or a boolean and that is not one (null stays allowed:
+    some keys take it); a negative `seed` or `last_step`."""
+    from recall.errors import UserError
+
+    values = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in _leaves(values):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value}: must be a finite number")
+        default = _default_of(defaults, key)
+        if value is None or default is None or isinstance(value, str) and value.startswith("${"):
+            continue
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"{key}={value!r}: expected true or false")
+        if isinstance(default, int) and not isinstance(default, bool) and not (
+                isinstance(value, int) and not isinstance(value, bool)):
+            raise UserError(f"{key}={value!r}: expected an integer (the default is {default})")
+        if isinstance(default, float) and not _is_number(value):
+            raise UserError(f"{key}={value!r}: expected a number (the default is {default})")
+    for key in ("seed", "last_step"):
+        value = values.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise UserError(f"{key}={value!r}: must be an integer >= 0" + (" (or null: every step)"
+                                                                          if key == "last_step" else ""))
 
 
 def _changed_by_experiment(cfg: DictConfig, overrides: list[str]) -> set[str]:
@@ -75,11 +170,21 @@ def default_params() -> dict:
 
 def section(cfg: DictConfig, cls: type[T]) -> T:
     """A typed view of a config section: unknown keys and wrong types fail here, not deep in training."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from recall.errors import UserError
+
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(cfg.keys()) - known
     if unknown:
         raise ValueError(f"unknown {cls.__name__} option(s) {sorted(unknown)}; valid: {sorted(known)}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+    except OmegaConfBaseException as error:  # a value of the wrong type: name the key, not "unknown key"
+        prefix = cfg._get_full_key(None) if cfg._get_parent() is not None else ""
+        key = ".".join(k for k in (prefix, str(getattr(error, "full_key", "") or "")) if k)
+        message = str(getattr(error, "msg", None) or error).splitlines()[0]
+        raise UserError(f"{key}={getattr(error, 'value', None)!r}: {message}") from None
 
 
 def group_options(group: str) -> list[str]:

@@ -49,19 +49,23 @@ from recall.data.protocol import (
 )
 from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
+from recall.errors import Diverged, UserError
 from recall.locks import DirectoryLock
 from recall.methods import Method, StepContext, build_method
 from recall.metrics import ConfusionMatrix, forgetting, summarize
 from recall.model import (
+    REQUIRED,
     ModelConfig,
     SegmentationModel,
+    backbone_weights_needed,
     load_checkpoint,
     save_checkpoint,
 )
+from recall.ownership import RUN_PLACE, Marker, claim, read_marker, write_marker
 from recall.provenance import code_id, content_id, dvc_hash
 from recall.run_figures import write_figures
 from recall.timing import phase
-from recall.train import TrainConfig, evaluate, train_step
+from recall.train import TrainConfig, evaluate, finite_weights, train_step
 
 CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
 RUN_ENTRY = "recall.stages.run"  # the module a run executes: its import closure is the run's code
@@ -70,6 +74,32 @@ RUN_ENTRY = "recall.stages.run"  # the module a run executes: its import closure
 def default_run_dir(cfg: DictConfig) -> Path:
     name = f"{cfg.protocol.name}_{cfg.setting.name}_{cfg.method.name}_{cfg.replay.name}_s{cfg.seed}"
     return Path("runs") / name
+
+
+# ---------------------------------------------------------------------------------------------- the run directory
+def run_marker(cfg: DictConfig) -> Marker:
+    """A run directory's marker (recall.ownership), in steps/: what run made it."""
+    return Marker("run", "recall run", {"protocol": str(cfg.protocol.name), "setting": str(cfg.setting.name),
+                                        "method": str(cfg.method.name), "replay": str(cfg.replay.name),
+                                        "seed": int(cfg.seed), "dataset": str(cfg.dataset.name)})
+
+
+def legacy_run(directory: Path) -> dict | None:
+    """A run directory from before markers existed: it holds steps/config.yaml."""
+    return {"kind": "run", "made_by": "recall run"} if (directory / "steps" / "config.yaml").is_file() else None
+
+
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """`run_dir` is new, empty, or a run directory (any run's: the resume check compares configurations); nothing
+    else, and never /, the home directory, a project root or a file. Read-only (the dry run checks it too)."""
+    claim(run_dir, run_marker(cfg), "run_dir", where=RUN_PLACE, legacy=legacy_run)
+
+
+def mark_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Write the run directory's marker unless it has one (a new directory, a legacy one, a restarted run's)."""
+    steps = Path(run_dir) / RUN_PLACE
+    if read_marker(steps) is None:
+        write_marker(steps, run_marker(cfg))
 
 
 class ProtocolRun:
@@ -84,6 +114,8 @@ class ProtocolRun:
         self.setting = str(cfg.setting.name)
         self.convention: Conventions = get_convention(cfg.eval.convention)
         self.model_cfg = section(cfg.model, ModelConfig)
+        if self.model_cfg.pretrained_file == REQUIRED:  # a paper profile: ImageNet weights, or null on purpose
+            raise UserError(backbone_weights_needed(self.model_cfg.backbone))
         self.train_cfg = section(cfg.train, TrainConfig)
         method_opts = OmegaConf.to_container(cfg.method, resolve=True)
         self.method: Method = build_method(method_opts.pop("name"), **method_opts)
@@ -218,6 +250,10 @@ class ProtocolRun:
                                 self.train_cfg, extra)
         with phase("method"):
             self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
+        if not finite_weights(model):  # e.g. the last update overflowed: never saved as a finished step
+            raise Diverged(f"step {step}: the trained weights are not finite (training diverged); nothing of step "
+                           f"{step} was saved: lower the learning rate (train.lr, train.lr_incremental), then run the "
+                           "same command again")
         if distributed.is_main():
             save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
         distributed.barrier()  # the others load this checkpoint next
@@ -319,6 +355,7 @@ def check_same_config(path: Path, run: ProtocolRun) -> None:
                          "pass another run_dir=, or pass on_config_change=restart to move it aside")
     if changed:
         move_aside(path.parent, changed)
+    mark_run_dir(path.parent.parent, run.cfg)  # a restarted run's steps/ is new
     write_json(path.with_name("inputs.json"), inputs)
     saved = OmegaConf.create(without_passwords(OmegaConf.to_container(run.cfg, resolve=True)))  # tune.storage: ***
     write_text(path, OmegaConf.to_yaml(saved))  # last: config.yaml marks a started run
@@ -358,7 +395,11 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True,
     torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
     run.method.check_inputs(run)  # e.g. the replay pool: a doomed run fails before step 0, not after it
-    lock = DirectoryLock(run.run_dir).acquire() if distributed.is_main() else None  # one writer per run dir
+    lock = None
+    if distributed.is_main():
+        check_run_dir(run.run_dir, cfg)  # ours, or new: never a directory of someone else's files
+        lock = DirectoryLock(run.run_dir).acquire()  # one writer per run dir (its lock file inside it)
+        mark_run_dir(run.run_dir, cfg)
     try:
         return _run_locked(run, cfg, tracker, figures, on_step)
     finally:

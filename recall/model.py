@@ -32,12 +32,28 @@ class ModelConfig:
     head: str = "aspp"
 
     def __post_init__(self) -> None:
+        from recall.errors import UserError
+
         if self.head not in HEADS:
-            from recall.errors import UserError
             raise UserError(f"model.head={self.head!r}: expected one of {', '.join(HEADS)}")
+        if self.output_stride not in (8, 16, 32):
+            raise UserError(f"model.output_stride={self.output_stride}: 8, 16 or 32")
+        if self.head_channels < 1 or not self.aspp_rates or min(self.aspp_rates) < 1:
+            raise UserError(f"model.head_channels={self.head_channels}, model.aspp_rates={list(self.aspp_rates)}: "
+                            "positive integers")
 
 
 HEADS = ("aspp", "deeplabv2")
+REQUIRED = "REQUIRED"  # model.pretrained_file of a paper profile: weights must be given (or null, on purpose)
+
+
+def backbone_weights_needed(backbone: str) -> str:
+    """The message of a paper profile run without `model.pretrained_file` (the profile marks it mandatory)."""
+    return (f"model.pretrained_file: this profile starts from ImageNet weights, as the papers do; save timm's "
+            f"{backbone} once on a machine with internet (python -c \"import timm, torch; torch.save(timm.create_model("
+            f"'{backbone}', pretrained=True).state_dict(), '{backbone}.pth')\") and pass "
+            f"model.pretrained_file={backbone}.pth, or model.pretrained_file=null to start from random weights on "
+            "purpose")
 
 
 class DeepLabV2Classifier(nn.Module):

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recall.atomic import write_bytes, write_json
-from recall.errors import UserError
+from recall.errors import Diverged, UserError
 from recall.registry import resolve
 from recall.replay.classmap import SourceClassifier, classify, save_classifier
 
@@ -109,6 +109,9 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
             logits = model(zoom_out(inputs, rng))
             loss = nn.functional.cross_entropy(logits, labels[batch])
+            if not torch.isfinite(loss):  # nothing is written: the weights are saved after training only
+                raise Diverged(f"pretrain epoch {epoch + 1}, batch {step + 1}: the loss ({loss.item()}) is not finite "
+                               "(training diverged); nothing was saved: lower pretrain.lr and run it again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

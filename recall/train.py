@@ -1,4 +1,9 @@
-"""The one training loop and `evaluate()`. Methods change behaviour only through their hooks."""
+"""The one training loop and `evaluate()`. Methods change behaviour only through their hooks.
+
+A loss or a gradient that is not finite stops the step (`recall.errors.Diverged`) before the optimizer applies it:
+the step saves nothing, the run writes no results. The checks read values the loop computes anyway; they change no
+number and draw no random number.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recall import distributed
+from recall.errors import Diverged
 from recall.labeling import ignore_padding
 from recall.methods import Method, StepContext
 from recall.metrics import ConfusionMatrix
@@ -104,11 +110,35 @@ class Precision:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer) -> None:
+    def backward_and_step(self, loss: torch.Tensor, optimizer) -> bool:
+        """Backward pass and optimizer step. Returns False, without stepping, when a gradient is not finite (fp32,
+        bf16; fp16's scaler skips such a step itself and lowers its scale, as it should)."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if not self.scaler.is_enabled() and not finite_gradients(optimizer):
+            return False
         self.scaler.step(optimizer)
         self.scaler.update()
+        return True
+
+
+def finite_gradients(optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters is finite (reads them: changes nothing)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of `model` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point())
+
+
+def diverged(what: str, where: str, ctx: StepContext) -> Diverged:
+    """The error of a step whose training stopped on a value that is not finite: nothing of it is saved."""
+    return Diverged(f"{where}: {what} is not finite (training diverged); nothing of step {ctx.step} was saved (the "
+                    "checkpoints of the steps before it are kept): lower the learning rate (train.lr, "
+                    "train.lr_incremental) or check the data, then run the same command again")
 
 
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer, scheduler,
@@ -127,7 +157,7 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
     # the generator, and change every later shuffle); a partial one (iters_per_class) stops after n batches
     batches = loader if n == len(loader) else itertools.islice(loader, n)
     bar = tqdm(batches, total=n, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main())
-    for images, targets in bar:
+    for batch, (images, targets) in enumerate(bar, 1):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         extra = next(replay) if replay is not None else None  # (the first one labels the pool: not under autocast)
         if extra is not None:
@@ -138,9 +168,13 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
             targets = ignore_padding(targets)  # crop padding is never trained on
             outputs = net(images)
             loss = method.loss(outputs, targets, images, ctx)
-        precision.backward_and_step(loss, optimizer)
+        value = loss.item()
+        if not math.isfinite(value) and distributed.world_size() == 1:  # several processes: all stop at the gradient
+            raise diverged(f"the loss ({value})", f"{desc}, batch {batch}", ctx)
+        if not precision.backward_and_step(loss, optimizer):
+            raise diverged("a gradient", f"{desc}, batch {batch}", ctx)
         scheduler.step()
-        total, seen = total + loss.item() * len(images), seen + len(images)
+        total, seen = total + value * len(images), seen + len(images)
     return total / max(seen, 1)
 
 

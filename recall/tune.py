@@ -36,6 +36,7 @@ from recall.atomic import write_text
 from recall.config import compose, strip_password
 from recall.locks import exclusive
 from recall.metrics import hmean
+from recall.ownership import remove_ours
 
 OBJECTIVES = {"all": ("maximize",), "hmean": ("maximize",), "old_new": ("maximize", "maximize")}
 OBJECTIVE_NAMES = {"all": ["miou_all"], "hmean": ["hmean_old_new"], "old_new": ["miou_old_no_bg", "miou_new"]}
@@ -455,6 +456,8 @@ class Tuner:
         run."""
         retried = len(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)) < 1
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+        if trial.user_attrs.get("run_dir") and not self.s.keep_checkpoints:  # its checkpoints: nobody resumes them
+            drop_checkpoints(Path(trial.user_attrs["run_dir"]))
         print(f"tune: trial {trial.number}: its worker went silent (killed?): FAIL"
               + (", queued again with the same parameters" if retried else ", not retried again"), flush=True)
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -463,19 +466,20 @@ class Tuner:
 
     # ------------------------------------------------------------------ one trial
     def objective(self, trial: optuna.Trial):
-        from recall.experiment import run_protocol
+        from recall.experiment import check_run_dir, legacy_run, mark_run_dir, run_protocol
 
         s = self.s
         params = {p.path: p.suggest(trial) for p in s.space}
         run_dir = s.study_dir / f"trial_{trial.number}"
+        cfg = self.trial_config(params, run_dir)
         if run_dir.exists():  # left by an earlier study of the same name (trial numbers are unique in a study)
-            shutil.rmtree(run_dir)
+            remove_ours(run_dir, "run", legacy=legacy_run)
+        check_run_dir(run_dir, cfg)
+        mark_run_dir(run_dir, cfg)  # a run directory of ours before anything is put in it
         for cache in s.step0.glob("image_classes_*.json"):  # the step-0 run's class index (checked by fingerprint)
-            run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache, run_dir / cache.name)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", as_overrides(params))
-        cfg = self.trial_config(params, run_dir)
         tracker = self.trial_tracker(trial, params)
         self.mine.append(trial.number)
         state = "FAIL"

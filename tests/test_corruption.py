@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import FAST
 from PIL import Image
 
@@ -141,6 +143,12 @@ def test_a_folder_source_skips_bombs_empty_files_and_links_out_of_its_root_with_
     ("method=nonexistent", "unknown method 'nonexistent'"),
     ("train.batch_size=0", "train.batch_size=0: must be an integer >= 1"),
     ("+method.bogus=1", "method=ft: "),
+    ("train.lr=abc", "train.lr='abc': expected a number"),  # the key exists: its value has the wrong type
+    ("model.head_channels=abc", "model.head_channels='abc': expected an integer"),
+    ("train.epochs=1.5", "train.epochs=1.5: expected an integer"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),  # refused before steps/config.yaml is written
+    ("train.lr=inf", "train.lr=inf: must be a finite number"),
+    ("seed=-1", "seed=-1: must be an integer >= 0"),
 ])
 def test_config_errors_are_one_line_and_create_nothing(tmp_path, tiny_world, capsys, override, named):
     assert run(tiny_world, tmp_path / "run", override, tracking=f"sqlite:///{tmp_path}/mlflow.db") == 2
@@ -159,3 +167,309 @@ def test_a_missing_or_undecodable_image_fails_before_training(tmp_path, tiny_wor
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(world / "JPEGImages" / f"{ids[-1]}.jpg")  # wrong size
     assert run(world, tmp_path / "run", "protocol=19-1") == 2
     assert "differs from its image" in capsys.readouterr().err
+
+
+# ================================================================== issue 26: never touch what is not ours
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root`` (the user's files, checked by hash)."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("recall: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def last_line(err: str) -> str:
+    """The last line of a command's stderr (progress bars before it end in carriage returns)."""
+    return re.split(r"[\r\n]", err.strip())[-1]
+
+
+def pool_args(world: Path, pool: Path, *extra: str) -> list[str]:
+    return ["pool", f"dataset.root={world}", "replay=toy_web", "replay.per_class=2", f"replay.pool={pool}", *extra]
+
+
+# ------------------------------------------------------------------ 1. a pool build never deletes the user's images
+def test_a_pool_build_leaves_a_directory_of_the_users_images_as_it_is(tmp_path, tiny_world, capsys):
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    for i, name in enumerate(("a.jpg", "b.jpg", "c001_000000.jpg")):  # the last one: the name of the pool's first id
+        Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(photos / "images" / name)
+    before = tree(tmp_path)
+    assert main(pool_args(tiny_world, photos)) == 2
+    err = one_line_error(capsys)
+    assert f"replay.pool={photos} holds files" in err and "images/a.jpg" in err
+    assert tree(tmp_path) == before, "nothing deleted, overwritten or added (no lock file, no partial build)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+# ------------------------------------------------------------------ 2. pools know their source
+@pytest.fixture(scope="module")
+def web_pool(tmp_path_factory, tiny_world) -> Path:
+    """A toy_web pool built by `recall pool` (2 images a class)."""
+    where = tmp_path_factory.mktemp("web") / "pools" / "toy_web"
+    assert main(pool_args(tiny_world, where)) == 0
+    return where
+
+
+def test_a_new_pool_is_built_beside_its_place_and_carries_its_source(web_pool):
+    owner = json.loads((web_pool / "owner.json").read_text())
+    assert owner["kind"] == "pool" and owner["params"]["source"] == "toy_web" and owner["format_version"] == 1
+    assert (web_pool / "pool.json").is_file() and not (web_pool / ".lock").exists()
+    assert sorted(p.name for p in web_pool.parent.iterdir()) == ["toy_web"], "no partial build left beside it"
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["replay=folder", "replay.source.root={root}"], "its images come from source toy_web, not folder"),
+    (["replay.source.seed=7"], "other toy_web parameters (differ: seed)"),
+])
+def test_building_into_a_pool_of_another_source_or_parameters_is_refused(tmp_path, tiny_world, web_pool, capsys,
+                                                                         overrides, named):
+    copy = Path(shutil.copytree(web_pool, tmp_path / "pools" / "twc"))
+    (tmp_path / "R" / "cat").mkdir(parents=True)
+    Image.new("RGB", (30, 30), (9, 9, 9)).save(tmp_path / "R" / "cat" / "x.jpg")
+    before = tree(copy)
+    args = pool_args(tiny_world, copy, *[o.format(root=tmp_path / "R") for o in overrides])
+    assert main(args) == 2
+    assert named in one_line_error(capsys)
+    assert tree(copy) == before
+
+
+def test_a_run_refuses_a_pool_of_another_source_unless_told(tmp_path, tiny_world, web_pool, capsys):
+    copy = Path(shutil.copytree(web_pool, tmp_path / "pools" / "twc"))
+    args = ("protocol=19-1", "method=recall", "replay=folder", f"replay.pool={copy}")
+    assert run(tiny_world, tmp_path / "run", *args) == 2
+    assert "holds images of source toy_web, not folder" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+    assert run(tiny_world, tmp_path / "run", *args, "+replay.any_source=true") == 0  # on purpose: replayed as it is
+
+
+def test_a_run_refuses_a_pool_whose_build_has_not_finished(tmp_path, tiny_world, web_pool, capsys):
+    copy = Path(shutil.copytree(web_pool, tmp_path / "pool"))
+    (copy / "pool.json").unlink()  # as while a build grows it, or after one was killed
+    assert run(tiny_world, tmp_path / "run", "protocol=19-1", "method=recall", "replay=toy_web",
+               f"replay.pool={copy}") == 2
+    assert "is not complete (no pool.json" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------ 4. a run directory never overwrites the user's files
+def test_a_run_leaves_a_directory_of_the_users_files_as_it_is(tmp_path, tiny_world, capsys):
+    user = tmp_path / "U"
+    (user / "figures").mkdir(parents=True)
+    for name, text in (("metrics.json", "{}"), ("curve.csv", "mine"), ("figures/miou_curves.png", "mine")):
+        (user / name).write_text(text)
+    before = tree(tmp_path)
+    for dry in ([], ["--dry-run"]):
+        code = main(["run", *dry, f"dataset.root={tiny_world}", "tracking.uri=", *FAST, "protocol=19-1", f"run_dir={user}"])
+        assert code == 2
+        err = one_line_error(capsys)
+        assert f"run_dir={user} holds files" in err and "metrics.json" in err and "steps/owner.json" in err
+    assert tree(tmp_path) == before, "nothing overwritten, no lock file left"
+
+
+@pytest.mark.parametrize("where,named", [("/", "the root directory"), ("~", "your home directory"),
+                                         (".", "a project root"), ("README.md", "a file")])
+def test_the_root_the_home_the_project_and_a_file_are_never_a_run_directory(tiny_world, capsys, monkeypatch, where,
+                                                                           named):
+    monkeypatch.chdir(ROOT)
+    listing = sorted(p.name for p in ROOT.iterdir())
+    path = str(Path(where).expanduser())
+    for dry in (["--dry-run"], []):
+        assert main(["run", *dry, f"dataset.root={tiny_world}", "tracking.uri=", *FAST, f"run_dir={path}"]) == 2
+        assert f"run_dir={path} is {named}" in one_line_error(capsys)
+    assert sorted(p.name for p in ROOT.iterdir()) == listing, "no lock file, no metrics.json beside README.md"
+
+
+def test_a_run_directory_holds_its_marker_and_its_lock_inside(tmp_path, tiny_world):
+    run_dir = tmp_path / "runs" / "r"
+    assert run(tiny_world, run_dir, "protocol=19-1") == 0
+    owner = json.loads((run_dir / "steps" / "owner.json").read_text())
+    assert owner["kind"] == "run" and owner["params"]["protocol"] == "19-1" and owner["params"]["method"] == "ft"
+    assert (run_dir / ".lock").read_text() == "", "released: no stale pid"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"], "nothing beside the run directory"
+    assert run(tiny_world, run_dir, "protocol=19-1") == 0  # its own directory: resumed (nothing left to do)
+
+
+# ------------------------------------------------------------------ 5. kill -9 of `dvc repro` leaves nothing torn
+KILL_DVC_YAML = """\
+stages:
+  toyworld:
+    cmd: recall toyworld data/toy --params params.yaml
+    params: [toyworld]
+    outs: [data/toy]
+  pool:
+    cmd: recall pool --params params.yaml replay=toy_web replay.per_class=10
+    deps: [data/toy]
+    params: [dataset]
+    outs: [pools/toy_web]
+"""
+
+
+def dvc_project(root: Path) -> Path:
+    """A DVC project of two stages that write a directory: a tiny toy world (400 + 40 images) and a pool on it."""
+    import yaml
+
+    from recall.config import default_params
+
+    root.mkdir(parents=True)
+    params = default_params()
+    params["toyworld"].update(n_train=400, n_val=40)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.yaml").write_text(KILL_DVC_YAML)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=dvc_env())
+    return root
+
+
+def dvc_env(shell: str = "/bin/bash") -> dict:
+    """DVC runs a stage's command with $SHELL: bash execs it, sh (dash) keeps itself between DVC and the command."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "SHELL": shell,
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+
+def repro(project: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=dvc_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def kill_dvc_when(project: Path, shell: str, ready) -> None:
+    """Start `dvc repro` and kill -9 the dvc process alone (not its group) once `ready()`: its stage's command dies
+    with it (no orphan goes on writing)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=dvc_env(shell),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    below = descendants(proc.pid)
+    assert proc.poll() is None and below, "dvc repro ended before it was killed"
+    os.kill(proc.pid, 9)
+    proc.wait()
+    deadline = time.time() + 10
+    while (alive := {p for p in below if Path(f"/proc/{p}").exists() and "Z" != Path(
+            f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]}) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"orphans of the killed dvc repro still run: {alive}"
+
+
+def test_kill_9_of_dvc_repro_leaves_nothing_torn_and_a_rerun_matches_an_uninterrupted_one(tmp_path):
+    reference = dvc_project(tmp_path / "reference")
+    repro(reference)
+    project = dvc_project(tmp_path / "killed")
+    # 1. during the toy world (under sh, which stays between DVC and the command): half a world, beside its place
+    kill_dvc_when(project, "/bin/sh", lambda: len(list((project / "data/.toy.partial/JPEGImages").glob("*.jpg"))) > 100)
+    assert (project / "data/.toy.partial").is_dir() and not (project / "data/toy").exists(), \
+        "the stage's command outlived dvc and finished the world"
+    # 2. an immediate `dvc repro` starts the world afresh; killed again half way through the pool
+    manifest = project / "pools/.toy_web.partial/manifest.jsonl"
+    kill_dvc_when(project, "/bin/bash", lambda: manifest.is_file() and manifest.read_bytes().count(b"\n") >= 40)
+    assert (project / "data/toy/toyworld.json").is_file() and not (project / "pools/toy_web").exists(), \
+        "the stage's command outlived dvc and finished the pool"
+    # 3. and the next one resumes the pool: every output as an uninterrupted `dvc repro` made it, byte for byte
+    repro(project)
+    for out in ("data/toy", "pools/toy_web"):
+        assert tree(project / out) == tree(reference / out), out
+    assert not list(project.glob("*/.*.partial")), "no partial build left"
+
+
+# ------------------------------------------------------------------ 3. non-finite values stop the run
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "train.lr_incremental=-inf"])
+def test_the_dry_run_refuses_a_value_that_is_not_finite(tiny_world, tmp_path, capsys, override):
+    assert main(["run", "--dry-run", f"dataset.root={tiny_world}", f"run_dir={tmp_path / 'run'}", override]) == 2
+    assert f"{override}: must be a finite number" in one_line_error(capsys)
+
+
+def test_an_exploding_loss_stops_the_run_and_nothing_looks_finished(tmp_path, tiny_world, capsys):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
+    code = run(tiny_world, run_dir, "protocol=19-1", "train.lr_incremental=1e30", "train.epochs_incremental=3",
+               tracking=uri)  # step 0 trains as usual; step 1 explodes in its second epoch
+    err = last_line(capsys.readouterr().err)
+    assert code == 2 and re.match(r"recall: error: step 1 epoch [23]/3, batch \d+: (the loss \(\S+\)|a gradient) is not "
+                                  r"finite \(training diverged\)", err), err
+    assert "nothing of step 1 was saved" in err
+    assert (run_dir / "steps/0/model.pt").is_file() and (run_dir / "steps/0/eval.json").is_file(), "the last good step"
+    assert not (run_dir / "steps/1").exists()
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "curve.csv").exists(), "nothing looks finished"
+    client = MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+
+
+def test_a_gradient_that_is_not_finite_is_never_applied():
+    from recall.train import Precision
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    loss = torch.sqrt(weight).sum()  # finite (0), its gradient is not (inf)
+    assert torch.isfinite(loss) and not Precision(None, torch.device("cpu")).backward_and_step(loss, optimizer)
+    assert torch.equal(weight.detach(), torch.zeros(3)), "the step was not taken"
+    assert Precision(None, torch.device("cpu")).backward_and_step((weight - 1).square().sum(), optimizer)
+    assert torch.equal(weight.detach(), torch.full((3,), 0.2)), "a finite step is taken as before"
+
+
+# ------------------------------------------------------------------ 6. clean messages
+@pytest.mark.parametrize("content,named", [
+    (None, "no such file"), ("dir", "is a directory"),
+    ("a: 1\nb: [1, 2\nc: 3\n", "not valid YAML at line 3, column 2: expected ',' or ']'"),
+    ("- 1\n- 2\n", "expected a mapping of sections"),
+])
+def test_a_params_file_that_cannot_be_read_is_named(tmp_path, capsys, content, named):
+    path = tmp_path / "params.yaml"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    assert main(["run", "--dry-run", "--params", str(path)]) == 2
+    assert f"--params {path}: {named}" in one_line_error(capsys)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, tiny_world):
+    import signal
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}", "tracking.uri=",
+                             *FAST, "protocol=19-1", "train.epochs=5000", f"run_dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "steps" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert last_line(err) == "recall: interrupted (Ctrl-C); run the same command again to resume"
+
+
+def test_a_paper_profile_refuses_a_random_backbone_unless_asked(tmp_path, capsys):
+    args = ["run", "--dry-run", "experiment=paper_voc", "protocol=15-1x5", f"dataset.root={tmp_path / 'voc'}",
+            f"run_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert "model.pretrained_file=resnet101.pth" in err and "timm.create_model('resnet101', pretrained=True)" in err
+    assert main([*args, "model.pretrained_file=null"]) == 0  # on purpose
+    assert "none (random init)" in capsys.readouterr().out

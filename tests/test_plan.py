@@ -21,6 +21,7 @@ from recall.plan import PlanConfig, build_plan, estimate, format_plan, hours
 from recall.sim.toyworld import generate
 
 PAPER_VOC = ["experiment=paper_voc", "protocol=15-1x5", "method=recall", "replay=gan"]
+RANDOM_INIT = "model.pretrained_file=null"  # on purpose: the profile asks for ImageNet weights
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +57,15 @@ def test_paper_voc_composes_to_the_papers_setting():
 def test_paper_voc_plan_15_1x5(tmp_path):
     """15-1x5 overlapped: steps 0..5, 15 then 1 class each, 1500 iterations per class, 4 images per iteration."""
     plan = build_plan(compose([*PAPER_VOC[:2], "method=ft", f"dataset.root={tmp_path / 'voc'}",
-                               f"run_dir={tmp_path / 'run'}"]))
+                               f"run_dir={tmp_path / 'run'}", RANDOM_INIT]))
     assert [len(s["classes"]) for s in plan["steps"]] == [15, 1, 1, 1, 1, 1]
     assert plan["steps"][0]["classes"] == list(VOC_CLASSES[1:16])
     assert [s["iterations"] for s in plan["steps"]] == [22500, 1500, 1500, 1500, 1500, 1500]
     assert {sum(s["batch"]) for s in plan["steps"]} == {4}
     assert [s["lr"] for s in plan["steps"]] == [5e-4] * 6
     # RECALL: 2 current + 2 replay images per iteration, a helper decoder for steps 1..4, 500 images x 19 classes
-    recall = build_plan(compose([*PAPER_VOC, f"dataset.root={tmp_path / 'voc'}", f"run_dir={tmp_path / 'run'}"]))
+    recall = build_plan(compose([*PAPER_VOC, f"dataset.root={tmp_path / 'voc'}", f"run_dir={tmp_path / 'run'}",
+                                 RANDOM_INIT]))
     assert [s["batch"] for s in recall["steps"][1:]] == [[2, 2]] * 5
     assert [s.get("extra_training", {}).get("iterations") for s in recall["steps"]] == [None, 1000, 1000, 1000, 1000, None]
     assert {s["extra_training"]["what"] for s in recall["steps"] if "extra_training" in s} == {"helper decoder"}
@@ -85,7 +87,8 @@ def test_paper_profile_survives_params_yaml(tmp_path):
                                                  ("100-10", "100-10x5", [100, 10, 10, 10, 10, 10]),
                                                  ("50-50", "50-50x2", [50, 50, 50])])
 def test_paper_ade_protocols(tmp_path, protocol, name, sizes):
-    cfg = compose(["experiment=paper_ade", f"protocol={protocol}", "method=mib", f"dataset.root={tmp_path / 'ade'}"])
+    cfg = compose(["experiment=paper_ade", f"protocol={protocol}", "method=mib", f"dataset.root={tmp_path / 'ade'}",
+                   RANDOM_INIT])
     assert (cfg.dataset.name, cfg.dataset.num_classes, cfg.protocol.name) == ("ade20k", 150, name)
     t = cfg.train  # MiB's ADE20K recipe
     assert (t.batch_size, t.crop, t.epochs, t.epochs_incremental, t.lr, t.lr_incremental) == (24, 512, 60, 60, 0.01, 0.001)
@@ -198,7 +201,7 @@ def test_dry_run_against_a_missing_dataset(tmp_path, monkeypatch, capsys):
     assert main(["run", "--dry-run", "dataset.root=nowhere", "protocol=15-5"]) == 0
     text = capsys.readouterr().out
     assert "toy at nowhere: NOT PREPARED" in text and "recall toyworld nowhere" in text
-    assert main(["run", "--dry-run", *PAPER_VOC, "dataset.root=data/voc"]) == 0
+    assert main(["run", "--dry-run", *PAPER_VOC, "dataset.root=data/voc", "model.pretrained_file=resnet101.pth"]) == 0
     text = capsys.readouterr().out
     assert "voc at data/voc: NOT PREPARED" in text and "recall data prepare voc --root data/voc" in text
     assert "22,500" in text and "not counted: evaluation (validation images unknown) of steps 0, 1, 2, 3, 4, 5" in text
@@ -231,7 +234,8 @@ def test_estimate_counts_only_the_work_left():
 
 def test_paper_voc_estimate_arithmetic(tmp_path):
     """15-1x5 overlapped fine-tuning on the paper's setting: 30,000 iterations of 4 images at the profile's rate."""
-    cfg = compose([*PAPER_VOC[:2], "method=ft", f"dataset.root={tmp_path}", "plan.train_images_per_second=10"])
+    cfg = compose([*PAPER_VOC[:2], "method=ft", f"dataset.root={tmp_path}", "plan.train_images_per_second=10",
+                   RANDOM_INIT])
     e = build_plan(cfg)["estimate"]
     assert e["train_images"] == 30_000 * 4
     assert e["hours"] == pytest.approx(120_000 / 10 / 3600)

@@ -79,11 +79,71 @@ def test_build_resume_after_kill_has_no_duplicates(tmp_path: Path, generator: To
     assert all(set(r["id"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
                for r in records)
 
-    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir() if p.name != ".lock"}  # (the lock: its holder)
     assert build_pool(generator, CLASSES, PER_CLASS, root, progress=False) == summary  # complete: nothing to do
-    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir() if p.name != ".lock"} == before
     saved = json.loads((root / "pool.json").read_text())
     assert saved["params"]["per_class"] == PER_CLASS and saved["dropped_dataset_copies"] == 0
+
+
+class Repeating:
+    """The toy generator, with every third index a repeat of the image before it (a duplicate the build drops), and
+    ``stop_at``: the index at which it dies, as a build killed there."""
+
+    name = "repeating"
+
+    def __init__(self, generator: ToyGenerator, stop_at: int | None = None):
+        self.generator, self.stop_at = generator, stop_at
+
+    @property
+    def params(self) -> dict:
+        return self.generator.params
+
+    def available(self, class_index: int, class_name: str) -> None:
+        return None
+
+    def images(self, class_index: int, class_name: str, start: int, count: int):
+        for i in range(start, start + count):
+            if i == self.stop_at:
+                raise KeyboardInterrupt("killed")
+            image, meta = next(self.generator.images(class_index, class_name, i - 1 if i % 3 == 2 else i, 1))
+            yield image, {**meta, "index": i}
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_build_resumes_to_the_pool_an_uninterrupted_build_makes(tmp_path, generator) -> None:
+    """Killed just after it dropped a duplicate: the resumed build examines that candidate again, and the pool, its
+    logs and its drop counts are those of a build that was never interrupted, byte for byte."""
+    classes = {7: "car"}
+    reference = build_pool(Repeating(generator), classes, 5, tmp_path / "reference", progress=False)
+    assert reference["dropped_duplicates"] == 2
+    root = tmp_path / "pool"
+    with pytest.raises(KeyboardInterrupt):
+        build_pool(Repeating(generator, stop_at=6), classes, 5, root, progress=False)  # index 5 was a duplicate
+    assert len((root / "duplicates.jsonl").read_text().splitlines()) == 2 and not (root / "pool.json").exists()
+    assert build_pool(Repeating(generator), classes, 5, root, progress=False) == reference
+    assert _files(root) == _files(tmp_path / "reference")
+
+
+def test_orphan_removal_touches_only_what_a_killed_add_left(tmp_path, generator) -> None:
+    root = tmp_path / "pool"
+    build_pool(generator, {7: "car"}, 2, root, progress=False)
+    images = root / "images"
+    shutil.copyfile(images / "c007_000000.jpg", images / "c007_000002.jpg")  # a killed add(): renamed, not recorded
+    (images / ".c007_000002.jpg.4242.tmp").write_bytes(b"half")  # a killed add(): not even renamed
+    Image.new("RGB", (8, 8)).save(images / "mine.jpg")  # someone else's files in the pool's images/
+    Image.new("RGB", (8, 8)).save(images / "c007_000009.jpg")
+    kept = {name: (images / name).read_bytes() for name in ("mine.jpg", "c007_000009.jpg")}
+    build_pool(generator, {7: "car"}, 2, root, progress=False)  # complete: nothing to do, nothing removed
+    assert (images / "c007_000002.jpg").exists()
+    assert ReplayPool(root).remove_orphans() == 2
+    assert {name: (images / name).read_bytes() for name in kept} == kept
+    assert sorted(p.name for p in images.iterdir()) == ["c007_000000.jpg", "c007_000001.jpg", "c007_000009.jpg",
+                                                       "mine.jpg"]
 
 
 def test_load_skips_missing_and_corrupt_images(tmp_path: Path, generator: ToyGenerator) -> None:

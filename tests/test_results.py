@@ -1,7 +1,9 @@
 """What a researcher looks at after the demo: MLflow holds one parent per protocol run with a child per step and
 per-class IoU series of the right length; each run's figures decode and show something; the notebook runs top
 to bottom. With the demo's outputs present (`make demo` first) the checks run on them, otherwise on a small
-pipeline of the same shape built here (ft, RECALL with toy-GAN replay, RECALL with Flickr-stand-in replay)."""
+pipeline built here that logs every kind of run the pipeline and `recall tune` log: the pretraining, a class map, a
+shared step 0, protocol runs (ft, RECALL with toy-GAN replay, RECALL with Flickr-stand-in replay), joint, and a tune
+study with its trial."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST
+from conftest import FAST, tune_args
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -30,23 +32,37 @@ def _demo_outputs() -> tuple[str, list[Path]] | None:
     return None
 
 
+ROLES = {"pretrain", "classmap", "step0", "protocol", "study", "trial"}  # every kind of run the store holds
+
+
 def _small_pipeline(tmp: Path, world: Path) -> tuple[str, list[Path]]:
-    from recall.replay.pool import build_pool
-    from recall.replay.web import FlickrSource
+    """The demo's stages in small, all logging to one store: pretraining, a class map made with its classifier, the
+    toy-GAN and web pools, a shared step 0, three protocol runs from it, joint, and a tune study of one trial. (The
+    toy-GAN pool maps each class to its look-alike: a classifier pretrained for one epoch maps too few.)"""
     from recall.sim.toy_gan import ToyGenerator
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    classes = {c: f"c{c}" for c in range(1, 21)}
-    build_pool(ToyGenerator(mapping=ToyGenerator().lookalike_mapping()), classes, 4, tmp / "pool_gan", progress=False)
-    from recall.data.classes import VOC_CLASSES
-    with FlickrSource(endpoint="standin") as web:
-        build_pool(web, {c: VOC_CLASSES[c] for c in range(1, 21)}, 4, tmp / "pool_web", progress=False)
-    runs = {"ft": [], "recall_gan": ["method=recall", "replay=toy_gan", f"replay.pool={tmp / 'pool_gan'}"],
-            "recall_web": ["method=recall", "replay=web", f"replay.pool={tmp / 'pool_web'}"]}
+    data, track = f"dataset.root={world}", f"tracking.uri={uri}"
+    pretrained, mapping = tmp / "pretrain", tmp / "toy_gan_mapping.json"
+    assert main(["pretrain", str(pretrained), "pretrain.train_per_class=2", "pretrain.val_per_class=1",
+                 "pretrain.size=32", "pretrain.epochs=1", "pretrain.workers=1", track]) == 0
+    assert main(["classmap", data, "replay=toy_gan", f"replay.mapping={tmp / 'classmap.json'}",
+                 f"replay.classifier.weights={pretrained}/classifier.pth",
+                 f"replay.classifier.names={pretrained}/classes.json", track]) == 0
+    mapping.write_text(json.dumps({str(c): s for c, s in ToyGenerator().lookalike_mapping().items()}))
+    gan = ["replay=toy_gan", f"replay.mapping={mapping}", f"replay.pool={tmp / 'pool_gan'}"]
+    web = ["replay=web", f"replay.pool={tmp / 'pool_web'}"]
+    for pool in (gan, web):
+        assert main(["pool", data, *pool, "replay.per_class=4"]) == 0
+    common = ["run", data, track, *FAST, "protocol=18-1x2"]
+    assert main([*common, "last_step=0", f"run_dir={tmp / 'step0'}"]) == 0
+    runs = {"ft": ["method=ft"], "recall_gan": ["method=recall", *gan], "recall_web": ["method=recall", *web]}
     for name, overrides in runs.items():
-        assert main(["run", f"dataset.root={world}", f"tracking.uri={uri}", *FAST, "protocol=18-1x2",
-                     f"run_dir={tmp / name}", *(overrides or ["method=ft"])]) == 0
-    return uri, [tmp / name for name in runs]
+        assert main([*common, f"step0={tmp / 'step0'}", f"run_dir={tmp / name}", *overrides]) == 0
+    assert main(["run", data, track, *FAST, "protocol=joint", "method=joint", f"run_dir={tmp / 'joint'}"]) == 0
+    assert main(tune_args(tmp, world, tmp / "step0", tmp / "pool_gan", "tune.n_trials=1", *gan[1:2],
+                          tracking=uri)) == 0
+    return uri, [tmp / name for name in [*runs, "joint"]]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +123,16 @@ def test_figures_decode_and_are_not_blank(outputs) -> None:
             assert len(colours) > 20, f"{run_dir / 'figures' / name} looks blank ({len(colours)} colours)"
         table = (run_dir / "figures" / "class_iou.csv").read_text().splitlines()
         assert len(table) == 1 + len(metrics["classes"]) and table[0].count(",") == len(metrics["steps"])
+
+
+def test_the_store_holds_every_kind_of_run(outputs) -> None:
+    """What the notebook must tell apart (the demo's store: all but the tune study)."""
+    uri, _ = outputs
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    roles = {r.data.tags.get("role") for r in runs}
+    expected = ROLES if _demo_outputs() is None else ROLES - {"study", "trial"}
+    assert expected <= roles, f"the store lacks runs of role {expected - roles}"
 
 
 def test_notebook_is_stripped_and_runs_top_to_bottom(outputs, tmp_path) -> None:

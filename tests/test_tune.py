@@ -124,7 +124,7 @@ def test_two_workers_share_one_new_sqlite_study(world):
 
 def test_a_killed_workers_trial_fails_and_is_retried_once(world):
     """SIGKILL a worker mid-trial: the next worker finds its trial silent (heartbeats), marks it FAIL, closes its
-    MLflow run and runs it again with the same parameters."""
+    MLflow run, drops its checkpoints and runs it again with the same parameters."""
     args = world.args("tune.n_trials=1", "tune.heartbeat_interval=1", "tune.grace_period=2", study="killed",
                       storage="killed.db")
     step1 = world.tmp / "tune" / "killed" / "trial_0" / "steps" / "1" / "model.pt"
@@ -135,6 +135,8 @@ def test_a_killed_workers_trial_fails_and_is_retried_once(world):
     loaded = optuna.load_study(study_name="killed", storage=f"sqlite:///{world.tmp}/killed.db")
     assert [t.state for t in loaded.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert loaded.trials[1].params == loaded.trials[0].params and loaded.trials[1].system_attrs["retry_history"] == [0]
+    assert not list(step1.parent.parent.glob("*/model.pt")), "the killed trial's checkpoints are dropped on its retry"
+    assert (step1.parent.parent / "0" / "eval.json").is_file(), "its results stay"
     client = MlflowClient(f"sqlite:///{world.tmp}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id],
                               filter_string="tags.`optuna.study` = 'killed'")

@@ -35,9 +35,10 @@ from recall.figures import plot_grid
 from recall.labeling import LABEL_SPACES, label_pool, labelled_share, same_size_batches
 from recall.methods.base import Method, RunServices, StepContext
 from recall.model import load_checkpoint
+from recall.ownership import partial_of
 from recall.provenance import content_id
 from recall.registry import resolve
-from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems
+from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems, pool_owner
 
 # method.labels: where replay labels come from. "evaluated" is label evaluation (the method's `labeller` models);
 # "oracle" corrects its labels of the image's own class to the true mask, which only a simulated source knows
@@ -119,8 +120,11 @@ class ReplayMethod(Method):
             truth_of(run, "oracle", "method.labels=oracle")
         pool = ReplayPool(self.pool_dir(run))
         if not pool.manifest_path.is_file():
+            interrupted = (f"; a build was interrupted ({partial_of(pool.root)}): re-run it to finish"
+                           if partial_of(pool.root).is_dir() else "")
             raise UserError(f"replay pool {pool.root} is not built (no {pool.manifest_path.name}): build it first "
-                            f"with `recall pool replay={run.cfg.replay.name}` (same overrides)")
+                            f"with `recall pool replay={run.cfg.replay.name}` (same overrides){interrupted}")
+        check_pool_source(run, pool)
         counts = Counter(int(r["target_class"]) for r in pool.records())
         missing = [run.class_names[c] for c in old_classes(run.task, run.last_step) if not counts[c]]
         if missing:
@@ -335,6 +339,23 @@ class ReplayMethod(Method):
         on_disk = status["per_class_on_disk"]
         label_images = sum(on_disk.get(names[c], per_class or 0) for k in todo for c in run.task[k])
         return {"lines": lines, "eval_images": label_images, "replay": status}
+
+
+def check_pool_source(run: RunServices, pool: ReplayPool) -> None:
+    """The pool holds images of the configured source (its marker says which, recall.ownership) and its build has
+    finished; `+replay.any_source=true` replays a pool of another source on purpose. A pool without a marker (one
+    assembled with ReplayPool.add) has no known source and is taken as it is."""
+    owner = pool_owner(pool.root)
+    if owner is None:
+        return
+    made_by, wanted = (owner.get("params") or {}).get("source"), str(run.cfg.replay.name)
+    if made_by != wanted and not run.cfg.replay.get("any_source"):
+        raise UserError(f"replay pool {pool.root} holds images of source {made_by}, not {wanted}: pass "
+                        f"replay={made_by}, or replay.pool= a pool of {wanted} (`recall pool replay={wanted}`), or "
+                        "+replay.any_source=true to replay it as it is")
+    if pool.summary() is None:
+        raise UserError(f"replay pool {pool.root} is not complete (no {pool.summary_path.name}: its build is running "
+                        f"or was interrupted); finish it with `recall pool replay={made_by}` (same overrides)")
 
 
 def truth_of(run: RunServices, what: str, wanted_by: str) -> str:

@@ -2,10 +2,12 @@
 
 Layout (a single directory, so DVC can cache it as one stage output)::
 
+    <root>/owner.json          what made the pool: its source and the source's parameters (recall.ownership)
     <root>/images/<id>.jpg     the replay images (RGB JPEG)
     <root>/manifest.jsonl      one record per image, appended as images are written
-    <root>/pool.json           summary written when a build finishes (counts, drops, params)
+    <root>/pool.json           summary written when a build finishes (counts, drops, params); absent while one runs
     <root>/leakage.jsonl       candidates dropped as copies of dataset images (see recall.replay.leakage)
+    <root>/duplicates.jsonl    candidates dropped as repeats of an image already in the pool
 
 A record holds ``id``, ``target_class`` (1-based VOC index), ``target_name``, ``source``,
 ``source_class`` (the source's own class name, or the query for web sources), ``source_index``
@@ -15,12 +17,19 @@ any extra JSON values the source attached (e.g. ``url``).
 
 Writes are crash-safe: an image is written to a temp file and renamed, then its manifest line is
 appended and fsynced. A killed build leaves at most one truncated manifest line (ignored with a
-note) and one orphan image (overwritten on resume, removed when a build completes). A *source*
-yields images deterministically per index, so a resumed build continues where the manifest ends.
+note) and one orphan image: the temp file, or the image named with its class's next id, which no
+record lists yet (both removed when a build starts or finishes; no other file is ever deleted). A
+*source* yields images deterministically per index, so a resumed build continues where the manifest
+ends, and its drop counts are those of an uninterrupted build: they are counted from the two logs,
+whose lines past the last image of their class (a killed build's) are dropped when a build resumes.
+
+A pool holds one source's images: building into a pool made by another source, or by the same source with
+other parameters, is refused, and so is building into a directory recall did not make (recall.ownership).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -42,6 +51,8 @@ from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.voc import DatasetError, load_mask, read_split
 from recall.errors import UserError
+from recall.locks import DirectoryLock
+from recall.ownership import Marker, claim, read_marker, write_marker
 from recall.replay.leakage import LeakageGuard
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,7 @@ IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "pool.json"
 LEAKAGE_NAME = "leakage.jsonl"  # one line per candidate dropped as a copy of a dataset image
+DUPLICATES_NAME = "duplicates.jsonl"  # one line per candidate dropped as a repeat of a pool image
 IMAGE_SUFFIX = ".jpg"
 JPEG_QUALITY = 95
 # A source whose images keep being rejected (duplicates, dataset copies) is abandoned for a class
@@ -62,6 +74,7 @@ CORE_FIELDS = ("id", "target_class", "target_name", "source", "source_class", "s
 REQUIRED_FIELDS = ("id", "target_class", "sha256")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _ID_PATTERN = re.compile(r"^c(\d+)_(\d+)$")
+_TEMP_PATTERN = re.compile(r"^\.(c\d+_\d+\.jpg)\.\d+\.tmp$")  # recall.atomic's temp file of an image
 # Errors PIL raises for unreadable / truncated / corrupt files.
 PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -300,17 +313,22 @@ class ReplayPool:
                 os.fsync(handle.fileno())
         self._tail_checked = True
 
+    def _next_ids(self) -> dict[int, int]:
+        """Per class, the counter of the next id add() takes (ids come from the target class and a counter)."""
+        next_ids: dict[int, int] = {}
+        for record in self._read_manifest()[0]:
+            match = _ID_PATTERN.match(str(record["id"]))
+            if match:
+                c, k = int(match.group(1)), int(match.group(2))
+                next_ids[c] = max(next_ids.get(c, 0), k + 1)
+        return next_ids
+
     def _allocate_id(self, target_class: int) -> str:
         if self._next_index is None:
-            self._next_index = {}
-            for record in self._read_manifest()[0]:
-                match = _ID_PATTERN.match(str(record["id"]))
-                if match:
-                    c, k = int(match.group(1)), int(match.group(2))
-                    self._next_index[c] = max(self._next_index.get(c, 0), k + 1)
+            self._next_index = self._next_ids()
         k = self._next_index.get(target_class, 0)
         self._next_index[target_class] = k + 1
-        return re.sub(r"[^A-Za-z0-9_-]", "_", f"c{target_class:03d}_{k:06d}")
+        return _image_id(target_class, k)
 
     def add(self, image: Image.Image, record: dict) -> dict:
         """Write ``image`` as a new pool image and append its record; returns the full record.
@@ -346,41 +364,146 @@ class ReplayPool:
         return full
 
     def note_leak(self, record: Mapping) -> None:
-        """Append a dropped dataset copy to ``leakage.jsonl`` (for inspection; never read back by a build)."""
+        """Append a dropped dataset copy to ``leakage.jsonl`` (the build counts its lines)."""
         _append_line(self.root / LEAKAGE_NAME, {k: v for k, v in record.items() if _jsonable(v)})
 
+    def note_duplicate(self, record: Mapping) -> None:
+        """Append a dropped repeat of a pool image to ``duplicates.jsonl`` (the build counts its lines)."""
+        _append_line(self.root / DUPLICATES_NAME, {k: v for k, v in record.items() if _jsonable(v)})
+
+    def dropped(self) -> Counter:
+        """Candidates dropped so far, counted from the logs: dataset_copies, near_copies, duplicates."""
+        counts = Counter()
+        for line in _log_lines(self.root / LEAKAGE_NAME):
+            counts["dataset_copies" if line.get("match") == "exact" else "near_copies"] += 1
+        counts["duplicates"] = len(_log_lines(self.root / DUPLICATES_NAME))
+        return counts
+
+    def forget_drops_after(self, next_index: Mapping[int, int]) -> None:
+        """Drop the log lines of candidates at or past ``next_index`` of their class (a killed build examined them
+        after its last image; the resumed build examines them again): the logs then hold what an uninterrupted
+        build's hold at this point."""
+        for name in (LEAKAGE_NAME, DUPLICATES_NAME):
+            path = self.root / name
+            if not path.is_file():
+                continue
+            lines = _log_lines(path)
+            kept = [line for line in lines if isinstance(line.get("source_index"), int)
+                    and line["source_index"] < next_index.get(int(line.get("target_class", -1)), 0)]
+            if len(kept) != len(lines) or not path.read_bytes().endswith(b"\n"):
+                write_bytes(path, "".join(json.dumps(line) + "\n" for line in kept).encode())
+
     def remove_orphans(self) -> int:
-        """Delete image / temp files that no manifest record refers to; returns how many."""
+        """Delete what a killed ``add`` left, and nothing else: its temp file, or the image it renamed into place
+        before its manifest line was written, i.e. one named with the next id of its class (the id ``add`` takes
+        next), which no record lists. Returns how many files were removed."""
         if not self.image_dir.is_dir():
             return 0
-        keep = {f"{r['id']}{IMAGE_SUFFIX}" for r in self._read_manifest()[0]}
+        next_ids = self._next_ids()
         removed = 0
         for path in self.image_dir.iterdir():
-            if path.is_file() and path.name not in keep and (path.suffix in (IMAGE_SUFFIX, ".tmp")):
+            match = _ID_PATTERN.match(path.stem)
+            orphan = _TEMP_PATTERN.match(path.name) or (
+                match and path.suffix == IMAGE_SUFFIX
+                and path.stem == _image_id(int(match.group(1)), next_ids.get(int(match.group(1)), 0)))
+            if orphan and path.is_file() and not path.is_symlink():
                 path.unlink()
                 removed += 1
         return removed
+
+
+def _image_id(target_class: int, k: int) -> str:
+    return f"c{target_class:03d}_{k:06d}"
+
+
+def _log_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines log (a line cut short by a killed writer is left out)."""
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines
+
+
+# --------------------------------------------------------------------------------- ownership
+def pool_marker(source: ReplaySource) -> Marker:
+    """A pool's marker: the source it holds images of, with the parameters that define those images."""
+    return Marker("pool", "recall pool", {"source": getattr(source, "name", type(source).__name__),
+                                          "source_params": source.params})
+
+
+def pool_owner(root: str | Path) -> dict | None:
+    """What made the pool at `root`: its marker, or for a pool from before markers its pool.json's source (None:
+    unknown, e.g. a pool assembled with ReplayPool.add)."""
+    root = Path(root)
+    marker = read_marker(root)
+    if marker is not None:
+        return marker
+    summary = ReplayPool(root).summary()
+    params = (summary or {}).get("params")
+    if isinstance(params, dict) and "source" in params:
+        return {"kind": "pool", "made_by": "recall pool",
+                "params": {"source": params["source"], "source_params": params.get("source_params")}}
+    return None
+
+
+def same_source(marker: Marker) -> Callable[[dict], str | None]:
+    """What a pool build accepts: a pool of the same source with the same source parameters."""
+    def accepts(found: dict) -> str | None:
+        mine, theirs = marker.params, found.get("params") or {}
+        if theirs.get("source") != mine["source"]:
+            return (f"its images come from source {theirs.get('source')}, not {mine['source']}; a pool holds one "
+                    "source's images: pass replay.pool= a new directory")
+        if theirs.get("source_params") != mine["source_params"]:
+            differ = sorted(k for k in set(theirs.get("source_params") or {}) | set(mine["source_params"])
+                            if (theirs.get("source_params") or {}).get(k) != mine["source_params"].get(k))
+            return (f"it was built with other {mine['source']} parameters (differ: {', '.join(differ)}); pass "
+                    "replay.pool= a new directory, or the parameters it was built with")
+        return None
+    return accepts
+
+
+def claim_pool(root: Path, marker: Marker) -> dict | None:
+    """Check that a build may write into `root` (recall.ownership.claim); returns the marker found."""
+    return claim(root, marker, "replay.pool", accepts=same_source(marker), legacy=pool_owner)
 
 
 # --------------------------------------------------------------------------------- build
 
 
 def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int, root: str | Path,
-               guard: LeakageGuard | None = None, progress: bool = True) -> dict:
+               guard: LeakageGuard | None = None, progress: bool = True, lock: bool = True) -> dict:
     """Fill ``root`` with ``per_class`` replay images for every target class; returns the summary.
 
     Resumable and idempotent: each class continues after the last source index in the manifest,
     and a complete pool is left untouched. Images that ``guard`` finds to be copies of dataset
     images (exact or perceptual, see ``recall.replay.leakage``) are dropped and listed in
     ``leakage.jsonl``; repeats of an image already in the pool (same content or same
-    ``source_id``, e.g. a Flickr photo id) are dropped as duplicates. The summary counts both.
+    ``source_id``, e.g. a Flickr photo id) are dropped as duplicates (``duplicates.jsonl``). The
+    summary counts both. ``root`` must be new, empty, or a pool of this source with the same source
+    parameters (see the module docstring); ``lock``: hold the pool's lock while building (False: the
+    caller holds it).
     """
     if per_class < 0:
         raise ReplayError(f"per_class must be >= 0, got {per_class}")
+    marker = pool_marker(source)
+    claim_pool(Path(root), marker)
+    with DirectoryLock(root, what="a `recall pool` build", option="replay.pool") if lock else contextlib.nullcontext():
+        Path(root).mkdir(parents=True, exist_ok=True)
+        write_marker(root, marker)
+        return _build(source, classes, per_class, ReplayPool(root), guard, progress)
+
+
+def _build(source: ReplaySource, classes: Mapping[int, str], per_class: int, pool: ReplayPool,
+           guard: LeakageGuard | None, progress: bool) -> dict:
     classes = {int(c): str(name) for c, name in classes.items()}
     guard = guard if guard is not None else LeakageGuard()
-    pool = ReplayPool(root)
-    pool.root.mkdir(parents=True, exist_ok=True)
     params = {"source": getattr(source, "name", type(source).__name__), "source_params": source.params,
               "per_class": per_class, "classes": {str(c): n for c, n in sorted(classes.items())},
               "leakage_guard": guard.params, "jpeg_quality": JPEG_QUALITY, "format_version": FORMAT_VERSION}
@@ -403,6 +526,9 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
             next_index[c] = max(next_index.get(c, 0), have[c])
     known = {r["sha256"] for r in existing} | {r["pixel_sha256"] for r in existing if r.get("pixel_sha256")}
     known_ids = {str(r["source_id"]) for r in existing if r.get("source_id") is not None}
+    pool.summary_path.unlink(missing_ok=True)  # no longer complete: a run refuses the pool until this build ends
+    orphans = pool.remove_orphans()  # what a killed build left
+    pool.forget_drops_after(next_index)
 
     dropped = Counter()
     shortfall: dict[str, dict] = {}
@@ -445,6 +571,8 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
                 if hashes & known or (source_id is not None and str(source_id) in known_ids):
                     dropped["duplicates"] += 1
                     rejects += 1
+                    pool.note_duplicate({"target_class": c, "source_index": index, "source_id": source_id,
+                                         "match": "content" if hashes & known else "source_id"})
                     continue
                 record = {"target_class": c, "target_name": name, "source": params["source"], **meta,
                           "source_index": index}
@@ -463,21 +591,20 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
     if bar is not None:
         bar.close()
 
-    orphans = pool.remove_orphans()
+    orphans += pool.remove_orphans()
     final = Counter(int(r["target_class"]) for r in pool.records())
-    before = previous or {}
+    logged = pool.dropped()  # this build's drops and every earlier build's, as an uninterrupted build counts them
     summary = {
         "format_version": FORMAT_VERSION,
         "total": sum(final[c] for c in classes),
         "counts": {name: final[c] for c, name in sorted(classes.items())},
-        "dropped_dataset_copies": before.get("dropped_dataset_copies", 0) + dropped["dataset_copies"],
-        "dropped_near_copies": before.get("dropped_near_copies", 0) + dropped["near_copies"],
-        "dropped_duplicates": before.get("dropped_duplicates", 0) + dropped["duplicates"],
+        "dropped_dataset_copies": logged["dataset_copies"],
+        "dropped_near_copies": logged["near_copies"],
+        "dropped_duplicates": logged["duplicates"],
         "source_skipped": dict(getattr(source, "skipped", {}) or {}),
         # each file a source skipped, with the reason (sources that list them: a user's folder)
         "source_problems": [{"item": item, "reason": reason} for item, reason in getattr(source, "problems", [])],
         "shortfall": shortfall,
-        "orphans_removed": orphans,
         "params": params,
     }
     write_json(pool.summary_path, summary)
@@ -486,7 +613,8 @@ def build_pool(source: ReplaySource, classes: Mapping[int, str], per_class: int,
         print(f"replay pool {pool.root}: {summary['total']} images for {len(classes)} classes "
               f"(dropped {dropped['dataset_copies']} dataset copies, {dropped['near_copies']} near copies of dataset "
               f"images, {dropped['duplicates']} duplicates, "
-              f"source skipped {sum(summary['source_skipped'].values())}{short})", file=sys.stderr)
+              f"source skipped {sum(summary['source_skipped'].values())}{short}"
+              + (f"; removed {orphans} image(s) a killed build left" if orphans else "") + ")", file=sys.stderr)
     return summary
 
 

@@ -209,7 +209,9 @@ def classification_set(split: str, per_class: int, size: int = 64, seed: int = 0
     bounds = np.linspace(0, num_classes, max(workers, 1) * 4 + 1).astype(int)
     jobs = [(split, per_class, size, seed, num_classes, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        from recall.processes import die_with_parent
+
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(False,)) as pool:  # no orphans
             parts = list(pool.map(_render_classes, jobs))
     else:
         parts = [_render_classes(job) for job in jobs]

@@ -358,13 +358,27 @@ def add_arguments(parser) -> None:
     with_overrides(parser)
 
 
+def _legacy_world(directory: Path) -> dict | None:
+    """A toy world from before markers existed: it holds toyworld.json."""
+    return {"kind": "toyworld", "made_by": "recall toyworld"} if (directory / MANIFEST_NAME).is_file() else None
+
+
 def main(args) -> int:
-    """Generate the toy world from the config's `toyworld` section."""
+    """Generate the toy world from the config's `toyworld` section: beside OUT (`.<name>.partial`), renamed into place
+    when complete, so a killed generation never leaves a world that looks whole. OUT must be new, empty, or a toy
+    world (replaced); any other directory is refused (recall.ownership)."""
+    from omegaconf import OmegaConf
+
     from recall.commands import compose
+    from recall.ownership import Marker, claim, staged
 
     cfg = compose(args).toyworld
-    summary = generate(args.out, n_train=cfg.n_train, n_val=cfg.n_val, size=cfg.size, seed=cfg.seed,
-                       max_objects=cfg.max_objects)
+    out = Path(args.out)
+    marker = Marker("toyworld", "recall toyworld", OmegaConf.to_container(cfg, resolve=True))
+    claim(out, marker, "out", legacy=_legacy_world)
+    with staged(out, marker, "out", fresh=True, what="a `recall toyworld`") as partial:
+        summary = generate(partial, n_train=cfg.n_train, n_val=cfg.n_val, size=cfg.size, seed=cfg.seed,
+                           max_objects=cfg.max_objects)
     counts = summary["class_image_counts"]["train"]
     print(f"toy world in {args.out}: {cfg.n_train} train + {cfg.n_val} val images of {cfg.size}x{cfg.size}; "
           f"train images per class: min {min(counts.values())}, max {max(counts.values())}")

@@ -1,6 +1,10 @@
 """`recall pool`: build (or resume) the replay pool of `replay.name`; copies of dataset images are dropped.
 
     recall pool --params params.yaml replay=web             -> replay.pool (images + manifest.jsonl)
+
+A new pool is built beside its place (`.<name>.partial`, resumed after a kill) and renamed into place when
+complete; a pool of the same source is grown or resumed in place; any other directory is refused
+(recall.ownership).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from recall.commands import compose, script, with_overrides
 from recall.data.classes import class_names
 from recall.replay.classmap import SHARED_KEY, load_mapping, shared_on_purpose
 from recall.replay.leakage import DEFAULT_MAX_DISTANCE, LeakageGuard
-from recall.replay.pool import build_pool
+from recall.ownership import staged
+from recall.replay.pool import build_pool, claim_pool, pool_marker, same_source
 from recall.replay.sources import build_source
 
 
@@ -48,12 +53,18 @@ def replay_pool(cfg: DictConfig) -> dict:
         names = class_names(str(cfg.dataset.name), int(cfg.dataset.num_classes))
         classes = dict(enumerate(names))
         del classes[0]  # background is never replayed
+        target, marker = Path(cfg.replay.pool), pool_marker(source)
+        ours = claim_pool(target, marker) is not None  # before the dataset is hashed: a refusal comes first
         d = cfg.dataset
         guard = LeakageGuard.from_dataset(d.root, splits=(d.train_split, d.val_split), image_dir=d.image_dir,
                                           max_distance=int(cfg.replay.get("leakage_max_distance",
                                                                           DEFAULT_MAX_DISTANCE)),
                                           progress=True)
-        return build_pool(source, classes, int(cfg.replay.per_class), Path(cfg.replay.pool), guard=guard)
+        if ours:  # grow or resume our own pool in place
+            return build_pool(source, classes, int(cfg.replay.per_class), target, guard=guard)
+        with staged(target, marker, "replay.pool", fresh=False, what="a `recall pool` build",
+                    accepts=same_source(marker)) as partial:
+            return build_pool(source, classes, int(cfg.replay.per_class), partial, guard=guard, lock=False)
 
 
 def add_arguments(parser) -> None:
