@@ -218,7 +218,7 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
     """Each seed's chain: the pretraining's held-out top-1 and, per class map, its score against the simulation's
     truth (correct = the look-alike or a variant of the class) and the generator classes it shares; and whether
     a chain of another float order (the same seed) made the same maps."""
-    rows, maps = [], {}
+    rows, maps, picks = [], {}, {}
     for key, item in study["chains"].items():
         directory = root / "study" / "chains" / key
         pretrain = json.loads((directory / "pretrain" / "metrics.json").read_text())
@@ -228,17 +228,22 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
             mapping = json.loads((directory / f"{source}_mapping.json").read_text())
             maps[(key, source)] = {c: m["source_class"] for c, m in mapping.items()}
             truth = check.get("truth") or {}
+            picks[(key, source)] = {c: _pick(m, (truth.get("per_class") or {}).get(c, {})) for c, m in mapping.items()}
             row[source] = {"correct": truth.get("correct"), "classes": truth.get("classes", check["classes"]),
                            "shared": len(check["shared"]), "kinds": {k: truth.get(k) for k in
                                                                     ("lookalike", "variant", "wrong_target",
                                                                      "distractor", "other") if k in truth}}
         rows.append(row)
-    same = {}
+    same, differing = {}, []
     for (key, source), mapping in maps.items():
         name, _, seed = key.rpartition("_s")
         main = maps.get((f"main_s{seed}", source))
         if name != "main" and main is not None:
             same.setdefault(name, {}).setdefault(source, {})[int(seed)] = mapping == main
+            for c in sorted((c for c in mapping if mapping[c] != main.get(c)), key=int):
+                here, there = picks[(f"main_s{seed}", source)][c], picks[(key, source)][c]
+                differing.append({"world": name, "seed": int(seed), "source": source, "class": here["name"],
+                                  "main": here, name: there, "margin": min(here["margin"], there["margin"])})
     columns = ["chain", "seed", "pretraining top-1", "toy-GAN map: correct", "toy-GAN map: kinds",
                "shared generator classes"]
     table = [[r["chain"], r["seed"], f"{r['top1']:.3f}",
@@ -250,8 +255,23 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
                "toy_gan_correct": [r["toy_gan"]["correct"] for r in rows if "toy_gan" in r],
                "toy_gan_correct_min": min((r["toy_gan"]["correct"] for r in rows if "toy_gan" in r), default=None),
                "toy_gan_shared_max": max((r["toy_gan"]["shared"] for r in rows if "toy_gan" in r), default=None),
-               "same_map_in_other_float_order": same}
-    return {"columns": columns, "rows": table, "chains": rows, "summary": summary}
+               "same_map_in_other_float_order": same, "classes_mapped_differently": len(differing),
+               "largest_margin_of_a_differing_class": max((d["margin"] for d in differing), default=None)}
+    difference_table = {"columns": ["world", "seed", "map", "class", "main chain's pick", "its top-1 margin",
+                                    "other float order's pick", "its top-1 margin"],
+                        "rows": [[d["world"], d["seed"], d["source"], d["class"],
+                                  f"{d['main']['source']} ({d['main']['kind']})", f"{d['main']['margin']:.4f}",
+                                  f"{d[d['world']]['source']} ({d[d['world']]['kind']})",
+                                  f"{d[d['world']]['margin']:.4f}"] for d in differing]}
+    return {"columns": columns, "rows": table, "chains": rows, "summary": summary, "differing": difference_table}
+
+
+def _pick(entry: dict, truth: dict) -> dict:
+    """A class map's pick for one class: the generator class, its kind against the simulation's truth, and its
+    top-1 margin (mean softmax of the pick minus that of the runner-up: how near the argmax was to a tie)."""
+    scores = [float(candidate[2]) for candidate in entry.get("top_k", [])]
+    return {"name": entry.get("name"), "source": entry["source_name"], "kind": truth.get("kind", "?"),
+            "margin": scores[0] - scores[1] if len(scores) > 1 else float("nan")}
 
 
 LABEL_PREFIX = "replay_labels/"
@@ -349,6 +369,7 @@ def write_study_report(study_file: Path, out: Path, root: Path = Path(".")) -> d
               "labels": labels["cells"],
               "tables": {**study_tables(cells, variants), "step0": step0_table(study, root),
                          "chains": {"columns": chains["columns"], "rows": chains["rows"]},
+                         "chains_differing": chains["differing"],
                          **{f"labels_{k}": v for k, v in labels["tables"].items()}}}
     for name, made in (("attribution", attribution(cells, spec.get("attribution"))),
                        ("interactions", interactions(cells, spec.get("interactions"))),

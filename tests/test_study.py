@@ -242,3 +242,31 @@ def test_the_step0_table_groups_the_step0_models_by_world_and_base(tmp_path):
     table = step0_table(study, tmp_path)
     assert table["rows"] == [["pretrained", 15, "0.700 ± 0.141", "0.800 ± 0.141", 2],
                              ["wide_decoder", 15, "0.700", "0.800", 1], ["pretrained", 10, "0.500", "0.600", 1]]
+
+
+def test_the_chains_table_names_each_class_another_float_order_maps_differently_and_how_near_a_tie_it_was(tmp_path):
+    from recall.study_report import chains_table
+
+    picks = {"main_s0": {"1": (32, 0.30, 0.10), "2": (79, 0.094, 0.092)},
+             "float_order_s0": {"1": (32, 0.31, 0.09), "2": (12, 0.097, 0.090)}}
+    kinds = {32: "lookalike", 79: "other", 12: "lookalike"}
+    for chain, mapping in picks.items():
+        directory = tmp_path / "study" / "chains" / chain
+        (directory / "pretrain").mkdir(parents=True)
+        (directory / "pretrain" / "metrics.json").write_text(json.dumps({"top1": 0.7, "top5": 0.9}))
+        (directory / "toy_gan_mapping.json").write_text(json.dumps({c: {
+            "name": f"class{c}", "source_class": s, "source_name": f"src{s}",
+            "top_k": [[s, f"src{s}", top], [5, "src5", second]]} for c, (s, top, second) in mapping.items()}))
+        truth = {"correct": sum(kinds[s] == "lookalike" for s, _, _ in mapping.values()), "classes": 2,
+                 "per_class": {c: {"source": f"src{s}", "kind": kinds[s]} for c, (s, _, _) in mapping.items()}}
+        (directory / "toy_gan_mapping_check.json").write_text(json.dumps({"classes": 2, "shared": {},
+                                                                            "truth": truth}))
+    made = {"chains": {"main_s0": {"seed": 0}, "float_order_s0": {"seed": 0}},
+            "classmaps": {f"{c}_toy_gan": {"chain": c, "source": "toy_gan"} for c in picks}}
+    table = chains_table(made, tmp_path)
+    assert table["summary"]["same_map_in_other_float_order"] == {"float_order": {"toy_gan": {0: False}}}
+    assert table["summary"]["classes_mapped_differently"] == 1
+    assert table["summary"]["largest_margin_of_a_differing_class"] == pytest.approx(0.002)  # the nearer tie
+    assert table["differing"]["rows"] == [["float_order", 0, "toy_gan", "class2", "src79 (other)", "0.0020",
+                                           "src12 (lookalike)", "0.0070"]]
+    assert table["summary"]["toy_gan_correct"] == [1, 2]
