@@ -125,7 +125,7 @@ def study_tables(cells: dict, variants: list[str]) -> dict:
 def contrasts(cells: dict, spec: list | None) -> dict | None:
     """Pairs of variants compared on one metric, where the spec lists them ({world, protocol, metric, pairs}): both
     means, the per-seed differences (paired: the same chain and step-0 model), their mean and sample std, and the
-    `verdict`. Besides the table, `calls`: {world: {protocol: {metric: {"A vs B": {...}}}}} for the prose."""
+    `verdict`. Besides the table, `calls`: {world: {protocol: {metric: {"A_vs_B": {...}}}}} for the prose."""
     if not spec:
         return None
     columns = ["world", "protocol", "metric", "A", "B", "A", "B", "A - B per seed", "A - B", "verdict"]
@@ -145,7 +145,7 @@ def contrasts(cells: dict, spec: list | None) -> dict | None:
             rows.append([group["world"], group["protocol"], metric, a, b, ca[metric]["text"], cb[metric]["text"],
                          " / ".join(f"{d:+.3f}" for d in differences.values()), difference["text"], called])
             calls.setdefault(group["world"], {}).setdefault(group["protocol"], {}).setdefault(metric, {})[
-                f"{a} vs {b}"] = {"difference": difference, "verdict": called}
+                f"{a}_vs_{b}"] = {"difference": difference, "verdict": called}
     return {"columns": columns, "rows": rows, "calls": calls}
 
 

@@ -193,7 +193,7 @@ def test_a_difference_is_called_only_when_every_seed_agrees_and_the_mean_exceeds
     assert verdicts == {("gan", "none"): "gan higher", ("gan", "noise"): "no difference",
                         ("none", "gan"): "gan higher"}
     assert table["rows"][0][7] == "+0.200 / +0.200 / +0.200"  # paired by seed
-    assert table["calls"]["w"]["p"]["old_no_bg"]["gan vs noise"]["difference"]["values"] == pytest.approx(
+    assert table["calls"]["w"]["p"]["old_no_bg"]["gan_vs_noise"]["difference"]["values"] == pytest.approx(
         [0.02, -0.01, -0.02])
 
 
