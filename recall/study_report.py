@@ -149,6 +149,29 @@ def contrasts(cells: dict, spec: list | None) -> dict | None:
     return {"columns": columns, "rows": rows, "calls": calls}
 
 
+def verdicts_across_worlds(calls: dict, base: str = "pretrained") -> dict:
+    """Each contrast that another world repeats (e.g. `float_order`: the same seeds in another float order), with
+    its verdict there and in `base`: whether the call survives the change. `same` counts the agreeing calls per
+    world, `of` the compared ones."""
+    rows, same, of = [], {}, {}
+    for world, protocols in calls.items():
+        if world == base:
+            continue
+        for protocol, metrics in protocols.items():
+            for metric, pairs in metrics.items():
+                for pair, call in pairs.items():
+                    there = calls.get(base, {}).get(protocol, {}).get(metric, {}).get(pair)
+                    if there is None:
+                        continue
+                    agree = there["verdict"] == call["verdict"]
+                    same[world] = same.get(world, 0) + agree
+                    of[world] = of.get(world, 0) + 1
+                    rows.append([world, protocol, metric, pair.replace("_vs_", " vs "), there["verdict"],
+                                 call["verdict"], "yes" if agree else "no"])
+    return {"columns": ["world", "protocol", "metric", "A vs B", f"verdict in {base}", "verdict there", "same"],
+            "rows": rows, "same": same, "of": of}
+
+
 def attribution(cells: dict, spec: dict | None) -> dict | None:
     """The share of the gap from `spec["from"]` to `spec["to"]` that each variant of the same world and protocol
     closes, per metric: per seed (variant - from) / (to - from), then mean ± std over the seeds all three ran with;
@@ -376,6 +399,8 @@ def write_study_report(study_file: Path, out: Path, root: Path = Path(".")) -> d
                        ("contrasts", contrasts(cells, spec.get("contrasts")))):
         if made is not None:
             report["tables"][name] = made
+    if "contrasts" in report["tables"]:
+        report["tables"]["verdicts_across_worlds"] = verdicts_across_worlds(report["tables"]["contrasts"]["calls"])
     report["figures"] = [p.as_posix() for p in plot_study(cells, variants, out)]
     write_json(out.with_suffix(".json"), report)
     return report

@@ -270,3 +270,16 @@ def test_the_chains_table_names_each_class_another_float_order_maps_differently_
     assert table["differing"]["rows"] == [["float_order", 0, "toy_gan", "class2", "src79 (other)", "0.0020",
                                            "src12 (lookalike)", "0.0070"]]
     assert table["summary"]["toy_gan_correct"] == [1, 2]
+
+
+def test_a_verdict_repeated_in_another_world_is_compared_with_the_base_worlds():
+    from recall.study_report import verdicts_across_worlds
+
+    call = lambda verdict: {"difference": {}, "verdict": verdict}  # noqa: E731
+    calls = {"pretrained": {"15-1x5": {"old_no_bg": {"a_vs_b": call("a higher"), "a_vs_c": call("no difference")}}},
+             "float_order": {"15-1x5": {"old_no_bg": {"a_vs_b": call("a higher"), "a_vs_c": call("a higher")}}},
+             "scratch": {"15-1x5": {"new": {"a_vs_b": call("a higher")}}}}  # not in the base world: not compared
+    table = verdicts_across_worlds(calls)
+    assert table["same"] == {"float_order": 1} and table["of"] == {"float_order": 2}
+    assert table["rows"] == [["float_order", "15-1x5", "old_no_bg", "a vs b", "a higher", "a higher", "yes"],
+                             ["float_order", "15-1x5", "old_no_bg", "a vs c", "no difference", "a higher", "no"]]
