@@ -4,8 +4,8 @@
 
 Step 0 of the 15-class protocols and joint (all 20 classes) are trained from the pretrained `--encoder` for each
 epoch count, one thread each, `--jobs` at a time, and scored on the validation set; with --out, the table and each
-doubling's gain are written as JSON (docs/results.md quotes it: `python -m recall.docs`). The default
-`train.epochs` is where a further doubling gains less than the spread of step-0 mIoU over seeds.
+doubling's gain (of mIoU without background: the step-0 classes, or joint's 20) are written as JSON
+(docs/results.md quotes it: `python -m recall.docs`), to set beside the spread of step-0 mIoU over seeds.
 """
 
 from __future__ import annotations
