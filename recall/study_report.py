@@ -241,7 +241,7 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
     """Each seed's chain: the pretraining's held-out top-1 and, per class map, its score against the simulation's
     truth (correct = the look-alike or a variant of the class) and the generator classes it shares; and whether
     a chain of another float order (the same seed) made the same maps."""
-    rows, maps, picks = [], {}, {}
+    rows, picks = [], {}
     for key, item in study["chains"].items():
         directory = root / "study" / "chains" / key
         pretrain = json.loads((directory / "pretrain" / "metrics.json").read_text())
@@ -249,7 +249,6 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
         for source in sorted({c["source"] for c in study["classmaps"].values() if c["chain"] == key}):
             check = json.loads((directory / f"{source}_mapping_check.json").read_text())
             mapping = json.loads((directory / f"{source}_mapping.json").read_text())
-            maps[(key, source)] = {c: m["source_class"] for c, m in mapping.items()}
             truth = check.get("truth") or {}
             picks[(key, source)] = {c: _pick(m, (truth.get("per_class") or {}).get(c, {})) for c, m in mapping.items()}
             row[source] = {"correct": truth.get("correct"), "classes": truth.get("classes", check["classes"]),
@@ -258,15 +257,16 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
                                                                      "distractor", "other") if k in truth}}
         rows.append(row)
     same, differing = {}, []
-    for (key, source), mapping in maps.items():
+    for (key, source), chosen in picks.items():
         name, _, seed = key.rpartition("_s")
-        main = maps.get((f"main_s{seed}", source))
+        main = picks.get((f"main_s{seed}", source))
         if name != "main" and main is not None:
-            same.setdefault(name, {}).setdefault(source, {})[int(seed)] = mapping == main
-            for c in sorted((c for c in mapping if mapping[c] != main.get(c)), key=int):
-                here, there = picks[(f"main_s{seed}", source)][c], picks[(key, source)][c]
+            changed = sorted((c for c in chosen if chosen[c]["source"] != main.get(c, {}).get("source")), key=int)
+            same.setdefault(name, {}).setdefault(source, {})[int(seed)] = not changed and chosen.keys() == main.keys()
+            for c in changed:
+                here, there = main[c], chosen[c]
                 differing.append({"world": name, "seed": int(seed), "source": source, "class": here["name"],
-                                  "main": here, name: there, "margin": min(here["margin"], there["margin"])})
+                                  "main": here, "other": there, "margin": min(here["margin"], there["margin"])})
     columns = ["chain", "seed", "pretraining top-1", "toy-GAN map: correct", "toy-GAN map: kinds",
                "shared generator classes"]
     table = [[r["chain"], r["seed"], f"{r['top1']:.3f}",
@@ -284,8 +284,8 @@ def chains_table(study: dict, root: Path = Path(".")) -> dict:
                                     "other float order's pick", "its top-1 margin"],
                         "rows": [[d["world"], d["seed"], d["source"], d["class"],
                                   f"{d['main']['source']} ({d['main']['kind']})", f"{d['main']['margin']:.4f}",
-                                  f"{d[d['world']]['source']} ({d[d['world']]['kind']})",
-                                  f"{d[d['world']]['margin']:.4f}"] for d in differing]}
+                                  f"{d['other']['source']} ({d['other']['kind']})",
+                                  f"{d['other']['margin']:.4f}"] for d in differing]}
     return {"columns": columns, "rows": table, "chains": rows, "summary": summary, "differing": difference_table}
 
 
