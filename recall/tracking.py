@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -260,9 +261,17 @@ class Tracker:
         self.experiment_id = experiment_id(self.client, self.experiment)
         id_file = run_dir / RUN_ID_FILE
         if id_file.is_file():
-            self.parent_id = json.loads(id_file.read_text())["run_id"]
-            self.client.update_run(self.parent_id, status="RUNNING")
-            return self.parent_id
+            recorded = json.loads(id_file.read_text())
+            try:
+                self.client.update_run(recorded["run_id"], status="RUNNING")
+                self.parent_id = recorded["run_id"]
+                return self.parent_id
+            except MlflowException:  # another store (tracking.uri changed, or its database removed): a new MLflow
+                # run, into which the finished steps are logged again (`log_step`); the run directory keeps them
+                print(f"recall: the MLflow run {recorded['run_id']} of {id_file} is not in "
+                      f"{strip_password(self.client.tracking_uri)} (it was logged to "
+                      f"{recorded.get('tracking_uri', 'another store')}): this run is logged as a new MLflow run",
+                      file=sys.stderr)
         run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **source_tags("recall run")})
         self.parent_id = run.info.run_id
         log_params(self.client, self.parent_id, params)

@@ -161,3 +161,27 @@ def test_an_interrupted_runs_description_says_how_it_ended():
     note = run_note(tags, {"step": 2, "miou": {"old_no_bg": 0.5, "new": 0.25, "all": None}}, "FAILED", Path("runs/r"))
     assert "mIoU of the last finished step (step 2): old (no bg) 0.500 · new 0.250 · all –" in note
     assert "Ended FAILED" in note and "resumes" in note and "Figures" not in note
+
+
+def test_a_run_resumed_against_another_store_is_logged_there_afresh(pipeline, tmp_path, capsys):
+    """The MLflow run recorded in a run directory is not in the store of the resumed command (tracking.uri changed,
+    or the database was removed): the run is logged as a new MLflow run there, its finished steps included, with
+    one line saying so (no traceback)."""
+    import shutil
+
+    run_dir = tmp_path / "step0"
+    shutil.copytree(pipeline.step0_dir, run_dir)
+    recorded = json.loads((run_dir / "steps" / "mlflow_run.json").read_text())["run_id"]
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    assert main(["run", f"dataset.root={pipeline.world}", f"tracking.uri={uri}", *FAST, f"protocol={PROTOCOL}",
+                 "last_step=0", f"run_dir={run_dir}"]) == 0
+    err = capsys.readouterr().err
+    assert f"the MLflow run {recorded}" in err and "logged as a new MLflow run" in err and "Traceback" not in err
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert child.data.tags["step"] == "0" and parent.info.status == "FINISHED"
+    assert parent.data.metrics == pipeline.step0.data.metrics
+    saved = json.loads((run_dir / "steps" / "mlflow_run.json").read_text())
+    assert saved["run_id"] == parent.info.run_id and saved["tracking_uri"] == uri
