@@ -106,3 +106,17 @@ def test_passwords_of_urls_are_replaced_wherever_they_are():
     cfg = {"tune": {"storage": "postgresql://u:secret@h/db"}, "list": ["http://u:secret@h"], "n": 3, "none": None}
     assert without_passwords(cfg) == {"tune": {"storage": "postgresql://u:***@h/db"}, "list": ["http://u:***@h"],
                                       "n": 3, "none": None}
+
+
+def test_every_training_stage_of_the_demo_takes_the_demos_budget():
+    """The demo trains shorter than the defaults (the study's): its pretraining and every run stage (step 0, the
+    runs that start from it, joint) pass pipeline.budget, so a run's params name the step 0 it started from."""
+    budget = default_params()["pipeline"]["budget"]
+    assert budget["epochs"] < default_params()["train"]["epochs"]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = {name: stage.get("do", stage)["cmd"] for name, stage in stages.items()}
+    runs = [name for name, cmd in commands.items() if cmd.startswith("python -m recall.stages.run ")]
+    assert sorted(runs) == ["joint", "replay_run", "run", "step0"]
+    for name in runs:
+        assert commands[name].endswith(" train.epochs=${pipeline.budget.epochs}"), name
+    assert commands["pretrain"].endswith(" pretrain.epochs=${pipeline.budget.pretrain_epochs}")
