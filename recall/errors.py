@@ -9,6 +9,10 @@ class UserError(ValueError):
     exits with status 2; the message names the offending value or file and what to do."""
 
 
+class ReplayError(UserError):
+    """A problem with a replay source or pool; the message names the offending path or value."""
+
+
 class Diverged(FloatingPointError):
     """Training met a loss, a gradient or weights that are not finite (nan, inf) and stopped before it saved them.
     An ArithmeticError, not a UserError: `recall tune` fails that trial and goes on (a ValueError stops a study)."""

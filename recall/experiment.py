@@ -136,6 +136,11 @@ class ProtocolRun:
         return image_classes(self.root, ids, num_classes=self.num_classes, mask_dir=self.cfg.dataset.mask_dir,
                              image_dir=self.cfg.dataset.image_dir, cache=cache, progress=False)
 
+    def fit(self, model: torch.nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
+            train_cfg: TrainConfig) -> list[float]:
+        """Train `model` with the run's loop (a method's extra model, e.g. RECALL's helper decoders)."""
+        return train_step(model, method, loader, ctx, train_cfg)
+
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> DataLoader:
         classes = self.classes_of(self.cfg.dataset.train_split)

@@ -21,9 +21,11 @@ PACKAGE = "recall"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # a lazy reference to a module of the package in a string (registries: "recall.sim.toy_gan:ToyGenerator")
 MODULE_REFERENCE = re.compile(rf"^{PACKAGE}(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
-# modules that compose a directory of config files: whatever those files name ("replay.truth.labels:
-# recall.sim.truth:gan_label_quality") may run too, so it is part of the closure of the module that reads them
-CONFIG_READERS = {f"{PACKAGE}.config": PACKAGE_DIR.parent / "conf"}
+# the modules that call what config files name ("replay.truth.labels: recall.sim.truth:gan_label_quality"): those
+# names are part of their closure (not of every module that composes a config: the pretraining never runs a replay
+# scorer). A test holds every other `resolve(...)` of the package to a registry of its own module.
+CONFIG_READERS = {f"{PACKAGE}.methods.replay": PACKAGE_DIR.parent / "conf",
+                  f"{PACKAGE}.stages.classmap": PACKAGE_DIR.parent / "conf"}
 
 
 def module_file(name: str) -> Path | None:

@@ -83,12 +83,120 @@ def test_the_closure_follows_lazy_imports_and_registry_names():
     assert "recall/methods" in code_deps("recall.stages.run")  # a directory stands for all its files
 
 
-def test_a_module_a_config_file_names_is_code_of_every_stage_that_composes_the_config():
+def test_a_module_a_config_file_names_is_code_of_every_stage_that_calls_it():
     """replay.truth names recall.sim.truth in conf/replay/toy_gan.yaml: a run executes it, so editing it must make
-    DVC re-run the runs (the closure follows config files as it follows registry strings)."""
+    DVC re-run the runs (the closure follows config files as it follows registry strings), but not the
+    pretraining, which composes a config and never calls a replay scorer."""
     from recall.provenance import PACKAGE_DIR, configured_modules, import_closure
 
     named = configured_modules(PACKAGE_DIR.parent / "conf")
     assert "recall.sim.truth" in named
     closure = import_closure("recall.stages.run")
     assert PACKAGE_DIR / "sim" / "truth.py" in closure and PACKAGE_DIR / "sim" / "toy_web.py" in closure
+    assert PACKAGE_DIR / "sim" / "truth.py" not in import_closure("recall.stages.pretrain")
+
+
+def test_only_the_config_readers_resolve_names_that_are_not_their_own_registrys():
+    """`resolve(x)` runs the module a "module:attribute" string names. Where x is a module-level constant (or an
+    entry of one: SOURCES[name]) the closure sees the string in that module; any other x comes from a config file,
+    and its module must be a CONFIG_READER, whose closure holds every module conf/ names."""
+    from recall.provenance import CONFIG_READERS
+
+    readers, checked = set(), 0
+    for path in PACKAGE_DIR.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        constants = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                     if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "resolve" and node.args:
+                arg = node.args[0]
+                base = arg.value if isinstance(arg, ast.Subscript) else arg
+                checked += 1
+                if not (isinstance(base, ast.Name) and base.id in constants):
+                    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+                    readers.add(".".join(parts))
+    assert checked >= 5 and readers == set(CONFIG_READERS), readers
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules its import statements name (anywhere in its source, lazy ones included):
+    the most specific module of each name (`from recall.methods import Method`: recall.methods, the package)."""
+    from recall.provenance import _package_of, module_file
+
+    graph = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = _package_of(name, path).split(".")
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                names = [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for imported in names:
+                while imported and module_file(imported) is None:
+                    imported = imported.rpartition(".")[0]
+                if imported and imported != name:
+                    targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iteratively)."""
+    index, low, on_stack, stack, circles = {}, {}, set(), [], []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    circles.append(sorted(component))
+    return circles
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    """No import circle in recall/, lazy imports (inside functions) included: a method gets the training loop
+    from the run (`RunServices.fit`), the pool's hashing lives in the leakage guard, ReplayError in errors.py."""
+    graph = import_graph()
+    assert len(graph) > 60 and "recall.replay.leakage" in graph["recall.replay.pool"]
+    assert import_circles(graph) == []
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the finder finds
+
+
+def test_editing_the_pool_leaves_the_pretraining_up_to_date():
+    """The pretraining reads its classifier through classmap.py, which no longer reaches the pool code."""
+    closure = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("recall.stages.pretrain")}
+    assert "replay/classmap.py" in closure and "replay/pool.py" not in closure and "replay/leakage.py" not in closure

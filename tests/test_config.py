@@ -113,10 +113,12 @@ def test_every_training_stage_of_the_demo_takes_the_demos_budget():
     runs that start from it, joint) pass pipeline.budget, so a run's params name the step 0 it started from."""
     budget = default_params()["pipeline"]["budget"]
     assert budget["epochs"] < default_params()["train"]["epochs"]
+    assert budget["epochs_incremental"] <= default_params()["train"]["epochs_incremental"]
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     commands = {name: stage.get("do", stage)["cmd"] for name, stage in stages.items()}
     runs = [name for name, cmd in commands.items() if cmd.startswith("python -m recall.stages.run ")]
     assert sorted(runs) == ["joint", "replay_run", "run", "step0"]
     for name in runs:
-        assert commands[name].endswith(" train.epochs=${pipeline.budget.epochs}"), name
+        assert commands[name].endswith(" train.epochs=${pipeline.budget.epochs}"
+                                       " train.epochs_incremental=${pipeline.budget.epochs_incremental}"), name
     assert commands["pretrain"].endswith(" pretrain.epochs=${pipeline.budget.pretrain_epochs}")

@@ -21,7 +21,8 @@ from recall.replay.classmap import (
     save_mapping,
 )
 from recall.replay.gan import CONFIG_NAME, WEIGHTS_NAME, BigGANSource, load_biggan
-from recall.replay.pool import ReplayError, ReplayPool, build_pool
+from recall.replay.pool import ReplayPool, build_pool
+from recall.errors import ReplayError
 from recall.replay.weights import imagenet_names
 from recall.sim.standin_weights import (
     make_standin_classifier,

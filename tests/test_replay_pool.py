@@ -17,15 +17,9 @@ from recall.data.transforms import eval_transform
 from recall.data.voc import load_image, read_split
 from recall.replay.classmap import load_mapping, map_classes, save_mapping
 from recall.replay.folder import FolderSource
-from recall.replay.leakage import LeakageGuard
-from recall.replay.pool import (
-    PoolDataset,
-    ReplayError,
-    ReplayPool,
-    build_pool,
-    dataset_hashes,
-    describe_problems,
-)
+from recall.errors import ReplayError
+from recall.replay.leakage import LeakageGuard, dataset_hashes
+from recall.replay.pool import PoolDataset, ReplayPool, build_pool, describe_problems
 from recall.replay.sources import build_source
 from recall.sim.toy_gan import ToyGenerator
 from recall.sim.toyworld import generate

@@ -76,7 +76,7 @@ def test_pretrain_writes_the_encoder_the_classifier_and_its_accuracy(pretrained:
 
 def test_the_segmentation_model_starts_from_the_pretrained_encoder(pretrained: Path, tmp_path: Path):
     from recall.model import ModelConfig, SegmentationModel
-    from recall.replay.pool import ReplayError
+    from recall.errors import ReplayError
 
     model = SegmentationModel(ModelConfig(pretrained_file=str(pretrained / "encoder.pth")), [15])
     saved = torch.load(pretrained / "encoder.pth", weights_only=True)
@@ -121,7 +121,7 @@ def test_the_class_map_sees_the_held_out_images_as_the_pretraining_did(pretraine
 
 def test_a_classifier_file_without_its_preprocessing_is_refused(pretrained: Path, tmp_path: Path):
     from recall.replay.classmap import imagenet_classifier, save_classifier
-    from recall.replay.pool import ReplayError
+    from recall.errors import ReplayError
 
     state = torch.load(pretrained / "classifier.pth", weights_only=True)["state_dict"]
     torch.save(state, tmp_path / "plain.pth")

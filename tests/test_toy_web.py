@@ -10,15 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from recall.data.classes import VOC_CLASSES, web_query
-from recall.replay.pool import (
-    ReplayError,
-    ReplayPool,
-    build_pool,
-    dataset_hashes,
-    encode_jpeg,
-    pixel_sha256,
-    sha256_bytes,
-)
+from recall.errors import ReplayError
+from recall.replay.leakage import dataset_hashes, pixel_sha256, sha256_bytes
+from recall.replay.pool import ReplayPool, build_pool, encode_jpeg
 from recall.replay.sources import build_source
 from recall.sim.toy_web import FLICKR_LICENSES, ToyWebPhotos
 from recall.sim.toyworld import SPLIT_CODES, generate, render_sample

@@ -19,7 +19,8 @@ import requests
 from PIL import Image
 
 from recall.replay.leakage import LeakageGuard, perceptual_hash
-from recall.replay.pool import ReplayError, ReplayPool, build_pool
+from recall.replay.pool import ReplayPool, build_pool
+from recall.errors import ReplayError
 from recall.replay.web import FlickrSource, parse_retry_after
 from recall.sim.flickr_standin import STANDIN_KEY, FlickrStandIn
 from recall.sim.toy_web import FLICKR_LICENSES, ToyWebPhotos

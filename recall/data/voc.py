@@ -28,7 +28,8 @@ MASK_MODES = ("P", "L")
 CACHE_VERSION = 1
 
 # Errors PIL raises for unreadable / truncated / corrupt files.
-_PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# Errors PIL raises for unreadable / truncated / corrupt files.
+PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DatasetError(UserError):
@@ -71,7 +72,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except _PIL_ERRORS as error:
+    except PIL_ERRORS as error:
         raise DatasetError(f"{path}: cannot read image ({error})") from error
 
 
@@ -86,7 +87,7 @@ def load_mask(path: str | Path) -> np.ndarray:
                 raise DatasetError(f"{path}: mask has mode {image.mode!r}; expected a palette ('P') or "
                                    f"grey ('L') PNG of class indices")
             return np.array(image, dtype=np.uint8)
-    except _PIL_ERRORS as error:
+    except PIL_ERRORS as error:
         if isinstance(error, DatasetError):
             raise
         raise DatasetError(f"{path}: cannot read mask ({error})") from error
@@ -101,7 +102,7 @@ def check_image_header(path: Path, mask_path: Path, mask_shape: tuple[int, int])
     try:
         with Image.open(path) as opened:
             size = opened.size
-    except _PIL_ERRORS as error:
+    except PIL_ERRORS as error:
         raise DatasetError(f"{path}: cannot read the image ({error})") from error
     if size != mask_shape[::-1]:
         raise DatasetError(f"{mask_path}: mask size {mask_shape[1]}x{mask_shape[0]} differs from its image {path} "

@@ -59,6 +59,9 @@ class RunServices(Protocol):
     def device(self) -> torch.device: ...
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> torch.utils.data.DataLoader: ...
+    def fit(self, model: nn.Module, method: Method, loader: torch.utils.data.DataLoader, ctx: StepContext,
+            train_cfg: object) -> list[float]:
+        """Train `model` with the run's loop (recall.train.train_step), e.g. a method's helper model."""
 
 
 class Method:

@@ -88,8 +88,6 @@ class Recall(ReplayMethod):
     def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
         """The helper decoder of step `step`: the frozen step-0 encoder + a decoder for background and the step's
         classes, trained on the step's data. It labels the replay images of those classes later."""
-        from recall.train import train_step  # the loop imports the methods: import it when called
-
         if not self.needs_helper(run, step):
             return
         helper = self.helper_model(run, step)
@@ -99,8 +97,8 @@ class Recall(ReplayMethod):
             remap[c] = 1 + i
         ctx = StepContext(step=step, task=run.task, new_classes=list(run.task[step]), old_classes=[],
                           setting=run.setting)
-        train_step(helper, FineTuning(freeze_encoder=True), run.train_loader(step, generator, label_map=remap), ctx,
-                   self.helper_train_config(run.train_cfg))
+        run.fit(helper, FineTuning(freeze_encoder=True), run.train_loader(step, generator, label_map=remap), ctx,
+                self.helper_train_config(run.train_cfg))
         if distributed.is_main():
             save_checkpoint(helper, run.step_dir(step) / "helper.pt",
                             {"classes_per_step": [len(run.task[step])], "helper_for": run.task[step]})

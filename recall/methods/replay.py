@@ -38,7 +38,8 @@ from recall.model import load_checkpoint
 from recall.ownership import partial_of
 from recall.provenance import content_id
 from recall.registry import resolve
-from recall.replay.pool import PoolDataset, ReplayPool, dataset_hashes, describe_problems, pool_owner
+from recall.replay.pool import PoolDataset, ReplayPool, describe_problems, pool_owner
+from recall.replay.leakage import dataset_hashes
 
 # method.labels: where replay labels come from. "evaluated" is label evaluation (the method's `labeller` models);
 # "oracle" corrects its labels of the image's own class to the true mask, which only a simulated source knows

@@ -26,7 +26,7 @@ from recall.atomic import write_json
 from recall.data.classes import VOC_CLASSES
 from recall.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from recall.data.voc import image_classes, load_image, read_split
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 from recall.replay.weights import IMAGENET_NUM_CLASSES, imagenet_names, load_strictly, read_checkpoint
 
 SCORE_DECIMALS = 6

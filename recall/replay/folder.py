@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from recall.replay.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits, Skip, decode_image
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_MIN_SIZE = 1  # a user's own images: no lower limit unless asked (the web source's default is 32)

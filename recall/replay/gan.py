@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from recall.replay.classmap import checked_mapping
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 from recall.replay.weights import file_sha256, imagenet_names, load_strictly, read_state_dict
 
 if TYPE_CHECKING:  # the library imports boto3 and scipy (~1 s): loaded only when a BigGAN is used

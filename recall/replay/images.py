@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from recall.replay.pool import PIL_ERRORS
+from recall.data.voc import PIL_ERRORS
 
 DEFAULT_MIN_SIZE = 32  # the 64-px toy world; for real Flickr photos use ~200
 DEFAULT_MAX_PIXELS = 40_000_000  # below PIL's own guard (Image.MAX_IMAGE_PIXELS, ~89 M)

@@ -4,7 +4,7 @@ Pascal VOC's photos were themselves taken from Flickr, so a web crawl for "cat" 
 *evaluation* image, resized or recompressed. Replaying it would leak test data into training. When a
 pool is built, every candidate image is compared with every train and val image of the dataset:
 
-- *exact*: sha256 of the file bytes and of the decoded RGB pixels (``recall.replay.pool.pixel_sha256``);
+- *exact*: sha256 of the file bytes and of the decoded RGB pixels (``pixel_sha256``);
 - *perceptual*: a 64-bit DCT hash (pHash: the signs of the 8×8 lowest frequencies of a 32×32 grey
   thumbnail against their median), which survives resizing and recompression. A candidate within
   ``max_distance`` bits (Hamming) of a dataset image whose 8×8 colour thumbnail is also close
@@ -16,12 +16,16 @@ pool is built, every candidate image is compared with every train and val image 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from recall.data.voc import PIL_ERRORS, DatasetError, read_split
 
 
 HASH_SIZE = 8  # 8×8 low frequencies = 64 bits
@@ -34,6 +38,60 @@ DEFAULT_MAX_DISTANCE = 6
 # distinct pHash pair found (two smooth scenes, 6 bits apart) 31.
 MAX_COLOUR_DIFFERENCE = 16.0
 COLOUR_THUMBNAIL = 8
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels (with the size), equal for byte-different encodings of one image."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    digest = hashlib.sha256(f"rgb:{array.shape[1]}x{array.shape[0]}:".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def dataset_images(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
+                   suffix: str = ".jpg", progress: bool = False, desc: str = "hashing dataset images"
+                   ) -> Iterator[tuple[str, str, bytes, Image.Image]]:
+    """``(split, image id, file bytes, decoded image)`` of every image of ``splits``, for hashing them.
+
+    A missing or undecodable file raises ``DatasetError`` naming it. The image is closed after each step.
+    """
+    root = Path(root)
+    items = [(split, image_id) for split in splits for image_id in read_split(root, split)]
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=desc, unit="img")
+    for split, image_id in items:
+        path = root / image_dir / f"{image_id}{suffix}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as error:
+            raise DatasetError(f"{path}: file is missing; the image listed in split {split!r} has no file") from error
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except PIL_ERRORS as error:
+            raise DatasetError(f"{path}: cannot read image ({error})") from error
+        with image:
+            yield split, image_id, data, image
+
+
+def dataset_hashes(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
+                   suffix: str = ".jpg", progress: bool = False) -> set[str]:
+    """sha256 of the file bytes and of the decoded RGB pixels of every image of ``splits``.
+
+    A run checks its replay pool against them before training (``recall.replay.leakage`` does more when a
+    pool is built).
+    """
+    hashes: set[str] = set()
+    for _, _, data, image in dataset_images(root, splits, image_dir, suffix, progress):
+        hashes.update({sha256_bytes(data), pixel_sha256(image)})
+    return hashes
+
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -102,8 +160,6 @@ class LeakageGuard:
                      suffix: str = ".jpg", max_distance: int = DEFAULT_MAX_DISTANCE,
                      progress: bool = False) -> LeakageGuard:
         """Hash every image of ``splits`` (file bytes, decoded pixels, pHash); ids are ``<split>/<image id>``."""
-        from recall.replay.pool import dataset_images, pixel_sha256, sha256_bytes
-
         exact: set[str] = set()
         perceptual: dict[str, int] = {}
         thumbnails: dict[str, np.ndarray] = {}

@@ -30,7 +30,6 @@ other parameters, is refused, and so is building into a directory recall did not
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -44,16 +43,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import tv_tensors
 
 from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
-from recall.data.voc import DatasetError, load_mask, read_split
-from recall.errors import UserError
+from recall.data.voc import PIL_ERRORS, DatasetError, load_mask
+from recall.errors import ReplayError
 from recall.locks import DirectoryLock
 from recall.ownership import Marker, claim, read_marker, write_marker
-from recall.replay.leakage import LeakageGuard
+from recall.replay.leakage import LeakageGuard, pixel_sha256, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +74,6 @@ REQUIRED_FIELDS = ("id", "target_class", "sha256")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _ID_PATTERN = re.compile(r"^c(\d+)_(\d+)$")
 _TEMP_PATTERN = re.compile(r"^\.(c\d+_\d+\.jpg)\.\d+\.tmp$")  # recall.atomic's temp file of an image
-# Errors PIL raises for unreadable / truncated / corrupt files.
-PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class ReplayError(UserError):
-    """A problem with a replay source or pool; the message names the offending path or value."""
-
-
 class ReplaySource(Protocol):
     """What ``build_pool`` asks of a source (``FolderSource``, ``ToyGenerator``, a web client...).
 
@@ -104,65 +95,10 @@ class ReplaySource(Protocol):
     def params(self) -> dict: ...
 
 
-# ------------------------------------------------------------------------------ hashing
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def pixel_sha256(image: Image.Image) -> str:
-    """sha256 of the decoded RGB pixels (with the size), equal for byte-different encodings of one image."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    digest = hashlib.sha256(f"rgb:{array.shape[1]}x{array.shape[0]}:".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
 def encode_jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
-
-
-def dataset_images(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
-                   suffix: str = ".jpg", progress: bool = False, desc: str = "hashing dataset images"
-                   ) -> Iterator[tuple[str, str, bytes, Image.Image]]:
-    """``(split, image id, file bytes, decoded image)`` of every image of ``splits``, for hashing them.
-
-    A missing or undecodable file raises ``DatasetError`` naming it. The image is closed after each step.
-    """
-    root = Path(root)
-    items = [(split, image_id) for split in splits for image_id in read_split(root, split)]
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, desc=desc, unit="img")
-    for split, image_id in items:
-        path = root / image_dir / f"{image_id}{suffix}"
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as error:
-            raise DatasetError(f"{path}: file is missing; the image listed in split {split!r} has no file") from error
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except PIL_ERRORS as error:
-            raise DatasetError(f"{path}: cannot read image ({error})") from error
-        with image:
-            yield split, image_id, data, image
-
-
-def dataset_hashes(root: str | Path, splits: Iterable[str] = ("train", "val"), image_dir: str = "JPEGImages",
-                   suffix: str = ".jpg", progress: bool = False) -> set[str]:
-    """sha256 of the file bytes and of the decoded RGB pixels of every image of ``splits``.
-
-    A run checks its replay pool against them before training (``recall.replay.leakage`` does more when a
-    pool is built).
-    """
-    hashes: set[str] = set()
-    for _, _, data, image in dataset_images(root, splits, image_dir, suffix, progress):
-        hashes.update({sha256_bytes(data), pixel_sha256(image)})
-    return hashes
 
 
 def _append_line(path: Path, record: Mapping) -> None:

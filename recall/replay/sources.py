@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 
 from recall.registry import resolve
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 
 SOURCES: dict[str, str] = {
     "folder": "recall.replay.folder:FolderSource",  # your own images, ROOT/<class_name>/*.jpg

@@ -56,7 +56,7 @@ from recall.data.classes import web_query
 from recall.registry import resolve
 from recall.replay.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, ImageLimits, Skip,
                                   decode_image)
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 
 log = logging.getLogger(__name__)
 

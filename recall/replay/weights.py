@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 
 IMAGENET_NUM_CLASSES = 1000
 # A checkpoint may wrap the state dict (e.g. {"state_dict": ..., "epoch": ...}); tried in this order.

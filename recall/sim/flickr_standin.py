@@ -51,7 +51,8 @@ from xml.etree import ElementTree
 from PIL import Image
 
 from recall.data.classes import VOC_CLASSES, web_query
-from recall.replay.pool import PIL_ERRORS, ReplayError
+from recall.data.voc import PIL_ERRORS
+from recall.errors import ReplayError
 from recall.sim.toy_web import DEFAULT_PER_CLASS_LIMIT, ToyWebPhotos
 
 log = logging.getLogger(__name__)

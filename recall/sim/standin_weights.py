@@ -30,7 +30,7 @@ import torch
 from recall.atomic import write_bytes
 from recall.replay.classmap import STANDIN_MODEL, _create_timm_model, save_classifier
 from recall.replay.gan import CONFIG_NAME, WEIGHTS_NAME, _library, truncated_noise
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 from recall.replay.weights import IMAGENET_NUM_CLASSES
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from recall.replay.classmap import checked_mapping
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 from recall.sim.toy_imagenet import NUM_CLASSES, class_space
 from recall.sim.toyworld import PIXEL_NOISE_STD, draw_object, render_background
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from recall.data.classes import web_query
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 from recall.sim.toyworld import (
     CLASS_STYLES,
     draw_object,

@@ -24,7 +24,7 @@ from recall.data.classes import class_names
 from recall.atomic import write_json
 from recall.registry import resolve
 from recall.replay.classmap import SCORE_DECIMALS, imagenet_classifier, map_classes, save_mapping, shared_sources
-from recall.replay.pool import ReplayError
+from recall.errors import ReplayError
 
 
 def _options(section) -> dict:
