@@ -205,6 +205,15 @@ def open_client(uri: str) -> MlflowClient:
     return client
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of the store at `uri` keeps its artifacts: for a sqlite file, `mlruns/` beside the
+    file (MLflow's own default is `./mlruns` of whichever directory the first run started in); for a server, its
+    own default (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns")
+
+
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the experiment type MLflow 3's UI lets a person choose
 
 
@@ -228,7 +237,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            client.create_experiment(name)
+            client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
         except MlflowException:  # another worker created it in the meantime
             pass
         found = client.get_experiment_by_name(name)

@@ -185,3 +185,19 @@ def test_a_run_resumed_against_another_store_is_logged_there_afresh(pipeline, tm
     assert parent.data.metrics == pipeline.step0.data.metrics
     saved = json.loads((run_dir / "steps" / "mlflow_run.json").read_text())
     assert saved["run_id"] == parent.info.run_id and saved["tracking_uri"] == uri
+
+
+def test_a_sqlite_stores_artifacts_sit_beside_it_whatever_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    from recall.tracking import StageTracker
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (tmp_path / "note.txt").write_text("a file the run logs")
+    store = tmp_path / "store" / "mlflow.db"
+    store.parent.mkdir()
+    run_id = StageTracker(f"sqlite:///{store}", "toy").log("classmap · toy_gan", "classmap", "recall classmap",
+                                                          {"k": 1}, {"m": 0.5}, [tmp_path / "note.txt"])
+    run = MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run_id)
+    assert Path(run.info.artifact_uri).is_relative_to(store.parent / "mlruns")
+    assert (Path(run.info.artifact_uri) / "note.txt").read_text() == "a file the run logs"
+    assert list(elsewhere.iterdir()) == []  # MLflow's default would have made ./mlruns here

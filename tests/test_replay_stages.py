@@ -31,7 +31,7 @@ def test_gan_stages_make_weights_mapping_and_pool(tmp_path: Path, tiny_world: Pa
     common = [f"dataset.root={tiny_world}", "replay=gan", f"replay.source.weights={weights}/biggan",
               f"replay.classifier.weights={weights}/imagenet_classifier.pth",
               f"replay.mapping={tmp_path}/gan_mapping.json", f"replay.pool={tmp_path}/pool", "replay.per_class=3"]
-    assert main(["classmap", *common]) == 0
+    assert main(["classmap", *common, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
     mapping = json.loads((tmp_path / "gan_mapping.json").read_text())
     present = [m for m in mapping.values() if m["n_images"]]
     assert present and all(0 <= m["source_class"] < 1000 and len(m["top_k"]) == 3 for m in present)
