@@ -20,7 +20,8 @@ Conventions (see docs/design.md, "Conventions differ between the papers"):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -218,10 +219,53 @@ def mean_forgetting(per_class: Mapping[str, float | None], classes: Iterable[str
     return sum(known) / len(known) if known else None
 
 
-def derived(result: Mapping) -> dict[str, float | None]:
-    """The numbers derived from a step's result record (metrics.json `steps[i]`): `hmean` of old_no_bg and new, and
-    `forgetting_mean`, the mean forgetting of the old classes (the step-0 classes without background, the record's
-    `old_classes`), as "old" is defined everywhere. The report, MLflow and `recall tune` all take them from here."""
+@dataclass(frozen=True)
+class Summary:
+    """One number of a step's result record (metrics.json `steps[i]`), defined once: the report, the study's tables,
+    MLflow and `recall tune` read it from `SUMMARIES`. An mIoU summary is read from the record's `miou`; a derived one
+    is computed from the record by `compute`. Adding a derived number is one function and one `SUMMARIES` line."""
+
+    name: str        # metrics.json / report / study key
+    label: str       # column title in the study's tables
+    mlflow: str      # MLflow metric key (its Optuna name: "/" -> "_")
+    direction: str   # "maximize" | "minimize": the Optuna direction when it is `tune.objective`
+    compute: Callable[[Mapping], float | None] | None = None  # None: result["miou"][name]
+
+    def value(self, result: Mapping) -> float | None:
+        return result["miou"].get(self.name) if self.compute is None else self.compute(result)
+
+    @property
+    def derived(self) -> bool:
+        return self.compute is not None
+
+
+def _hmean_old_new(result: Mapping) -> float | None:
     miou = result["miou"]
-    return {"hmean": hmean(miou.get("old_no_bg"), miou.get("new")),
-            "forgetting_mean": mean_forgetting(result.get("forgetting") or {}, result.get("old_classes") or ())}
+    return hmean(miou.get("old_no_bg"), miou.get("new"))
+
+
+def _forgetting_old(result: Mapping) -> float | None:
+    """The mean forgetting of the old classes: the step-0 classes without background (the record's `old_classes`),
+    as "old" is defined everywhere."""
+    return mean_forgetting(result.get("forgetting") or {}, result.get("old_classes") or ())
+
+
+SUMMARIES: dict[str, Summary] = {s.name: s for s in (
+    Summary("old_no_bg", "old (no bg)", "miou/old_no_bg", "maximize"),
+    Summary("new", "new", "miou/new", "maximize"),
+    Summary("all", "all", "miou/all", "maximize"),
+    Summary("all_no_bg", "all (no bg)", "miou/all_no_bg", "maximize"),
+    Summary("old", "old (with bg)", "miou/old", "maximize"),
+    Summary("hmean", "hmean", "miou/hmean", "maximize", _hmean_old_new),
+    Summary("forgetting_mean", "forgetting (old)", "forgetting/mean", "minimize", _forgetting_old),
+)}
+
+
+def derived_summaries() -> list[Summary]:
+    return [s for s in SUMMARIES.values() if s.derived]
+
+
+def derived(result: Mapping) -> dict[str, float | None]:
+    """The derived numbers of a step's result record (`SUMMARIES` with a `compute`: `hmean` of old_no_bg and new,
+    `forgetting_mean` of the old classes, ...), by name."""
+    return {s.name: s.compute(result) for s in derived_summaries()}

@@ -13,13 +13,13 @@ import matplotlib
 
 from recall.atomic import write_json, write_text
 from recall.figures import save_figure
-from recall.metrics import derived
+from recall.metrics import SUMMARIES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 KEY = ("protocol", "setting", "method", "replay")
-METRICS = ("old_no_bg", "new", "all", "all_no_bg")
+METRICS = ("old_no_bg", "new", "all", "all_no_bg")  # its columns, from recall.metrics.SUMMARIES
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
 COLUMNS = (*KEY, "options", "seeds", "steps", *METRICS)
 
@@ -63,7 +63,7 @@ def rows(runs: list[dict]) -> list[dict]:
         row = {**dict(zip(KEY, key)), "options": key[-1], "seeds": ",".join(str(r.get("seed", "")) for r in members),
                "steps": len(members[0]["steps"])}
         for m in METRICS:
-            values = [r["final"]["miou"].get(m) for r in members]
+            values = [SUMMARIES[m].value(r["final"]) for r in members]
             values = [v for v in values if v is not None]
             row[m] = statistics.fmean(values) if values else None
             row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -192,7 +192,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
     writer.writeheader()
     writer.writerows(table)
     write_text(out / "summary.csv", buffer.getvalue())
-    summary = {r["dir"].name: {**{k: r["final"]["miou"].get(k) for k in METRICS}, **label_quality(r["final"])}
+    summary = {r["dir"].name: {**{k: SUMMARIES[k].value(r["final"]) for k in METRICS}, **label_quality(r["final"])}
                for r in runs}
     write_json(out / "summary.json", summary)
     plot_curves(runs, out / "curves.png")

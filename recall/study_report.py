@@ -23,12 +23,21 @@ from pathlib import Path
 from recall.atomic import write_json
 from recall.data.protocol import steps
 from recall.figures import save_figure
-from recall.metrics import derived, hmean, summarize
+from recall.metrics import SUMMARIES, derived, derived_summaries, summarize
 from recall.report import METRICS, REPLAY_BARS, plt
 from recall.study import base_of, load
 
-STUDY_METRICS = (*METRICS, "hmean", "forgetting_mean")
-TABLE_METRICS = ("old_no_bg", "new", "all", "hmean", "forgetting_mean")
+
+def study_metrics() -> tuple[str, ...]:
+    """The numbers of each study cell: the report's mIoUs and every derived number of recall.metrics.SUMMARIES."""
+    return (*METRICS, *(s.name for s in derived_summaries()))
+
+
+def table_metrics() -> tuple[str, ...]:
+    """The columns of the study's tables."""
+    return ("old_no_bg", "new", "all", *(s.name for s in derived_summaries()))
+
+
 NO_DIFFERENCE = "no difference"
 
 
@@ -65,7 +74,7 @@ def _joint_scores(metrics: dict, protocol: str) -> dict:
     iou = [float("nan") if v is None else v for v in iou]
     task = steps(protocol, len(names) - 1)
     scores = summarize(iou, task[0], [c for s in task[1:] for c in s])
-    return {**scores, "hmean": hmean(scores["old_no_bg"], scores["new"]), "forgetting_mean": None}
+    return {**scores, **derived({"miou": scores})}  # no forgetting: joint has one step
 
 
 def study_cells(study: dict, root: Path = Path(".")) -> dict:
@@ -94,7 +103,7 @@ def study_cells(study: dict, root: Path = Path(".")) -> dict:
     for (world, protocol, variant), members in grouped.items():
         members.sort(key=lambda m: m["seed"])
         entry = {"seeds": [m["seed"] for m in members]}
-        for metric in STUDY_METRICS:
+        for metric in study_metrics():
             values = [m[metric] for m in members if m.get(metric) is not None]
             if values:
                 entry[metric] = mean_std(values)
@@ -112,11 +121,11 @@ def paired(cell_a: dict, cell_b: dict, metric: str) -> dict[int, float]:
 def study_tables(cells: dict, variants: list[str]) -> dict:
     """One table per world and protocol: a row per variant (in the spec's order, joint last), mean ± std over
     seeds."""
-    columns = ["variant", "old (no bg)", "new", "all", "hmean", "forgetting (old)", "seeds"]
+    columns = ["variant", *(SUMMARIES[m].label for m in table_metrics()), "seeds"]
     out = {}
     for world, protocols in cells.items():
         for protocol, by_variant in protocols.items():
-            rows = [[v, *(by_variant[v].get(m, {}).get("text") for m in TABLE_METRICS), len(by_variant[v]["seeds"])]
+            rows = [[v, *(by_variant[v].get(m, {}).get("text") for m in table_metrics()), len(by_variant[v]["seeds"])]
                     for v in [*variants, "joint"] if v in by_variant]
             out[f"{world}_{protocol}"] = {"columns": columns, "rows": rows}
     return out

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
 from recall.atomic import write_json
 from recall.config import strip_password
 from recall.locks import exclusive
-from recall.metrics import derived
+from recall.metrics import derived_summaries
 from recall.provenance import content_id
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -171,10 +171,9 @@ def step_metrics(result: dict) -> dict[str, float]:
     metrics = {f"miou/{k}": v for k, v in result["miou"].items() if v is not None}
     metrics.update({f"iou/{_metric_name(c)}": v for c, v in result["iou"].items() if v is not None})
     metrics.update({f"forgetting/{_metric_name(c)}": v for c, v in result["forgetting"].items() if v is not None})
-    extra = derived(result)
-    for key, name in (("hmean", "miou/hmean"), ("forgetting_mean", "forgetting/mean")):
-        if extra[key] is not None:
-            metrics[name] = extra[key]
+    for summary in derived_summaries():  # miou/hmean, forgetting/mean, ...
+        if (value := summary.compute(result)) is not None:
+            metrics[summary.mlflow] = value
     metrics.update(result.get("statistics", {}))  # e.g. replay/pool_images, replay/labelled_share, ...
     return metrics
 

@@ -35,11 +35,23 @@ from optuna.trial import TrialState
 from recall.atomic import write_text
 from recall.config import compose, strip_password
 from recall.locks import exclusive
-from recall.metrics import hmean
+from recall.metrics import SUMMARIES
 from recall.ownership import remove_ours
 
-OBJECTIVES = {"all": ("maximize",), "hmean": ("maximize",), "old_new": ("maximize", "maximize")}
-OBJECTIVE_NAMES = {"all": ["miou_all"], "hmean": ["hmean_old_new"], "old_new": ["miou_old_no_bg", "miou_new"]}
+# tune.objective: any number of recall.metrics.SUMMARIES by its name (its direction is Optuna's), or old_new, the
+# multi-objective (old_no_bg, new)
+def objective_metrics() -> dict[str, tuple[str, ...]]:
+    """tune.objective -> the SUMMARIES it optimizes."""
+    return {**{name: (name,) for name in SUMMARIES}, "old_new": ("old_no_bg", "new")}
+
+
+def directions(objective: str) -> tuple[str, ...]:
+    return tuple(SUMMARIES[m].direction for m in objective_metrics()[objective])
+
+
+def objective_names(objective: str) -> list[str]:
+    """Optuna's names of the objective's values (its figures' axes): the MLflow keys, "/" -> "_"."""
+    return [SUMMARIES[m].mlflow.replace("/", "_") for m in objective_metrics()[objective]]
 PRUNERS = ("current_value", "median", "none")
 SAMPLERS = ("tpe", "random")
 TYPES = ("float", "int", "categorical")
@@ -169,19 +181,16 @@ def as_overrides(params: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------- objective
 def step_value(result: dict, objective: str) -> float | None:
     """The value reported to Optuna after an incremental step (None at step 0, identical for every trial, and for
-    the multi-objective `old_new`, which Optuna cannot prune)."""
-    if result["step"] == 0 or objective == "old_new":
+    a multi-objective study such as `old_new`, which Optuna cannot prune)."""
+    metrics = objective_metrics()[objective]
+    if result["step"] == 0 or len(metrics) > 1:
         return None
-    miou = result["miou"]
-    return miou["all"] if objective == "all" else hmean(miou["old_no_bg"], miou["new"])
+    return SUMMARIES[metrics[0]].value(result)
 
 
-def final_values(miou: dict, objective: str) -> list[float | None]:
-    if objective == "all":
-        return [miou["all"]]
-    if objective == "hmean":
-        return [hmean(miou["old_no_bg"], miou["new"])]
-    return [miou["old_no_bg"], miou["new"]]
+def final_values(result: dict, objective: str) -> list[float | None]:
+    """The objective's values of a run's final step record (metrics.json `final`)."""
+    return [SUMMARIES[m].value(result) for m in objective_metrics()[objective]]
 
 
 class CurrentValuePruner(optuna.pruners.BasePruner):
@@ -228,7 +237,7 @@ def build_pruner(spec: dict, objective: str) -> optuna.pruners.BasePruner:
     if unknown:
         raise ValueError(f"tune.pruner: unknown field(s) {sorted(unknown)}; "
                          "allowed: name, n_startup_trials, n_warmup_steps, percentile")
-    if len(OBJECTIVES[objective]) > 1 or name == "none":
+    if len(directions(objective)) > 1 or name == "none":
         return optuna.pruners.NopPruner()
     startup, warmup = int(spec.get("n_startup_trials", 4)), int(spec.get("n_warmup_steps", 1))
     if name == "median":
@@ -310,7 +319,7 @@ class Settings:
 
     @property
     def multi(self) -> bool:
-        return len(OBJECTIVES[self.objective]) > 1
+        return len(directions(self.objective)) > 1
 
 
 def read_settings(cfg: DictConfig) -> Settings:
@@ -322,8 +331,8 @@ def read_settings(cfg: DictConfig) -> Settings:
     if unknown:
         raise ValueError(f"unknown tune option(s) {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
     objective = t.get("objective", "all")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"tune.objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    if objective not in objective_metrics():
+        raise ValueError(f"tune.objective={objective!r}; allowed: {', '.join(objective_metrics())}")
     n_trials = t.get("n_trials")
     if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 0):
         raise ValueError(f"tune.n_trials={n_trials!r}: a number of trials to add (>= 0), or null with tune.timeout")
@@ -401,7 +410,7 @@ class Tuner:
         with exclusive(s.study_dir / ".lock"):
             study = create_study(s.study, s.storage, lambda: open_storage(s.storage, s.heartbeat_interval,
                                                                           s.grace_period, self.on_stale),
-                                 OBJECTIVES[s.objective])
+                                 directions(s.objective))
             created = study.user_attrs.get("objective")
             if created is None:
                 reference = self.reference_params() if s.reference_first else None
@@ -485,7 +494,7 @@ class Tuner:
         state = "FAIL"
         try:
             payload = run_protocol(cfg, tracker, figures=False, on_step=partial(self.report_step, trial))
-            values = final_values(payload["final"]["miou"], s.objective)
+            values = final_values(payload["final"], s.objective)
             if any(v is None or math.isnan(v) for v in values):
                 raise RuntimeError(f"trial {trial.number}: the final mIoU is undefined ({values}); no objective value")
             state = "COMPLETE"
@@ -569,7 +578,7 @@ class Tuner:
         record = best_record(study, s, self.run_overrides(), self.params_file)
         with exclusive(s.study_dir / ".lock"):  # concurrent workers finish one at a time
             write_text(s.study_dir / "best.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
-            figures = write_study_figures(study, s.study_dir / "figures", OBJECTIVE_NAMES[s.objective])
+            figures = write_study_figures(study, s.study_dir / "figures", objective_names(s.objective))
             if self.tracker is not None:
                 metrics = {f"trials/{k.lower()}": v for k, v in counts.items()}
                 if "value" in record:
@@ -617,7 +626,7 @@ def best_record(study: optuna.Study, s: Settings, run_overrides: list[str], para
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
     record = {"study": s.study, "storage": strip_password(s.storage), "objective": s.objective,
-              "directions": list(OBJECTIVES[s.objective]),
+              "directions": list(directions(s.objective)),
               "trials": {"total": len(trials), "complete": counts["COMPLETE"], "pruned": counts["PRUNED"],
                          "failed": counts["FAIL"]}}
     if not counts["COMPLETE"]:

@@ -240,3 +240,27 @@ def test_forgetting_with_the_growing_iou_arrays_of_a_run() -> None:
     assert forgetting(history, {0: 0, 1: 0, 2: 1}) == pytest.approx({0: 0.2, 1: 0.3, 2: 0.3})
     assert forgetting(history[:2], {1: 0, 2: 1, 0: 0, 3: 5}) == pytest.approx({0: 0.1, 1: -0.2, 2: None})
     assert forgetting(history[:2], {1: 5, 2: 1}) == {2: None}  # class 1 comes later: skipped, not the end
+
+
+def test_a_derived_number_is_one_function_and_one_registry_line(monkeypatch) -> None:
+    """Registering a Summary is all it takes: MLflow logs it, the study's cells and tables carry it, and
+    `recall tune` can optimize it in its direction; nothing else names it."""
+    from recall import metrics, study_report, tracking, tune
+
+    def old_minus_new(result):  # the one function
+        miou = result["miou"]
+        return miou["old_no_bg"] - miou["new"]
+
+    monkeypatch.setitem(metrics.SUMMARIES, "gap",  # the one registry line
+                        metrics.Summary("gap", "old − new", "miou/gap", "minimize", old_minus_new))
+    result = {"step": 1, "miou": {"all": 0.5, "old_no_bg": 0.6, "new": 0.2}, "iou": {}, "forgetting": {},
+              "old_classes": []}
+    assert metrics.derived(result)["gap"] == pytest.approx(0.4)
+    assert tracking.step_metrics(result)["miou/gap"] == pytest.approx(0.4)
+    assert "gap" in study_report.study_metrics()
+    cells = {"toy": {"15-1x5": {"mib": {"seeds": [0], **{m: study_report.mean_std([0.4])
+                                                          for m in study_report.study_metrics()}}}}}
+    table = study_report.study_tables(cells, ["mib"])["toy_15-1x5"]
+    assert "old − new" in table["columns"] and table["rows"][0][table["columns"].index("old − new")] == "0.400"
+    assert tune.directions("gap") == ("minimize",) and tune.objective_names("gap") == ["miou_gap"]
+    assert tune.step_value(result, "gap") == pytest.approx(0.4) and tune.final_values(result, "gap") == [pytest.approx(0.4)]

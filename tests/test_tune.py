@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from recall.cli import main
-from recall.tune import CurrentValuePruner, final_values, step_value
+from recall.tune import CurrentValuePruner, directions, final_values, step_value
 
 BAD_LR = "++tune.space.train.lr_incremental={type:float,low:1000.0,high:1000.0}"  # SGD diverges: mIoU collapses
 
@@ -150,7 +150,8 @@ def test_a_killed_workers_trial_fails_and_is_retried_once(world):
     ("++tune.space.train.lr_incremental={type:float,low:0.0,high:0.1,log:true}", "log=true needs low > 0"),
     ("tune.space.method.inpaint_threshold.type=gaussian", "type='gaussian'; allowed: float, int, categorical"),
     ("tune.space.method.replay_ratio.high=1.0", "method.replay_ratio=1.0: must be in [0, 1)"),
-    ("tune.objective=best", "tune.objective='best'; allowed: all, hmean, old_new"),
+    ("tune.objective=best", "tune.objective='best'; allowed: old_no_bg, new, all, all_no_bg, old, hmean, "
+                            "forgetting_mean, old_new"),
     ("tune.pruner.name=hyperband", "tune.pruner.name='hyperband'; allowed"),
     ("tune.sampler.name=cmaes", "tune.sampler.name='cmaes'; allowed: tpe, random"),
     ("method=ft", "`method.replay_ratio` is not in the composed configuration"),  # ft has nothing to tune here
@@ -223,8 +224,12 @@ def test_objective_values():
     assert step_value(result, "hmean") == pytest.approx(2 * 0.6 * 0.2 / 0.8)
     assert step_value(result, "old_new") is None
     assert step_value({**result, "step": 0}, "all") is None, "step 0 is the same model in every trial"
-    assert final_values(result["miou"], "old_new") == [0.6, 0.2]
-    assert final_values({**result["miou"], "new": 0.0, "old_no_bg": 0.0}, "hmean") == [0.0]
+    assert final_values(result, "old_new") == [0.6, 0.2]
+    assert final_values({"miou": {**result["miou"], "new": 0.0, "old_no_bg": 0.0}}, "hmean") == [0.0]
+    # any registered number is an objective, in its own direction: forgetting is minimized
+    forgetting = {**result, "old_classes": ["a", "b"], "forgetting": {"a": 0.1, "b": 0.3, "background": 0.9}}
+    assert step_value(forgetting, "forgetting_mean") == pytest.approx(0.2)
+    assert directions("forgetting_mean") == ("minimize",) and directions("old_new") == ("maximize", "maximize")
 
 
 def _get_json(url: str, timeout: float = 5.0) -> dict:
