@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from recall import distributed, timing
 from recall.atomic import write_json, write_text
 from recall.config import section, without_passwords
-from recall.data.classes import class_names
+from recall.data.classes import dataset_class_names
 from recall.data.protocol import (
     Conventions,
     eval_label_map,
@@ -119,7 +119,7 @@ class ProtocolRun:
         self.train_cfg = section(cfg.train, TrainConfig)
         method_opts = OmegaConf.to_container(cfg.method, resolve=True)
         self.method: Method = build_method(method_opts.pop("name"), **method_opts)
-        self.class_names = class_names(str(cfg.dataset.name), self.num_classes)
+        self.class_names = dataset_class_names(cfg.dataset)
         self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
 
     def device(self) -> torch.device:

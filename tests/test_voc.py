@@ -159,3 +159,31 @@ def test_image_classes_and_cache(good: Path, tmp_path: Path) -> None:
     assert image_classes(good, ids, cache=cache, progress=False)["a"] == frozenset({3})
     # A different id list is not served from the cache.
     assert image_classes(good, ["b"], cache=cache, progress=False) == {"b": frozenset({5})}
+
+
+def test_a_voc_layout_dataset_is_one_config_file(tmp_path: Path, tiny_world: Path, monkeypatch, capsys) -> None:
+    """conf/dataset/<name>.yaml with its root, splits, directories and class names is all a new VOC-layout dataset
+    needs: a run reads it and names its classes as the file says; a wrong list is refused, naming the key."""
+    import json
+    import shutil
+
+    from conftest import FAST
+
+    from recall import config
+    from recall.cli import main
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config.CONF_DIR, conf)
+    names = ["void", *(f"shape{c}" for c in range(1, 21))]
+    (conf / "dataset" / "shapes.yaml").write_text(
+        "name: shapes\nroot: data/shapes\nnum_classes: 20\ntrain_split: train\nval_split: val\n"
+        f"image_dir: JPEGImages\nmask_dir: SegmentationClass\nclasses: [{', '.join(names)}]\n")
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    run_dir = tmp_path / "run"
+    assert main(["run", "dataset=shapes", f"dataset.root={tiny_world}", "protocol=15-5", "last_step=0",
+                 f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["classes"] == names and set(metrics["final"]["iou"]) == set(names[:16])
+    capsys.readouterr()
+    assert main(["run", "dataset=shapes", f"dataset.root={tiny_world}", "dataset.classes=[a,b]", "--dry-run"]) == 2
+    assert "dataset.classes has 2 names; dataset.num_classes=20 needs 21" in capsys.readouterr().err

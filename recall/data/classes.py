@@ -69,3 +69,29 @@ def class_names(dataset_name: str, num_classes: int) -> list[str]:
     if num_classes != len(known) - 1:
         raise ValueError(f"dataset {dataset_name!r} has {len(known) - 1} classes, not num_classes={num_classes}")
     return list(known)
+
+
+def dataset_class_names(dataset) -> list[str]:
+    """Names of classes 0..num_classes of a `dataset` config section: its `classes` list (background first), or,
+    when that is null, the known names of its `name` (`class_names`). A new VOC-layout dataset is one config file in
+    conf/dataset/ with its root, splits, directories and class names."""
+    from recall.errors import UserError
+
+    n = int(dataset.num_classes)
+    given = dataset.get("classes")
+    if given is None:
+        try:
+            return class_names(str(dataset.name), n)
+        except ValueError as error:
+            raise UserError(f"dataset.num_classes={n}: {error}") from None
+    if isinstance(given, str) or not all(isinstance(c, (str, int)) for c in given):
+        raise UserError(f"dataset.classes={given!r}: a list of class names, background first (e.g. [background, "
+                        "cat, dog]), or null")
+    names = [str(c) for c in given]
+    if len(names) != n + 1:
+        raise UserError(f"dataset.classes has {len(names)} names; dataset.num_classes={n} needs {n + 1} "
+                        "(background first, then classes 1..num_classes)")
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise UserError(f"dataset.classes names {', '.join(repeated)} more than once: every class needs its own name")
+    return names

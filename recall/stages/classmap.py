@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from recall.commands import compose, script, with_overrides
-from recall.data.classes import class_names
+from recall.data.classes import dataset_class_names
 from recall.atomic import write_json
 from recall.registry import resolve
 from recall.replay.classmap import SCORE_DECIMALS, imagenet_classifier, map_classes, save_mapping, shared_sources
@@ -74,7 +74,7 @@ def class_mapping(cfg: DictConfig) -> dict:
     d = cfg.dataset
     mapping = map_classes(classifier, d.root, split=d.train_split, num_classes=int(d.num_classes),
                           source_names=classifier.source_names, image_dir=d.image_dir, mask_dir=d.mask_dir,
-                          class_names=class_names(str(d.name), int(d.num_classes)), progress=True)
+                          class_names=dataset_class_names(d), progress=True)
     save_mapping(mapping, cfg.replay.mapping)
     return mapping
 

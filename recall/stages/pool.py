@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from recall.commands import compose, script, with_overrides
-from recall.data.classes import class_names
+from recall.data.classes import dataset_class_names
 from recall.replay.classmap import SHARED_KEY, load_mapping, shared_on_purpose
 from recall.replay.leakage import DEFAULT_MAX_DISTANCE, LeakageGuard
 from recall.ownership import staged
@@ -50,7 +50,7 @@ def replay_pool(cfg: DictConfig) -> dict:
             mapping = load_mapping(cfg.replay.mapping, source_names=getattr(source, "source_names", None))
             source.set_mapping(mapping)
             warn_shared(mapping, cfg.replay.mapping, getattr(source, "source_names", None))
-        names = class_names(str(cfg.dataset.name), int(cfg.dataset.num_classes))
+        names = dataset_class_names(cfg.dataset)
         classes = dict(enumerate(names))
         del classes[0]  # background is never replayed
         target, marker = Path(cfg.replay.pool), pool_marker(source)
