@@ -96,7 +96,9 @@ class ASPP(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Encoder + ASPP head + per-step classifiers. `forward` returns logits and the features the methods need."""
+    """Encoder + ASPP head + per-step classifiers. `forward` returns logits and the features the methods need: "out"
+    (logits at the input's size), "features" (the head's output), "encoder" (the encoder's last level), "stages" (its
+    every level, stem first) and "logits" (at the head's resolution, before upsampling)."""
 
     def __init__(self, cfg: ModelConfig, classes_per_step: list[int]):
         super().__init__()
@@ -145,11 +147,14 @@ class SegmentationModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        encoded = self.encoder(x)[-1]
+        stages = self.encoder(x)
+        encoded = stages[-1]
         features = self.head(encoded)
-        logits = torch.cat([c(features) for c in self.classifiers], dim=1)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {"out": logits, "features": features, "encoder": encoded}
+        small = torch.cat([c(features) for c in self.classifiers], dim=1)
+        logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # "stages" (every feature level of the encoder, stem first) and "logits" (before upsampling) are what
+        # PLOP's Local POD distils; returning them computes nothing more
+        return {"out": logits, "features": features, "encoder": encoded, "stages": list(stages), "logits": small}
 
 
 def _background_aware_init(background: nn.Module, new: nn.Module) -> None:
@@ -165,8 +170,9 @@ def _background_aware_init(background: nn.Module, new: nn.Module) -> None:
 
 
 def _make_encoder(cfg: ModelConfig) -> nn.Module:
-    encoder = timm.create_model(cfg.backbone, pretrained=False, features_only=True, out_indices=(-1,),
-                                output_stride=cfg.output_stride)
+    # every feature level (timm's default out_indices): the same modules and weights as the last level alone, so
+    # the same numbers; the earlier levels are PLOP's distilled stages
+    encoder = timm.create_model(cfg.backbone, pretrained=False, features_only=True, output_stride=cfg.output_stride)
     if cfg.pretrained_file:
         load_backbone(encoder, cfg.backbone, Path(cfg.pretrained_file))
     return encoder
