@@ -249,6 +249,7 @@ class ProtocolRun:
         generator = torch.Generator().manual_seed(seed)
         n_current, _ = self.method.batch_split(step, self.train_cfg.batch_size)
         with phase("method"):
+            self.method.before_step(self, step, ctx, generator)  # e.g. PLOP's per-class thresholds
             extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
         with phase("train"):
             losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,

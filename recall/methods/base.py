@@ -8,11 +8,12 @@ A method is a small object with two kinds of hooks.
 
 **The run** calls the data-flow hooks of a method that needs more than the current step's data, in this order:
 `check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides
-the dataset, for provenance and the resume check), `batch_split` (current + extra samples per batch),
-`extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
-step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
-step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets
-the run (`RunServices`): the runner has no branch on which method runs.
+the dataset, for provenance and the resume check), `before_step` (work before a step's training: PLOP's
+thresholds), `batch_split` (current + extra samples per batch), `extra_batches` (e.g. RECALL's replay stream,
+blended into every batch by the loop), `after_step` (work after a step's training, before its checkpoint:
+RECALL's helper decoders), `step_statistics` (numbers recorded with the step's evaluation), `figures`, and
+`plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the run (`RunServices`): the runner has
+no branch on which method runs.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ class Method:
     def run_params(self, run: RunServices) -> dict:
         """Extra parameters recorded with the run (MLflow params), e.g. how its replay pool was built."""
         return {}
+
+    def before_step(self, run: RunServices, step: int, ctx: StepContext, generator: torch.Generator) -> None:
+        """Work before training `step`, once its model has grown and `on_step_start` has run (e.g. PLOP's per-class
+        entropy thresholds: one pass of the previous model, `ctx.prev_model`, over the step's training images).
+        `generator` is the step's: a method that draws from it, or from the global RNG, changes the step's shuffles
+        and augmentations; PLOP draws from copies."""
 
     def batch_split(self, step: int, batch_size: int) -> tuple[int, int]:
         """(current-step samples, extra samples) per batch of `step`."""
