@@ -9,10 +9,12 @@ from recall.errors import UserError
 from recall.methods.base import Method, StepContext
 from recall.methods.distillation import ILT, LwF, MiB
 from recall.methods.finetune import FineTuning, Joint
+from recall.methods.plop import PLOP
 from recall.methods.pseudo_replay import PseudoReplay
 from recall.methods.recall import Recall
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB, Recall, PseudoReplay)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FineTuning, Joint, LwF, ILT, MiB, PLOP, Recall,
+                                                              PseudoReplay)}
 
 
 def build_method(name: str, **options) -> Method:
