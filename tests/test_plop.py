@@ -309,6 +309,21 @@ def test_before_step_leaves_the_step_s_random_draws_alone():
     assert 0 not in method._thresholds  # step 0: no old model, nothing to compute
 
 
+def test_the_thresholds_histograms_are_summed_over_processes(monkeypatch):
+    """Under torchrun each process sees its shard: the histograms are summed (recall.distributed.sum_), so every
+    process uses one set of thresholds (theirs: each its own)."""
+    from recall.methods import plop
+
+    logits, targets = hand_batch()
+    summed = []
+    monkeypatch.setattr(plop.distributed, "sum_", lambda t: summed.append(t.clone()) or t * 2)
+    prev = SimpleNamespace(to=lambda device: SimpleNamespace(eval=lambda: lambda images: {"out": logits}))
+    ctx = StepContext(step=1, task=[[1, 2], [3]], new_classes=[3], old_classes=[1, 2])
+    got = PLOP().compute_thresholds(prev, [(torch.zeros(1, 3, 2, 3), targets)], ctx, torch.device("cpu"))
+    assert len(summed) == 1 and summed[0].sum() == 4  # the four background pixels of the one batch
+    assert got[1].item() == pytest.approx(0.005)  # two pixels of class 1 in bin 0 (after the sum): 1 / 2 x 0.01
+
+
 def test_plop_loss_is_the_weighted_ce_plus_local_pod():
     torch.manual_seed(0)
     prev = SegmentationModel(CFG, [3]).eval().requires_grad_(False)
