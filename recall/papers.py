@@ -72,8 +72,8 @@ def retained(papers: dict, cells: dict) -> dict:
         ours = None
         if "old_no_bg" in by_variant.get("mib", {}) and "old_no_bg" in by_variant.get("joint", {}):
             joint_of = dict(zip(by_variant["joint"]["seeds"], by_variant["joint"]["old_no_bg"]["values"]))
-            shares = [m / joint_of[s] for s, m in zip(by_variant["mib"]["seeds"], by_variant["mib"]["old_no_bg"]["values"])
-                      if s in joint_of]
+            per_seed = zip(by_variant["mib"]["seeds"], by_variant["mib"]["old_no_bg"]["values"])
+            shares = [m / joint_of[s] for s, m in per_seed if s in joint_of]
             ours = mean_std(shares) if shares else None
         values[voc] = {"toy": toy, "paper": paper, "testbed": ours}
         rows.append([f"{voc} / {toy}", "–" if paper is None else f"{paper:.3f}",

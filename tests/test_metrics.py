@@ -263,4 +263,5 @@ def test_a_derived_number_is_one_function_and_one_registry_line(monkeypatch) -> 
     table = study_report.study_tables(cells, ["mib"])["toy_15-1x5"]
     assert "old − new" in table["columns"] and table["rows"][0][table["columns"].index("old − new")] == "0.400"
     assert tune.directions("gap") == ("minimize",) and tune.objective_names("gap") == ["miou_gap"]
-    assert tune.step_value(result, "gap") == pytest.approx(0.4) and tune.final_values(result, "gap") == [pytest.approx(0.4)]
+    assert tune.step_value(result, "gap") == pytest.approx(0.4)
+    assert tune.final_values(result, "gap") == [pytest.approx(0.4)]
