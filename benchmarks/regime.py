@@ -1,0 +1,175 @@
+"""Does MiB forget here as it does on Pascal VOC? Its retained share of the old classes at the toy budget and at the
+papers' proportions, over seeds, each seed owning its pretraining and step-0 models.
+
+    python benchmarks/regime.py [--seeds 0 1 2] [--jobs 2] [--out docs/regime.json] [--work DIR] [--data DIR]
+
+The papers' proportions, set by mechanism (never by which method wins): every incremental step trains as many
+iterations per class learnt as step 0 did (RECALL's gin files give step 0 and every later step the same
+`training_steps_per_class`; MiB's and PLOP's scripts train every step the same epochs), at the papers' ratio of the
+incremental learning rate to step 0's: 1 in RECALL's gin files (`papers_proportions`), 1/10 in MiB's and PLOP's
+scripts (0.01, then 0.001: `mib_proportions`). Here step 0 trains `train.epochs` epochs, so the per-class count is
+step 0's iterations (the dry-run's plan) over its classes; the toy budget is the default `train.epochs_incremental`
+at `train.lr_incremental`.
+
+Per seed: `recall pretrain` (pretrain.seed), step 0 of 15 and of 10 classes, joint training (the bound the retained
+share divides by, scored on each protocol's step-0 classes), and the RUNS below. The JSON holds every seed's
+numbers and the mean ± sample std of the shares; docs/results.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = {"15-1x5": 15, "10-1x10": 10}  # protocol -> its step-0 classes
+SCHEDULES = ("toy_budget", "papers_proportions", "mib_proportions")
+LR_RATIO = {"papers_proportions": 1.0, "mib_proportions": 0.1}  # incremental lr / step 0's
+# (method, protocol, schedule): MiB everywhere at the toy budget and at RECALL's proportions; MiB and PLOP at their
+# own papers' proportions where the papers' gap is largest (10-1)
+RUNS = [*(("mib", p, s) for p in PROTOCOLS for s in ("toy_budget", "papers_proportions")),
+        ("mib", "10-1x10", "mib_proportions"), ("plop", "10-1x10", "mib_proportions")]
+
+
+DATA = ROOT / "data" / "toy"  # the toy world (`dvc repro toyworld`); --data another copy of it
+
+
+def recall_run(*overrides: str, capture: bool = False) -> str:
+    done = subprocess.run([sys.executable, "-m", "recall.stages.run", "--params", "params.yaml", *overrides,
+                           f"dataset.root={DATA}", "tracking.uri=", "train.threads=1"], cwd=ROOT, check=True, text=True,
+                          stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return done.stdout
+
+
+def final(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())["final"]
+
+
+def per_class_iterations(protocol: str, encoder: Path) -> int:
+    """Step 0's iterations over its classes, as the dry-run plans them (what a step-0 run trains)."""
+    plan = json.loads(recall_run("--dry-run", "--json", f"protocol={protocol}", "method=mib",
+                                 f"model.pretrained_file={encoder}", capture=True))
+    step0 = plan["steps"][0]
+    return round(step0["iterations"] / len(step0["classes"]))
+
+
+def one_seed(seed: int, work: Path) -> dict:
+    out = work / f"s{seed}"
+    encoder = out / "pretrain" / "encoder.pth"
+    if not encoder.is_file():
+        subprocess.run([sys.executable, "-m", "recall.stages.pretrain", str(out / "pretrain"), "--params",
+                        "params.yaml", f"pretrain.seed={seed}", "tracking.uri="], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common = [f"seed={seed}", f"model.pretrained_file={encoder}"]
+    joint_dir = out / "joint"
+    if not (joint_dir / "metrics.json").is_file():
+        recall_run("protocol=joint", "method=joint", f"run_dir={joint_dir}", *common)
+    joint_iou = final(joint_dir)["iou"]
+    lr = float(json.loads(recall_run("--dry-run", "--json", "protocol=15-5", *common, capture=True))["train"]["lr"])
+    record = {"seed": seed, "lr": lr, "protocols": {}}
+    for protocol in PROTOCOLS:
+        step0 = out / f"step0_{protocol}"
+        if not (step0 / "metrics.json").is_file():
+            recall_run(f"protocol={protocol}", "method=ft", "last_step=0", f"run_dir={step0}", *common)
+        per_class = per_class_iterations(protocol, encoder)
+        old_classes = final(step0)["old_classes"]
+        joint_old = statistics.fmean(joint_iou[c] for c in old_classes)
+        entry = {"iters_per_class": per_class, "step0_old_no_bg": final(step0)["miou"]["old_no_bg"],
+                 "joint_old_no_bg": joint_old, "runs": {}}
+        for method, _, schedule in (r for r in RUNS if r[1] == protocol):
+            extra = [] if schedule == "toy_budget" else [f"train.iters_per_class={per_class}",
+                                                         f"train.lr_incremental={lr * LR_RATIO[schedule]}"]
+            name = f"{method}_{protocol}_{schedule}"
+            run_dir = out / name
+            if not (run_dir / "metrics.json").is_file():
+                recall_run(f"protocol={protocol}", f"method={method}", f"step0={step0}", f"run_dir={run_dir}",
+                           *common, *extra)
+            miou = final(run_dir)["miou"]
+            entry["runs"][f"{method}/{schedule}"] = {
+                "old_no_bg": miou["old_no_bg"], "new": miou["new"], "all": miou["all"],
+                "share_of_joint": miou["old_no_bg"] / joint_old,
+                "share_of_step0": miou["old_no_bg"] / entry["step0_old_no_bg"]}
+        record["protocols"][protocol] = entry
+    print(f"seed {seed}: " + "; ".join(f"{p} {run}: {r['share_of_step0']:.3f} of step 0" for p, e in
+                                        record["protocols"].items() for run, r in e["runs"].items()), flush=True)
+    return record
+
+
+def mean_std(values: list[float]) -> dict:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    mean = statistics.fmean(values)
+    return {"mean": mean, "std": std, "values": values, "text": f"{mean:.3f} ± {std:.3f}"}
+
+
+def summary(records: list[dict]) -> dict:
+    """Mean ± sample std over seeds of each protocol × method × schedule, and a table for the docs."""
+    out: dict = {}
+    rows = []
+    for protocol in PROTOCOLS:
+        entries = [r["protocols"][protocol] for r in records]
+        cell = {"iters_per_class": [e["iters_per_class"] for e in entries],
+                "step0_old_no_bg": mean_std([e["step0_old_no_bg"] for e in entries]),
+                "joint_old_no_bg": mean_std([e["joint_old_no_bg"] for e in entries])}
+        for method, _, schedule in (r for r in RUNS if r[1] == protocol):
+            key = f"{method}/{schedule}"
+            values = {k: mean_std([e["runs"][key][k] for e in entries])
+                      for k in ("old_no_bg", "new", "all", "share_of_joint", "share_of_step0")}
+            cell.setdefault(method, {})[schedule] = values
+            rows.append([protocol, method, schedule, values["old_no_bg"]["text"], values["new"]["text"],
+                         values["share_of_step0"]["text"], values["share_of_joint"]["text"], len(entries)])
+        out[protocol] = cell
+    return {"cells": out, "contrasts": contrasts(records),
+            "table": {"columns": ["protocol", "method", "schedule", "old (no bg)", "new", "kept of step 0",
+                                  "kept of joint", "seeds"], "rows": rows}}
+
+
+def contrasts(records: list[dict]) -> dict:
+    """PLOP against MiB where both ran at PLOP's paper's proportions, paired by seed, with the study's rule
+    (recall.study_report.verdict: every seed agrees in sign and the mean difference exceeds its sample std)."""
+    sys.path.insert(0, str(ROOT))
+    from recall.study_report import verdict
+
+    out = {}
+    for method, protocol, schedule in RUNS:
+        if method == "mib" or schedule == "toy_budget":
+            continue
+        pair = f"{method}_vs_mib"
+        for metric in ("old_no_bg", "new", "all"):
+            diffs = [r["protocols"][protocol]["runs"][f"{method}/{schedule}"][metric]
+                     - r["protocols"][protocol]["runs"][f"mib/{schedule}"][metric] for r in records]
+            out.setdefault(protocol, {}).setdefault(pair, {})[metric] = {
+                "difference": mean_std(diffs), "verdict": verdict(method, "mib", diffs)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DATA
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the toy world (default: data/toy)")
+    args = parser.parse_args(argv)
+    DATA = args.data.resolve()
+    if not (DATA / "JPEGImages").is_dir():
+        parser.error(f"--data {DATA}: no toy world there; make it with `dvc repro toyworld`")
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        work = (args.work or Path(tmp)).resolve()
+        records = list(pool.map(lambda seed: one_seed(seed, work), args.seeds))
+    report = {"seeds": args.seeds, "records": records, **summary(records)}
+    for row in report["table"]["rows"]:
+        print(" | ".join(str(v) for v in row))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
