@@ -1,7 +1,8 @@
 """Does MiB forget here as it does on Pascal VOC? Its retained share of the old classes at the toy budget and at the
 papers' proportions, over seeds, each seed owning its pretraining and step-0 models.
 
-    python benchmarks/regime.py [--seeds 0 1 2] [--jobs 2] [--out docs/regime.json] [--work DIR] [--data DIR]
+    python benchmarks/regime.py [--seeds 0 1 2] [--methods mib plop] [--jobs 2] [--out docs/regime.json]
+                                [--work DIR] [--data DIR]
 
 The papers' proportions, set by mechanism (never by which method wins): every incremental step trains as many
 iterations per class learnt as step 0 did (RECALL's gin files give step 0 and every later step the same
@@ -113,7 +114,8 @@ def summary(records: list[dict]) -> dict:
     rows = []
     for protocol in PROTOCOLS:
         entries = [r["protocols"][protocol] for r in records]
-        cell = {"iters_per_class": [e["iters_per_class"] for e in entries],
+        counts = [e["iters_per_class"] for e in entries]  # the same for every seed (its images and epochs)
+        cell = {"iters_per_class": counts[0] if len(set(counts)) == 1 else counts,
                 "step0_old_no_bg": mean_std([e["step0_old_no_bg"] for e in entries]),
                 "joint_old_no_bg": mean_std([e["joint_old_no_bg"] for e in entries])}
         for method, _, schedule in (r for r in RUNS if r[1] == protocol):
@@ -156,14 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--data", type=Path, default=DATA, help="the toy world (default: data/toy)")
+    parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in RUNS}), help="RUNS of these only")
     args = parser.parse_args(argv)
+    RUNS[:] = [r for r in RUNS if r[0] in args.methods]
     DATA = args.data.resolve()
     if not (DATA / "JPEGImages").is_dir():
         parser.error(f"--data {DATA}: no toy world there; make it with `dvc repro toyworld`")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         work = (args.work or Path(tmp)).resolve()
         records = list(pool.map(lambda seed: one_seed(seed, work), args.seeds))
-    report = {"seeds": args.seeds, "records": records, **summary(records)}
+    report = {"seeds": args.seeds, "methods": args.methods, "records": records, **summary(records)}
     for row in report["table"]["rows"]:
         print(" | ".join(str(v) for v in row))
     if args.out:
