@@ -28,6 +28,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recall.study_report import mean_std, verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"15-1x5": 15, "10-1x10": 10}  # protocol -> its step-0 classes
 SCHEDULES = ("toy_budget", "papers_proportions", "mib_proportions")
@@ -102,12 +104,6 @@ def one_seed(seed: int, work: Path) -> dict:
     return record
 
 
-def mean_std(values: list[float]) -> dict:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    mean = statistics.fmean(values)
-    return {"mean": mean, "std": std, "values": values, "text": f"{mean:.3f} ± {std:.3f}"}
-
-
 def summary(records: list[dict]) -> dict:
     """Mean ± sample std over seeds of each protocol × method × schedule, and a table for the docs."""
     out: dict = {}
@@ -134,9 +130,6 @@ def summary(records: list[dict]) -> dict:
 def contrasts(records: list[dict]) -> dict:
     """PLOP against MiB where both ran at PLOP's paper's proportions, paired by seed, with the study's rule
     (recall.study_report.verdict: every seed agrees in sign and the mean difference exceeds its sample std)."""
-    sys.path.insert(0, str(ROOT))
-    from recall.study_report import verdict
-
     out = {}
     for method, protocol, schedule in RUNS:
         if method == "mib" or schedule == "toy_budget":

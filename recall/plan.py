@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig
 
 from recall.config import section
-from recall.data.classes import dataset_class_names
 from recall.data.protocol import get_convention, select_eval_images
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
 from recall.experiment import ProtocolRun, check_run_dir, config_differences
@@ -164,7 +163,7 @@ def build_plan(cfg: DictConfig) -> dict:
     """The whole plan as plain data (what `--json` prints)."""
     run = ProtocolRun(cfg)
     check_run_dir(run.run_dir, cfg)  # a run_dir the run would refuse (not a run's, /, a file...) is refused here
-    names = dataset_class_names(cfg.dataset)
+    names = run.class_names
     assume = section(cfg.plan, PlanConfig)
     t = run.train_cfg
     last = run.last_step

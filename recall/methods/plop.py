@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from recall import distributed
 from recall.data.classes import IGNORE_INDEX
-from recall.methods.base import Method, RunServices, StepContext
+from recall.methods.base import RunServices, StepContext
+from recall.methods.distillation import _Distillation
 
 
 # ---------------------------------------------------------------------------------------------------- Local POD
@@ -172,12 +173,11 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, factor: t
 
 
 # ------------------------------------------------------------------------------------------------------- method
-class PLOP(Method):
+class PLOP(_Distillation):
     """PLOP: cross-entropy on pseudo-labelled targets weighted per image, plus Local POD between the old and the new
     model's intermediate maps; new classifiers initialised from the background's."""
 
     name = "plop"
-    needs_previous_model = True
 
     def __init__(self, pod_factor: float = 0.01, pod_logits: bool = True, pod_factor_last: float = 0.0005,
                  pod_scales: list[int] = [1, 2, 4], pod_first_stage: int = 1, pod_schedule: bool = True,
@@ -243,9 +243,8 @@ class PLOP(Method):
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, images: torch.Tensor,
              ctx: StepContext) -> torch.Tensor:
         if ctx.prev_model is None:
-            return F.cross_entropy(outputs["out"], targets, ignore_index=IGNORE_INDEX)
-        with torch.no_grad():
-            old = ctx.prev_model(images)
+            return self.cross_entropy(outputs, targets)
+        old = self.previous_outputs(images, ctx)
         n_old = 1 + len(ctx.old_classes)
         labels, confident, background = pseudo_label(targets, old["out"], self.thresholds(ctx, targets.device),
                                                      self.max_entropy(ctx), n_old)
