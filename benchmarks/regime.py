@@ -37,7 +37,39 @@ LR_RATIO = {"papers_proportions": 1.0, "mib_proportions": 0.1}  # incremental lr
 # (method, protocol, schedule): MiB everywhere at the toy budget and at RECALL's proportions; MiB and PLOP at their
 # own papers' proportions where the papers' gap is largest (10-1)
 RUNS = [*(("mib", p, s) for p in PROTOCOLS for s in ("toy_budget", "papers_proportions")),
-        ("mib", "10-1x10", "mib_proportions"), ("plop", "10-1x10", "mib_proportions")]
+        ("mib", "10-1x10", "mib_proportions"), ("plop", "10-1x10", "mib_proportions"),
+        *(("joint_frozen", p, "decoder_ceiling") for p in PROTOCOLS)]
+# The decoder-only ceiling: from the protocol's step-0 model, the encoder frozen (as RECALL's incremental steps keep
+# it), the decoder trained on every image with every label (joint's data) in one step holding all later classes, for
+# as long and at the learning rate of step 0. Its mIoU over all classes against joint's is what a method that trains
+# the decoder alone can reach at best.
+CEILING_PROTOCOL = {"15-1x5": "15-5", "10-1x10": "10-10"}
+ALL_RUNS = list(RUNS)  # RUNS: those this invocation trains (--methods)
+
+
+def present_runs(records: list[dict]) -> list[tuple[str, str, str]]:
+    """The RUNS every seed's record holds (after --update, those of earlier invocations too)."""
+    return [r for r in ALL_RUNS if all(f"{r[0]}/{r[2]}" in rec["protocols"][r[1]]["runs"] for rec in records)]
+
+
+def merged_records(old: list[dict], new: list[dict]) -> list[dict]:
+    """`new`'s runs added to `old`'s records of the same seeds (--update). The chain must have repeated itself: a
+    step-0 model or joint run that scores otherwise than the recorded one (another machine, another code) refuses."""
+    by_seed = {r["seed"]: r for r in old}
+    for record in new:
+        if record["seed"] not in by_seed:
+            raise SystemExit(f"--update: seed {record['seed']} is not in the existing results; run it in full")
+        kept = by_seed[record["seed"]]
+        for protocol, entry in record["protocols"].items():
+            before = kept["protocols"][protocol]
+            for key in ("step0_old_no_bg", "joint_old_no_bg"):
+                if before[key] != entry[key]:
+                    raise SystemExit(f"--update: seed {record['seed']} {protocol} {key} is {entry[key]} here, "
+                                     f"{before[key]} in the existing results: the chain did not repeat itself "
+                                     "(another machine or code); run every method again without --update")
+            before["joint_all"] = entry["joint_all"]
+            before["runs"].update(entry["runs"])
+    return [by_seed[s] for s in sorted(by_seed)]
 
 
 DATA = ROOT / "data" / "toy"  # the toy world (`dvc repro toyworld`); --data another copy of it
@@ -74,7 +106,8 @@ def one_seed(seed: int, work: Path) -> dict:
     if not (joint_dir / "metrics.json").is_file():
         recall_run("protocol=joint", "method=joint", f"run_dir={joint_dir}", *common)
     joint_iou = final(joint_dir)["iou"]
-    lr = float(json.loads(recall_run("--dry-run", "--json", "protocol=15-5", *common, capture=True))["train"]["lr"])
+    train = json.loads(recall_run("--dry-run", "--json", "protocol=15-5", *common, capture=True))["train"]
+    lr = float(train["lr"])
     record = {"seed": seed, "lr": lr, "protocols": {}}
     for protocol in PROTOCOLS:
         step0 = out / f"step0_{protocol}"
@@ -84,20 +117,27 @@ def one_seed(seed: int, work: Path) -> dict:
         old_classes = final(step0)["old_classes"]
         joint_old = statistics.fmean(joint_iou[c] for c in old_classes)
         entry = {"iters_per_class": per_class, "step0_old_no_bg": final(step0)["miou"]["old_no_bg"],
-                 "joint_old_no_bg": joint_old, "runs": {}}
+                 "joint_old_no_bg": joint_old, "joint_all": final(joint_dir)["miou"]["all"], "runs": {}}
         for method, _, schedule in (r for r in RUNS if r[1] == protocol):
-            extra = [] if schedule == "toy_budget" else [f"train.iters_per_class={per_class}",
-                                                         f"train.lr_incremental={lr * LR_RATIO[schedule]}"]
+            run_protocol, run_method = protocol, [f"method={method}"]
+            if schedule == "toy_budget":
+                extra = []
+            elif schedule == "decoder_ceiling":
+                run_protocol, run_method = CEILING_PROTOCOL[protocol], ["method=joint", "method.freeze_encoder=true"]
+                extra = [f"train.epochs_incremental={train['epochs']}", f"train.lr_incremental={lr}"]
+            else:
+                extra = [f"train.iters_per_class={per_class}", f"train.lr_incremental={lr * LR_RATIO[schedule]}"]
             name = f"{method}_{protocol}_{schedule}"
             run_dir = out / name
             if not (run_dir / "metrics.json").is_file():
-                recall_run(f"protocol={protocol}", f"method={method}", f"step0={step0}", f"run_dir={run_dir}",
+                recall_run(f"protocol={run_protocol}", *run_method, f"step0={step0}", f"run_dir={run_dir}",
                            *common, *extra)
             miou = final(run_dir)["miou"]
             entry["runs"][f"{method}/{schedule}"] = {
                 "old_no_bg": miou["old_no_bg"], "new": miou["new"], "all": miou["all"],
                 "share_of_joint": miou["old_no_bg"] / joint_old,
-                "share_of_step0": miou["old_no_bg"] / entry["step0_old_no_bg"]}
+                "share_of_step0": miou["old_no_bg"] / entry["step0_old_no_bg"],
+                "all_share_of_joint": miou["all"] / entry["joint_all"]}
         record["protocols"][protocol] = entry
     print(f"seed {seed}: " + "; ".join(f"{p} {run}: {r['share_of_step0']:.3f} of step 0" for p, e in
                                         record["protocols"].items() for run, r in e["runs"].items()), flush=True)
@@ -114,25 +154,29 @@ def summary(records: list[dict]) -> dict:
         cell = {"iters_per_class": counts[0] if len(set(counts)) == 1 else counts,
                 "step0_old_no_bg": mean_std([e["step0_old_no_bg"] for e in entries]),
                 "joint_old_no_bg": mean_std([e["joint_old_no_bg"] for e in entries])}
-        for method, _, schedule in (r for r in RUNS if r[1] == protocol):
+        for method, _, schedule in (r for r in present_runs(records) if r[1] == protocol):
             key = f"{method}/{schedule}"
             values = {k: mean_std([e["runs"][key][k] for e in entries])
-                      for k in ("old_no_bg", "new", "all", "share_of_joint", "share_of_step0")}
+                      for k in ("old_no_bg", "new", "all", "share_of_joint", "share_of_step0", "all_share_of_joint")
+                      if all(k in e["runs"][key] for e in entries)}
             cell.setdefault(method, {})[schedule] = values
             rows.append([protocol, method, schedule, values["old_no_bg"]["text"], values["new"]["text"],
-                         values["share_of_step0"]["text"], values["share_of_joint"]["text"], len(entries)])
+                         values["share_of_step0"]["text"], values["share_of_joint"]["text"],
+                         values["all_share_of_joint"]["text"] if "all_share_of_joint" in values else "–",
+                         len(entries)])
         out[protocol] = cell
     return {"cells": out, "contrasts": contrasts(records),
             "table": {"columns": ["protocol", "method", "schedule", "old (no bg)", "new", "kept of step 0",
-                                  "kept of joint", "seeds"], "rows": rows}}
+                                  "kept of joint", "all of joint's all", "seeds"], "rows": rows}}
 
 
 def contrasts(records: list[dict]) -> dict:
     """PLOP against MiB where both ran at PLOP's paper's proportions, paired by seed, with the study's rule
     (recall.study_report.verdict: every seed agrees in sign and the mean difference exceeds its sample std)."""
     out = {}
-    for method, protocol, schedule in RUNS:
-        if method == "mib" or schedule == "toy_budget":
+    present = present_runs(records)
+    for method, protocol, schedule in present:
+        if method == "mib" or ("mib", protocol, schedule) not in present:
             continue
         pair = f"{method}_vs_mib"
         for metric in ("old_no_bg", "new", "all"):
@@ -152,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--data", type=Path, default=DATA, help="the toy world (default: data/toy)")
     parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in RUNS}), help="RUNS of these only")
+    parser.add_argument("--update", action="store_true",
+                        help="add these methods' runs to the results already in --out (same seeds, same chain)")
     args = parser.parse_args(argv)
+    if args.update and not (args.out and args.out.is_file()):
+        parser.error("--update needs --out naming existing results")
     RUNS[:] = [r for r in RUNS if r[0] in args.methods]
     DATA = args.data.resolve()
     if not (DATA / "JPEGImages").is_dir():
@@ -160,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         work = (args.work or Path(tmp)).resolve()
         records = list(pool.map(lambda seed: one_seed(seed, work), args.seeds))
-    report = {"seeds": args.seeds, "methods": args.methods, "records": records, **summary(records)}
+    methods = args.methods
+    if args.update:
+        old = json.loads(args.out.read_text())
+        records = merged_records(old["records"], records)
+        methods = sorted(set(old["methods"]) | set(methods))
+    report = {"seeds": [r["seed"] for r in records], "methods": methods, "records": records, **summary(records)}
     for row in report["table"]["rows"]:
         print(" | ".join(str(v) for v in row))
     if args.out:

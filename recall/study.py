@@ -80,6 +80,17 @@ def world_of(value) -> dict:
             "chain": list(world.get("chain", []))}
 
 
+def source_of(name: str, value) -> dict:
+    """A chain source of the spec: a list of overrides of the replay config `name`, or {replay, overrides}: a pool of
+    its own made by another replay config (e.g. the toy GAN at another `replay.source.render_shift`), which variants
+    choose by this name (`replay=<name>`) and which shares that config's class map when it names the same file."""
+    if isinstance(value, list):
+        return {"replay": name, "overrides": list(value)}
+    if not isinstance(value, dict) or not isinstance(value.get("replay"), str):
+        raise ValueError(f"chain source {name}: a list of overrides, or {{replay: <replay config>, overrides: [...]}}")
+    return {"replay": value["replay"], "overrides": list(value.get("overrides", []))}
+
+
 def _filled(overrides: list[str], chain_dir: str, seed: int) -> list[str]:
     return [o.replace("{chain}", chain_dir).replace("{seed}", str(seed)) for o in overrides]
 
@@ -89,7 +100,7 @@ def expand(spec: dict) -> dict:
     seeds, protocols, setting = spec["seeds"], spec["protocols"], spec.get("setting", "overlapped")
     threads = [f"train.threads={spec.get('threads', 1)}"]
     chain_spec = spec.get("chain") or {}
-    sources = chain_spec.get("sources") or {}
+    sources = {name: source_of(name, value) for name, value in (chain_spec.get("sources") or {}).items()}
     worlds = {name: world_of(value) for name, value in (spec.get("worlds") or {"default": []}).items()}
     tables: dict[str, dict] = {k: {} for k in ("chains", "classmaps", "pools", "step0", "runs", "joint")}
 
@@ -100,21 +111,24 @@ def expand(spec: dict) -> dict:
         if key not in tables["chains"]:
             tables["chains"][key] = {"seed": seed, "overrides": " ".join(
                 merged(chain_spec.get("pretrain", []), world["chain"]))}
-            for source, overrides in sources.items():
-                filled = merged(_filled(overrides, directory, seed), [f"replay.pool={directory}/pools/{source}"])
+            maps = set()  # one class map per file: sources of one replay config at other settings share it
+            for source, entry in sources.items():
+                filled = merged(_filled(entry["overrides"], directory, seed),
+                                [f"replay.pool={directory}/pools/{source}"])
                 mapping = dict(o.split("=", 1) for o in filled).get("replay.mapping")
-                if mapping:
-                    tables["classmaps"][f"{key}_{source}"] = {"chain": key, "source": source, "mapping": mapping,
-                                                              "overrides": " ".join(filled)}
-                tables["pools"][f"{key}_{source}"] = {"chain": key, "source": source,
-                                                      "mapping": mapping or f"conf/replay/{source}.yaml",
+                if mapping and mapping not in maps:
+                    maps.add(mapping)
+                    tables["classmaps"][f"{key}_{source}"] = {"chain": key, "source": entry["replay"],
+                                                              "mapping": mapping, "overrides": " ".join(filled)}
+                tables["pools"][f"{key}_{source}"] = {"chain": key, "source": entry["replay"],
+                                                      "mapping": mapping or f"conf/replay/{entry['replay']}.yaml",
                                                       "pool": f"{directory}/pools/{source}",
                                                       "overrides": " ".join(filled)}
         return key, directory
 
     def chained(overrides: list[str], directory: str, seed: int, replay: str, world: dict) -> list[str]:
         """A run's overrides: the chain's encoder and the pool's files, then the variant's, then the world's."""
-        source = merged(_filled(sources.get(replay, []), directory, seed),
+        source = merged([f"replay={sources[replay]['replay']}"], _filled(sources[replay]["overrides"], directory, seed),
                         [f"replay.pool={directory}/pools/{replay}"]) if replay != "none" else []
         return merged([f"model.pretrained_file={directory}/pretrain/encoder.pth", *threads], overrides, source,
                       world["overrides"])

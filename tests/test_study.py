@@ -71,6 +71,26 @@ def test_every_seed_owns_its_chain_and_a_world_may_have_chains_of_its_own():
         study.expand({**SPEC, "variants": {"noise": ["method=recall", "replay=gan"]}})
 
 
+def test_a_source_may_be_another_setting_of_a_replay_config_with_a_pool_of_its_own_and_the_same_class_map():
+    shifted = {"replay": "toy_gan", "overrides": [*SOURCES["toy_gan"], "replay.source.render_shift=0"]}
+    spec = {**SPEC, "worlds": {"pretrained": []}, "chain": {"sources": {**SOURCES, "toy_gan_shift0": shifted}},
+            "variants": {"shift0": ["method=recall", "replay=toy_gan_shift0"]}}
+    tables = study.expand(spec)
+    chain = "study/chains/main_s1"
+    assert sorted(tables["classmaps"]) == ["main_s0_toy_gan", "main_s1_toy_gan"]  # one map, made once per chain
+    pool = tables["pools"]["main_s1_toy_gan_shift0"]
+    assert pool["source"] == "toy_gan" and pool["mapping"] == f"{chain}/toy_gan_mapping.json"
+    assert pool["pool"] == f"{chain}/pools/toy_gan_shift0" and "replay.source.render_shift=0" in pool["overrides"]
+    run = tables["runs"]["pretrained_15-5_shift0_s1"]
+    assert run["pool"] == f"{chain}/pools/toy_gan_shift0"
+    assert run["overrides"].split() == [  # the replay config's name, never the source's (Hydra knows no such group)
+        f"model.pretrained_file={chain}/pretrain/encoder.pth", "train.threads=1", "method=recall", "replay=toy_gan",
+        f"replay.mapping={chain}/toy_gan_mapping.json", "replay.source.seed=1", "replay.source.render_shift=0",
+        f"replay.pool={chain}/pools/toy_gan_shift0"]
+    with pytest.raises(ValueError, match="chain source bad: a list of overrides, or"):
+        study.expand({**spec, "chain": {"sources": {"bad": {"overrides": []}}}})
+
+
 def _finish(root: Path, key: str, old: float, new: float, all_: float) -> None:
     """A finished run directory with the metrics.json of a 2-step run (old classes a, b; c learnt at step 1)."""
     final = {"step": 1, "miou": {"old_no_bg": old, "new": new, "all": all_, "all_no_bg": all_, "old": old},

@@ -8,6 +8,14 @@ ImageNet). A sample is driven by a latent ``z ~ N(0, I)`` of ``LATENT_DIM`` entr
 (entries beyond ``2 * truncation`` are resampled); z sets the object's position, scale, rotation, colour jitter,
 the background and an optional small distractor object. Samples are object-centric and less varied than the toy
 ImageNet's photos (a generator's modes, not a photo collection), deterministic per (seed, source class, index).
+
+``render_shift`` scales the domain shift the generator *renders* for a class made from a toy-world class (a
+look-alike or a more-shifted variant): 1 draws the class as the toy ImageNet holds it (the default, what the
+classifier learnt and the class map chose), 0 draws it in the toy-world class's own style (hue, texture period,
+brightness of both colours), 2 twice as far from it. Only the rendering changes: the class space, and with it the
+toy ImageNet, the pretrained encoder and the class map, stay as they are, so a sweep over it changes replay quality
+alone. What it never removes is the generator's own composition (one large centred object on a random background,
+where a toy-world image holds several objects in a scene).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from PIL import Image
 from recall.replay.classmap import checked_mapping
 from recall.errors import ReplayError
 from recall.sim.toy_imagenet import NUM_CLASSES, class_space
-from recall.sim.toyworld import PIXEL_NOISE_STD, draw_object, render_background
+from recall.sim.toyworld import CLASS_STYLES, PIXEL_NOISE_STD, ClassStyle, draw_object, render_background
 
 LATENT_DIM = 8
 TRUNCATION_SIGMAS = 2.0  # |z| <= 2 * truncation
@@ -40,6 +48,20 @@ DISTRACTOR_RADIUS_FRAC = 0.12
 DISTRACTOR_OFFSET_FRAC = 0.36
 
 
+def shifted_render_style(own: ClassStyle, imitation: ClassStyle, shift: float) -> ClassStyle:
+    """`imitation` (a class made from the toy-world class styled `own`) with its shift from `own` scaled by `shift`:
+    the hue along the shorter way round the circle, the texture period geometrically, the brightness of both colours
+    linearly (clipped to what the renderer draws). shift=1 returns `imitation` itself, shift=0 `own`'s colours."""
+    if shift == 1.0:
+        return imitation
+    hue_gap = (imitation.hue - own.hue + 180.0) % 360.0 - 180.0
+    return replace(imitation, hue=(own.hue + shift * hue_gap) % 360.0,
+                   texture_period=own.texture_period * (imitation.texture_period / own.texture_period) ** shift,
+                   value=float(np.clip(own.value + shift * (imitation.value - own.value), 0.2, 1.0)),
+                   secondary_value=float(np.clip(own.secondary_value
+                                                 + shift * (imitation.secondary_value - own.secondary_value), 0.1, 0.5)))
+
+
 class ToyGenerator:
     """A class-conditional toy "GAN" (see the module docstring) that is also a replay source.
 
@@ -50,9 +72,13 @@ class ToyGenerator:
     name = "toy_gan"
 
     def __init__(self, num_source_classes: int = NUM_CLASSES, truncation: float = 1.0, size: int = 64, seed: int = 0,
-                 mapping: Mapping[int | str, int] | None = None) -> None:
+                 mapping: Mapping[int | str, int] | None = None, render_shift: float = 1.0) -> None:
         if truncation < 0:
             raise ReplayError(f"truncation must be >= 0, got {truncation}")
+        if not 0 <= render_shift <= 3:
+            raise ReplayError(f"replay.source.render_shift must be in [0, 3] (0: the toy-world classes' own style, 1: "
+                              f"the toy ImageNet's look-alikes, as the class map saw them), got {render_shift}")
+        self.render_shift = float(render_shift)
         self.num_source_classes = num_source_classes
         self.truncation = float(truncation)
         self.size = size
@@ -63,18 +89,21 @@ class ToyGenerator:
             raise ReplayError(f"toy generator: {error}") from None
         self.source_names = [c.name for c in self.classes]
         self._distractors = [c.style for c in self.classes if c.kind == "distractor"]
+        self._styles = [c.style if c.target is None else shifted_render_style(CLASS_STYLES[c.target], c.style,
+                                                                              self.render_shift)
+                        for c in self.classes]
         self.mapping: dict[int, int] = {}
         if mapping is not None:
             self.set_mapping(mapping)
 
     def __repr__(self) -> str:
         return (f"ToyGenerator(num_source_classes={self.num_source_classes}, truncation={self.truncation}, "
-                f"size={self.size}, seed={self.seed})")
+                f"size={self.size}, seed={self.seed}, render_shift={self.render_shift})")
 
     @property
     def params(self) -> dict:
         return {"num_source_classes": self.num_source_classes, "truncation": self.truncation, "size": self.size,
-                "seed": self.seed, "mapping": {str(k): v for k, v in sorted(self.mapping.items())}}
+                "seed": self.seed, "render_shift": self.render_shift, "mapping": {str(k): v for k, v in sorted(self.mapping.items())}}
 
     def set_mapping(self, mapping: Mapping[int | str, int]) -> None:
         """Set target class -> source class index (keys may be strings, e.g. from a config)."""
@@ -116,7 +145,7 @@ class ToyGenerator:
             offset = DISTRACTOR_OFFSET_FRAC * size
             spot = (size / 2 - np.sign(z[0] or 1) * offset, size / 2 - np.sign(z[1] or 1) * offset)
             draw_object(image, scratch, DISTRACTOR_LABEL, spot, DISTRACTOR_RADIUS_FRAC * size, rng, style=style)
-        base = self.classes[source_class].style
+        base = self._styles[source_class]
         style = replace(base, hue=(base.hue + z[4] * HUE_JITTER_STD_DEG) % 360,
                         value=float(np.clip(base.value + z[5] * VALUE_JITTER_STD, 0.2, 1.0)))
         radius = max(size * (RADIUS_FRAC + RADIUS_STD_FRAC * z[2]), 2.0)
@@ -142,4 +171,4 @@ class ToyGenerator:
             yield self.render(source_class, self.latent(source_class, index)), {
                 "index": index, "source_class": self.source_names[source_class],
                 "source_class_index": source_class, "license": "generated", "owner": None,
-                "truncation": self.truncation, "seed": self.seed}
+                "truncation": self.truncation, "seed": self.seed, "render_shift": self.render_shift}
