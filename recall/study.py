@@ -111,25 +111,29 @@ def expand(spec: dict) -> dict:
         if key not in tables["chains"]:
             tables["chains"][key] = {"seed": seed, "overrides": " ".join(
                 merged(chain_spec.get("pretrain", []), world["chain"]))}
-            maps = set()  # one class map per file: sources of one replay config at other settings share it
             for source, entry in sources.items():
                 filled = merged(_filled(entry["overrides"], directory, seed),
                                 [f"replay.pool={directory}/pools/{source}"])
                 mapping = dict(o.split("=", 1) for o in filled).get("replay.mapping")
-                if mapping and mapping not in maps:
-                    maps.add(mapping)
+                if mapping and entry["replay"] == source:  # another setting of a config uses that config's map
                     tables["classmaps"][f"{key}_{source}"] = {"chain": key, "source": entry["replay"],
                                                               "mapping": mapping, "overrides": " ".join(filled)}
                 tables["pools"][f"{key}_{source}"] = {"chain": key, "source": entry["replay"],
                                                       "mapping": mapping or f"conf/replay/{entry['replay']}.yaml",
                                                       "pool": f"{directory}/pools/{source}",
                                                       "overrides": " ".join(filled)}
+                if mapping and entry["replay"] != source and mapping not in (
+                        m["mapping"] for m in tables["classmaps"].values() if m["chain"] == key):
+                    raise ValueError(f"chain source {source} reads the class map {mapping}, which no source of "
+                                     f"replay config {entry['replay']} makes: list {entry['replay']} first, with "
+                                     "the same replay.mapping")
         return key, directory
 
     def chained(overrides: list[str], directory: str, seed: int, replay: str, world: dict) -> list[str]:
         """A run's overrides: the chain's encoder and the pool's files, then the variant's, then the world's."""
-        source = merged([f"replay={sources[replay]['replay']}"], _filled(sources[replay]["overrides"], directory, seed),
-                        [f"replay.pool={directory}/pools/{replay}"]) if replay != "none" else []
+        source = [] if replay == "none" else merged(
+            [f"replay={sources[replay]['replay']}"], _filled(sources[replay]["overrides"], directory, seed),
+            [f"replay.pool={directory}/pools/{replay}"])
         return merged([f"model.pretrained_file={directory}/pretrain/encoder.pth", *threads], overrides, source,
                       world["overrides"])
 

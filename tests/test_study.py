@@ -87,6 +87,11 @@ def test_a_source_may_be_another_setting_of_a_replay_config_with_a_pool_of_its_o
         f"model.pretrained_file={chain}/pretrain/encoder.pth", "train.threads=1", "method=recall", "replay=toy_gan",
         f"replay.mapping={chain}/toy_gan_mapping.json", "replay.source.seed=1", "replay.source.render_shift=0",
         f"replay.pool={chain}/pools/toy_gan_shift0"]
+    orphan = {"replay": "toy_gan", "overrides": ["replay.mapping={chain}/elsewhere.json"]}
+    with pytest.raises(ValueError, match="chain source orphan reads the class map .*elsewhere.json, which no source"):
+        study.expand({**spec, "chain": {"sources": {**SOURCES, "orphan": orphan}}})
+    with pytest.raises(ValueError, match="no source of replay config toy_gan makes"):  # its map would come after it
+        study.expand({**spec, "chain": {"sources": {"toy_gan_shift0": shifted, **SOURCES}}})
     with pytest.raises(ValueError, match="chain source bad: a list of overrides, or"):
         study.expand({**spec, "chain": {"sources": {"bad": {"overrides": []}}}})
 

@@ -55,11 +55,14 @@ def shifted_render_style(own: ClassStyle, imitation: ClassStyle, shift: float) -
     if shift == 1.0:
         return imitation
     hue_gap = (imitation.hue - own.hue + 180.0) % 360.0 - 180.0
+
+    def linear(a: float, b: float, low: float, high: float) -> float:
+        return float(np.clip(a + shift * (b - a), low, high))
+
     return replace(imitation, hue=(own.hue + shift * hue_gap) % 360.0,
                    texture_period=own.texture_period * (imitation.texture_period / own.texture_period) ** shift,
-                   value=float(np.clip(own.value + shift * (imitation.value - own.value), 0.2, 1.0)),
-                   secondary_value=float(np.clip(own.secondary_value
-                                                 + shift * (imitation.secondary_value - own.secondary_value), 0.1, 0.5)))
+                   value=linear(own.value, imitation.value, 0.2, 1.0),
+                   secondary_value=linear(own.secondary_value, imitation.secondary_value, 0.1, 0.5))
 
 
 class ToyGenerator:
@@ -103,7 +106,8 @@ class ToyGenerator:
     @property
     def params(self) -> dict:
         return {"num_source_classes": self.num_source_classes, "truncation": self.truncation, "size": self.size,
-                "seed": self.seed, "render_shift": self.render_shift, "mapping": {str(k): v for k, v in sorted(self.mapping.items())}}
+                "seed": self.seed, "render_shift": self.render_shift,
+                "mapping": {str(k): v for k, v in sorted(self.mapping.items())}}
 
     def set_mapping(self, mapping: Mapping[int | str, int]) -> None:
         """Set target class -> source class index (keys may be strings, e.g. from a config)."""
