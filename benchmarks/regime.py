@@ -94,13 +94,29 @@ def per_class_iterations(protocol: str, encoder: Path) -> int:
     return round(step0["iterations"] / len(step0["classes"]))
 
 
+def pretrained(seed: int, work: Path) -> Path:
+    """The seed's pretraining (`recall pretrain`, pretrain.seed) in `work/s<seed>/pretrain`, made once: as the
+    study's main chain of that seed (its default thread count)."""
+    out = work / f"s{seed}" / "pretrain"
+    if not (out / "encoder.pth").is_file():
+        subprocess.run([sys.executable, "-m", "recall.stages.pretrain", str(out), "--params", "params.yaml",
+                        f"pretrain.seed={seed}", "tracking.uri="], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def step0_model(protocol: str, seed: int, work: Path) -> Path:
+    """The seed's step-0 model of `protocol` in `work/s<seed>/step0_<protocol>`, made once."""
+    step0 = work / f"s{seed}" / f"step0_{protocol}"
+    if not (step0 / "metrics.json").is_file():
+        recall_run(f"protocol={protocol}", "method=ft", "last_step=0", f"run_dir={step0}", f"seed={seed}",
+                   f"model.pretrained_file={pretrained(seed, work) / 'encoder.pth'}")
+    return step0
+
+
 def one_seed(seed: int, work: Path) -> dict:
     out = work / f"s{seed}"
-    encoder = out / "pretrain" / "encoder.pth"
-    if not encoder.is_file():
-        subprocess.run([sys.executable, "-m", "recall.stages.pretrain", str(out / "pretrain"), "--params",
-                        "params.yaml", f"pretrain.seed={seed}", "tracking.uri="], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    encoder = pretrained(seed, work) / "encoder.pth"
     common = [f"seed={seed}", f"model.pretrained_file={encoder}"]
     joint_dir = out / "joint"
     if not (joint_dir / "metrics.json").is_file():
@@ -110,9 +126,7 @@ def one_seed(seed: int, work: Path) -> dict:
     lr = float(train["lr"])
     record = {"seed": seed, "lr": lr, "protocols": {}}
     for protocol in PROTOCOLS:
-        step0 = out / f"step0_{protocol}"
-        if not (step0 / "metrics.json").is_file():
-            recall_run(f"protocol={protocol}", "method=ft", "last_step=0", f"run_dir={step0}", *common)
+        step0 = step0_model(protocol, seed, work)
         per_class = per_class_iterations(protocol, encoder)
         old_classes = final(step0)["old_classes"]
         joint_old = statistics.fmean(joint_iou[c] for c in old_classes)

@@ -1,0 +1,223 @@
+"""How good must replay be to beat distillation? RECALL replaying the toy GAN at several domain shifts, against MiB
+and against RECALL without replay, over seeds, each seed owning its whole chain.
+
+    python benchmarks/dose_response.py [--seeds 0 1 2] [--shifts 0 0.5 1 1.5 2] [--protocols 15-1x5 10-1x10]
+                                       [--jobs 2] [--out docs/dose_response.json] [--figure docs/dose_response.png]
+                                       [--work DIR] [--data DIR]
+
+What changes from level to level is what the generator *renders*, nothing else: `replay.source.render_shift` scales
+the domain shift the toy GAN draws for a class made from a toy-world class (0: that class's own style, as the
+toy world draws it; 1: the toy ImageNet's look-alike, the GAN of the study and the demo; 2: twice as far). The toy
+ImageNet, hence the pretrained encoder and classifier, and the class map (made once per seed by that classifier, as
+the study makes it) are the same at every level; so are the step-0 model and the schedule (the study's toy budget).
+Each level is scored against the simulation's truth by the run's own statistics: the replay labels' IoU against the
+generator's true masks (the step-0 model's labels of the step-0 classes, the helpers' of the later ones).
+
+Per seed (in `work/s<seed>`, shared with benchmarks/regime.py: the same pretraining and step-0 models): the toy-GAN
+class map, one pool per level, RECALL per protocol and level, and the two reference lines, MiB and RECALL with
+`method.replay_ratio=0` (inpainting alone). The JSON holds every seed's numbers, the mean ± sample std per cell and
+paired verdicts (the study's rule: every seed agrees in sign and |mean difference| > the differences' sample std)
+of RECALL at each level against each reference; docs/results.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import regime
+from regime import final, pretrained, recall_run, step0_model
+from recall.study_report import mean_std, verdict
+
+ROOT = regime.ROOT
+SHIFTS = (0.0, 0.5, 1.0, 1.5, 2.0)
+PROTOCOLS = ("15-1x5", "10-1x10")
+REFERENCES = {"mib": ["method=mib"], "no_replay": ["method=recall", "method.replay_ratio=0"]}
+METRICS = ("old_no_bg", "new", "all")
+LABELS = ("iou_step0_classes", "iou_later_classes", "empty_step0_classes", "empty_later_classes")
+
+
+def toy_gan(seed: int, work: Path, shift: float | None = None) -> list[str]:
+    """The overrides pointing replay=toy_gan at the seed's chain (its classifier, class map, generator seed) and, for
+    a level, at that level's pool."""
+    chain, pretrain = work / f"s{seed}", pretrained(seed, work)
+    overrides = ["replay=toy_gan", f"replay.classifier.weights={pretrain / 'classifier.pth'}",
+                 f"replay.classifier.names={pretrain / 'classes.json'}",
+                 f"replay.mapping={chain / 'toy_gan_mapping.json'}", f"replay.source.seed={seed}"]
+    if shift is not None:
+        overrides += [f"replay.source.render_shift={shift}", f"replay.pool={chain / 'pools' / f'toy_gan_shift{shift}'}"]
+    return overrides
+
+
+def stage(module: str, *overrides: str) -> None:
+    subprocess.run([sys.executable, "-m", module, "--params", "params.yaml", *overrides,
+                    f"dataset.root={regime.DATA}", "tracking.uri="], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def class_map(seed: int, work: Path) -> dict:
+    """The seed's toy-GAN class map (one for every level), made once; returns its score against the truth."""
+    mapping = work / f"s{seed}" / "toy_gan_mapping.json"
+    check = mapping.with_name(f"{mapping.stem}_check.json")
+    if not check.is_file():
+        stage("recall.stages.classmap", *toy_gan(seed, work))
+    truth = json.loads(check.read_text())["truth"]
+    return {"correct": truth["correct"], "classes": truth["classes"]}
+
+
+def pool(seed: int, shift: float, work: Path) -> None:
+    if not (work / f"s{seed}" / "pools" / f"toy_gan_shift{shift}").is_dir():
+        stage("recall.stages.pool", *toy_gan(seed, work, shift))
+
+
+def scored(run_dir: Path) -> dict:
+    done = final(run_dir)
+    stats = done.get("statistics") or {}
+    return {**{m: done["miou"][m] for m in METRICS},
+            **{k: stats[f"replay_labels/{k}"] for k in LABELS if f"replay_labels/{k}" in stats}}
+
+
+def run(seed: int, protocol: str, name: str, overrides: list[str], work: Path) -> dict:
+    run_dir = work / f"s{seed}" / f"{name}_{protocol}_toy_budget"  # regime.py's name for its toy-budget runs
+    if not (run_dir / "metrics.json").is_file():
+        recall_run(f"protocol={protocol}", f"step0={step0_model(protocol, seed, work)}", f"run_dir={run_dir}",
+                   f"seed={seed}", f"model.pretrained_file={pretrained(seed, work) / 'encoder.pth'}", *overrides)
+    return scored(run_dir)
+
+
+def jobs(seeds: list[int], shifts: list[float], protocols: list[str], work: Path) -> list[tuple]:
+    """Every run, as (seed, protocol, name, overrides, shift), the longest first (10-1x10 before 15-1x5)."""
+    out = []
+    for protocol in sorted(protocols, key=lambda p: -int(p.split("x")[-1]) if "x" in p else 0):
+        for seed in seeds:
+            out += [(seed, protocol, name, overrides, None) for name, overrides in REFERENCES.items()]
+            out += [(seed, protocol, f"recall_shift{s}", ["method=recall", *toy_gan(seed, work, s)], s)
+                    for s in shifts]
+    return out
+
+
+def summary(records: dict, seeds: list[int], shifts: list[float], protocols: list[str]) -> dict:
+    """Mean ± sample std per protocol and line (each level, each reference), paired verdicts of every level against
+    each reference, and a table for the docs."""
+    cells, verdicts, rows = {}, {}, []
+    for protocol in protocols:
+        lines = {**{f"shift {s}": f"recall_shift{s}" for s in shifts}, **{r: r for r in REFERENCES}}
+        cell = {}
+        for label, name in lines.items():
+            per_seed = [records[protocol][name][str(seed)] for seed in seeds]
+            cell[name] = {k: mean_std([p[k] for p in per_seed]) for k in (*METRICS, *LABELS)
+                          if all(k in p for p in per_seed)}
+            c = cell[name]
+            rows.append([protocol, label, c["old_no_bg"]["text"], c["new"]["text"], c["all"]["text"],
+                         c["iou_step0_classes"]["text"] if "iou_step0_classes" in c else "–",
+                         c["iou_later_classes"]["text"] if "iou_later_classes" in c else "–", len(seeds)])
+        for s in shifts:
+            name = f"recall_shift{s}"
+            for reference in REFERENCES:
+                for metric in ("old_no_bg", "all"):
+                    diffs = [records[protocol][name][str(seed)][metric] - records[protocol][reference][str(seed)][metric]
+                             for seed in seeds]
+                    verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
+                        "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
+        cells[protocol] = cell
+    calls = [[protocol, s, *(f"{c['verdict']} ({c['difference']['text']})" for c in
+                             (verdicts[protocol][f"recall_shift{s}_vs_{r}"][m] for r in REFERENCES
+                              for m in ("old_no_bg", "all")))]
+             for protocol in protocols for s in shifts]
+    return {"cells": cells, "contrasts": verdicts,
+            "table": {"columns": ["protocol", "replay", "old (no bg)", "new", "all", "label IoU, step-0 classes",
+                                  "label IoU, later classes", "seeds"], "rows": rows},
+            "calls": {"columns": ["protocol", "render shift", *(f"RECALL - {r.replace('_', ' ')}, {m}" for r in
+                                                                REFERENCES for m in ("old (no bg)", "all"))],
+                      "rows": calls}}
+
+
+def figure(report: dict, path: Path) -> None:
+    """Final mIoU of the step-0 classes (top) and of all classes (bottom) against the render shift, per protocol:
+    RECALL's line with its seeds' sample std, MiB's and no replay's as bands (mean ± sample std); the step-0 classes'
+    label IoU on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts, protocols = report["shifts"], report["protocols"]
+    fig, axes = plt.subplots(2, len(protocols), figsize=(5.2 * len(protocols), 7.4), squeeze=False, sharex=True)
+    for col, protocol in enumerate(protocols):
+        cell = report["cells"][protocol]
+        for row, metric in enumerate(("old_no_bg", "all")):
+            ax = axes[row][col]
+            for name, colour in (("mib", "tab:orange"), ("no_replay", "tab:grey")):
+                m = cell[name][metric]
+                ax.axhline(m["mean"], color=colour, lw=1.5, label=f"{name.replace('_', ' ')} (± std)")
+                ax.axhspan(m["mean"] - m["std"], m["mean"] + m["std"], color=colour, alpha=0.18)
+            means = [cell[f"recall_shift{s}"][metric]["mean"] for s in shifts]
+            stds = [cell[f"recall_shift{s}"][metric]["std"] for s in shifts]
+            ax.errorbar(shifts, means, yerr=stds, color="tab:blue", marker="o", capsize=3, label="RECALL, toy GAN")
+            ax.axvline(1.0, color="k", ls=":", lw=0.8)
+            ax.set(ylabel=f"final mIoU, {'step-0 classes' if metric == 'old_no_bg' else 'all classes'}")
+            if row == 0:
+                ax.set_title(f"{protocol} ({len(report['seeds'])} seeds; dotted: the study's GAN)")
+                twin = ax.twinx()
+                labels = [cell[f"recall_shift{s}"].get("iou_step0_classes", {}).get("mean") for s in shifts]
+                twin.plot(shifts, labels, color="tab:green", ls="--", marker="x", label="label IoU, step-0 classes")
+                twin.set(ylabel="replay label IoU vs the truth", ylim=(0, 1))
+                twin.yaxis.label.set_color("tab:green")
+                handles = ax.get_legend_handles_labels()
+                extra = twin.get_legend_handles_labels()
+                ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="lower left")
+            else:
+                ax.set(xlabel="render shift of the toy GAN (0: the class's own style, 1: the look-alike)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shifts", type=float, nargs="+", default=list(SHIFTS))
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--figure", type=Path)
+    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--data", type=Path, default=regime.DATA, help="the toy world (default: data/toy)")
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2:
+        parser.error("--seeds: the verdicts need at least two seeds")
+    if not all(0 <= s <= 3 for s in args.shifts):
+        parser.error("--shifts: the toy GAN's render_shift must be in [0, 3]")
+    regime.DATA = args.data.resolve()
+    if not (regime.DATA / "JPEGImages").is_dir():
+        parser.error(f"--data {regime.DATA}: no toy world there; make it with `dvc repro toyworld`")
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
+        work = (args.work or Path(tmp)).resolve()
+        list(threads.map(lambda seed: pretrained(seed, work), args.seeds))  # the chains first, two at a time
+        maps = dict(zip(args.seeds, threads.map(lambda seed: class_map(seed, work), args.seeds)))
+        list(threads.map(lambda job: pool(job[0], job[1], work), [(s, x) for s in args.seeds for x in args.shifts]))
+        todo = jobs(args.seeds, args.shifts, args.protocols, work)
+        results = list(threads.map(lambda job: run(job[0], job[1], job[2], job[3], work), todo))
+    records: dict = {}
+    for (seed, protocol, name, _, _), result in zip(todo, results):
+        records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
+    report = {"seeds": args.seeds, "shifts": args.shifts, "protocols": args.protocols,
+              "class_map": {str(s): m for s, m in maps.items()}, "records": records,
+              **summary(records, args.seeds, args.shifts, args.protocols)}
+    for row in report["table"]["rows"]:
+        print(" | ".join(str(v) for v in row))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.figure:
+        figure(report, args.figure)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
