@@ -1,6 +1,7 @@
 """`setting=partitioned` (Kwak et al., arXiv 2405.09858): each training image belongs to exactly one step, drawn as
 the authors' code draws it (jihwankwak/CISS_partitioned, data_loader/dataset.py `generate_cil_partitioned`), on
-hand-made image lists; then its wiring: the runner, the plans at paper scale and on the toy world, the command."""
+hand-made image lists; then its wiring: the runner, the plans at paper scale and on the toy world, the command.
+A whole toy run in this setting is in test_cli (it trains: not a fast test)."""
 
 from __future__ import annotations
 
@@ -288,18 +289,6 @@ def test_the_protocol_command_prints_the_partition(toy, capsys):
     classes = image_classes(toy, read_split(toy, "train"), progress=False)
     assert out["setting"] == "partitioned"
     assert [s["images"] for s in out["steps"]] == partition(classes, VOC, 3)
-
-
-@pytest.mark.slow
-def test_a_toy_run_in_the_partitioned_setting(toy, tmp_path):
-    from tests.conftest import FAST
-
-    assert main(["run", f"dataset.root={toy}", "protocol=18-1x2", "setting=partitioned", f"run_dir={tmp_path}/run",
-                 "tracking.uri=", *FAST]) == 0
-    for step in range(3):
-        meta = torch.load(tmp_path / "run" / "steps" / str(step) / "model.pt", map_location="cpu",
-                          weights_only=True)["meta"]
-        assert meta["setting"] == "partitioned"
 
 
 # --------------------------------------------------------------------------- paper scale (--dry-run)
