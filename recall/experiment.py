@@ -170,7 +170,7 @@ class ProtocolRun:
         """The training images of `step`: the setting's selection, or (joint) every image with a class seen so far."""
         if self.method.data == "cumulative":
             return sorted({i for s in range(step + 1) for i in select_train_images(classes, self.task, s, "overlapped")})
-        return select_train_images(classes, self.task, step, self.setting)
+        return select_train_images(classes, self.task, step, self.setting, seed=int(self.cfg.seed))
 
     def loader_options(self) -> dict:
         """Worker processes, and page-locked memory when batches go to a GPU."""
@@ -179,11 +179,12 @@ class ProtocolRun:
         return dict(num_workers=t.num_workers, pin_memory=pin)
 
     def check_no_earlier_images(self, classes: dict, step: int, ids: list[str]) -> None:
-        """Privacy: in the disjoint and sequential settings a step never reads an image of an earlier step.
-        (Overlapped admits, by its definition, an image again when it holds a current class.)"""
+        """Privacy: in the disjoint, sequential and partitioned settings a step never reads an image of an earlier
+        step. (Overlapped admits, by its definition, an image again when it holds a current class.)"""
         if self.setting == "overlapped":
             return
-        earlier = {i for s in range(step) for i in select_train_images(classes, self.task, s, self.setting)}
+        earlier = {i for s in range(step)
+                   for i in select_train_images(classes, self.task, s, self.setting, seed=int(self.cfg.seed))}
         reused = sorted(earlier.intersection(ids))
         if reused:
             raise RuntimeError(f"privacy violation: step {step} would read {len(reused)} images of earlier steps "

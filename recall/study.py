@@ -2,7 +2,8 @@
 
 study/spec.yaml says what runs: seeds, protocols, setting, the *variants* compared (each a list of `recall run`
 overrides: a method, a replay source, options), the *worlds* they run in (overrides too, e.g. the from-scratch
-encoder; or {overrides, protocols, chain} to run a world on some protocols only, or with its own chain), and the
+encoder; or {overrides, protocols, chain, setting} to run a world on some protocols only, with its own chain, or
+in another setting than the spec's, e.g. `partitioned: {setting: partitioned, protocols: [15-1x5]}`), and the
 *chain* every seed owns: its pretraining, the stand-in weights, the class maps and replay pools built from them.
 Nothing random is shared between seeds, so the spread over seeds covers what another machine changes (the
 pretrained encoder moves, and with it the class map, the pools and every run downstream).
@@ -33,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from recall.atomic import write_text
+from recall.errors import UserError
 
 SPEC_FILE = Path("study/spec.yaml")
 TABLES_FILE = Path("study/params.yaml")
@@ -67,17 +69,39 @@ def merged(*groups: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
-def variant_of(value) -> dict:
+def variant_of(name: str, value) -> dict:
     """A variant of the spec: a list of overrides (run everywhere), or {overrides, protocols, seeds, worlds} (run
-    only where listed)."""
-    return {"overrides": list(value)} if isinstance(value, list) else dict(value)
+    only where listed). Its overrides may not set the setting (a world's: run it in a world of that setting)."""
+    variant = {"overrides": list(value)} if isinstance(value, list) else dict(value)
+    _refuse_setting(variant.get("overrides", []), f"variant {name}",
+                    "run it in a world of that setting (worlds: <name>: {setting: <name>, ...})")
+    return variant
 
 
-def world_of(value) -> dict:
-    """A world of the spec: a list of run overrides, or {overrides, protocols, chain}."""
+WORLD_KEYS = ("overrides", "protocols", "chain", "setting")
+
+
+def world_of(name: str, value, setting: str) -> dict:
+    """A world of the spec: a list of run overrides, or {overrides, protocols, chain, setting}. Its `setting` (by
+    default the spec's) is every one of its runs' `setting=`, so its overrides may not set one."""
     world = {"overrides": list(value)} if isinstance(value, list) else dict(value)
-    return {"overrides": list(world.get("overrides", [])), "protocols": world.get("protocols"),
-            "chain": list(world.get("chain", []))}
+    unknown = sorted(set(world) - set(WORLD_KEYS))
+    if unknown:
+        raise UserError(f"world {name}: unknown key(s) {unknown}; a world is a list of overrides or a mapping of "
+                        f"{', '.join(WORLD_KEYS)}")
+    world = {"overrides": list(world.get("overrides", [])), "protocols": world.get("protocols"),
+             "chain": list(world.get("chain", [])), "setting": world.get("setting", setting)}
+    _refuse_setting(world["overrides"], f"world {name}",
+                    f"give the world its setting as a key instead: {name}: {{setting: <name>, overrides: [...]}}")
+    return world
+
+
+def _refuse_setting(overrides: list[str], where: str, instead: str) -> None:
+    """The stages pass each run's `setting=` from its table entry (study/dvc.yaml): a second one in its overrides
+    would clash with it (Hydra refuses a key given twice) or, merged, silently disagree with the table."""
+    if any(o.partition("=")[0].lstrip("+~") == "setting" for o in overrides):
+        raise UserError(f"{where}: a setting= override is not allowed (the study passes each run's setting from "
+                        f"its world); {instead}")
 
 
 def source_of(name: str, value) -> dict:
@@ -101,7 +125,7 @@ def expand(spec: dict) -> dict:
     threads = [f"train.threads={spec.get('threads', 1)}"]
     chain_spec = spec.get("chain") or {}
     sources = {name: source_of(name, value) for name, value in (chain_spec.get("sources") or {}).items()}
-    worlds = {name: world_of(value) for name, value in (spec.get("worlds") or {"default": []}).items()}
+    worlds = {name: world_of(name, value, setting) for name, value in (spec.get("worlds") or {"default": []}).items()}
     tables: dict[str, dict] = {k: {} for k in ("chains", "classmaps", "pools", "step0", "runs", "joint")}
 
     def chain(world: dict, name: str, seed: int) -> tuple[str, str]:
@@ -143,18 +167,18 @@ def expand(spec: dict) -> dict:
                 key = f"{world_name}_{base_of(protocol)}_s{seed}"
                 chain_key, directory = chain(world, world_name, seed)
                 for variant, value in spec["variants"].items():
-                    v = variant_of(value)
+                    v = variant_of(variant, value)
                     if any(x in v and wanted not in v[x] for x, wanted in
                            (("protocols", protocol), ("seeds", seed), ("worlds", world_name))):
                         continue
-                    tables["step0"].setdefault(key, {"protocol": protocol, "setting": setting, "seed": seed,
-                                                     "chain": chain_key, "overrides": " ".join(
+                    tables["step0"].setdefault(key, {"protocol": protocol, "setting": world["setting"],
+                                                     "seed": seed, "chain": chain_key, "overrides": " ".join(
                                                          chained(["method=ft"], directory, seed, "none", world))})
                     replay = replay_of(v["overrides"])
                     if replay != "none" and replay not in sources:
                         raise ValueError(f"variant {variant} replays {replay}, which the spec's chain.sources lacks")
                     tables["runs"][f"{world_name}_{protocol}_{variant}_s{seed}"] = {
-                        "world": world_name, "protocol": protocol, "variant": variant, "setting": setting,
+                        "world": world_name, "protocol": protocol, "variant": variant, "setting": world["setting"],
                         "seed": seed, "step0": key, "chain": chain_key,
                         "pool": f"{directory}/pools/{replay}" if replay != "none" else NO_POOL,
                         "overrides": " ".join(chained(v["overrides"], directory, seed, replay, world))}
@@ -162,8 +186,9 @@ def expand(spec: dict) -> dict:
         for seed in seeds if joint_worlds is True or world_name in (joint_worlds or ()) else ():  # the upper bound
             chain_key, directory = chain(world, world_name, seed)
             tables["joint"][f"{world_name}_joint_s{seed}"] = {
-                "world": world_name, "protocol": "joint", "variant": "joint", "setting": setting, "seed": seed,
-                "chain": chain_key, "overrides": " ".join(chained(["method=joint"], directory, seed, "none", world))}
+                "world": world_name, "protocol": "joint", "variant": "joint", "setting": world["setting"],
+                "seed": seed, "chain": chain_key,
+                "overrides": " ".join(chained(["method=joint"], directory, seed, "none", world))}
     return tables
 
 

@@ -44,7 +44,7 @@ class TrainConfig:
     threads: int = 2
     cache_images: bool = True  # keep decoded images in memory (toy world; off for real VOC)
     # set: a step trains len(new classes) x this many iterations (epochs ignored); a mapping gives one per setting,
-    # e.g. {overlapped: 1500, disjoint: 1000, sequential: 1000} as the authors' gin files
+    # e.g. {overlapped: 1500, disjoint: 1000, sequential: 1000} as the authors' gin files (+ partitioned: 1000)
     iters_per_class: Any = None  # int | {setting: int} | None (OmegaConf's structured configs have no such Union)
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     amp: str | None = None  # mixed precision: null (fp32), bf16 or fp16 (fp16 adds a gradient scaler)

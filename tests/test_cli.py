@@ -198,6 +198,24 @@ def test_disjoint_steps_never_reread_earlier_images(tmp_path, tiny_world):
         run.check_no_earlier_images(classes, 1, sorted(steps_ids[0]))
 
 
+@pytest.mark.slow
+def test_a_toy_run_in_the_partitioned_setting(tmp_path, tiny_world):
+    """Every step trains on its share of the partition (the runner's privacy check passes at each step); on this
+    60-image world seed 1 gives both steps of 19-1 images, seed 0 draws none for class 20."""
+    from recall.config import compose
+    from recall.experiment import ProtocolRun
+
+    assert main(["run", f"dataset.root={tiny_world}", "protocol=19-1", "setting=partitioned", "seed=1",
+                 f"run_dir={tmp_path}/run", "tracking.uri=", *FAST]) == 0
+    metas = [torch.load(tmp_path / "run" / "steps" / str(t) / "model.pt", map_location="cpu", weights_only=True)["meta"]
+             for t in range(2)]
+    assert [(m["setting"], m["seed"]) for m in metas] == [("partitioned", 1)] * 2
+    empty = ProtocolRun(compose([f"dataset.root={tiny_world}", "protocol=19-1", "setting=partitioned", "seed=0",
+                                 f"run_dir={tmp_path}/empty"]))
+    with pytest.raises(RuntimeError, match=r"step 1 of 19-1 \(partitioned\) has no training image"):
+        empty.train_loader(1, torch.Generator())
+
+
 def test_an_unparsable_override_is_a_clear_error(capsys):
     assert main(["run", "tune.trial_overrides=[train.epochs_incremental=3]", "tracking.uri="]) == 2
     err = capsys.readouterr().err

@@ -44,8 +44,9 @@ def test_paper_voc_composes_to_the_papers_setting():
     t = cfg.train
     assert (t.batch_size, t.crop, list(t.scale), t.eval_batch_size) == (4, 321, [0.5, 1.5], 1)
     assert (t.momentum, t.weight_decay, t.poly_power) == (0.9, 1e-4, 0.9)
-    # RECALL's gins: 1500 iterations per class learnt in the overlapped setting, 1000 in disjoint and sequential
-    assert dict(t.iters_per_class) == {"overlapped": 1500, "disjoint": 1000, "sequential": 1000}
+    # RECALL's gins: 1500 iterations per class learnt in the overlapped setting, 1000 in disjoint and sequential (and
+    # ours in partitioned, which like disjoint trains each image once)
+    assert dict(t.iters_per_class) == {"overlapped": 1500, "disjoint": 1000, "sequential": 1000, "partitioned": 1000}
     assert (t.lr, t.lr_incremental, t.lr_end) == (5e-4, 5e-4, 5e-6)  # 5e-4 -> 5e-6 within every step
     assert cfg.replay.per_class == 500 and cfg.replay.pool == "pools/paper_voc/gan"
     assert compose(["experiment=paper_voc", "replay=web"]).replay.per_class == 1000

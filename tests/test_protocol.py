@@ -378,7 +378,7 @@ def test_step_and_setting_errors_give_the_valid_values():
     with pytest.raises(ProtocolError, match=re.escape("step 2 is out of range for a task with 2 steps (0..1)") + "$"):
         train_label_map(task, 2, "overlapped")
     with pytest.raises(ProtocolError, match="^" + re.escape(
-            "unknown setting 'mixed'; expected one of 'disjoint', 'overlapped', 'sequential'") + "$"):
+            "unknown setting 'mixed'; expected one of 'disjoint', 'overlapped', 'partitioned', 'sequential'") + "$"):
         train_label_map(task, 0, "mixed")
 
 

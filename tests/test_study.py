@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from recall import docs, study
+from recall.errors import UserError
 from recall.study_report import attribution, contrasts, interactions, study_cells, study_tables, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +164,44 @@ def test_a_world_may_run_on_some_protocols_and_joint_in_some_worlds():
         ("pretrained", "15-5"), ("pretrained", "10-2x5"), ("scratch", "15-5")}
     assert tables["runs"]["scratch_15-5_mib_s0"]["overrides"] == "model.pretrained_file=null train.threads=1 method=mib"
     assert set(tables["joint"]) == {"pretrained_joint_s0", "pretrained_joint_s1"}
+
+
+def test_a_world_may_run_in_a_setting_of_its_own():
+    """e.g. the partitioned split on one protocol: its step-0 models, runs and joint runs all carry its setting (the
+    stages pass `setting=${item.setting}`), the other worlds keep the spec's."""
+    spec = {**SPEC, "worlds": {"pretrained": [], "partitioned": {"setting": "partitioned", "protocols": ["10-2x5"]}}}
+    tables = study.expand(spec)
+    settings = {(r["world"], r["protocol"], r["setting"]) for r in tables["runs"].values()}
+    assert settings == {("pretrained", "15-5", "overlapped"), ("pretrained", "10-2x5", "overlapped"),
+                        ("partitioned", "10-2x5", "partitioned")}
+    assert {k: v["setting"] for k, v in tables["step0"].items() if k.startswith("partitioned")} == {
+        "partitioned_10_s0": "partitioned", "partitioned_10_s1": "partitioned"}  # step-0 models of its own
+    assert tables["step0"]["pretrained_10_s0"]["setting"] == "overlapped"
+    assert tables["runs"]["partitioned_10-2x5_mib_s1"]["step0"] == "partitioned_10_s1"
+    assert "setting" not in tables["runs"]["partitioned_10-2x5_mib_s1"]["overrides"]
+    assert {k: v["setting"] for k, v in tables["joint"].items()} == {
+        "pretrained_joint_s0": "overlapped", "pretrained_joint_s1": "overlapped",
+        "partitioned_joint_s0": "partitioned", "partitioned_joint_s1": "partitioned"}
+    # without a setting of its own a world takes the spec's
+    other = study.expand({**SPEC, "setting": "disjoint"})
+    assert {r["setting"] for table in ("step0", "runs", "joint") for r in other[table].values()} == {"disjoint"}
+
+
+@pytest.mark.parametrize("world", [["setting=partitioned"], {"overrides": ["model.head_channels=8", "setting=disjoint"]},
+                                   {"setting": "partitioned", "overrides": ["+setting=partitioned"]}])
+def test_a_setting_override_in_a_world_is_refused(world):
+    with pytest.raises(UserError, match=r"^world odd: a setting= override is not allowed \(the study passes each "
+                                        r"run's setting from its world\); give the world its setting as a key instead"):
+        study.expand({**SPEC, "worlds": {"pretrained": [], "odd": world}})
+
+
+def test_a_setting_override_in_a_variant_and_an_unknown_world_key_are_refused():
+    with pytest.raises(UserError, match=r"^variant part: a setting= override is not allowed .*run it in a world of "
+                                        r"that setting"):
+        study.expand({**SPEC, "variants": {"part": ["method=mib", "setting=partitioned"]}})
+    with pytest.raises(UserError, match=r"^world odd: unknown key\(s\) \['settings'\]; a world is a list of "
+                                        r"overrides or a mapping of overrides, protocols, chain, setting$"):
+        study.expand({**SPEC, "worlds": {"odd": {"settings": "partitioned"}}})
 
 
 def _cells(values: dict[str, list[float]]) -> dict:

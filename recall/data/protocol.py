@@ -10,6 +10,9 @@ Image selection follows MiB's ``filter_images`` (the rule all peers follow):
 * **disjoint** additionally drops any image containing a future class;
 * **sequential** uses the disjoint images but keeps old-class labels in training.
 
+**partitioned** (Kwak et al., arXiv 2405.09858) is not a filter but a draw: each image is given one of its
+classes at random (:func:`partition`), and belongs to the step that learns that class only.
+
 Label maps are 256-entry lookup tables applied as ``lut[mask]``. The points on which the papers
 disagree (border pixels in training, future classes at test, evaluation images, ...) are
 collected in :data:`CONVENTIONS`. This module does no I/O.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Literal
 
+import numpy as np
 import torch
 
 from recall.errors import UserError
@@ -33,7 +37,8 @@ LUT_SIZE = 256
 
 JOINT = "joint"
 PAPER_PROTOCOLS: tuple[str, ...] = ("19-1", "15-5", "10-5-5", "15-1x5", "10-10", "10-2x5", "10-1x10", "joint")
-SETTINGS: tuple[str, ...] = ("disjoint", "overlapped", "sequential")
+SETTINGS: tuple[str, ...] = ("disjoint", "overlapped", "partitioned", "sequential")
+PARTITIONED = "partitioned"  # the setting whose images are drawn with a seed (:func:`partition`)
 FUTURE_OPTIONS: tuple[str, ...] = ("ignore", "background")
 
 _EXPECTED = (
@@ -201,14 +206,20 @@ def _labels(classes: Iterable[int]) -> set[int]:
 
 
 def select_train_images(
-    image_classes: Mapping[str, Iterable[int]], task: Task, step: int, setting: str
+    image_classes: Mapping[str, Iterable[int]], task: Task, step: int, setting: str, seed: int | None = None
 ) -> list[str]:
-    """Sorted ids of the training images of ``step`` (MiB's ``filter_images`` rule).
+    """Sorted ids of the training images of ``step``: MiB's ``filter_images`` rule, or (partitioned) the images
+    :func:`partition` gives the step, which needs the run's ``seed``.
 
     ``image_classes`` maps an image id to the classes present in its mask.
     """
     _check_step(task, step)
     _check_setting(setting)
+    if setting == PARTITIONED:
+        if seed is None:
+            raise ProtocolError("the partitioned setting draws each image's step at random: pass its seed "
+                                "(select_train_images(..., seed=<the run's seed>))")
+        return partition(image_classes, task, seed)[step]
     current, future = set(task[step]), _future(task, step)
     keep_future = setting == "overlapped"
     selected = []
@@ -217,6 +228,39 @@ def select_train_images(
         if labels & current and (keep_future or not labels & future):
             selected.append(image_id)
     return sorted(selected)
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ProtocolError(f"the partitioned setting's seed must be an integer in 0..2**32-1, got {seed!r}")
+    return int(seed)
+
+
+def partition(image_classes: Mapping[str, Iterable[int]], task: Task, seed: int) -> list[list[str]]:
+    """The partitioned split: for each step, the sorted ids of the images that belong to it and to no other step.
+
+    The draw of the authors' code (jihwankwak/CISS_partitioned, ``generate_cil_partitioned``): going through the
+    images in the mapping's order (a split file's line order), each image with at least one class picks one of
+    its sorted non-background, non-ignore classes, ``labels[rng.choice(len(labels))]``, from a NumPy
+    ``RandomState(seed)`` (theirs: the global one, freshly seeded with the run's seed), and belongs to the step
+    that learns that class. An image with one class keeps it (``choice(1)`` uses no random number, in their code
+    as here); an image without classes belongs to no step. The draw does not depend on the task, only the grouping
+    does: one seed gives every task string the same image-to-class assignment.
+    """
+    seed = _check_seed(seed)
+    step_of = introduced_at(task)
+    rng = np.random.RandomState(seed)
+    out: list[list[str]] = [[] for _ in task]
+    for image_id, classes in image_classes.items():
+        labels = sorted(_labels(classes))
+        if not labels:
+            continue
+        unknown = [c for c in labels if c not in step_of]
+        if unknown:
+            raise ProtocolError(f"image {image_id!r} has class(es) {unknown}, which no step of the task {task} "
+                                "learns (build the task with the dataset's num_classes, e.g. 150 for ADE20K)")
+        out[step_of[labels[int(rng.choice(len(labels)))]]].append(image_id)
+    return [sorted(ids) for ids in out]
 
 
 def select_eval_images(

@@ -39,7 +39,7 @@ class StepContext:
     new_classes: list[int]
     old_classes: list[int]  # non-background classes learnt at earlier steps
     prev_model: nn.Module | None = None  # frozen model of step t-1 (only if the method asks for it)
-    setting: str = "overlapped"  # overlapped | disjoint | sequential
+    setting: str = "overlapped"  # overlapped | disjoint | partitioned | sequential
     extras: dict = field(default_factory=dict)
 
 

@@ -28,7 +28,7 @@ def main(args) -> int:
                             progress=False)
     out = {"protocol": str(cfg.protocol.name), "setting": str(cfg.setting.name), "dataset": str(root), "steps": []}
     for t, new in enumerate(task):
-        chosen = select_train_images(classes, task, t, str(cfg.setting.name))
+        chosen = select_train_images(classes, task, t, str(cfg.setting.name), seed=int(cfg.seed))
         out["steps"].append({"step": t, "classes": new, "num_images": len(chosen), "images": chosen})
     json.dump(out, sys.stdout, indent=1 if args.pretty else None)
     print()
