@@ -3,7 +3,7 @@ and against RECALL without replay, over seeds, each seed owning its whole chain.
 
     python benchmarks/dose_response.py [--seeds 0 1 2] [--shifts 0 0.5 1 1.5 2] [--protocols 15-1x5 10-1x10]
                                        [--jobs 2] [--out docs/dose_response.json] [--figure docs/dose_response.png]
-                                       [--work DIR] [--data DIR]
+                                       [--work DIR] [--data DIR] [--pretrain-threads N]
 
 What changes from level to level is what the generator *renders*, nothing else: `replay.source.render_shift` scales
 the domain shift the toy GAN draws for a class made from a toy-world class (0: that class's own style, as the
@@ -13,7 +13,8 @@ the study makes it) are the same at every level; so are the step-0 model and the
 Each level is scored against the simulation's truth by the run's own statistics: the replay labels' IoU against the
 generator's true masks (the step-0 model's labels of the step-0 classes, the helpers' of the later ones).
 
-Per seed (in `work/s<seed>`, shared with benchmarks/regime.py: the same pretraining and step-0 models): the toy-GAN
+Per seed (in `work/s<seed>`, laid out as benchmarks/regime.py's: a shared --work shares the pretraining and step-0
+models; `--pretrain-threads 1` pretrains as the study's float_order chain, so two seeds share two cores): the toy-GAN
 class map, one pool per level, RECALL per protocol and level, and the two reference lines, MiB and RECALL with
 `method.replay_ratio=0` (inpainting alone). The JSON holds every seed's numbers, the mean ± sample std per cell and
 paired verdicts (the study's rule: every seed agrees in sign and |mean difference| > the differences' sample std)
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import regime
 from regime import final, pretrained, recall_run, step0_model
+from tqdm import tqdm
+
 from recall.study_report import mean_std, verdict
 
 ROOT = regime.ROOT
@@ -189,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path)
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--data", type=Path, default=regime.DATA, help="the toy world (default: data/toy)")
+    parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads (default: "
+                        "params.yaml's, the study's main chain; 1: its float_order chain, which two seeds can share "
+                        "two cores with)")
     args = parser.parse_args(argv)
     if len(args.seeds) < 2:
         parser.error("--seeds: the verdicts need at least two seeds")
     if not all(0 <= s <= 3 for s in args.shifts):
         parser.error("--shifts: the toy GAN's render_shift must be in [0, 3]")
     regime.DATA = args.data.resolve()
+    regime.PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
     if not (regime.DATA / "JPEGImages").is_dir():
         parser.error(f"--data {regime.DATA}: no toy world there; make it with `dvc repro toyworld`")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
@@ -203,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         maps = dict(zip(args.seeds, threads.map(lambda seed: class_map(seed, work), args.seeds)))
         list(threads.map(lambda job: pool(job[0], job[1], work), [(s, x) for s in args.seeds for x in args.shifts]))
         todo = jobs(args.seeds, args.shifts, args.protocols, work)
-        results = list(threads.map(lambda job: run(job[0], job[1], job[2], job[3], work), todo))
+        results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], job[3], work), todo),
+                            total=len(todo), desc="dose-response runs", unit="run"))
     records: dict = {}
     for (seed, protocol, name, _, _), result in zip(todo, results):
         records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
-    report = {"seeds": args.seeds, "shifts": args.shifts, "protocols": args.protocols,
+    report = {"seeds": args.seeds, "shifts": args.shifts, "protocols": args.protocols, "chain": regime.PRETRAIN,
               "class_map": {str(s): m for s, m in maps.items()}, "records": records,
               **summary(records, args.seeds, args.shifts, args.protocols)}
     for row in report["table"]["rows"]:

@@ -94,13 +94,16 @@ def per_class_iterations(protocol: str, encoder: Path) -> int:
     return round(step0["iterations"] / len(step0["classes"]))
 
 
+PRETRAIN: list[str] = []  # overrides of every seed's pretraining (none: the study's main chain)
+
+
 def pretrained(seed: int, work: Path) -> Path:
-    """The seed's pretraining (`recall pretrain`, pretrain.seed) in `work/s<seed>/pretrain`, made once: as the
-    study's main chain of that seed (its default thread count)."""
+    """The seed's pretraining (`recall pretrain`, pretrain.seed, PRETRAIN) in `work/s<seed>/pretrain`, made once:
+    without PRETRAIN, as the study's main chain of that seed (its default thread count)."""
     out = work / f"s{seed}" / "pretrain"
     if not (out / "encoder.pth").is_file():
         subprocess.run([sys.executable, "-m", "recall.stages.pretrain", str(out), "--params", "params.yaml",
-                        f"pretrain.seed={seed}", "tracking.uri="], cwd=ROOT, check=True,
+                        f"pretrain.seed={seed}", *PRETRAIN, "tracking.uri="], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 

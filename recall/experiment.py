@@ -153,8 +153,10 @@ class ProtocolRun:
             self.check_no_earlier_images(classes, step, ids)
             lut = train_label_map(self.task, step, self.setting, self.num_classes, self.convention.border_to_background)
         if not ids:
-            raise RuntimeError(f"step {step} of {self.cfg.protocol.name} ({self.setting}) has no training image "
-                               f"in {self.root}; check dataset.root and the protocol")
+            hint = (" (the partitioned setting gives each image to one step: on a small dataset a step may draw "
+                    "none; try another seed)" if self.setting == "partitioned" else "")
+            raise UserError(f"step {step} of {self.cfg.protocol.name} ({self.setting}) has no training image "
+                            f"in {self.root}; check dataset.root and the protocol{hint}")
         if label_map is not None:  # e.g. a helper decoder's own label space, composed after the step's map
             lut = label_map[lut]
         t = self.train_cfg

@@ -13,6 +13,7 @@ from conftest import FAST, kill_when_written
 from mlflow.tracking import MlflowClient
 
 from recall.cli import main
+from recall.errors import UserError
 
 
 def _run(tmp_path: Path, world: Path, *overrides: str) -> int:
@@ -212,7 +213,7 @@ def test_a_toy_run_in_the_partitioned_setting(tmp_path, tiny_world):
     assert [(m["setting"], m["seed"]) for m in metas] == [("partitioned", 1)] * 2
     empty = ProtocolRun(compose([f"dataset.root={tiny_world}", "protocol=19-1", "setting=partitioned", "seed=0",
                                  f"run_dir={tmp_path}/empty"]))
-    with pytest.raises(RuntimeError, match=r"step 1 of 19-1 \(partitioned\) has no training image"):
+    with pytest.raises(UserError, match=r"step 1 of 19-1 \(partitioned\) has no training image.*another seed"):
         empty.train_loader(1, torch.Generator())
 
 
