@@ -104,8 +104,9 @@ def build_memory(run: RunServices, step: int, size: int, seed: int) -> Path:
         previous = read_memory(build_memory(run, step - 1, size, seed), step - 1)["memory_candidates"]
     seen = set(seen_classes(run.task, step))
     image_classes = run.classes_of(d.train_split)
+    stored = {c[0] for c in previous}  # an image kept already is no second candidate (overlapped: it may come back)
     new = [[i, 0, 0, sorted(int(c) for c in image_classes[i] if c in seen)]
-           for i in select_train_images(image_classes, run.task, step, run.setting)]
+           for i in select_train_images(image_classes, run.task, step, run.setting) if i not in stored]
     for candidate in new:
         candidate[1] = len(candidate[3])
     rng = np.random.default_rng([int(seed), step])
