@@ -194,6 +194,11 @@ def test_joint_and_a_pool_build_are_refused():
         build_source("memory")
 
 
+def test_recall_pool_says_the_memory_has_no_pool(capsys):
+    assert main(["pool", "replay=memory"]) == 2
+    assert "no pool to build" in capsys.readouterr().err
+
+
 def test_the_config_composes_with_the_papers_sizes():
     assert compose(["replay=memory"]).replay.memory_size == 19
     assert compose(["experiment=paper_voc", "replay=memory"]).replay.memory_size == 100
@@ -224,6 +229,7 @@ def test_recall_with_memory_replays_stored_labels_without_helpers(tmp_path, tiny
     assert statistics["replay/memory_images"] == 6
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["method"], metrics["replay"]) == ("recall", "memory")
+    assert (run_dir / "figures" / "memory.png").is_file() and not (run_dir / "figures" / "replay_labels.png").exists()
 
 
 @pytest.mark.slow
@@ -242,6 +248,7 @@ def test_mib_with_memory_is_tagged_as_stored_data_in_mlflow(tmp_path, tiny_world
     steps = client.search_runs([runs[0].info.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'")
     assert any("replay/memory_images" in s.data.metrics for s in steps)
+    assert "**stored data**" in tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

@@ -42,11 +42,13 @@ from recall.data.protocol import eval_label_map, select_train_images
 from recall.data.transforms import train_transform
 from recall.data.voc import IMAGE_SUFFIX, MASK_SUFFIX, VOCSegmentation, load_mask
 from recall.errors import UserError
+from recall.figures import plot_grid
 from recall.methods.base import Method, RunServices, StepContext
-from recall.methods.replay import ReplayMethod
+from recall.methods.replay import ReplayMethod, spread
 from recall.replay.leakage import check_replay_privacy
 
 MEMORY_FILE = "memory.json"
+MEMORY_SAMPLES = 8  # stored images in memory.png
 
 
 # ---------------------------------------------------------------------------------------------- the selection
@@ -245,7 +247,17 @@ class MemoryReplay(Method):
                 "replay/memory_min_per_class": float(min(per_class, default=0))}
 
     def figures(self, run: RunServices, step: int, title: str, out: Path) -> list[Path]:
-        return self._own("figures", run, step, title, out, default=[])
+        """The wrapped method's, and memory.png: stored images replayed at `step` with their labels there."""
+        paths = self._own("figures", run, step, title, out, default=[])
+        if step < 1:
+            return paths
+        data = self.memory_data(run, step, transform=None)
+        rows = [[np.array(data.load_raw(i)[0]), data[i][1].numpy()] for i in spread(len(data), MEMORY_SAMPLES)]
+        names = [str(data.ids[i]) for i in spread(len(data), MEMORY_SAMPLES)]
+        path = out / "memory.png"
+        plot_grid(rows, ["stored image", f"its label at step {step}"], names,
+                  f"{title}: memory replayed at step {step} (stored data)", path)
+        return [*paths, path]
 
     def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
         plan = self._own("plan_step", run, step, images, iterations, default={})
