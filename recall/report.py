@@ -23,7 +23,7 @@ KEY = ("protocol", "setting", "method", "replay")
 METRICS = ("old_no_bg", "new", "all", "all_no_bg")  # its columns, from recall.metrics.SUMMARIES
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
 COLUMNS = (*KEY, "options", "seeds", "steps", *METRICS)
-STORED_MARK = "†"  # a run that replays stored training images of earlier steps (replay=memory): not privacy-preserving
+STORED_MARK = "†"  # a run replaying stored training images of earlier steps (replay=memory): not private
 STORED_NOTE = (f"{STORED_MARK} replays stored training images of earlier steps (replay=memory, as SSUL-M): the "
                "real-image bound, which breaks the privacy rule the other sources keep.")
 

@@ -7,13 +7,13 @@ A method is a small object with two kinds of hooks.
 `trainable_parameters` and sets train/eval modes with `set_train_mode`.
 
 **The run** calls the data-flow hooks of a method that needs more than the current step's data, in this order:
-`check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides
-the dataset, for provenance and the resume check), `run_params` and `run_tags` (what MLflow records with the run),
+`check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides the
+dataset, for provenance and the resume check), `run_params` and `run_tags` (what MLflow records with the run),
 `before_step` (work before a step's training: PLOP's thresholds), `batch_split` (current + extra samples per batch),
-`extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a step's training, before its checkpoint:
-RECALL's helper decoders), `step_statistics` (numbers recorded with the step's evaluation), `figures`, and
-`plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the run (`RunServices`): the runner has
-no branch on which method runs.
+`extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
+step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
+step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the
+run (`RunServices`): the runner has no branch on which method runs.
 """
 
 from __future__ import annotations
