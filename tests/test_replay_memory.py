@@ -325,3 +325,31 @@ def test_the_toy_memory_scales_ssuls_share_of_the_training_set():
     """SSUL-M keeps 100 of VOC's 10,582 training images; the toy world's 2,000 at that share: 19."""
     toy = compose([]).toyworld.n_train
     assert compose(["replay=memory"]).replay.memory_size == round(100 * toy / 10582)
+
+
+def test_plop_keeps_its_thresholds_pass_and_its_loss_under_the_memory():
+    """PLOP-M: the wrapper hands PLOP's run and loop hooks to PLOP (its thresholds before the step, its loss)."""
+    plop = build_method("plop")
+    wrapped = for_source(plop, {"name": "memory", "memory_size": 4})
+    calls = []
+    plop.before_step = lambda *args: calls.append("before_step")
+    plop.loss = lambda *args: calls.append("loss") or torch.tensor(0.0)
+    plop.rewrite_targets = lambda images, targets, ctx: calls.append("rewrite_targets") or targets
+    wrapped.before_step(None, 1, None, None)
+    wrapped.rewrite_targets(None, None, None)
+    wrapped.loss({}, None, None, None)
+    assert calls == ["before_step", "rewrite_targets", "loss"] and not wrapped.replaces
+    assert wrapped.needs_previous_model and wrapped.classifier_init == "background"
+
+
+def test_building_a_missing_memory_asks_the_privacy_check_as_the_memory(hand, monkeypatch):
+    import recall.replay.memory as memory
+
+    _, run = hand
+    asked = []
+    monkeypatch.setattr(memory, "check_replay_privacy", lambda source, step, images, earlier:
+                        asked.append((source, step, sorted(images))))
+    run.method.memory(run, 1)
+    assert asked == [("memory", 1, ["t0", "t1", "t4"])]  # step 0's images, read at step 1 on purpose
+    run.method.memory(run, 1)
+    assert len(asked) == 1  # stored: nothing read again
