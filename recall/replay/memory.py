@@ -19,7 +19,7 @@ The memory (`replay.memory_size` images in all, as SSUL's `--mem_size`):
 
 `MemoryReplay` wraps the run's method (`recall.replay.sources.for_source`): its memory batches take
 `replay_ratio` of every batch through the loop's blending, as every other source's. With a replay method
-(`method=recall`, `pseudo_replay`) the memory replaces the pool, label evaluation and helper decoders (stored labels
+(`method=recall` and any ReplayMethod) the memory replaces the pool, label evaluation and helper decoders (stored labels
 need none); with any other (MiB, PLOP, FT) it adds the replay stream to the method's own losses (their "-M" variants).
 """
 
