@@ -51,7 +51,7 @@ from recall.data.transforms import eval_transform, train_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
 from recall.errors import Diverged, UserError
 from recall.locks import DirectoryLock
-from recall.methods import Method, StepContext, build_method
+from recall.methods import Method, StepContext, build_method, for_source
 from recall.metrics import ConfusionMatrix, forgetting, summarize
 from recall.model import (
     REQUIRED,
@@ -118,7 +118,8 @@ class ProtocolRun:
             raise UserError(backbone_weights_needed(self.model_cfg.backbone))
         self.train_cfg = section(cfg.train, TrainConfig)
         method_opts = OmegaConf.to_container(cfg.method, resolve=True)
-        self.method: Method = build_method(method_opts.pop("name"), **method_opts)
+        self.method: Method = for_source(build_method(method_opts.pop("name"), **method_opts),
+                                         OmegaConf.to_container(cfg.replay, resolve=True))  # e.g. stored exemplars
         self.class_names = dataset_class_names(cfg.dataset)
         self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
 
@@ -435,6 +436,7 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
             tags["step0"] = str(cfg.step0)
         for name, path in run.method.inputs(run).items():
             tags[f"dvc.{name}"] = dvc_hash(path)
+        tags.update(run.method.run_tags(run))  # e.g. replay.stored_data: the run replays stored training images
         params = {**OmegaConf.to_container(cfg, resolve=True), **run.method.run_params(run)}
         with phase("tracking"):
             tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)

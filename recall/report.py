@@ -14,6 +14,7 @@ import matplotlib
 from recall.atomic import write_json, write_text
 from recall.figures import save_figure
 from recall.metrics import SUMMARIES
+from recall.replay.leakage import STORED_DATA_SOURCES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -22,6 +23,9 @@ KEY = ("protocol", "setting", "method", "replay")
 METRICS = ("old_no_bg", "new", "all", "all_no_bg")  # its columns, from recall.metrics.SUMMARIES
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
 COLUMNS = (*KEY, "options", "seeds", "steps", *METRICS)
+STORED_MARK = "†"  # a run replaying stored training images of earlier steps (replay=memory): not private
+STORED_NOTE = (f"{STORED_MARK} replays stored training images of earlier steps (replay=memory, as SSUL-M): the "
+               "real-image bound, which breaks the privacy rule the other sources keep.")
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
@@ -71,10 +75,17 @@ def rows(runs: list[dict]) -> list[dict]:
     return out
 
 
+def stored_data(replay: str) -> bool:
+    """Whether runs of this replay source replay stored training images (marked STORED_MARK)."""
+    return replay in STORED_DATA_SOURCES
+
+
 def _fmt(row: dict, column: str) -> str:
     value = row[column]
     if value is None:
         return "–"
+    if column == "replay" and stored_data(value):
+        return f"{value} {STORED_MARK}"
     if column in METRICS:
         std = row.get(f"{column}_std")
         return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
@@ -84,7 +95,8 @@ def _fmt(row: dict, column: str) -> str:
 def markdown_table(table: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row, c) for c in COLUMNS) + " |" for row in table]
-    return "\n".join(lines) + "\n"
+    note = ["", STORED_NOTE] if any(stored_data(row["replay"]) for row in table) else []
+    return "\n".join(lines + note) + "\n"
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
@@ -94,7 +106,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     last = max((len(r["steps"]) - 1 for r in runs), default=1) or 1
     for r in runs:
         label = r["method"] if r["protocol"] == r["method"] else f"{r['protocol']} {r['method']}"
-        label += "" if r["replay"] == "none" else f" ({r['replay']})"
+        mark = f" {STORED_MARK}" if stored_data(r["replay"]) else ""
+        label += "" if r["replay"] == "none" else f" ({r['replay']}{mark})"
         x = [s["step"] for s in r["steps"]]
         for ax, key in zip(axes, ("old_no_bg", "all")):
             y = [s["miou"][key] if s["miou"][key] is not None else float("nan") for s in r["steps"]]

@@ -35,6 +35,7 @@ import yaml
 
 from recall.atomic import write_text
 from recall.errors import UserError
+from recall.replay.leakage import STORED_DATA_SOURCES
 
 SPEC_FILE = Path("study/spec.yaml")
 TABLES_FILE = Path("study/params.yaml")
@@ -56,6 +57,13 @@ def replay_of(overrides: list[str]) -> str:
     """The replay source a variant's overrides choose ("none" without one)."""
     chosen = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "replay"]
     return chosen[-1] if chosen else "none"
+
+
+def pool_of(overrides: list[str]) -> str:
+    """The chain source whose pool a variant reads: its replay source, or "none" for none and for a stored-data
+    source (`replay=memory`: the run keeps its memory itself, it needs no pool stage)."""
+    replay = replay_of(overrides)
+    return "none" if replay in STORED_DATA_SOURCES else replay
 
 
 def merged(*groups: list[str]) -> list[str]:
@@ -174,7 +182,7 @@ def expand(spec: dict) -> dict:
                     tables["step0"].setdefault(key, {"protocol": protocol, "setting": world["setting"],
                                                      "seed": seed, "chain": chain_key, "overrides": " ".join(
                                                          chained(["method=ft"], directory, seed, "none", world))})
-                    replay = replay_of(v["overrides"])
+                    replay = pool_of(v["overrides"])
                     if replay != "none" and replay not in sources:
                         raise ValueError(f"variant {variant} replays {replay}, which the spec's chain.sources lacks")
                     tables["runs"][f"{world_name}_{protocol}_{variant}_s{seed}"] = {

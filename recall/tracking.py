@@ -130,7 +130,11 @@ def run_note(tags: dict[str, str], result: dict | None, status: str, run_dir: Pa
         what = (f"**Step 0** of {tags.get('protocol', '?')} ({tags.get('setting', '')}, {method}): the shared model "
                 "the incremental runs start from (their `step0=`)")
     lines = [f"{what}, seed {tags.get('seed', '?')}, dataset `{tags.get('dataset', '?')}`."]
-    lines.append(f"Replay: `{replay}`" + (" (pool and its hash: the Dataset column)." if replay != "none" else "."))
+    if tags.get("replay.stored_data") == "true":  # e.g. replay=memory: no pool, and not privacy-preserving
+        lines.append(f"Replay: `{replay}`: **stored data**, training images of earlier steps kept in the run "
+                     "directory (tag `replay.stored_data`).")
+    else:
+        lines.append(f"Replay: `{replay}`" + (" (pool and its hash: the Dataset column)." if replay != "none" else "."))
     if result is not None:
         miou = result.get("miou", {})
         when = "Final mIoU" if status == "FINISHED" else "mIoU of the last finished step"

@@ -30,4 +30,12 @@ def build_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "Method", "StepContext", "build_method"]
+def for_source(method: Method, replay: dict) -> Method:
+    """The method as its replay source makes it train (`recall.replay.sources.for_source`: e.g. `replay=memory`
+    wraps it with the replay of stored exemplars); most sources leave it as it is."""
+    from recall.replay.sources import for_source as wrap
+
+    return wrap(method, replay)
+
+
+__all__ = ["METHODS", "Method", "StepContext", "build_method", "for_source"]

@@ -7,13 +7,13 @@ A method is a small object with two kinds of hooks.
 `trainable_parameters` and sets train/eval modes with `set_train_mode`.
 
 **The run** calls the data-flow hooks of a method that needs more than the current step's data, in this order:
-`check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides
-the dataset, for provenance and the resume check), `before_step` (work before a step's training: PLOP's
-thresholds), `batch_split` (current + extra samples per batch), `extra_batches` (e.g. RECALL's replay stream,
-blended into every batch by the loop), `after_step` (work after a step's training, before its checkpoint:
-RECALL's helper decoders), `step_statistics` (numbers recorded with the step's evaluation), `figures`, and
-`plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the run (`RunServices`): the runner has
-no branch on which method runs.
+`check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides the
+dataset, for provenance and the resume check), `run_params` and `run_tags` (what MLflow records with the run),
+`before_step` (work before a step's training: PLOP's thresholds), `batch_split` (current + extra samples per batch),
+`extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
+step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
+step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the
+run (`RunServices`): the runner has no branch on which method runs.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class RunServices(Protocol):
     def step_dir(self, step: int) -> Path: ...
     def context(self, step: int, prev_model: nn.Module | None) -> StepContext: ...
     def device(self) -> torch.device: ...
+    def classes_of(self, split: str) -> dict[str, frozenset[int]]: ...
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> torch.utils.data.DataLoader: ...
     def fit(self, model: nn.Module, method: Method, loader: torch.utils.data.DataLoader, ctx: StepContext,
@@ -91,6 +92,10 @@ class Method:
 
     def run_params(self, run: RunServices) -> dict:
         """Extra parameters recorded with the run (MLflow params), e.g. how its replay pool was built."""
+        return {}
+
+    def run_tags(self, run: RunServices) -> dict[str, str]:
+        """Extra MLflow tags of the run, e.g. `replay.stored_data` when it replays stored training images."""
         return {}
 
     def before_step(self, run: RunServices, step: int, ctx: StepContext, generator: torch.Generator) -> None:

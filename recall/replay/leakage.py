@@ -12,6 +12,11 @@ pool is built, every candidate image is compared with every train and val image 
   because pHash sees only grey structure: two different smooth toy scenes can be 6 bits apart.
 
 ``LeakageGuard.from_dataset`` hashes the dataset once; ``check`` answers for one candidate.
+
+The rule behind it, "an incremental step never reads an earlier step's image", has one exception made on purpose:
+a *stored-data* source (``STORED_DATA_SOURCES``: ``replay=memory``, SSUL-M's exemplars) replays real training
+images of earlier steps, as the real-image bound of generated replay. ``check_replay_privacy`` lets those sources,
+and no other, read earlier steps' images.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from PIL import Image
 
 from recall.data.voc import PIL_ERRORS, DatasetError, read_split
 
+# replay sources that store training images of earlier steps on purpose (their runs are tagged and marked as such)
+STORED_DATA_SOURCES = frozenset({"memory"})
+
 
 HASH_SIZE = 8  # 8×8 low frequencies = 64 bits
 THUMBNAIL = 32  # the grey thumbnail the DCT is taken of (4× the hash size, as pHash does)
@@ -38,6 +46,18 @@ DEFAULT_MAX_DISTANCE = 6
 # distinct pHash pair found (two smooth scenes, 6 bits apart) 31.
 MAX_COLOUR_DIFFERENCE = 16.0
 COLOUR_THUMBNAIL = 8
+
+
+def check_replay_privacy(source: str, step: int, images: Iterable[str], earlier: Iterable[str]) -> None:
+    """Refuse a replay at ``step`` that reads training images of earlier steps (``images`` among ``earlier``),
+    unless ``source`` stores data on purpose (``STORED_DATA_SOURCES``)."""
+    if source in STORED_DATA_SOURCES:
+        return
+    reused = sorted(set(images).intersection(earlier))
+    if reused:
+        raise RuntimeError(f"privacy violation: replay={source} at step {step} would read {len(reused)} training "
+                           f"images of earlier steps (e.g. {reused[:3]}); only a stored-data source "
+                           f"({', '.join(sorted(STORED_DATA_SOURCES))}) may, on purpose")
 
 
 def sha256_bytes(data: bytes) -> str:

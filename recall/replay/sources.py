@@ -1,6 +1,9 @@
 """The replay sources by config name (`replay.name`), and how one is built from its `replay.source` options.
 
-Every source implements ``images(class_index, class_name, start, count)`` and ``available(...)``
+Two kinds: `SOURCES` make a pool of outside images before a run (`recall pool`); `RUN_SOURCES` are made by the run
+itself and change how its method trains (`for_source` wraps the method: the memory of stored exemplars).
+
+Every pool source implements ``images(class_index, class_name, start, count)`` and ``available(...)``
 (see ``recall.replay.pool.ReplaySource``). Entries are "module:class" references, imported only when chosen:
 the toy sources are simulations (``recall.sim``), which the product never imports.
 """
@@ -19,10 +22,15 @@ SOURCES: dict[str, str] = {
     "toy_gan": "recall.sim.toy_gan:ToyGenerator",  # the toy world's BigGAN stand-in
     "toy_web": "recall.sim.toy_web:ToyWebPhotos",  # the Flickr stand-in's photos, rendered without HTTP
 }
+RUN_SOURCES: dict[str, str] = {
+    "memory": "recall.replay.memory:MemoryReplay",  # stored exemplars of earlier steps, as SSUL-M (stored data!)
+}
 
 
 def build_source(name: str, **options):
     """The replay source registered as ``name``, constructed with ``options``."""
+    if name in RUN_SOURCES:
+        raise ReplayError(f"replay={name} is made by `recall run` itself (stored exemplars): there is no pool to build")
     try:
         cls = resolve(SOURCES[name])
     except KeyError:
@@ -33,3 +41,20 @@ def build_source(name: str, **options):
         raise ReplayError(f"replay source {name!r}: bad options {sorted(options)} ({error}); "
                           f"expected {inspect.signature(cls)}") from None
     return cls(**options)
+
+
+def for_source(method, replay: dict):
+    """`method` as the replay source `replay` (the run's `replay` config section) makes it train: a run source wraps
+    it (`RUN_SOURCES`, built with the section's other keys); a pool source, or none, leaves it as it is (a replay
+    method reads its pool itself)."""
+    name = replay.get("name")
+    if name not in RUN_SOURCES:
+        return method
+    cls = resolve(RUN_SOURCES[name])
+    options = dict(replay)
+    try:
+        inspect.signature(cls).bind(method, **options)
+    except TypeError as error:
+        raise ReplayError(f"replay={name}: bad options {sorted(options)} ({error}); "
+                          f"expected {inspect.signature(cls)}") from None
+    return cls(method, **options)

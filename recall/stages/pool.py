@@ -44,7 +44,7 @@ def warn_shared(mapping: dict[int, int], path, source_names=None) -> None:
 
 def replay_pool(cfg: DictConfig) -> dict:
     """Build (or resume) the pool of `replay.per_class` images for every class; copies of dataset images are dropped."""
-    source = build_source(cfg.replay.name, **_options(cfg.replay.source))
+    source = build_source(cfg.replay.name, **_options(cfg.replay.get("source")))  # (replay=memory: no pool, said)
     with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
         if cfg.replay.get("mapping"):
             mapping = load_mapping(cfg.replay.mapping, source_names=getattr(source, "source_names", None))
