@@ -221,3 +221,11 @@ def test_an_unparsable_override_is_a_clear_error(capsys):
     assert main(["run", "tune.trial_overrides=[train.epochs_incremental=3]", "tracking.uri="]) == 2
     err = capsys.readouterr().err
     assert "cannot parse an override" in err and "quote" in err
+
+
+@pytest.mark.parametrize("source", ["none", "folder", "memory"])
+def test_classmap_of_a_source_without_generator_classes_is_a_clear_error(source, capsys):
+    assert main(["classmap", f"replay={source}", "tracking.uri="]) == 2
+    err = capsys.readouterr().err
+    assert f"replay={source} has no class map to make" in err and "replay=toy_gan" in err
+    assert "Traceback" not in err

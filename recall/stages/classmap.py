@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from recall.commands import compose, script, with_overrides
+from recall.config import CONF_DIR, group_options
 from recall.data.classes import dataset_class_names
 from recall.atomic import write_json
 from recall.registry import resolve
@@ -66,6 +67,12 @@ def mapping_check(cfg: DictConfig, mapping: dict) -> dict:
 
 def class_mapping(cfg: DictConfig) -> dict:
     """The paper's mapping procedure (mean softmax over the training images of each class); written to `replay.mapping`."""
+    if cfg.replay.get("classifier") is None or not cfg.replay.get("mapping"):
+        with_map = [name for name in group_options("replay") if "classifier:" in (CONF_DIR / "replay" /
+                                                                                   f"{name}.yaml").read_text()]
+        raise ReplayError(f"replay={cfg.replay.name} has no class map to make (it sets no replay.classifier and "
+                          f"replay.mapping); `recall classmap` is for sources that replay generator classes: "
+                          f"replay={' or replay='.join(with_map)}")
     options = _options(cfg.replay.get("classifier"))
     kind = options.pop("kind", "pretrained")
     if kind not in CLASSIFIERS:
