@@ -182,6 +182,32 @@ def figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def levels_figure(work: Path, seed: int, shifts: list[float], path: Path, classes: int = 6) -> None:
+    """What the levels look like: the first pool image of the first `classes` classes (columns) at every level
+    (rows), from one seed's pools; the masks and backgrounds are the same in every row, only the rendering moves."""
+    from PIL import Image, ImageDraw
+
+    pools = work / f"s{seed}" / "pools"
+    manifest = [json.loads(line) for line in (pools / f"toy_gan_shift{shifts[0]}" / "manifest.jsonl").open()]
+    first = {}
+    for record in manifest:
+        first.setdefault(record["target_class"], record)
+    picked = [first[c] for c in sorted(first)[:classes]]
+    size, label = 64, 84
+    sheet = Image.new("RGB", (label + size * len(picked), size * len(shifts) + 14), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, record in enumerate(picked):
+        draw.text((label + size * col + 2, 1), record["target_name"][:10], fill="black")
+    for row, shift in enumerate(shifts):
+        draw.text((2, 14 + size * row + size // 2 - 5), f"shift {shift}", fill="black")
+        images = pools / f"toy_gan_shift{shift}" / "images"
+        for col, record in enumerate(picked):
+            image = next(images.glob(f"{record['id']}.*"))
+            sheet.paste(Image.open(image).convert("RGB").resize((size, size)), (label + size * col, 14 + size * row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -224,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     if args.figure:
         figure(report, args.figure)
+        if args.work:  # the pools are kept: what each level looks like, beside the figure
+            levels_figure(args.work.resolve(), args.seeds[0], args.shifts,
+                          args.figure.with_name(f"{args.figure.stem}_levels.png"))
     return 0
 
 

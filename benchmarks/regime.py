@@ -2,7 +2,7 @@
 papers' proportions, over seeds, each seed owning its pretraining and step-0 models.
 
     python benchmarks/regime.py [--seeds 0 1 2] [--methods mib plop] [--jobs 2] [--out docs/regime.json]
-                                [--work DIR] [--data DIR]
+                                [--work DIR] [--data DIR] [--pretrain-threads N] [--update]
 
 The papers' proportions, set by mechanism (never by which method wins): every incremental step trains as many
 iterations per class learnt as step 0 did (RECALL's gin files give step 0 and every later step the same
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--data", type=Path, default=DATA, help="the toy world (default: data/toy)")
     parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in RUNS}), help="RUNS of these only")
+    parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads (default: "
+                        "params.yaml's, the study's main chain; 1: its float_order chain)")
     parser.add_argument("--update", action="store_true",
                         help="add these methods' runs to the results already in --out (same seeds, same chain)")
     args = parser.parse_args(argv)
@@ -220,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--update needs --out naming existing results")
     RUNS[:] = [r for r in RUNS if r[0] in args.methods]
     DATA = args.data.resolve()
+    PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
     if not (DATA / "JPEGImages").is_dir():
         parser.error(f"--data {DATA}: no toy world there; make it with `dvc repro toyworld`")
+    if args.update and json.loads(args.out.read_text()).get("chain", []) != PRETRAIN:
+        parser.error(f"--update: {args.out} was measured on another chain (pretraining overrides "
+                     f"{json.loads(args.out.read_text()).get('chain', [])}, here {PRETRAIN})")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         work = (args.work or Path(tmp)).resolve()
         records = list(pool.map(lambda seed: one_seed(seed, work), args.seeds))
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(args.out.read_text())
         records = merged_records(old["records"], records)
         methods = sorted(set(old["methods"]) | set(methods))
-    report = {"seeds": [r["seed"] for r in records], "methods": methods, "records": records, **summary(records)}
+    report = {"seeds": [r["seed"] for r in records], "methods": methods, "chain": PRETRAIN, "records": records,
+              **summary(records)}
     for row in report["table"]["rows"]:
         print(" | ".join(str(v) for v in row))
     if args.out:

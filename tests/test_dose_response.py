@@ -4,6 +4,7 @@ verdicts are the study's paired rule applied per level against each reference li
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +80,24 @@ def test_the_figure_is_drawn_from_the_report(tmp_path):
               **dose_response.summary(records, seeds, shifts, ["15-1x5", "10-1x10"])}
     dose_response.figure(report, tmp_path / "dose.png")
     assert (tmp_path / "dose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_levels_sheet_shows_each_class_at_each_level(tmp_path):
+    from PIL import Image
+
+    for shift, colour in ((0.0, "red"), (2.0, "blue")):
+        pool = tmp_path / "s0" / "pools" / f"toy_gan_shift{shift}"
+        (pool / "images").mkdir(parents=True)
+        records = [{"id": f"c00{c}_00000{i}", "target_class": c, "target_name": f"class{c}"} for c in (1, 2)
+                   for i in range(2)]
+        (pool / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        for r in records:
+            Image.new("RGB", (64, 64), colour).save(pool / "images" / f"{r['id']}.png")
+    dose_response.levels_figure(tmp_path, 0, [0.0, 2.0], tmp_path / "levels.png")
+    sheet = Image.open(tmp_path / "levels.png").convert("RGB")
+    assert sheet.size == (2 * (84 + 2 * 64), 2 * (2 * 64 + 14))
+    # row 0 (shift 0) is red, row 1 (shift 2) blue, in both class columns
+    for col in (0, 1):
+        x = 2 * (84 + 64 * col + 32)
+        assert sheet.getpixel((x, 2 * (14 + 32))) == (255, 0, 0)
+        assert sheet.getpixel((x, 2 * (14 + 64 + 32))) == (0, 0, 255)
