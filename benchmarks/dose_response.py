@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         list(threads.map(lambda seed: pretrained(seed, work), args.seeds))  # the chains first, two at a time
         maps = dict(zip(args.seeds, threads.map(lambda seed: class_map(seed, work), args.seeds)))
         list(threads.map(lambda job: pool(job[0], job[1], work), [(s, x) for s in args.seeds for x in args.shifts]))
+        # the step-0 models before the runs that start from them (two runs of one seed must not both make it)
+        list(threads.map(lambda job: step0_model(job[1], job[0], work),
+                         [(s, p) for p in args.protocols for s in args.seeds]))
         todo = jobs(args.seeds, args.shifts, args.protocols, work)
         results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], job[3], work), todo),
                             total=len(todo), desc="dose-response runs", unit="run"))
