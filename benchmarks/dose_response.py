@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     for (seed, protocol, name, _, _), result in zip(todo, results):
         records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
     report = {"seeds": args.seeds, "shifts": args.shifts, "protocols": args.protocols, "chain": regime.PRETRAIN,
-              "class_map": {str(s): m for s, m in maps.items()}, "records": records,
+              "class_map": {str(s): m for s, m in maps.items()},
+              "class_map_correct": {"fewest": min(m["correct"] for m in maps.values()),
+                                    "classes": max(m["classes"] for m in maps.values())}, "records": records,
               **summary(records, args.seeds, args.shifts, args.protocols)}
     for row in report["table"]["rows"]:
         print(" | ".join(str(v) for v in row))

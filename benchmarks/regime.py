@@ -2,7 +2,8 @@
 papers' proportions, over seeds, each seed owning its pretraining and step-0 models.
 
     python benchmarks/regime.py [--seeds 0 1 2] [--methods mib plop] [--jobs 2] [--out docs/regime.json]
-                                [--work DIR] [--data DIR] [--pretrain-threads N] [--update]
+                                [--work DIR] [--data DIR] [--protocols P ...] [--pretrain-threads N]
+                                [--update]
 
 The papers' proportions, set by mechanism (never by which method wins): every incremental step trains as many
 iterations per class learnt as step 0 did (RECALL's gin files give step 0 and every later step the same
@@ -49,7 +50,8 @@ ALL_RUNS = list(RUNS)  # RUNS: those this invocation trains (--methods)
 
 def present_runs(records: list[dict]) -> list[tuple[str, str, str]]:
     """The RUNS every seed's record holds (after --update, those of earlier invocations too)."""
-    return [r for r in ALL_RUNS if all(f"{r[0]}/{r[2]}" in rec["protocols"][r[1]]["runs"] for rec in records)]
+    return [r for r in ALL_RUNS if all(r[1] in rec["protocols"] and f"{r[0]}/{r[2]}" in rec["protocols"][r[1]]["runs"]
+                                       for rec in records)]
 
 
 def merged_records(old: list[dict], new: list[dict]) -> list[dict]:
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--data", type=Path, default=DATA, help="the toy world (default: data/toy)")
     parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in RUNS}), help="RUNS of these only")
+    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
     parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads (default: "
                         "params.yaml's, the study's main chain; 1: its float_order chain)")
     parser.add_argument("--update", action="store_true",
@@ -220,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.update and not (args.out and args.out.is_file()):
         parser.error("--update needs --out naming existing results")
-    RUNS[:] = [r for r in RUNS if r[0] in args.methods]
+    if args.update and args.protocols != list(PROTOCOLS):
+        parser.error("--update: run every protocol (--protocols narrows a first measurement only)")
+    RUNS[:] = [r for r in RUNS if r[0] in args.methods and r[1] in args.protocols]
+    for protocol in set(PROTOCOLS) - set(args.protocols):
+        del PROTOCOLS[protocol]
     DATA = args.data.resolve()
     PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
     if not (DATA / "JPEGImages").is_dir():
