@@ -150,7 +150,7 @@ def test_options_are_checked_before_anything_is_loaded(tiny_pipeline: Path) -> N
     with pytest.raises(ReplayError, match="bad options"):
         build_source("diffusion", model_dir=str(tiny_pipeline), prompt="a cow")
     source = _source(tiny_pipeline, templates=["a photo of a {name}", "a {name} outdoors"])
-    assert [source.prompt("pottedplant", k) for k in range(3)] == ["a photo of a potted plant",
+    assert [source.book.prompt("pottedplant", k) for k in range(3)] == ["a photo of a potted plant",
                                                                    "a potted plant outdoors",
                                                                    "a photo of a potted plant"]
     assert source._pipeline is None and source.params["configs_sha256"]  # nothing loaded yet

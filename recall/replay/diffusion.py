@@ -47,6 +47,39 @@ RESIZE_FILTER = Image.Resampling.LANCZOS
 SEED_TAG = 0xD1FF  # a tag no other random stream of the project starts with
 
 
+class PromptBook:
+    """The prompt of every image: image ``k`` of a class uses template ``k % len(templates)`` with ``{name}`` its name
+    spelled out (``web_query``), or the class's own prompts (``prompts``, by dataset name), ``k % len`` of them."""
+
+    def __init__(self, templates: Sequence[str] = DEFAULT_TEMPLATES,
+                 prompts: Mapping[str, str | Sequence[str]] | None = None) -> None:
+        self.templates = self._checked("replay.source.templates", templates, needs_name=True)
+        if prompts is not None and not isinstance(prompts, Mapping):
+            raise ReplayError(f"replay.source.prompts must map class names to prompts, got {prompts!r}")
+        self.prompts = {str(k): self._checked(f"replay.source.prompts.{k}", v, needs_name=False)
+                        for k, v in (prompts or {}).items()}
+
+    @staticmethod
+    def _checked(key: str, value, needs_name: bool) -> tuple[str, ...]:
+        values = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else None
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise ReplayError(f"{key} must be a non-empty prompt or list of prompts, got {value!r}")
+        if needs_name and not all("{name}" in v for v in values):
+            raise ReplayError(f"{key}: every template needs {{name}} (the class name), got {list(values)}")
+        return values
+
+    @property
+    def params(self) -> dict:
+        return {"templates": list(self.templates), "prompts": {k: list(v) for k, v in sorted(self.prompts.items())}}
+
+    def prompt(self, class_name: str, index: int) -> str:
+        """The prompt of image ``index`` of the class named ``class_name``."""
+        own = self.prompts.get(class_name)
+        if own is not None:
+            return own[index % len(own)]
+        return self.templates[index % len(self.templates)].replace("{name}", web_query(class_name))
+
+
 def check_model_dir(model_dir: str | Path) -> dict:
     """The ``model_index.json`` of a diffusers pipeline directory, which must hold every component it lists (and at
     least ``REQUIRED_COMPONENTS``); a ReplayError naming what is missing otherwise."""
@@ -55,7 +88,8 @@ def check_model_dir(model_dir: str | Path) -> dict:
         raise ReplayError(f"replay.source.model_dir={directory}: no such directory; {DOWNLOAD_HINT}")
     index_path = directory / MODEL_INDEX
     if not index_path.is_file():
-        raise ReplayError(f"{index_path} is missing: {directory} is not a diffusers pipeline directory; {DOWNLOAD_HINT}")
+        raise ReplayError(f"{index_path} is missing: {directory} is not a diffusers pipeline directory; "
+                          f"{DOWNLOAD_HINT}")
     try:
         index = json.loads(index_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -98,9 +132,7 @@ class DiffusionSource:
                  prompts: Mapping[str, str | Sequence[str]] | None = None, negative_prompt: str = "",
                  steps: int = 30, guidance: float = 7.5, resolution: int | None = None, size: int | None = None,
                  batch_size: int = 4, seed: int = 0, device: str = "cpu", dtype: str = "auto") -> None:
-        self.templates = self._checked_prompts("replay.source.templates", templates, needs_name=True)
-        self.prompts = {str(k): self._checked_prompts(f"replay.source.prompts.{k}", v, needs_name=False)
-                        for k, v in (prompts or {}).items()}
+        self.book = PromptBook(templates, prompts)
         if not isinstance(negative_prompt, str):
             raise ReplayError(f"replay.source.negative_prompt must be a string, got {negative_prompt!r}")
         for key, value in (("steps", steps), ("batch_size", batch_size)):
@@ -129,15 +161,6 @@ class DiffusionSource:
         self._pipeline = None
         self._configs_sha256: str | None = None
 
-    @staticmethod
-    def _checked_prompts(key: str, value, needs_name: bool) -> tuple[str, ...]:
-        values = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else None
-        if not values or not all(isinstance(v, str) and v.strip() for v in values):
-            raise ReplayError(f"{key} must be a non-empty prompt or list of prompts, got {value!r}")
-        if needs_name and not all("{name}" in v for v in values):
-            raise ReplayError(f"{key}: every template needs {{name}} (the class name), got {list(values)}")
-        return values
-
     def __repr__(self) -> str:
         return (f"DiffusionSource(model_dir={str(self.model_dir)!r}, steps={self.steps}, guidance={self.guidance}, "
                 f"batch_size={self.batch_size}, seed={self.seed}, device={self.device!r}, dtype={self.dtype!r})")
@@ -147,16 +170,9 @@ class DiffusionSource:
         if self._configs_sha256 is None:
             self._configs_sha256 = _configs_sha256(self.model_dir, self.index)
         return {"model_dir": str(self.model_dir), "configs_sha256": self._configs_sha256,
-                "templates": list(self.templates), "prompts": {k: list(v) for k, v in sorted(self.prompts.items())},
+                **self.book.params,
                 "negative_prompt": self.negative_prompt, "steps": self.steps, "guidance": self.guidance,
                 "resolution": self.resolution, "size": self.size, "seed": self.seed, "dtype": self.dtype}
-
-    def prompt(self, class_name: str, index: int) -> str:
-        """The prompt of image ``index`` of the class named ``class_name``."""
-        own = self.prompts.get(class_name)
-        if own is not None:
-            return own[index % len(own)]
-        return self.templates[index % len(self.templates)].replace("{name}", web_query(class_name))
 
     # ---------------------------------------------------------------- the pipeline
     @property
@@ -171,7 +187,7 @@ class DiffusionSource:
         import torch
 
         seeds = [image_seed(self.seed, class_index, k) for k in indices]
-        prompts = [self.prompt(class_name, k) for k in indices]
+        prompts = [self.book.prompt(class_name, k) for k in indices]
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         options = {"height": self.resolution, "width": self.resolution} if self.resolution else {}
         with torch.inference_mode():
