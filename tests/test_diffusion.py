@@ -124,7 +124,7 @@ def test_image_k_is_the_same_in_any_batch_and_from_any_start(tiny_pipeline: Path
 
 def test_missing_directory_or_component_names_what_to_download(tiny_pipeline: Path, tmp_path: Path,
                                                                capsys) -> None:
-    with pytest.raises(ReplayError, match=r"no such directory.*huggingface-cli download stable-diffusion"):
+    with pytest.raises(ReplayError, match=r"no such directory.*hf download stable-diffusion"):
         check_model_dir(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReplayError, match="model_index.json is missing"):

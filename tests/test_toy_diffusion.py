@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import FAST
 from omegaconf import OmegaConf
+from PIL import Image
 
 from recall.cli import main
 from recall.data.classes import VOC_CLASSES
@@ -18,7 +19,7 @@ from recall.labeling import save_label_png
 from recall.replay.pool import ReplayPool, build_pool
 from recall.replay.sources import build_source
 from recall.sim.toy_diffusion import CLASS_STYLES, SAME_SHAPE, ToyDiffusion, concept_of
-from recall.sim.truth import diffusion_label_quality
+from recall.sim.truth import diffusion_correct_own_class, diffusion_label_quality
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "replay" / "toy_diffusion.yaml"
 
@@ -99,6 +100,12 @@ def test_pool_records_carry_prompts_and_the_truth_scores_labels(tmp_path: Path) 
     for r in records:
         save_label_png(labels / f"{r['id']}.png", np.zeros((64, 64), np.uint8))
     assert all(q["empty"] == 1.0 for q in diffusion_label_quality(cfg, records, labels).values())
+    for r in records:  # labels of another class everywhere; the oracle gives the image's class its true mask
+        save_label_png(labels / f"{r['id']}.png", np.full((64, 64), 5, np.uint8))
+    assert diffusion_correct_own_class(cfg, records, labels) == len(records)
+    assert all(q["iou"] == 1.0 for q in diffusion_label_quality(cfg, records, labels).values())
+    with Image.open(labels / f"{records[0]['id']}.png") as label:
+        assert set(np.unique(np.asarray(label))) == {5, records[0]["target_class"]}  # the others kept
 
 
 @pytest.mark.slow

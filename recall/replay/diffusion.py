@@ -4,7 +4,7 @@ RECALL's successors replace BigGAN by a text-to-image diffusion model prompted w
 DR.WILSS, TIKP, SDReplay): no ImageNet class map, so none of its mapping errors. The pipeline is loaded from a local
 directory in the diffusers layout (``model_index.json`` and one folder per component: ``unet``, ``vae``,
 ``text_encoder``, ``tokenizer``, ``scheduler``), e.g. a Stable Diffusion 1.5 or 2.1-base snapshot saved with
-``save_pretrained`` or downloaded with ``huggingface-cli download``; see ``DOWNLOAD_HINT``. Nothing is ever downloaded:
+``save_pretrained`` or downloaded with ``hf download``; see ``DOWNLOAD_HINT``. Nothing is ever downloaded:
 the hub is switched offline (``HF_HUB_OFFLINE``) and the pipeline loaded with ``local_files_only``.
 
 Prompts: image ``k`` of a class uses template ``k % len(templates)`` with ``{name}`` replaced by the class's name
@@ -37,7 +37,7 @@ MODEL_INDEX = "model_index.json"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 KNOWN_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # or stabilityai/stable-diffusion-2-1-base
 DOWNLOAD_HINT = (f"download a Stable Diffusion pipeline in the diffusers layout once on a machine with internet, e.g. "
-                 f"`huggingface-cli download {KNOWN_MODEL} --local-dir DIR` (or DiffusionPipeline.from_pretrained("
+                 f"`hf download {KNOWN_MODEL} --local-dir DIR` (or DiffusionPipeline.from_pretrained("
                  f"'{KNOWN_MODEL}').save_pretrained(DIR)), copy DIR here and pass replay.source.model_dir=DIR; "
                  f"it must hold {MODEL_INDEX} and the folders {', '.join(REQUIRED_COMPONENTS)}")
 EXTRA_HINT = "install the optional extra: pip install 'recall[diffusion]' (diffusers, transformers)"
