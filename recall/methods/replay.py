@@ -366,7 +366,7 @@ def truth_of(run: RunServices, what: str, wanted_by: str) -> str:
     reference = (run.cfg.replay.get("truth") or {}).get(what)
     if not reference:
         raise UserError(f"{wanted_by} needs a simulated replay source that knows its images' true masks "
-                        f"(replay=toy_gan); replay={run.cfg.replay.name} has no replay.truth.{what}")
+                        f"(replay=toy_gan or toy_diffusion); replay={run.cfg.replay.name} has no replay.truth.{what}")
     return str(reference)
 
 
