@@ -135,6 +135,12 @@ def test_missing_directory_or_component_names_what_to_download(tiny_pipeline: Pa
         shutil.rmtree(broken / component)
         with pytest.raises(ReplayError, match=rf"component folder\(s\) {component} missing.*model_dir=DIR"):
             check_model_dir(broken)
+    index = json.loads((tiny_pipeline / "model_index.json").read_text())
+    shutil.copytree(tiny_pipeline, tmp_path / "listed")
+    (tmp_path / "listed" / "model_index.json").write_text(json.dumps(
+        {**index, "image_encoder": ["transformers", "CLIPVisionModel"], "safety_checker": ["x", "Checker"]}))
+    with pytest.raises(ReplayError, match=r"component folder\(s\) image_encoder missing"):  # any listed component
+        check_model_dir(tmp_path / "listed")  # but the safety checker, which is never loaded
     assert main(["pool", "replay=diffusion", f"replay.source.model_dir={tmp_path}/no_unet",
                  f"replay.pool={tmp_path}/pool"]) == 2
     assert "unet missing" in capsys.readouterr().err and not (tmp_path / "pool").exists()

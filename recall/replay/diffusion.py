@@ -41,6 +41,7 @@ DOWNLOAD_HINT = (f"download a Stable Diffusion pipeline in the diffusers layout 
                  f"'{KNOWN_MODEL}').save_pretrained(DIR)), copy DIR here and pass replay.source.model_dir=DIR; "
                  f"it must hold {MODEL_INDEX} and the folders {', '.join(REQUIRED_COMPONENTS)}")
 EXTRA_HINT = "install the optional extra: pip install 'recall[diffusion]' (diffusers, transformers)"
+UNUSED_COMPONENTS = ("safety_checker",)  # not loaded (see load_pipeline): a snapshot may leave it out
 DEFAULT_TEMPLATES = ("a photo of a {name}",)
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on a GPU, float32 on the CPU
 RESIZE_FILTER = Image.Resampling.LANCZOS
@@ -96,7 +97,8 @@ def check_model_dir(model_dir: str | Path) -> dict:
         raise ReplayError(f"{index_path}: not valid JSON ({error}); {DOWNLOAD_HINT}") from None
     if not isinstance(index, dict):
         raise ReplayError(f"{index_path}: a JSON object expected; {DOWNLOAD_HINT}")
-    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None
+              and k not in UNUSED_COMPONENTS]
     wanted = [*REQUIRED_COMPONENTS, *(k for k in listed if k not in REQUIRED_COMPONENTS)]
     missing = [k for k in wanted if not (directory / k).is_dir() or not any((directory / k).iterdir())]
     if missing:
@@ -110,7 +112,7 @@ def image_seed(seed: int, class_index: int, index: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-def _configs_sha256(directory: Path, index: Mapping) -> str:
+def _configs_sha256(directory: Path) -> str:
     """A hash of the pipeline's model index and component configs: cheap, where hashing a snapshot's weights would
     read gigabytes; so replacing the weights alone, configs unchanged, is not seen (docs/replay.md)."""
     digest = hashlib.sha256()
@@ -168,7 +170,7 @@ class DiffusionSource:
     @property
     def params(self) -> dict:
         if self._configs_sha256 is None:
-            self._configs_sha256 = _configs_sha256(self.model_dir, self.index)
+            self._configs_sha256 = _configs_sha256(self.model_dir)
         return {"model_dir": str(self.model_dir), "configs_sha256": self._configs_sha256,
                 **self.book.params,
                 "negative_prompt": self.negative_prompt, "steps": self.steps, "guidance": self.guidance,
