@@ -76,7 +76,8 @@ def test_every_stage_depends_on_the_whole_closure_of_the_module_it_runs():
 def test_the_closure_follows_lazy_imports_and_registry_names():
     closure = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("recall.stages.pool")}
     # the pool stage builds sources by name ("recall.sim.toy_gan:ToyGenerator"), imported only when chosen
-    assert {"replay/sources.py", "sim/toy_gan.py", "sim/toy_web.py", "replay/web.py", "replay/gan.py"} <= closure
+    assert {"replay/sources.py", "sim/toy_gan.py", "sim/toy_web.py", "replay/web.py", "replay/gan.py",
+            "replay/diffusion.py", "sim/toy_diffusion.py"} <= closure
     # the report does not train: no model, no training loop in its closure
     report = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("recall.stages.report")}
     assert "report.py" in report and not {"model.py", "train.py", "experiment.py"} & report

@@ -24,6 +24,7 @@ from recall.methods.replay import ReplayMethod, old_classes, spread
 from recall.model import SegmentationModel, load_checkpoint, save_checkpoint
 from recall.provenance import content_id
 from recall.replay.pool import PoolDataset, ReplayPool
+from recall.replay.sources import SOURCES
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,8 @@ def test_a_replay_source_without_a_pool_is_a_user_error(world, tmp_path):
     plan = run.method.plan_inputs(run, 1, [1])
     assert plan["eval_images"] == 0 and plan["replay"] == {"source": "folder", "pool": None}
     assert plan["lines"] == [("replay", "MISSING: the method replays old classes but replay=folder has no pool; "
-                                        "choose replay=gan, web, toy_gan, toy_web or folder")]
+                                        f"choose replay={', '.join(sorted(SOURCES))}")]  # every pool source
+    assert {"folder", "gan", "web", "diffusion", "toy_gan"} <= set(SOURCES) and "memory" not in SOURCES
 
 
 # --------------------------------------------------------------------------------------------- check_inputs

@@ -40,6 +40,7 @@ from recall.provenance import content_id
 from recall.registry import resolve
 from recall.replay.pool import PoolDataset, ReplayPool, describe_problems, pool_owner
 from recall.replay.leakage import dataset_hashes
+from recall.replay.sources import SOURCES
 
 # method.labels: where replay labels come from. "evaluated" is label evaluation (the method's `labeller` models);
 # "oracle" corrects its labels of the image's own class to the true mask, which only a simulated source knows
@@ -310,7 +311,7 @@ class ReplayMethod(Method):
         source, pool, per_class = str(cfg.replay.name), cfg.replay.get("pool"), cfg.replay.get("per_class")
         if not pool:
             return {"lines": [("replay", f"MISSING: the method replays old classes but replay={source} has no pool; "
-                                         "choose replay=gan, web, toy_gan, toy_web or folder")],
+                                         f"choose replay={', '.join(sorted(SOURCES))}")],
                     "eval_images": 0, "replay": {"source": source, "pool": None}}
         status = {"source": source, "pool": pool, "per_class": per_class, "old_classes": len(old),
                   "needed": per_class * len(old) if per_class else None, "exists": Path(pool).is_dir(),
@@ -365,7 +366,7 @@ def truth_of(run: RunServices, what: str, wanted_by: str) -> str:
     reference = (run.cfg.replay.get("truth") or {}).get(what)
     if not reference:
         raise UserError(f"{wanted_by} needs a simulated replay source that knows its images' true masks "
-                        f"(replay=toy_gan); replay={run.cfg.replay.name} has no replay.truth.{what}")
+                        f"(replay=toy_gan or toy_diffusion); replay={run.cfg.replay.name} has no replay.truth.{what}")
     return str(reference)
 
 

@@ -19,7 +19,9 @@ SOURCES: dict[str, str] = {
     "folder": "recall.replay.folder:FolderSource",  # your own images, ROOT/<class_name>/*.jpg
     "gan": "recall.replay.gan:BigGANSource",  # BigGAN-deep (pytorch-pretrained-biggan), as the paper
     "web": "recall.replay.web:FlickrSource",  # Flickr text search through flickrapi, as the paper
+    "diffusion": "recall.replay.diffusion:DiffusionSource",  # a local diffusers text-to-image pipeline (RECALL's successors)
     "toy_gan": "recall.sim.toy_gan:ToyGenerator",  # the toy world's BigGAN stand-in
+    "toy_diffusion": "recall.sim.toy_diffusion:ToyDiffusion",  # the toy world's diffusion stand-in (class names)
     "toy_web": "recall.sim.toy_web:ToyWebPhotos",  # the Flickr stand-in's photos, rendered without HTTP
 }
 RUN_SOURCES: dict[str, str] = {

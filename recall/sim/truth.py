@@ -1,19 +1,21 @@
-"""The truth behind simulated replay: the true object mask of every toy-GAN sample and Flickr stand-in photo.
+"""The truth behind simulated replay: the true object mask of every toy-GAN sample, toy-diffusion image and Flickr
+stand-in photo.
 
 A replay source that is a simulation names these functions in its config (`replay.truth` in
-conf/replay/toy_gan.yaml and conf/replay/web.yaml); the product resolves them by that name and never imports them.
-Each takes the replay config section first:
+conf/replay/toy_gan.yaml, toy_diffusion.yaml and web.yaml); the product resolves them by that name and never imports
+them. Each takes the replay config section first:
 
 - ``class_map`` (`gan_class_map_score`): a class map against the look-alike the toy ImageNet made of each toy class
   (`recall.sim.toy_imagenet.class_map_score`); the classmap stage records it.
 
-- ``labels`` (`gan_label_quality`, `web_label_quality`): the labels label evaluation wrote, against the true masks,
-  per class: the IoU of the label's pixels of the image's class with the true object, and the share of images
-  labelled with no pixel of their class. A replay run logs them beside its mIoU (`ReplayMethod.step_statistics`).
-- ``oracle`` (`correct_own_class`): `method.labels=oracle`, perfect label evaluation *of the image's own class*: the
-  labels label evaluation wrote (the authors' argmax over every output of the labelling model) keep every other
-  class, and the image's class takes exactly the true mask (its pixels outside the mask become background). An
-  upper bound for the labelling step, with the authors' label space.
+- ``labels`` (`gan_label_quality`, `web_label_quality`, `diffusion_label_quality`): the labels label evaluation
+  wrote, against the true masks, per class: the IoU of the label's pixels of the image's class with the true object,
+  and the share of images labelled with no pixel of their class. A replay run logs them beside its mIoU
+  (`ReplayMethod.step_statistics`).
+- ``oracle`` (`correct_own_class`, `diffusion_correct_own_class`): `method.labels=oracle`, perfect label evaluation
+  *of the image's own class*: the labels label evaluation wrote (the authors' argmax over every output of the
+  labelling model) keep every other class, and the image's class takes exactly the true mask (its pixels outside the
+  mask become background). An upper bound for the labelling step, with the authors' label space.
 
 `python -m recall.sim.truth POOL LABELS_DIR [--seed S]` prints a toy-GAN pool's label
 quality.
@@ -131,12 +133,39 @@ def correct_own_class(replay, records: list[dict], labels_dir: Path) -> int:
     (pixels of the class outside it become background); every other pixel keeps what label evaluation wrote.
     Returns the number of labels corrected."""
     generator = generator_of(replay)
+    return _correct(records, labels_dir, lambda record: true_mask(generator, record))
+
+
+def diffusion_label_quality(replay, records: list[dict], labels_dir: Path) -> dict[int, dict[str, float]]:
+    """`replay.truth.labels` of replay=toy_diffusion: label quality against the prompted generator's true masks
+    (empty for an image where it drew another class, or none)."""
+    return score_labels(records, labels_dir, diffusion_mask_of(replay))
+
+
+def diffusion_correct_own_class(replay, records: list[dict], labels_dir: Path) -> int:
+    """`method.labels=oracle` of replay=toy_diffusion (as `correct_own_class`)."""
+    return _correct(records, labels_dir, diffusion_mask_of(replay))
+
+
+def diffusion_mask_of(replay) -> Callable[[dict], np.ndarray]:
+    """A pool record of replay=toy_diffusion -> the true mask of its class (the record names class, index and the
+    class name its prompt was made from; the generator is rebuilt from the run's `replay.source`)."""
+    from recall.sim.toy_diffusion import ToyDiffusion
+
+    if str(replay.name) != "toy_diffusion":
+        raise UserError(f"the prompted toy generator's true masks need replay=toy_diffusion; replay={replay.name}")
+    generator = ToyDiffusion(**_source_options(replay))
+    return lambda record: generator.render_with_mask(int(record["target_class"]), str(record["target_name"]),
+                                                     int(record["source_index"]))[1]
+
+
+def _correct(records: list[dict], labels_dir: Path, mask_of: Callable[[dict], np.ndarray]) -> int:
     for record in records:
         path = labels_dir / f"{record['id']}.png"
         with Image.open(path) as label:
             labels = np.array(label)
         own = int(record["target_class"])
-        truth = _fitted(true_mask(generator, record), labels.shape)
+        truth = _fitted(mask_of(record), labels.shape)
         labels = np.where(truth, own, np.where(labels == own, BACKGROUND, labels)).astype(np.uint8)
         save_label_png(path, labels)
     return len(records)
