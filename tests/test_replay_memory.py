@@ -23,7 +23,8 @@ from recall.methods.distillation import MiB
 from recall.replay.leakage import STORED_DATA_SOURCES, check_replay_privacy
 from recall.replay.memory import (MEMORY_FILE, MemoryReplay, build_memory, memory_dir, read_memory,
                                   select_balanced)
-from recall.replay.sources import RUN_SOURCES, SOURCES, build_source
+from recall.replay.run_sources import RUN_SOURCES
+from recall.replay.sources import SOURCES, build_source
 
 
 def candidates(*labels: list[int]) -> list[list]:

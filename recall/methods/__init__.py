@@ -31,9 +31,9 @@ def build_method(name: str, **options) -> Method:
 
 
 def for_source(method: Method, replay: dict) -> Method:
-    """The method as its replay source makes it train (`recall.replay.sources.for_source`: e.g. `replay=memory`
+    """The method as its replay source makes it train (`recall.replay.run_sources.for_source`: e.g. `replay=memory`
     wraps it with the replay of stored exemplars); most sources leave it as it is."""
-    from recall.replay.sources import for_source as wrap
+    from recall.replay.run_sources import for_source as wrap
 
     return wrap(method, replay)
 

@@ -17,7 +17,7 @@ The memory (`replay.memory_size` images in all, as SSUL's `--mem_size`):
 * replayed at step t from the memory of step t-1, labelled as SSUL's memory loader labels it: the stored mask with
   every class seen up to step t kept, future classes as background, 255 kept as ignore.
 
-`MemoryReplay` wraps the run's method (`recall.replay.sources.for_source`): its memory batches take
+`MemoryReplay` wraps the run's method (`recall.replay.run_sources.for_source`): its memory batches take
 `replay_ratio` of every batch through the loop's blending, as every other source's. With a replay method
 (`method=recall` and any ReplayMethod) the memory replaces the pool, label evaluation and helper decoders (stored labels
 need none); with any other (MiB, PLOP, FT) it adds the replay stream to the method's own losses (their "-M" variants).

@@ -1,7 +1,8 @@
 """The replay sources by config name (`replay.name`), and how one is built from its `replay.source` options.
 
-Two kinds: `SOURCES` make a pool of outside images before a run (`recall pool`); `RUN_SOURCES` are made by the run
-itself and change how its method trains (`for_source` wraps the method: the memory of stored exemplars).
+`SOURCES` make a pool of outside images before a run (`recall pool`). The sources a run makes itself, which change
+how its method trains (the memory of stored exemplars), are `recall.replay.run_sources`'s: the pool stages never
+import them.
 
 Every pool source implements ``images(class_index, class_name, start, count)`` and ``available(...)``
 (see ``recall.replay.pool.ReplaySource``). Entries are "module:class" references, imported only when chosen:
@@ -14,6 +15,7 @@ import inspect
 
 from recall.registry import resolve
 from recall.errors import ReplayError
+from recall.replay.leakage import STORED_DATA_SOURCES
 
 SOURCES: dict[str, str] = {
     "folder": "recall.replay.folder:FolderSource",  # your own images, ROOT/<class_name>/*.jpg
@@ -24,14 +26,11 @@ SOURCES: dict[str, str] = {
     "toy_diffusion": "recall.sim.toy_diffusion:ToyDiffusion",  # the toy world's diffusion stand-in (class names)
     "toy_web": "recall.sim.toy_web:ToyWebPhotos",  # the Flickr stand-in's photos, rendered without HTTP
 }
-RUN_SOURCES: dict[str, str] = {
-    "memory": "recall.replay.memory:MemoryReplay",  # stored exemplars of earlier steps, as SSUL-M (stored data!)
-}
 
 
 def build_source(name: str, **options):
     """The replay source registered as ``name``, constructed with ``options``."""
-    if name in RUN_SOURCES:
+    if name in STORED_DATA_SOURCES:
         raise ReplayError(f"replay={name} is made by `recall run` itself (stored exemplars): there is no pool to build")
     try:
         cls = resolve(SOURCES[name])
@@ -44,19 +43,3 @@ def build_source(name: str, **options):
                           f"expected {inspect.signature(cls)}") from None
     return cls(**options)
 
-
-def for_source(method, replay: dict):
-    """`method` as the replay source `replay` (the run's `replay` config section) makes it train: a run source wraps
-    it (`RUN_SOURCES`, built with the section's other keys); a pool source, or none, leaves it as it is (a replay
-    method reads its pool itself)."""
-    name = replay.get("name")
-    if name not in RUN_SOURCES:
-        return method
-    cls = resolve(RUN_SOURCES[name])
-    options = dict(replay)
-    try:
-        inspect.signature(cls).bind(method, **options)
-    except TypeError as error:
-        raise ReplayError(f"replay={name}: bad options {sorted(options)} ({error}); "
-                          f"expected {inspect.signature(cls)}") from None
-    return cls(method, **options)
