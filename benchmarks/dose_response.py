@@ -128,7 +128,7 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
                     verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
                         "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
         cells[protocol] = cell
-    calls = [[protocol, s, *(f"{c['verdict']} ({c['difference']['text']})" for c in
+    calls = [[protocol, str(s), *(f"{c['verdict']} ({c['difference']['text']})" for c in
                              (verdicts[protocol][f"recall_shift{s}_vs_{r}"][m] for r in REFERENCES
                               for m in ("old_no_bg", "all")))]
              for protocol in protocols for s in shifts]
