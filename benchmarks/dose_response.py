@@ -41,6 +41,9 @@ ROOT = regime.ROOT
 SHIFTS = (0.0, 0.5, 1.0, 1.5, 2.0)
 PROTOCOLS = ("15-1x5", "10-1x10")
 REFERENCES = {"mib": ["method=mib"], "no_replay": ["method=recall", "method.replay_ratio=0"]}
+# RECALL runs placed on the same axes as the levels (by their own label quality): web replay (the Flickr stand-in
+# through its local server, as the study's recall_web) and the study's oracle labels at the look-alike's level
+POINTS = {"web": "web replay", "oracle": "oracle labels (shift 1.0)"}
 METRICS = ("old_no_bg", "new", "all")
 LABELS = ("iou_step0_classes", "iou_later_classes", "empty_step0_classes", "empty_later_classes")
 
@@ -73,9 +76,21 @@ def class_map(seed: int, work: Path) -> dict:
     return {"correct": truth["correct"], "classes": truth["classes"]}
 
 
-def pool(seed: int, shift: float, work: Path) -> None:
-    if not (work / f"s{seed}" / "pools" / f"toy_gan_shift{shift}").is_dir():
-        stage("recall.stages.pool", *toy_gan(seed, work, shift))
+def web(seed: int, work: Path) -> list[str]:
+    """The overrides of the seed's web replay: the Flickr stand-in's photos of that seed, its own pool."""
+    return ["replay=web", f"replay.source.standin.seed={seed}", f"replay.pool={work / f's{seed}' / 'pools' / 'web'}"]
+
+
+def point(name: str, seed: int, work: Path) -> list[str]:
+    return ["method=recall", *(web(seed, work) if name == "web" else [*toy_gan(seed, work, 1.0),
+                                                                       "method.labels=oracle"])]
+
+
+def pool(seed: int, shift: float | None, work: Path) -> None:
+    """A level's toy-GAN pool (shift None: the seed's web pool)."""
+    name = "web" if shift is None else f"toy_gan_shift{shift}"
+    if not (work / f"s{seed}" / "pools" / name).is_dir():
+        stage("recall.stages.pool", *(web(seed, work) if shift is None else toy_gan(seed, work, shift)))
 
 
 def scored(run_dir: Path) -> dict:
@@ -101,15 +116,19 @@ def jobs(seeds: list[int], shifts: list[float], protocols: list[str], work: Path
             out += [(seed, protocol, name, overrides, None) for name, overrides in REFERENCES.items()]
             out += [(seed, protocol, f"recall_shift{s}", ["method=recall", *toy_gan(seed, work, s)], s)
                     for s in shifts]
+            out += [(seed, protocol, name, point(name, seed, work), None) for name in POINTS]
     return out
 
 
 def summary(records: dict, seeds: list[int], shifts: list[float], protocols: list[str]) -> dict:
-    """Mean ± sample std per protocol and line (each level, each reference), paired verdicts of every level against
-    each reference, and a table for the docs."""
+    """Mean ± sample std per protocol and line (each level, each point, each reference), paired verdicts of every
+    level and point against each reference, and tables for the docs."""
     cells, verdicts, rows = {}, {}, []
+    compared = {f"recall_shift{s}": str(s) for s in shifts}
+    compared.update({name: label for name, label in POINTS.items() if all(name in records[p] for p in protocols)})
     for protocol in protocols:
-        lines = {**{f"shift {s}": f"recall_shift{s}" for s in shifts}, **{r: r for r in REFERENCES}}
+        lines = {**{f"shift {s}": f"recall_shift{s}" for s in shifts},
+                 **{compared[n]: n for n in POINTS if n in compared}, **{r: r for r in REFERENCES}}
         cell = {}
         for label, name in lines.items():
             per_seed = [records[protocol][name][str(seed)] for seed in seeds]
@@ -119,8 +138,7 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
             rows.append([protocol, label, c["old_no_bg"]["text"], c["new"]["text"], c["all"]["text"],
                          c["iou_step0_classes"]["text"] if "iou_step0_classes" in c else "–",
                          c["iou_later_classes"]["text"] if "iou_later_classes" in c else "–", len(seeds)])
-        for s in shifts:
-            name = f"recall_shift{s}"
+        for name in compared:
             for reference in REFERENCES:
                 for metric in ("old_no_bg", "all"):
                     diffs = [records[protocol][name][str(seed)][metric] - records[protocol][reference][str(seed)][metric]
@@ -128,54 +146,57 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
                     verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
                         "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
         cells[protocol] = cell
-    calls = [[protocol, str(s), *(f"{c['verdict']} ({c['difference']['text']})" for c in
-                             (verdicts[protocol][f"recall_shift{s}_vs_{r}"][m] for r in REFERENCES
-                              for m in ("old_no_bg", "all")))]
-             for protocol in protocols for s in shifts]
+    calls = [[protocol, label, *(f"{c['verdict']} ({c['difference']['text']})" for c in
+                                 (verdicts[protocol][f"{name}_vs_{r}"][m] for r in REFERENCES
+                                  for m in ("old_no_bg", "all")))]
+             for protocol in protocols for name, label in compared.items()]
     return {"cells": cells, "contrasts": verdicts,
             "table": {"columns": ["protocol", "replay", "old (no bg)", "new", "all", "label IoU, step-0 classes",
                                   "label IoU, later classes", "seeds"], "rows": rows},
-            "calls": {"columns": ["protocol", "render shift", *(f"RECALL - {r.replace('_', ' ')}, {m}" for r in
+            "calls": {"columns": ["protocol", "RECALL's replay (render shift)", *(f"RECALL - {r.replace('_', ' ')}, {m}" for r in
                                                                 REFERENCES for m in ("old (no bg)", "all"))],
                       "rows": calls}}
 
 
 def figure(report: dict, path: Path) -> None:
-    """Final mIoU of the step-0 classes (top) and of all classes (bottom) against the render shift, per protocol:
-    RECALL's line with its seeds' sample std, MiB's and no replay's as bands (mean ± sample std); the step-0 classes'
-    label IoU on a second axis."""
+    """Final mIoU of the step-0 classes (top) and of the classes learnt later (bottom) against the replay labels'
+    measured IoU on the step-0 classes (what label evaluation achieved, not the shift knob), per protocol: the levels
+    as one line (each labelled with its shift, error bars the seeds' sample std on both axes), web replay and oracle
+    labels as points, MiB and no replay as bands (mean ± sample std)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shifts, protocols = report["shifts"], report["protocols"]
-    fig, axes = plt.subplots(2, len(protocols), figsize=(5.2 * len(protocols), 7.4), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(protocols), figsize=(5.4 * len(protocols), 7.6), squeeze=False)
+    x_key = "iou_step0_classes"
     for col, protocol in enumerate(protocols):
         cell = report["cells"][protocol]
-        for row, metric in enumerate(("old_no_bg", "all")):
+        for row, (metric, what) in enumerate((("old_no_bg", "step-0 classes"), ("new", "classes learnt later"))):
             ax = axes[row][col]
             for name, colour in (("mib", "tab:orange"), ("no_replay", "tab:grey")):
                 m = cell[name][metric]
                 ax.axhline(m["mean"], color=colour, lw=1.5, label=f"{name.replace('_', ' ')} (± std)")
                 ax.axhspan(m["mean"] - m["std"], m["mean"] + m["std"], color=colour, alpha=0.18)
-            means = [cell[f"recall_shift{s}"][metric]["mean"] for s in shifts]
-            stds = [cell[f"recall_shift{s}"][metric]["std"] for s in shifts]
-            ax.errorbar(shifts, means, yerr=stds, color="tab:blue", marker="o", capsize=3, label="RECALL, toy GAN")
-            ax.axvline(1.0, color="k", ls=":", lw=0.8)
-            ax.set(ylabel=f"final mIoU, {'step-0 classes' if metric == 'old_no_bg' else 'all classes'}")
+            levels = [cell[f"recall_shift{s}"] for s in shifts]
+            ax.errorbar([c[x_key]["mean"] for c in levels], [c[metric]["mean"] for c in levels],
+                        xerr=[c[x_key]["std"] for c in levels], yerr=[c[metric]["std"] for c in levels],
+                        color="tab:blue", marker="o", capsize=3, label="RECALL, toy GAN at a render shift")
+            for s, c in zip(shifts, levels):
+                ax.annotate(f"{s:g}", (c[x_key]["mean"], c[metric]["mean"]), textcoords="offset points",
+                            xytext=(4, 5), fontsize=7, color="tab:blue")
+            for name, marker, colour in (("web", "s", "tab:green"), ("oracle", "*", "tab:red")):
+                c = cell.get(name, {})
+                if x_key in c:
+                    ax.errorbar(c[x_key]["mean"], c[metric]["mean"], xerr=c[x_key]["std"], yerr=c[metric]["std"],
+                                color=colour, marker=marker, ms=8, capsize=3, ls="none",
+                                label=f"RECALL, {POINTS[name]}")
+            ax.set(xlabel="replay label IoU against the truth, step-0 classes (measured)",
+                   ylabel=f"final mIoU, {what}")
             if row == 0:
-                ax.set_title(f"{protocol} ({len(report['seeds'])} seeds; dotted: the study's GAN)")
-                twin = ax.twinx()
-                labels = [cell[f"recall_shift{s}"].get("iou_step0_classes", {}).get("mean") for s in shifts]
-                twin.plot(shifts, labels, color="tab:green", ls="--", marker="x", label="label IoU, step-0 classes")
-                twin.set(ylabel="replay label IoU vs the truth", ylim=(0, 1))
-                twin.yaxis.label.set_color("tab:green")
-                handles = ax.get_legend_handles_labels()
-                extra = twin.get_legend_handles_labels()
-                ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="lower left")
-            else:
-                ax.set(xlabel="render shift of the toy GAN (0: the class's own style, 1: the look-alike)")
+                ax.set_title(f"{protocol} ({len(report['seeds'])} seeds; numbers: the render shift)")
+                ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -234,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         work = (args.work or Path(tmp)).resolve()
         list(threads.map(lambda seed: pretrained(seed, work), args.seeds))  # the chains first, two at a time
         maps = dict(zip(args.seeds, threads.map(lambda seed: class_map(seed, work), args.seeds)))
-        list(threads.map(lambda job: pool(job[0], job[1], work), [(s, x) for s in args.seeds for x in args.shifts]))
+        list(threads.map(lambda job: pool(job[0], job[1], work),
+                         [(s, x) for s in args.seeds for x in [*args.shifts, None]]))
         # the step-0 models before the runs that start from them (two runs of one seed must not both make it)
         list(threads.map(lambda job: step0_model(job[1], job[0], work),
                          [(s, p) for p in args.protocols for s in args.seeds]))

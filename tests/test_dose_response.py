@@ -33,12 +33,16 @@ def test_every_level_shares_the_seeds_class_map_and_owns_its_pool(tmp_path, monk
 def test_jobs_cover_every_seed_level_and_reference_longest_protocol_first(tmp_path, monkeypatch):
     monkeypatch.setattr(dose_response, "pretrained", lambda seed, work: work / f"s{seed}" / "pretrain")
     todo = dose_response.jobs([0, 1], [0.0, 1.0], ["15-1x5", "10-1x10"], tmp_path)
-    assert len(todo) == 2 * 2 * (2 + len(dose_response.REFERENCES))
+    assert len(todo) == 2 * 2 * (2 + len(dose_response.REFERENCES) + len(dose_response.POINTS))
     assert todo[0][1] == "10-1x10" and todo[-1][1] == "15-1x5"
     names = {(seed, protocol, name) for seed, protocol, name, _, _ in todo}
     assert (1, "15-1x5", "recall_shift1.0") in names and (0, "10-1x10", "mib") in names
     no_replay = next(o for _, _, name, o, _ in todo if name == "no_replay")
     assert "method.replay_ratio=0" in no_replay
+    oracle = next(o for seed, _, name, o, _ in todo if name == "oracle" and seed == 1)
+    assert "method.labels=oracle" in oracle and "replay.source.render_shift=1.0" in oracle
+    web = next(o for seed, _, name, o, _ in todo if name == "web" and seed == 1)
+    assert "replay=web" in web and "replay.source.standin.seed=1" in web
 
 
 def _record(old, all_, label=None):
@@ -56,8 +60,10 @@ def test_summary_calls_each_level_against_each_reference_by_the_paired_rule():
         "recall_shift2.0": {str(s): _record(0.70 + 0.01 * s, 0.60, 0.3) for s in seeds},  # below it by 0.05
         "mib": {str(s): _record(0.75 + 0.01 * s, 0.65) for s in seeds},
         "no_replay": {"0": _record(0.70, 0.60), "1": _record(0.72, 0.60), "2": _record(0.69, 0.61)}}}
+    records["15-1x5"]["web"] = {str(s): _record(0.74 + 0.01 * s, 0.62, 0.5) for s in seeds}  # as MiB, minus 0.01
     report = dose_response.summary(records, seeds, shifts, ["15-1x5"])
     calls = report["contrasts"]["15-1x5"]
+    assert calls["web_vs_mib"]["old_no_bg"]["verdict"] == "mib higher"  # a point is called like a level
     assert calls["recall_shift0.0_vs_mib"]["old_no_bg"]["verdict"] == "recall_shift0.0 higher"
     assert calls["recall_shift0.0_vs_mib"]["old_no_bg"]["difference"]["mean"] == pytest.approx(0.05)
     assert calls["recall_shift2.0_vs_mib"]["old_no_bg"]["verdict"] == "mib higher"
@@ -68,14 +74,16 @@ def test_summary_calls_each_level_against_each_reference_by_the_paired_rule():
     assert "iou_step0_classes" not in cell["mib"]  # a reference without replay has no label quality
     rows = {(r[0], r[1]): r for r in report["table"]["rows"]}
     assert rows[("15-1x5", "mib")][5] == "–" and rows[("15-1x5", "shift 2.0")][2] == "0.710 ± 0.010"
-    assert len(report["calls"]["rows"]) == 2 and report["calls"]["rows"][1][2].startswith("mib higher")
+    assert [r[1] for r in report["calls"]["rows"]] == ["0.0", "2.0", "web replay"]
+    assert report["calls"]["rows"][1][2].startswith("mib higher")
 
 
 def test_the_figure_is_drawn_from_the_report(tmp_path):
     seeds, shifts = [0, 1], [0.0, 1.0]
     records = {p: {**{f"recall_shift{s}": {str(x): _record(0.7 - 0.1 * s, 0.6, 0.8) for x in seeds} for s in shifts},
                    "mib": {str(x): _record(0.72, 0.62) for x in seeds},
-                   "no_replay": {str(x): _record(0.6, 0.5) for x in seeds}} for p in ("15-1x5", "10-1x10")}
+                   "no_replay": {str(x): _record(0.6, 0.5) for x in seeds},
+                   "oracle": {str(x): _record(0.71, 0.6, 0.95) for x in seeds}} for p in ("15-1x5", "10-1x10")}
     report = {"seeds": seeds, "shifts": shifts, "protocols": ["15-1x5", "10-1x10"],
               **dose_response.summary(records, seeds, shifts, ["15-1x5", "10-1x10"])}
     dose_response.figure(report, tmp_path / "dose.png")
