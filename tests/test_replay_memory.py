@@ -121,6 +121,22 @@ def test_the_next_memory_draws_from_the_last_one_and_the_steps_own_images(hand):
     assert per_class(entry["memory_candidates"])[3] >= 1 and len(set(ids)) == len(ids)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_in_the_partitioned_setting_the_memory_draws_from_the_images_the_run_gives_the_step(tmp_path, seed):
+    """The memory's candidates are the run's own training images of the step (partitioned: its seed's draw), never
+    an image the draw gave another step."""
+    world = make_world(tmp_path / "world")
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", "setting=partitioned", f"seed={seed}", "method=mib",
+                       "replay=memory", "replay.memory_size=5")
+    classes = run.classes_of(run.cfg.dataset.train_split)
+    step0, step1 = run.train_ids(classes, 0), run.train_ids(classes, 1)
+    assert not set(step0) & set(step1)  # the partitioned draw: each image in one step
+    first = read_memory(build_memory(run, 0, size=5, seed=seed), 0)["memory_list"]
+    assert first and set(first) <= set(step0)
+    second = read_memory(build_memory(run, 1, size=5, seed=seed), 1)["memory_list"]
+    assert set(second) <= set(first) | set(step1)
+
+
 def test_a_stored_memory_is_kept_and_a_leftover_temp_dir_does_not_matter(hand):
     _, run = hand
     out = memory_dir(run, 0)

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from recall import distributed
 from recall.atomic import write_json
-from recall.data.protocol import eval_label_map, select_train_images
+from recall.data.protocol import eval_label_map
 from recall.data.transforms import train_transform
 from recall.data.voc import IMAGE_SUFFIX, MASK_SUFFIX, VOCSegmentation, load_mask
 from recall.errors import UserError
@@ -108,7 +108,7 @@ def build_memory(run: RunServices, step: int, size: int, seed: int) -> Path:
     image_classes = run.classes_of(d.train_split)
     stored = {c[0] for c in previous}  # an image kept already is no second candidate (overlapped: it may come back)
     new = [[i, 0, 0, sorted(int(c) for c in image_classes[i] if c in seen)]
-           for i in select_train_images(image_classes, run.task, step, run.setting) if i not in stored]
+           for i in run.train_ids(image_classes, step) if i not in stored]
     for candidate in new:
         candidate[1] = len(candidate[3])
     rng = np.random.default_rng([int(seed), step])
@@ -170,7 +170,7 @@ class MemoryReplay(Method):
         with distributed.main_first():
             if read_memory(memory_dir(run, step - 1), step - 1) is None:
                 image_classes = run.classes_of(run.cfg.dataset.train_split)
-                earlier = {i for s in range(step) for i in select_train_images(image_classes, run.task, s, run.setting)}
+                earlier = {i for s in range(step) for i in run.train_ids(image_classes, s)}
                 check_replay_privacy(self.source, step, sorted(earlier), earlier)
             build_memory(run, step - 1, self.memory_size, int(run.cfg.seed))
         return memory_dir(run, step - 1)
