@@ -140,7 +140,7 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
                          c["iou_later_classes"]["text"] if "iou_later_classes" in c else "–", len(seeds)])
         for name in compared:
             for reference in REFERENCES:
-                for metric in ("old_no_bg", "all"):
+                for metric in METRICS:
                     diffs = [records[protocol][name][str(seed)][metric] - records[protocol][reference][str(seed)][metric]
                              for seed in seeds]
                     verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
