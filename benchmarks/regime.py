@@ -232,15 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
     if not (DATA / "JPEGImages").is_dir():
         parser.error(f"--data {DATA}: no toy world there; make it with `dvc repro toyworld`")
-    if args.update and json.loads(args.out.read_text()).get("chain", []) != PRETRAIN:
+    old = json.loads(args.out.read_text()) if args.update else None
+    if old is not None and old.get("chain", []) != PRETRAIN:
         parser.error(f"--update: {args.out} was measured on another chain (pretraining overrides "
-                     f"{json.loads(args.out.read_text()).get('chain', [])}, here {PRETRAIN})")
+                     f"{old.get('chain', [])}, here {PRETRAIN})")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         work = (args.work or Path(tmp)).resolve()
         records = list(pool.map(lambda seed: one_seed(seed, work), args.seeds))
     methods = args.methods
-    if args.update:
-        old = json.loads(args.out.read_text())
+    if old is not None:
         records = merged_records(old["records"], records)
         methods = sorted(set(old["methods"]) | set(methods))
     report = {"seeds": [r["seed"] for r in records], "methods": methods, "chain": PRETRAIN, "records": records,
