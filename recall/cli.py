@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "protocol": ("recall.stages.protocol", "print each step's classes and training images as JSON"),
     "classmap": ("recall.stages.classmap", "map target classes to a generator's source classes"),
     "pool": ("recall.stages.pool", "build (or resume) the replay pool of replay.name"),
+    "select": ("recall.stages.select", "RECALL+'s selection of a replay pool's images (a new pool)"),
     "tune": ("recall.stages.tune", "run (or continue) an Optuna study of a method's hyper-parameters"),
     "report": ("recall.stages.report", "tables and figures from finished run directories"),
     "data": ("recall.data.prepare", "real datasets: check or prepare Pascal VOC 2012, SBD (train_aug) or ADE20K"),

@@ -274,6 +274,14 @@ class ReplayPool:
         """
         return self._add_encoded(encode_jpeg(image), image.size, pixel_sha256(image), record)
 
+    def add_copy(self, source: ReplayPool, record: Mapping, extra: Mapping | None = None) -> dict:
+        """Copy ``record``'s image from pool ``source`` byte for byte (no re-encoding), with its record and the
+        ``extra`` fields; it gets this pool's next id of its class. Returns the full record."""
+        data = source.image_path(record["id"]).read_bytes()
+        fields = {k: v for k, v in record.items() if k != "id"}
+        return self._add_encoded(data, (int(record["width"]), int(record["height"])), record["pixel_sha256"],
+                                 {**fields, **(extra or {})})
+
     def _add_encoded(self, data: bytes, size: tuple[int, int], pixels_sha: str, record: Mapping) -> dict:
         if "target_class" not in record:
             raise ReplayError("a replay record needs 'target_class' (1-based VOC class index)")

@@ -141,6 +141,10 @@ class ToyWebPhotos:
         image, mask, _ = self._render(class_index, index)
         return image, mask
 
+    def facts(self, class_index: int, index: int) -> PhotoFacts:
+        """What result ``index`` for ``class_index`` is besides its pixels (the truth behind its tags)."""
+        return self._render(class_index, index)[2]
+
     def _render(self, class_index: int, index: int) -> tuple[Image.Image, np.ndarray, PhotoFacts]:
         if class_index not in CLASS_STYLES:
             raise ReplayError(f"toy_web renders the toy classes {TOY_CLASSES[0]}..{TOY_CLASSES[-1]}, "

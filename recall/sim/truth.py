@@ -12,6 +12,8 @@ them. Each takes the replay config section first:
   wrote, against the true masks, per class: the IoU of the label's pixels of the image's class with the true object,
   and the share of images labelled with no pixel of their class. A replay run logs them beside its mIoU
   (`ReplayMethod.step_statistics`).
+- ``shows_class`` (`web_shows_class`): whether each web photo shows the class it was found for (tag noise does not);
+  `recall select` scores its drops with it.
 - ``oracle`` (`correct_own_class`, `diffusion_correct_own_class`): `method.labels=oracle`, perfect label evaluation
   *of the image's own class*: the labels label evaluation wrote (the authors' argmax over every output of the
   labelling model) keep every other class, and the image's class takes exactly the true mask (its pixels outside the
@@ -126,6 +128,15 @@ def web_label_quality(replay, records: list[dict], labels_dir: Path) -> dict[int
         return None if found is None else photos.render_with_mask(*found)[1]
 
     return score_labels(records, labels_dir, mask_of)
+
+
+def web_shows_class(replay, records: list[dict]) -> list[bool | None]:
+    """`replay.truth.shows_class` of replay=web on the Flickr stand-in: for each pool record, whether the photo shows
+    the class it was found for (False: tag noise), None for a photo the stand-in did not render."""
+    photos, which = web_photos_of(replay)
+    if photos is None:
+        return [None] * len(records)
+    return [None if (found := which(record)) is None else photos.facts(*found).shows_class for record in records]
 
 
 def correct_own_class(replay, records: list[dict], labels_dir: Path) -> int:
