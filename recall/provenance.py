@@ -25,7 +25,8 @@ MODULE_REFERENCE = re.compile(rf"^{PACKAGE}(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
 # names are part of their closure (not of every module that composes a config: the pretraining never runs a replay
 # scorer). A test holds every other `resolve(...)` of the package to a registry of its own module.
 CONFIG_READERS = {f"{PACKAGE}.methods.replay": PACKAGE_DIR.parent / "conf",
-                  f"{PACKAGE}.stages.classmap": PACKAGE_DIR.parent / "conf"}
+                  f"{PACKAGE}.stages.classmap": PACKAGE_DIR.parent / "conf",
+                  f"{PACKAGE}.stages.select": PACKAGE_DIR.parent / "conf"}
 
 
 def module_file(name: str) -> Path | None:

@@ -56,6 +56,19 @@ def old_classes(task: list[list[int]], step: int) -> list[int]:
     return [c for s in range(step) for c in task[s]]
 
 
+def replay_split(step: int, batch_size: int, replay_ratio: float) -> tuple[int, int]:
+    """(current-step samples, replay samples) of a batch: step 0 replays nothing; later steps put
+    round(replay_ratio x batch) replay samples into each batch. Every replay stream splits its batches so."""
+    n_replay = round(batch_size * replay_ratio) if step > 0 else 0
+    return batch_size - n_replay, n_replay
+
+
+def endless(loader) -> Iterator:
+    """A loader's batches, epoch after epoch, for ever (a replay stream: the loop draws what it needs)."""
+    while True:
+        yield from loader
+
+
 def spread(n: int, k: int) -> list[int]:
     """``k`` evenly spaced indices of ``range(n)`` (all when ``n <= k``)."""
     return list(range(n)) if n <= k else sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
@@ -193,9 +206,7 @@ class ReplayMethod(Method):
 
     # ------------------------------------------------------------------ the replay stream
     def batch_split(self, step: int, batch_size: int) -> tuple[int, int]:
-        """Step 0 replays nothing; later steps put round(r x batch) replay samples into each batch."""
-        n_replay = round(batch_size * self.replay_ratio) if step > 0 else 0
-        return batch_size - n_replay, n_replay
+        return replay_split(step, batch_size, self.replay_ratio)
 
     def extra_batches(self, run: RunServices, step: int, generator: torch.Generator) -> Iterator | None:
         n_replay = self.batch_split(step, run.train_cfg.batch_size)[1]
@@ -219,9 +230,7 @@ class ReplayMethod(Method):
                             f"{old_classes(run.task, step)}; rebuild it")
         self.check_pool_is_not_the_dataset(run, data)
         batch_size = distributed.per_process(n_replay, "the replay samples per batch")
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
-        while True:
-            yield from loader
+        yield from endless(DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator))
 
     # ------------------------------------------------------------------ what the run records
     @torch.no_grad()

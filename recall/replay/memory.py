@@ -44,7 +44,7 @@ from recall.data.voc import IMAGE_SUFFIX, MASK_SUFFIX, VOCSegmentation, load_mas
 from recall.errors import UserError
 from recall.figures import plot_grid
 from recall.methods.base import Method, RunServices, StepContext
-from recall.methods.replay import ReplayMethod, spread
+from recall.methods.replay import ReplayMethod, endless, replay_split, spread
 from recall.replay.leakage import check_replay_privacy
 
 MEMORY_FILE = "memory.json"
@@ -211,8 +211,7 @@ class MemoryReplay(Method):
         self.method.before_step(run, step, ctx, generator)  # e.g. PLOP's thresholds (a replay method has none)
 
     def batch_split(self, step: int, batch_size: int) -> tuple[int, int]:
-        n_replay = round(batch_size * self.replay_ratio) if step > 0 else 0
-        return batch_size - n_replay, n_replay
+        return replay_split(step, batch_size, self.replay_ratio)
 
     def extra_batches(self, run: RunServices, step: int, generator: torch.Generator) -> Iterator | None:
         n_replay = self.batch_split(step, run.train_cfg.batch_size)[1]
@@ -223,9 +222,7 @@ class MemoryReplay(Method):
         t = run.train_cfg
         batch_size = distributed.per_process(n_replay, "the replay samples per batch")
         data = self.memory_data(run, step, train_transform(t.crop, t.scale, t.scale_reference), at_least=batch_size)
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
-        while True:
-            yield from loader
+        yield from endless(DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator))
 
     def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
         """The wrapped method's work (not a replay method's helpers: stored labels need none), then the memory of
