@@ -216,21 +216,24 @@ class Slurm:
         """A job that ended: its stage's outputs checked and committed (True), or reported as failed."""
         from recall.stage_jobs import COMMIT_TRIES, commit, missing_outputs
 
-        self._record(addressing, None)
-        if self._result(job) != "success":
-            state = _state([job.job_id]).get(job.job_id, "gone from the queue")
-            tqdm.write(f"{addressing}: SLURM job {job.job_id} {state.lower()}; see {job.paths.stdout}")
+        try:
+            if self._result(job) != "success":
+                state = _state([job.job_id]).get(job.job_id, "gone from the queue")
+                tqdm.write(f"{addressing}: SLURM job {job.job_id} {state.lower()}; see {job.paths.stdout}")
+                return False
+            missing = missing_outputs(addressing)
+            if missing:
+                self.errors.append(f"{addressing}: SLURM job {job.job_id} ended well but did not write "
+                                   f"{', '.join(missing)} (see {job.paths.stdout})")
+                tqdm.write(self.errors[-1])
+                return False
+            if commit(addressing, self.env):
+                return True
+            tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times; run "
+                       f"`dvc commit {addressing}`")
             return False
-        missing = missing_outputs(addressing)
-        if missing:
-            self.errors.append(f"{addressing}: SLURM job {job.job_id} ended well but did not write "
-                               f"{', '.join(missing)} (see {job.paths.stdout})")
-            tqdm.write(self.errors[-1])
-            return False
-        if commit(addressing, self.env):
-            return True
-        tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times; run `dvc commit {addressing}`")
-        return False
+        finally:  # forgotten once handled (killed before: the next call re-attaches and commits it)
+            self._record(addressing, None)
 
     def _cancel(self, job) -> None:
         _slurm("scancel", job.job_id)

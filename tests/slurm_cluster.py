@@ -110,15 +110,17 @@ class Slurm:
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60, check=check)
 
-    def job_states(self) -> dict[str, str]:
-        """Every job the controller knows (MinJobAge keeps finished ones an hour): job id -> state."""
+    def jobs(self) -> dict[str, tuple[str, str, str]]:
+        """Every job the controller knows (MinJobAge keeps finished ones an hour): job id -> (name, state, the
+        directory it was submitted from)."""
         out = self.run("scontrol", "-o", "show", "job", check=False).stdout
-        states = {}
+        jobs = {}
         for line in out.splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
             if "JobId" in fields:
-                states[fields["JobId"]] = fields.get("JobState", "")
-        return states
+                jobs[fields["JobId"]] = (fields.get("JobName", ""), fields.get("JobState", ""),
+                                         fields.get("WorkDir", ""))
+        return jobs
 
     def stop(self) -> None:
         """Each daemon by its own pid, the jobs' daemons first."""
