@@ -184,6 +184,29 @@ def test_a_call_killed_while_its_jobs_are_queued_is_re_attached_to_and_nothing_i
 
 
 @pytest.mark.slow
+def test_ctrl_c_cancels_the_jobs_it_submitted(slurm, tmp_path):
+    project, env = _project(tmp_path / "p", slurm.env)
+    (project / "slow_base_a").write_text("120")
+    call = subprocess.Popen([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--executor", "slurm"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = project / "logs" / "slurm" / "jobs.json"
+    try:
+        _wait(lambda: state.is_file() and len(json.loads(state.read_text())) == len(STAGES), what="6 jobs")
+        call.send_signal(signal.SIGINT)
+        out, _ = call.communicate(timeout=60)
+    finally:
+        call.kill()
+    assert call.returncode != 0
+    assert re.search(r"run@a: SLURM job \d+ cancelled, not committed", out), out
+    _wait(lambda: not {s for _, s in _jobs(slurm, project).values()} & {"PENDING", "RUNNING", "COMPLETING"},
+          timeout=30, what="the jobs to be cancelled")
+    states = {name: s for name, s in _jobs(slurm, project).values()}
+    assert states["recall:base@a"] == states["recall:run@a"] == states["recall:report"] == "CANCELLED"
+    assert json.loads(state.read_text()) == {}  # nothing to re-attach to
+    assert {"base@a", "run@a", "run@b", "report"} <= _stale(project, env)
+
+
+@pytest.mark.slow
 def test_bad_input_under_slurm_is_one_line_and_exit_2(slurm, tmp_path):
     project, env = _project(tmp_path / "p", slurm.env)
     wrong = _stage_jobs(project, env, "--executor", "slurm", "--slurm-partition", "gpu-a100")
