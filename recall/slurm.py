@@ -107,7 +107,10 @@ class Slurm:
     queues = True  # a stage is handed over once the stages it reads are finished *or queued*
     interval = 2.0
 
-    def __init__(self, logs: Path, env: dict, resources: Resources, allow_sqlite: bool = False):
+    def __init__(self, logs: Path, env: dict, resources: Resources, missing_outputs, commit,
+                 allow_sqlite: bool = False):
+        """``missing_outputs(addressing)`` lists a stage's outputs that are not there, ``commit(addressing, env)``
+        `dvc commit`s it (True once done): recall.stage_jobs' own, the same for both executors."""
         known = partitions()
         if resources.partition is not None and resources.partition not in known:
             raise UserError(f"--slurm-partition {resources.partition}: no such partition (SLURM has "
@@ -117,6 +120,7 @@ class Slurm:
         self.folder = (logs / "slurm").resolve()
         self.state_file = self.folder / "jobs.json"
         self.env, self.resources, self.allow_sqlite = env, resources, allow_sqlite
+        self.missing_outputs, self.commit = missing_outputs, commit
         self.executor = submitit.SlurmExecutor(folder=self.folder)
         self.recorded = self._read_state()
         self.attached: set[str] = set()
@@ -167,7 +171,8 @@ class Slurm:
             return None
         job = self._job(entry["job"])
         state = _state([job.job_id]).get(job.job_id, "")
-        if entry.get("cmd") == cmd and set(after) <= self.attached and (state in LIVE or self._result(job) == "success"):
+        alive = state in LIVE or self._result(job) == "success"
+        if entry.get("cmd") == cmd and set(after) <= self.attached and alive:
             self.attached.add(addressing)
             self.job_ids.append(job.job_id)
             tqdm.write(f"{addressing}: re-attached to SLURM job {job.job_id} ({state or 'finished'})")
@@ -214,23 +219,21 @@ class Slurm:
 
     def finish(self, addressing: str, job) -> bool:
         """A job that ended: its stage's outputs checked and committed (True), or reported as failed."""
-        from recall.stage_jobs import COMMIT_TRIES, commit, missing_outputs
-
         try:
             if self._result(job) != "success":
                 state = _state([job.job_id]).get(job.job_id, "gone from the queue")
                 tqdm.write(f"{addressing}: SLURM job {job.job_id} {state.lower()}; see {job.paths.stdout}")
                 return False
-            missing = missing_outputs(addressing)
+            missing = self.missing_outputs(addressing)
             if missing:
                 self.errors.append(f"{addressing}: SLURM job {job.job_id} ended well but did not write "
                                    f"{', '.join(missing)} (see {job.paths.stdout})")
                 tqdm.write(self.errors[-1])
                 return False
-            if commit(addressing, self.env):
+            if self.commit(addressing, self.env):
                 return True
-            tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times; run "
-                       f"`dvc commit {addressing}`")
+            tqdm.write(f"{addressing}: ran, but `dvc commit` failed (another DVC command holding the repository's "
+                       f"lock?); run `dvc commit {addressing}` when it is free")
             return False
         finally:  # forgotten once handled (killed before: the next call re-attaches and commits it)
             self._record(addressing, None)

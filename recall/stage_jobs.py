@@ -290,7 +290,7 @@ def _executor(args, logs: Path, env: dict):
 
     resources = Resources(cpus=args.slurm_cpus, mem_gb=args.slurm_mem, time_min=args.slurm_time,
                           gpus=args.slurm_gpus, partition=args.slurm_partition)
-    return Slurm(logs, env, resources, allow_sqlite=args.allow_sqlite)
+    return Slurm(logs, env, resources, missing_outputs, commit, allow_sqlite=args.allow_sqlite)
 
 
 def main(argv: list[str] | None = None) -> int:
