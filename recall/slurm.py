@@ -91,11 +91,17 @@ def sqlite_stores(cmd: str, wdir: Path) -> list[str]:
     return [value for value in values.values() if value.startswith("sqlite:")]
 
 
-def _state(jobs: list[str]) -> dict[str, str]:
-    """The SLURM state of each job `squeue` still lists (finished ones for a few minutes: MinJobAge)."""
+def _state(jobs: list[str]) -> dict[str, str] | None:
+    """The SLURM state of each job `squeue` still lists (finished ones for a few minutes: MinJobAge); None when
+    the controller does not answer (a job missing from the answer is gone, one missing from no answer is not)."""
     if not jobs:
         return {}
-    answer = _slurm("squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(jobs))
+    try:
+        answer = _slurm("squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(jobs))
+    except subprocess.TimeoutExpired:
+        return None
+    if answer.returncode and "Invalid job id" not in answer.stderr:  # that one: none of them is known any more
+        return None
     states = dict(line.split()[:2] for line in answer.stdout.splitlines() if len(line.split()) >= 2)
     return {job: states[job] for job in jobs if job in states}
 
@@ -170,7 +176,11 @@ class Slurm:
         if entry is None:
             return None
         job = self._job(entry["job"])
-        state = _state([job.job_id]).get(job.job_id, "")
+        states = _state([job.job_id])
+        if states is None:
+            raise UserError(f"SLURM's controller does not answer (`squeue`), so whether job {job.job_id} of "
+                            f"{addressing} still runs is unknown: run the same command again later")
+        state = states.get(job.job_id, "")
         alive = state in LIVE or self._result(job) == "success"
         if entry.get("cmd") == cmd and set(after) <= self.attached and alive:
             self.attached.add(addressing)
@@ -215,13 +225,16 @@ class Slurm:
     def ended(self, running: dict) -> list[str]:
         """The stages of `running` whose job is no longer queued or running."""
         states = _state([job.job_id for job in running.values()])
+        if states is None:
+            tqdm.write("SLURM's controller does not answer (`squeue`); asking again")
+            return []
         return [a for a, job in running.items() if states.get(job.job_id) not in LIVE]
 
     def finish(self, addressing: str, job) -> bool:
         """A job that ended: its stage's outputs checked and committed (True), or reported as failed."""
         try:
             if self._result(job) != "success":
-                state = _state([job.job_id]).get(job.job_id, "gone from the queue")
+                state = (_state([job.job_id]) or {}).get(job.job_id, "gone from the queue")
                 tqdm.write(f"{addressing}: SLURM job {job.job_id} {state.lower()}; see {job.paths.stdout}")
                 return False
             missing = self.missing_outputs(addressing)

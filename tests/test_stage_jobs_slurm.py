@@ -264,3 +264,20 @@ def test_a_sqlite_store_is_found_in_the_params_file_and_the_overrides(tmp_path):
         == []
     assert sqlite_stores("python -m recall tune tune.storage=sqlite:///optuna.db", tmp_path) == ["sqlite:///optuna.db"]
     assert sqlite_stores("python make.py base a", tmp_path) == []
+
+
+def test_a_controller_that_stops_answering_mid_way_fails_no_job(monkeypatch):
+    """`squeue` without an answer: every job is still running as far as the call knows (it asks again); `squeue`
+    knowing none of the ids: they are gone (ended)."""
+    from types import SimpleNamespace
+
+    from recall import slurm
+
+    answers = {"down": subprocess.CompletedProcess([], 1, "", "squeue: error: Unable to contact slurm controller"),
+               "gone": subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Invalid job id specified")}
+    executor = slurm.Slurm.__new__(slurm.Slurm)
+    running = {"run@a": SimpleNamespace(job_id="7")}
+    monkeypatch.setattr(slurm, "_slurm", lambda *argv, **kw: answers["down"])
+    assert slurm._state(["7"]) is None and executor.ended(running) == []
+    monkeypatch.setattr(slurm, "_slurm", lambda *argv, **kw: answers["gone"])
+    assert slurm._state(["7"]) == {} and executor.ended(running) == ["run@a"]
