@@ -198,15 +198,23 @@ class Slurm:
         addressing, name, cmd, wdir = stage
         cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd
         r = self.resources
-        extra = {}
-        if after:
-            extra["dependency"] = "afterok:" + ":".join(self.recorded[a]["job"] for a in after)
+        extra, jobs = {}, [self.recorded[a]["job"] for a in after]
+        known = _state(jobs)  # a re-attached job that ended long ago may be gone: afterok on it would be refused
+        jobs = [job for job in jobs if known is None or job in known]
+        if jobs:
+            extra["dependency"] = "afterok:" + ":".join(jobs)
         self.executor.update_parameters(
             job_name=f"recall:{name}", cpus_per_task=r.cpus, mem=f"{int(r.mem_gb * 1024)}M", time=r.time_min,
             gpus_per_node=r.gpus or None, partition=r.partition, stderr_to_stdout=True, **extra)
-        if not after:
+        if not jobs:
             self.executor.parameters.pop("dependency", None)
-        job = self.executor.submit(run_stage, cmd, str(Path(wdir).resolve()), addressing, os.getcwd())
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+        try:
+            job = self.executor.submit(run_stage, cmd, str(Path(wdir).resolve()), addressing, os.getcwd())
+        except (FailedJobError, FailedSubmissionError) as error:  # sbatch said no (resources, partition, limits)
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            raise UserError(f"{addressing}: SLURM refused the job: {lines[-1] if lines else error}") from None
         self.job_ids.append(job.job_id)
         self._record(addressing, {"job": job.job_id, "cmd": stage[2]})
         tqdm.write(f"{addressing}: SLURM job {job.job_id}" + (f" (after {', '.join(after)})" if after else ""))

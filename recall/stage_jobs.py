@@ -159,7 +159,6 @@ class Local:
 
     queues = False  # a stage is started once the stages it reads have finished
     interval = 1.0
-    errors: tuple = ()
 
     def __init__(self, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = ()):
         self.jobs, self.logs, self.env, self.alone = jobs, logs, env, alone
@@ -188,9 +187,6 @@ class Local:
 
     def stop(self, running: dict) -> None:
         stop(running)
-
-    def summary(self) -> str:
-        return ""
 
 
 def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = (),

@@ -212,6 +212,10 @@ def test_bad_input_under_slurm_is_one_line_and_exit_2(slurm, tmp_path):
     wrong = _stage_jobs(project, env, "--executor", "slurm", "--slurm-partition", "gpu-a100")
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "--slurm-partition gpu-a100: no such partition (SLURM has debug)" in wrong.stderr
+    gpu = _stage_jobs(project, env, "--executor", "slurm", "--slurm-gpus", "1")  # this node has none
+    assert gpu.returncode == 2 and "Traceback" not in gpu.stderr, gpu.stderr
+    assert re.search(r"error: world: SLURM refused the job: .*(gres|generic resource)", gpu.stderr, re.I), gpu.stderr
+    assert _jobs(slurm, project) == {}
     order = _stage_jobs(project, env, "--executor", "slurm", "--order", "base")
     assert order.returncode == 2 and "--order" in order.stderr and "Traceback" not in order.stderr
 
