@@ -1,6 +1,6 @@
 # `make demo`: install the project, then run the whole demo pipeline on the toy world (`make pipeline`).
 # `make test`: install it with the dev extras (pytest, the plots, dashboard and cluster extras, a PostgreSQL
-# wheel), then run the suite.
+# wheel) and, as root with apt-get, SLURM from the distribution's packages (`make slurm`), then run the suite.
 # `make ui`: MLflow on 127.0.0.1:5000, printing the runs table's address. `make plots`: DVC's plots, offline.
 # `make mutants`: mutation testing of a sample of the core's mutants with mutmut, then its report (docs/testing.md;
 # not part of `make test`); `make mutants MUTANTS=all`: every mutant (hours); MUTANTS='recall.metrics.*': those.
@@ -9,7 +9,7 @@ PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo pipeline test bench ui plots mutants clean
+.PHONY: install demo pipeline test slurm bench ui plots mutants clean
 
 # installs go through uv (from the package registry, like everything else): parallel downloads and a shared cache
 # make them several times faster than pip's; UV_NATIVE_TLS: the system's certificates, as pip uses.
@@ -49,8 +49,18 @@ pipeline:
 
 # two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once),
 # the slowest files first (their order: tests/conftest.py)
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev slurm
 	pytest -q -n 2 --dist loadfile --no-loadscope-reorder; status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+# the one-node SLURM of tests/test_stage_jobs_slurm.py (tests/slurm_cluster.py starts it): Debian's packages, installed
+# quietly when running as root with apt-get (about 11 s here, the package lists updated first); elsewhere those tests
+# skip, saying why
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -x /usr/sbin/slurmctld ]; then \
+	  echo "installing slurmctld, slurmd, munge (the SLURM tests)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd munge \
+	    slurm-client) >/dev/null 2>&1 || echo "could not install SLURM: its tests will skip" >&2; \
+	fi
 
 bench: $(VENV)/.installed-dev
 	python benchmarks/train_throughput.py

@@ -17,6 +17,15 @@ prefix run as a group, a group after the one before it has finished. A failed co
 not started (with `--order` the next group starts anyway); the others go on. Stages of other DVC files that a
 stage reads must be up to date (`dvc repro` them first). Afterwards `dvc repro <dvc file>` finds the rest up to
 date (or runs what failed, with its error in the terminal). Interrupted, it stops the commands it started.
+
+    python -m recall.stage_jobs study/dvc.yaml --executor slurm --slurm-gpus 1 --slurm-time 600
+
+`--executor slurm` hands the same DAG of ready stages to SLURM instead (recall/slurm.py): every stale stage a job,
+queued at once, each after the jobs of the stages it reads (`afterok`); the outputs of each are removed before it
+is queued, and when its job ends its outputs are checked (one missing: an error naming it, exit 2) and the stage
+`dvc commit`ted here; a failed job's downstream jobs are cancelled and its log printed. `--jobs`, `--alone` and
+`--order` are this machine's (SLURM decides what runs when). Interrupted, it cancels its jobs; killed, the same
+command re-attaches to its jobs still queued or running (their ids: `<dvc file dir>/logs/slurm/jobs.json`).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from recall.errors import UserError
 
 
 def _stages_of(repo, dvc_file: Path) -> list:
@@ -67,11 +78,11 @@ def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str
         return [_command(stage) for stage in stages], upstream, downstream
 
 
-def prepare(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
+def prepare(addressing: str, tries: int = 30, wait: float = 2.0, stale: bool = False) -> bool:
     """Whether DVC finds the stage out of date now (its upstream stages committed); if it does, its outputs are
     removed as `dvc repro` removes them before a run (persisted ones kept, unprotected), so that no file of an
     earlier run is committed with the new ones. Waits out another DVC process holding the repository's lock (a
-    `dvc commit` of a finished stage)."""
+    `dvc commit` of a finished stage). ``stale``: a stage it reads is queued to run, so it is out of date."""
     from dvc.lock import LockError
     from dvc.repo import Repo
 
@@ -79,7 +90,7 @@ def prepare(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
         try:
             with Repo(".") as repo, repo.lock:
                 (stage,) = repo.stage.collect(addressing)
-                if not stage.status():
+                if not stale and not stage.status():
                     return False
                 stage.remove_outs(ignore_remove=False, force=False)
                 return True
@@ -88,6 +99,15 @@ def prepare(addressing: str, tries: int = 30, wait: float = 2.0) -> bool:
                 raise
             time.sleep(wait)
     return True
+
+
+def missing_outputs(addressing: str) -> list[str]:
+    """The outputs of a stage that are not there (paths from the working directory)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        (stage,) = repo.stage.collect(addressing)
+        return [os.path.relpath(out.fs_path) for out in stage.outs if not out.exists]
 
 
 COMMIT_TRIES = 5
@@ -133,40 +153,90 @@ def finish(addressing: str, running: dict, env: dict) -> bool:
     return False
 
 
-def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = ()) -> tuple[list, list, list]:
-    """Every stage of `dvc_file` once the stages upstream of it have finished, if DVC then finds it stale, `jobs`
-    at a time (the ready stage with most stages downstream first); a stage named with a prefix in `alone` (one
-    that uses every core itself) runs with no other. Returns the addressings run, failed, and not started
-    (downstream of a failure)."""
+class Local:
+    """The executor of this machine: each stage's command a process here, `jobs` at a time; a stage named with a
+    prefix in `alone` (one that uses every core itself) runs with no other."""
+
+    queues = False  # a stage is started once the stages it reads have finished
+    interval = 1.0
+
+    def __init__(self, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = ()):
+        self.jobs, self.logs, self.env, self.alone = jobs, logs, env, alone
+
+    def check(self, stages: list) -> None:
+        pass
+
+    def room(self, stage: tuple, running: list[tuple]) -> bool:
+        by_itself = lambda s: s[1].split("@")[0] in self.alone  # noqa: E731
+        return not (len(running) >= self.jobs or any(map(by_itself, running)) or (running and by_itself(stage)))
+
+    def attach(self, stage: tuple, after: list):
+        return None  # a process of an earlier call does not outlive it
+
+    def start(self, stage: tuple, after: list) -> tuple:
+        return start(stage, self.logs, self.env)
+
+    def ended(self, running: dict) -> list[str]:
+        return [a for a, (process, _, _) in running.items() if process.poll() is not None]
+
+    def finish(self, addressing: str, handle: tuple) -> bool:
+        return finish(addressing, {addressing: handle}, self.env)
+
+    def cancel(self, addressing: str, handle: tuple) -> None:
+        stop({addressing: handle})
+
+    def stop(self, running: dict) -> None:
+        stop(running)
+
+
+def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = (),
+            executor=None) -> tuple[list, list, list]:
+    """Every stage of `dvc_file` once the stages upstream of it have finished (or, for an executor that queues,
+    such as SLURM's, are queued), if DVC then finds it stale, handed to `executor` (default: `jobs` at a time on
+    this machine), the ready stage with most stages downstream first; a stage queued behind one that failed is
+    cancelled. Returns the addressings run, failed, and not started (downstream of a failure)."""
+    executor = executor or Local(jobs, logs, env, alone)
     stages, upstream, downstream = pipeline(dvc_file)
+    executor.check(stages)
     by_name = {stage[0]: stage for stage in stages}
-    by_itself = lambda a: by_name[a][1].split("@")[0] in alone
     pending = sorted(by_name, key=lambda a: -downstream[a])  # stable: the file's order among equals
-    running, finished, done, failed = {}, set(), [], []
+    running, finished, done, failed, cancelled = {}, set(), [], [], []
+    ready = lambda a: upstream[a] <= finished | (set(running) if executor.queues else set())  # noqa: E731
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
     try:
-        while running or any(upstream[a] <= finished for a in pending):
-            for addressing in [a for a in pending if upstream[a] <= finished]:
-                if len(running) >= jobs or any(map(by_itself, running)) or (running and by_itself(addressing)):
+        while running or any(map(ready, pending)):
+            # an executor that queues takes a stage and then the stages that read it, in one pass
+            for addressing in list(pending) if executor.queues else [a for a in pending if ready(a)]:
+                if not ready(addressing):
+                    continue
+                if not executor.room(by_name[addressing], [by_name[a] for a in running]):
                     break
                 pending.remove(addressing)
-                if prepare(addressing):
-                    running[addressing] = start(by_name[addressing], logs, env)
-                else:
+                after = [a for a in running if a in upstream[addressing]]
+                handle = executor.attach(by_name[addressing], after)
+                if handle is None and prepare(addressing, stale=bool(after)):
+                    handle = executor.start(by_name[addressing], after)
+                if handle is None:
                     finished.add(addressing)
                     bar.update(1)
-            time.sleep(1)
-            for addressing in [a for a, (process, _, _) in running.items() if process.poll() is not None]:
-                if finish(addressing, running, env):
+                else:
+                    running[addressing] = handle
+            time.sleep(executor.interval)
+            for addressing in executor.ended(running):
+                if executor.finish(addressing, running.pop(addressing)):
                     done.append(addressing)
                     finished.add(addressing)
                 else:
                     failed.append(addressing)
                 bar.update(1)
+            for addressing in [a for a in running if upstream[a] & set(failed)]:
+                executor.cancel(addressing, running.pop(addressing))
+                cancelled.append(addressing)
+                bar.update(1)
     finally:
-        stop(running)
+        executor.stop(running)
         bar.close()
-    return done, failed, pending
+    return done, failed, cancelled + pending
 
 
 def stop(running: dict) -> None:
@@ -205,7 +275,23 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _executor(args, logs: Path, env: dict):
+    """`--executor`: this machine's (None, run_dag's default) or SLURM's, with the `--slurm-*` resources."""
+    if args.executor == "local":
+        return None
+    if args.order is not None:
+        raise UserError("--order groups stages on this machine: use it with --executor local (SLURM queues every "
+                        "stage after the stages it reads)")
+    from recall.slurm import Resources, Slurm
+
+    resources = Resources(cpus=args.slurm_cpus, mem_gb=args.slurm_mem, time_min=args.slurm_time,
+                          gpus=args.slurm_gpus, partition=args.slurm_partition)
+    return Slurm(logs, env, resources, missing_outputs, commit, allow_sqlite=args.allow_sqlite)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from recall.slurm import Resources
+
     parser = argparse.ArgumentParser(prog="python -m recall.stage_jobs", description=__doc__.splitlines()[0])
     parser.add_argument("dvc_file", type=Path)
     parser.add_argument("--jobs", type=_positive, default=2)
@@ -213,13 +299,31 @@ def main(argv: list[str] | None = None) -> int:
                                                    "stage once its inputs are made)")
     parser.add_argument("--alone", nargs="+", default=[], help="without --order: stage-name prefixes of stages that "
                                                                "use every core themselves, run with no other")
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: the stages' commands here, --jobs at a time; slurm: each a SLURM job (submitit), "
+                             "queued at once with afterok dependencies (docs/cluster.md)")
+    slurm = parser.add_argument_group("--executor slurm: what each job asks for")
+    default = Resources()
+    slurm.add_argument("--slurm-cpus", type=_positive, default=default.cpus, help="CPUs per job")
+    slurm.add_argument("--slurm-mem", type=float, default=default.mem_gb, help="memory per job, GB")
+    slurm.add_argument("--slurm-time", type=_positive, default=default.time_min, help="time limit per job, minutes")
+    slurm.add_argument("--slurm-gpus", type=int, default=default.gpus, help="GPUs per job (a paper run: 1)")
+    slurm.add_argument("--slurm-partition", default=default.partition, help="default: the cluster's default")
+    slurm.add_argument("--allow-sqlite", action="store_true",
+                       help="let jobs open sqlite files (tracking.uri, tune.storage): only on a local filesystem")
     args = parser.parse_args(argv)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     logs = args.dvc_file.parent / "logs"
     logs.mkdir(exist_ok=True)
     started, all_done, all_failed, not_started = time.perf_counter(), [], [], []
-    if args.order is None:
-        all_done, all_failed, not_started = run_dag(args.dvc_file, args.jobs, logs, env, tuple(args.alone))
+    try:
+        executor = _executor(args, logs, env)
+        if args.order is None:
+            all_done, all_failed, not_started = run_dag(args.dvc_file, args.jobs, logs, env, tuple(args.alone),
+                                                        executor)
+    except UserError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     for prefix in args.order or []:
         group = stale_stages(args.dvc_file, prefix)
         print(f"{prefix}: {len(group)} stale stage(s), {args.jobs} at a time", flush=True)
@@ -230,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(all_done)} stage(s) run and committed, {len(all_failed)} failed, in {minutes:.0f} min"
           + (f": {', '.join(all_failed)}" if all_failed else "")
           + (f"; not started (downstream of a failure): {', '.join(not_started)}" if not_started else ""))
+    if executor is not None:
+        print(executor.summary())
+        if executor.errors:
+            print(f"{parser.prog}: error: " + "; ".join(executor.errors), file=sys.stderr)
+            return 2
     return 1 if all_failed else 0
 
 

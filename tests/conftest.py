@@ -28,7 +28,8 @@ FAST = ["train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "t
 # last). Not --dist loadgroup: with pytest 9.2 xdist 3.8 no longer puts a group into the test ids, and every test
 # of a group went to either worker, each building the module fixtures again.
 SLOWEST_FIRST = ["test_cluster", "test_tune", "test_dvc_resume", "test_cli", "test_distributed", "test_corruption",
-                 "test_results", "test_replay_stages", "test_stage_jobs", "test_mlflow_runs", "test_plots",
+                 "test_results", "test_replay_stages", "test_stage_jobs_slurm", "test_stage_jobs", "test_mlflow_runs",
+                 "test_plots",
                  "test_dvc_deps", "test_replay_method", "test_replay_memory", "test_web"]
 
 
