@@ -12,7 +12,7 @@ set before any run was looked at and never tuned on the mIoU:
 
 * `selected`: RECALL+'s two tests, the defaults of `select.*` (conf/config.yaml): the domain discriminator and the
   per-class content thresholds;
-* `content_only`: the content test alone (`select.domain_quantile=0`).
+* `content_only`: the content test alone (`select.domain_test=false`).
 
 Each selection's drops are scored against the truth (precision and recall at removing the tag-noise photos, the share
 of good photos dropped), and RECALL replays it (`replay.pool=` the selection; everything else as the seed's
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from recall.study_report import mean_std, verdict
 
 PROTOCOLS = ("15-1x5", "10-1x10")
-SELECTIONS = {"selected": [], "content_only": ["select.domain_quantile=0"]}
+SELECTIONS = {"selected": [], "content_only": ["select.domain_test=false"]}
 LABELS = {"selected": "RECALL+ selection (domain + content)", "content_only": "content test only",
           "web": "whole pool (RECALL-web)", "mib": "MiB"}
 TRUTH = ("precision", "recall", "good_dropped")

@@ -156,3 +156,13 @@ def test_recall_select_needs_a_built_pool(world, tmp_path, capsys):
     assert main(["select", f"dataset.root={world.root}", f"protocol={TUNE_PROTOCOL}", "replay=toy_gan",
                  f"replay.pool={tmp_path / 'nothing'}", f"step0={world.step0}", "tracking.uri="]) == 2
     assert "is not built" in capsys.readouterr().err
+
+
+def test_either_test_can_be_switched_off(world, tmp_path):
+    assert _select(world, tmp_path / "content", "select.domain_test=false", "select.min_keep=0") == 0
+    rows = [json.loads(line) for line in (tmp_path / "content" / "selection.jsonl").open()]
+    assert not any("domain" in r["reason"] for r in rows) and all(0 <= r["domain"] <= 1 for r in rows)
+    assert _select(world, tmp_path / "domain", "select.content_test=false", "select.min_keep=0") == 0
+    rows = [json.loads(line) for line in (tmp_path / "domain" / "selection.jsonl").open()]
+    assert not any("content" in r["reason"] for r in rows)
+    assert any(r["reason"] == "domain" for r in rows)  # one epoch's step-0 encoder still tells its data apart

@@ -44,6 +44,8 @@ REASONS = ("kept", "floor", "domain", "content", "domain+content")
 class SelectConfig:
     """The knobs of `recall select` (`select.*` in conf/config.yaml)."""
 
+    domain_test: bool = True
+    content_test: bool = True
     domain_quantile: float = 0.05
     content_quantile: float = 0.1
     min_keep: float = 0.25

@@ -129,11 +129,12 @@ def select_pool(cfg) -> dict:
         content[i] = shares[k]
 
     scores_train, scores_pool = domain_scores(train_features, pool_features, opts)
-    domain_threshold = quantile(scores_train, opts.domain_quantile)
+    domain_threshold = quantile(scores_train, opts.domain_quantile) if opts.domain_test else 0.0  # 0: none dropped
     by_class: dict[int, list[float]] = {}
     for (_, c), s in zip(pairs, train_shares):
         by_class.setdefault(c, []).append(s)
-    content_threshold = {c: quantile(v, opts.content_quantile) for c, v in sorted(by_class.items())}
+    content_threshold = {c: quantile(v, opts.content_quantile) if opts.content_test else 0.0
+                         for c, v in sorted(by_class.items())}
     classes = [int(r["target_class"]) for r in data.records]
     decisions = decide(classes, scores_pool.tolist(), content, domain_threshold, content_threshold, opts.min_keep)
 

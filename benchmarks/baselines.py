@@ -1,0 +1,123 @@
+"""The baselines a reviewer asks for beside MiB and RECALL: PLOP, and replay from a memory of stored exemplars
+(SSUL-M's class-balanced memory) under MiB and under RECALL, over seeds, each seed owning its chain, paired.
+
+    python benchmarks/baselines.py [--seeds 0 1 2] [--protocols 15-1x5 10-1x10] [--jobs 2]
+                                   [--out docs/baselines.json] [--work DIR] [--data DIR] [--pretrain-threads N]
+
+Per seed, in benchmarks/dose_response.py's layout (a shared --work reuses its pretraining, step-0 models and its
+MiB, RECALL (toy GAN at the study's look-alike, render shift 1) and RECALL-web runs, all at the study's toy budget),
+the runs added here from the same step-0 models and schedule:
+
+* `plop`: PLOP with the authors' defaults (conf/method/plop.yaml);
+* `mib_memory`: MiB with `replay=memory` (stored exemplars, `replay.memory_size` images in all, half of every batch:
+  SSUL's memory, as the "-M" variants of the later papers);
+* `recall_memory`: RECALL with the memory in place of its pool (real images with their stored masks: no label
+  evaluation, no helpers): the real-image bound of generated replay.
+
+The memory breaks "a step never reads an earlier step's image" on purpose (those runs are marked stored data). The
+JSON holds every seed's numbers, mean ± sample std per cell and paired verdicts (the study's rule: every seed agrees
+in sign and |mean difference| > the differences' sample std) of each against MiB and against RECALL; docs/results.md
+quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import regime
+from dose_response import METRICS, pool, run, toy_gan, web
+from regime import pretrained, step0_model
+from tqdm import tqdm
+
+from recall.study_report import mean_std, verdict
+
+PROTOCOLS = ("15-1x5", "10-1x10")
+ADDED = {"plop": "PLOP", "mib_memory": "MiB + memory (stored data)", "recall_memory": "RECALL + memory (stored data)"}
+# dose_response.py's runs of the same chains (their run-directory names): the references
+REFERENCES = {"mib": "MiB", "recall_shift1.0": "RECALL, toy GAN", "web": "RECALL, web"}
+COMPARED_WITH = ("mib", "recall_shift1.0")
+
+
+def overrides(seed: int, name: str, work: Path) -> list[str]:
+    return {"plop": ["method=plop"], "mib": ["method=mib"], "mib_memory": ["method=mib", "replay=memory"],
+            "recall_memory": ["method=recall", "replay=memory"],
+            "recall_shift1.0": ["method=recall", *toy_gan(seed, work, 1.0)],
+            "web": ["method=recall", *web(seed, work)]}[name]
+
+
+def summary(records: dict, seeds: list[int], protocols: list[str]) -> dict:
+    names = {**REFERENCES, **ADDED}
+    cells, contrasts, rows = {}, {}, []
+    for protocol in protocols:
+        cell = {}
+        for name, label in names.items():
+            per_seed = [records[protocol][name][str(s)] for s in seeds]
+            cell[name] = {k: mean_std([p[k] for p in per_seed]) for k in METRICS}
+            rows.append([protocol, label, *(cell[name][k]["text"] for k in METRICS), len(seeds)])
+        for name in ADDED:
+            for reference in COMPARED_WITH:
+                for metric in METRICS:
+                    diffs = [records[protocol][name][str(s)][metric] - records[protocol][reference][str(s)][metric]
+                             for s in seeds]
+                    contrasts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
+                        "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
+        cells[protocol] = cell
+    calls = [[protocol, ADDED[name], *(f"{c['verdict']} ({c['difference']['text']})" for c in
+                                       (contrasts[protocol][f"{name}_vs_{r}"][m] for r in COMPARED_WITH
+                                        for m in ("old_no_bg", "new", "all")))]
+             for protocol in protocols for name in ADDED]
+    return {"cells": cells, "contrasts": contrasts,
+            "table": {"columns": ["protocol", "method", "old (no bg)", "new", "all", "seeds"], "rows": rows},
+            "calls": {"columns": ["protocol", "method", *(f"- {REFERENCES[r]}, {m}" for r in COMPARED_WITH
+                                                          for m in ("old (no bg)", "new", "all"))],
+                      "rows": calls}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--data", type=Path, default=regime.DATA, help="the toy world (default: data/toy)")
+    parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads "
+                        "(1: the study's float_order chain, as benchmarks/dose_response.py runs)")
+    args = parser.parse_args(argv)
+    if len(args.seeds) < 2:
+        parser.error("--seeds: the verdicts need at least two seeds")
+    regime.DATA = args.data.resolve()
+    regime.PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
+    if not (regime.DATA / "JPEGImages").is_dir():
+        parser.error(f"--data {regime.DATA}: no toy world there; make it with `dvc repro toyworld`")
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
+        work = (args.work or Path(tmp)).resolve()
+        list(threads.map(lambda seed: pretrained(seed, work), args.seeds))
+        list(threads.map(lambda job: pool(*job, work), [(s, x) for s in args.seeds for x in (1.0, None)]))
+        pairs = [(s, p) for p in args.protocols for s in args.seeds]
+        list(threads.map(lambda job: step0_model(job[1], job[0], work), pairs))
+        todo = [(s, p, n) for p in sorted(args.protocols, key=lambda p: -int(p.split("x")[-1]) if "x" in p else 0)
+                for s in args.seeds for n in (*ADDED, *REFERENCES)]
+        results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], overrides(job[0], job[2], work),
+                                                        work), todo),
+                            total=len(todo), desc="baseline runs", unit="run"))
+    records: dict = {}
+    for (seed, protocol, name), result in zip(todo, results):
+        records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
+    report = {"seeds": args.seeds, "protocols": args.protocols, "chain": regime.PRETRAIN, "records": records,
+              **summary(records, args.seeds, args.protocols)}
+    for key in ("table", "calls"):
+        for row in report[key]["rows"]:
+            print(" | ".join(str(v) for v in row))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
