@@ -108,3 +108,17 @@ def test_the_executor_refuses_a_bad_launcher_before_submitting_anything(tmp_path
     assert stage_jobs.main(["dvc.yaml", "--executor", "slurm", "--allow-sqlite"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_resumes_whatever_its_job_asked_for():
+    """A run stopped by its job's time limit resumes when queued again with more time (or another launcher), and a
+    run saved before the launcher section existed resumes too."""
+    from omegaconf import OmegaConf
+
+    from recall.config import compose
+    from recall.experiment import _comparable
+
+    saved = OmegaConf.to_container(compose(["launcher.time_min=30"]), resolve=True)
+    again = OmegaConf.to_container(compose(["launcher.time_min=600", "launcher.gpus=1"]), resolve=True)
+    assert _comparable(saved) == _comparable(again)
+    assert _comparable({k: v for k, v in saved.items() if k != "launcher"}) == _comparable(again)
