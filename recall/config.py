@@ -26,7 +26,8 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval", "tune", "experiment")
+GROUPS = ("dataset", "protocol", "setting", "method", "model", "train", "replay", "eval", "tune", "launcher",
+          "experiment")
 
 T = TypeVar("T")
 

@@ -7,14 +7,20 @@ The job ids are kept in `<dvc file dir>/logs/slurm/jobs.json` (written atomicall
 after a crash, re-attaches to its jobs still queued or running instead of submitting them twice. The jobs' logs are
 `<dvc file dir>/logs/slurm/<job id>_0_log.out`. There is no accounting store to rely on (`sacct`): a job's state
 comes from `squeue` and its end from the result submitit writes beside its log.
+
+What a job asks for (`Resources`) is the `launcher` section of the configuration the stage's own command composes
+(`stage_resources`): conf/launcher/slurm.yaml, changed by an experiment profile (the paper profiles: one GPU) and by
+the command's own `launcher.*` overrides; a `--slurm-*` option given on the command line wins over all of them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
 import subprocess
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +38,77 @@ STORES = ("tracking.uri", "tune.storage")  # what a stage's command opens: a sql
 
 @dataclass
 class Resources:
-    """What each job asks for (`--slurm-*`): the toy world's runs need a CPU, a paper run one GPU
-    (`--slurm-gpus 1`)."""
+    """What a job asks for: the config's `launcher` section (conf/launcher/slurm.yaml: the toy world's CPUs; a paper
+    profile asks for one GPU), each field overridden by its `--slurm-*` option."""
     cpus: int = 1
-    mem_gb: float = 4
+    mem_gb: float = 4.0
     time_min: int = 240
     gpus: int = 0
     partition: str | None = None
+
+
+LAUNCHER_KEYS = ("experiment", "launcher")  # the overrides that can change the launcher section
+
+
+def launcher_command(cmd, wdir: Path) -> tuple[str | None, tuple[str, ...]] | None:
+    """Of a stage's command that composes recall's configuration (`python -m recall... [--params FILE] key=value
+    ...`): the params file it reads and its overrides that can change the `launcher` section (`experiment=`,
+    `launcher=`, `launcher.*`); None for any other command (the first recall command of a list counts)."""
+    commands = [cmd] if isinstance(cmd, str) else list(cmd)
+    for command in commands:
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            if not any(w == "-m" and m.split(".")[0] == "recall" for w, m in zip(words, words[1:])):
+                continue
+            params, overrides = None, []
+            for i, word in enumerate(words):
+                if word == "--params" and i + 1 < len(words):
+                    params = str((wdir / words[i + 1]).resolve())
+                elif word.startswith("--params="):
+                    params = str((wdir / word.partition("=")[2]).resolve())
+                elif "=" in word and not word.startswith("-") and \
+                        word.lstrip("+").partition("=")[0].split(".")[0] in LAUNCHER_KEYS:
+                    overrides.append(word)
+            return params, tuple(overrides)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _launcher(params: str | None, overrides: tuple[str, ...]) -> Resources:
+    """The launcher section composed from conf/ (with a params file and overrides): cached, one per distinct pair."""
+    from recall.config import compose, config_error_message, section
+
+    try:
+        cfg = compose(list(overrides), params_file=params)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - Hydra's and OmegaConf's refusals: one line
+        raise UserError(config_error_message(error)) from None
+    known = [field.name for field in dataclasses.fields(Resources)]
+    unknown = sorted(set(cfg.launcher) - set(known))
+    if unknown:
+        raise UserError(f"unknown launcher key(s) {', '.join(unknown)} (from {params or 'conf/'}); valid: "
+                        f"{', '.join(known)} (conf/launcher/slurm.yaml)")
+    resources = section(cfg.launcher, Resources)
+    for key, least in (("cpus", 1), ("time_min", 1), ("gpus", 0)):
+        if getattr(resources, key) < least:
+            raise UserError(f"launcher.{key}={getattr(resources, key)}: must be at least {least}")
+    if not resources.mem_gb > 0:
+        raise UserError(f"launcher.mem_gb={resources.mem_gb}: must be more than 0")
+    return resources
+
+
+def stage_resources(addressing: str, cmd, wdir, options: dict | None = None) -> Resources:
+    """What the job of a stage asks for: the `launcher` section its command composes (its params file, its
+    `experiment=` profile, its `launcher.*` overrides; conf/launcher/slurm.yaml for a command that is not
+    recall's), each field that `options` gives (the `--slurm-*` options; None: not given) replaced by it."""
+    found = launcher_command(cmd, Path(wdir))
+    try:
+        resources = _launcher(*found) if found is not None else _launcher(None, ())
+    except UserError as error:
+        raise UserError(f"{addressing}: {error}") from None
+    given = {key: value for key, value in (options or {}).items() if value is not None}
+    return dataclasses.replace(resources, **given)
 
 
 def run_stage(cmd: str, wdir: str, addressing: str, root: str) -> None:
@@ -113,19 +183,21 @@ class Slurm:
     queues = True  # a stage is handed over once the stages it reads are finished *or queued*
     interval = 2.0
 
-    def __init__(self, logs: Path, env: dict, resources: Resources, missing_outputs, commit,
-                 allow_sqlite: bool = False):
-        """``missing_outputs(addressing)`` lists a stage's outputs that are not there, ``commit(addressing, env)``
+    def __init__(self, logs: Path, env: dict, options: dict, missing_outputs, commit, allow_sqlite: bool = False):
+        """``options``: the `--slurm-*` options given (a Resources field -> value; None: from the stage's config).
+        ``missing_outputs(addressing)`` lists a stage's outputs that are not there, ``commit(addressing, env)``
         `dvc commit`s it (True once done): recall.stage_jobs' own, the same for both executors."""
-        known = partitions()
-        if resources.partition is not None and resources.partition not in known:
-            raise UserError(f"--slurm-partition {resources.partition}: no such partition (SLURM has "
-                            f"{', '.join(known) or 'none'})")
+        self.partitions = partitions()
+        partition = options.get("partition")
+        if partition is not None and partition not in self.partitions:
+            raise UserError(f"--slurm-partition {partition}: no such partition (SLURM has "
+                            f"{', '.join(self.partitions) or 'none'})")
         import submitit
 
         self.folder = (logs / "slurm").resolve()
         self.state_file = self.folder / "jobs.json"
-        self.env, self.resources, self.allow_sqlite = env, resources, allow_sqlite
+        self.env, self.options, self.allow_sqlite = env, options, allow_sqlite
+        self.resources: dict[str, Resources] = {}  # each stage's, resolved by `check`
         self.missing_outputs, self.commit = missing_outputs, commit
         self.executor = submitit.SlurmExecutor(folder=self.folder)
         self.recorded = self._read_state()
@@ -134,7 +206,13 @@ class Slurm:
         self.errors: list[str] = []
 
     def check(self, stages: list[tuple]) -> None:
-        """Refuse a stage that opens a sqlite file (MLflow's or Optuna's): the jobs run on other machines."""
+        """Each stage's resources (`stage_resources`), its partition one the cluster has; refuse a stage that opens
+        a sqlite file (MLflow's or Optuna's): the jobs run on other machines. Before anything is submitted."""
+        for addressing, _, cmd, wdir in stages:
+            resources = self.resources[addressing] = stage_resources(addressing, cmd, wdir, self.options)
+            if resources.partition is not None and resources.partition not in self.partitions:
+                raise UserError(f"{addressing}: launcher.partition={resources.partition}: no such partition (SLURM "
+                                f"has {', '.join(self.partitions) or 'none'})")
         if self.allow_sqlite:
             return
         for addressing, _, cmd, wdir in stages:
@@ -197,7 +275,7 @@ class Slurm:
     def start(self, stage: tuple, after: list[str]):
         addressing, name, cmd, wdir = stage
         cmd = " && ".join(cmd) if isinstance(cmd, list) else cmd
-        r = self.resources
+        r = self.resources[addressing]
         extra, jobs = {}, [self.recorded[a]["job"] for a in after]
         known = _state(jobs)  # a re-attached job that ended long ago may be gone: afterok on it would be refused
         jobs = [job for job in jobs if known is None or job in known]

@@ -275,6 +275,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, at least 0")
+    return int(text)
+
+
 def _executor(args, logs: Path, env: dict):
     """`--executor`: this machine's (None, run_dag's default) or SLURM's, with the `--slurm-*` resources."""
     if args.executor == "local":
@@ -282,16 +288,14 @@ def _executor(args, logs: Path, env: dict):
     if args.order is not None:
         raise UserError("--order groups stages on this machine: use it with --executor local (SLURM queues every "
                         "stage after the stages it reads)")
-    from recall.slurm import Resources, Slurm
+    from recall.slurm import Slurm
 
-    resources = Resources(cpus=args.slurm_cpus, mem_gb=args.slurm_mem, time_min=args.slurm_time,
-                          gpus=args.slurm_gpus, partition=args.slurm_partition)
-    return Slurm(logs, env, resources, missing_outputs, commit, allow_sqlite=args.allow_sqlite)
+    options = {"cpus": args.slurm_cpus, "mem_gb": args.slurm_mem, "time_min": args.slurm_time,
+               "gpus": args.slurm_gpus, "partition": args.slurm_partition}  # None: the stage's launcher section
+    return Slurm(logs, env, options, missing_outputs, commit, allow_sqlite=args.allow_sqlite)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recall.slurm import Resources
-
     parser = argparse.ArgumentParser(prog="python -m recall.stage_jobs", description=__doc__.splitlines()[0])
     parser.add_argument("dvc_file", type=Path)
     parser.add_argument("--jobs", type=_positive, default=2)
@@ -302,13 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=["local", "slurm"], default="local",
                         help="local: the stages' commands here, --jobs at a time; slurm: each a SLURM job (submitit), "
                              "queued at once with afterok dependencies (docs/cluster.md)")
-    slurm = parser.add_argument_group("--executor slurm: what each job asks for")
-    default = Resources()
-    slurm.add_argument("--slurm-cpus", type=_positive, default=default.cpus, help="CPUs per job")
-    slurm.add_argument("--slurm-mem", type=float, default=default.mem_gb, help="memory per job, GB")
-    slurm.add_argument("--slurm-time", type=_positive, default=default.time_min, help="time limit per job, minutes")
-    slurm.add_argument("--slurm-gpus", type=int, default=default.gpus, help="GPUs per job (a paper run: 1)")
-    slurm.add_argument("--slurm-partition", default=default.partition, help="default: the cluster's default")
+    slurm = parser.add_argument_group(
+        "--executor slurm: what each job asks for", "each option given wins over the stage's own `launcher` section "
+        "(conf/launcher/slurm.yaml, the experiment profile, the stage's launcher.* overrides)")
+    slurm.add_argument("--slurm-cpus", type=_positive, help="CPUs per job (default: launcher.cpus)")
+    slurm.add_argument("--slurm-mem", type=float, help="memory per job, GB (default: launcher.mem_gb)")
+    slurm.add_argument("--slurm-time", type=_positive, help="time limit per job, minutes (default: launcher.time_min)")
+    slurm.add_argument("--slurm-gpus", type=_count, help="GPUs per job (default: launcher.gpus: 0 for the toy world, "
+                                                        "1 for a paper profile's runs)")
+    slurm.add_argument("--slurm-partition", help="default: launcher.partition (null: the cluster's default)")
     slurm.add_argument("--allow-sqlite", action="store_true",
                        help="let jobs open sqlite files (tracking.uri, tune.storage): only on a local filesystem")
     args = parser.parse_args(argv)

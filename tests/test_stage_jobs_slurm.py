@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a real toy step (a tiny toy world, under a second) and, reading it, trivial stages that write their outputs
 DVC_YAML = {
     "stages": {
-        "world": {"cmd": "python -m recall.sim.toyworld out/world toyworld.n_train=8 toyworld.n_val=4",
+        "world": {"cmd": "python -m recall.sim.toyworld out/world toyworld.n_train=8 toyworld.n_val=4 "
+                         "launcher.time_min=30",  # what its job asks for: its own launcher section
                   "outs": ["out/world"]},
         "base": {"foreach": ["a", "b"], "do": {"cmd": "python make.py base ${item}", "deps": ["make.py", "out/world"],
                                                "outs": ["out/base_${item}.txt"]}},
@@ -101,13 +102,15 @@ def test_every_stage_runs_as_a_slurm_job_like_the_local_executor(slurm, tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     project, env = _project(tmp_path / "slurm", slurm.env)
     started = time.monotonic()
-    done = _stage_jobs(project, env, "--executor", "slurm")
+    done = _stage_jobs(project, env, "--executor", "slurm", "--slurm-mem", "1")
     print(f"the pipeline on SLURM: {time.monotonic() - started:.1f} s")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 stage(s) run and committed, 0 failed" in done.stdout
     jobs = _jobs(slurm, project)
     assert sorted(name for name, _ in jobs.values()) == [f"recall:{s}" for s in STAGES]  # each stage one job
     assert {state for _, state in jobs.values()} == {"COMPLETED"}
+    asked = {name: _asked(slurm, job) for job, (name, _) in jobs.items()}  # conf/launcher, the stage's, the option's
+    assert asked == {f"recall:{s}": ("1", "00:30:00" if s == "world" else "04:00:00", "1G") for s in STAGES}, asked
     assert all((project / "logs" / "slurm" / f"{job}_0_log.out").is_file() for job in jobs)
     assert "afterok" not in done.stdout and "run@a: SLURM job" in done.stdout and "(after " in done.stdout
     assert _stale(project, env) == set()  # every stage committed
@@ -118,6 +121,13 @@ def test_every_stage_runs_as_a_slurm_job_like_the_local_executor(slurm, tmp_path
     again = _stage_jobs(project, env, "--executor", "slurm")
     assert again.returncode == 0 and "0 stage(s) run and committed, 0 failed" in again.stdout
     assert _jobs(slurm, project).keys() == jobs.keys()  # nothing submitted
+
+
+def _asked(slurm: Slurm, job: str) -> tuple[str, str, str]:
+    """What a job asked for: its CPUs, time limit and memory per node (`scontrol show job`)."""
+    out = slurm.run("scontrol", "-o", "show", "job", job).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields["NumCPUs"], fields["TimeLimit"], fields["MinMemoryNode"]
 
 
 def _outs(project: Path) -> dict[str, list]:
