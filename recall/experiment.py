@@ -293,7 +293,8 @@ class ProtocolRun:
 
 # ---------------------------------------------------------------------------------------------- inputs and resume
 IGNORED_FOR_RESUME = ("tracking", "pipeline", "toyworld", "pretrain", "tune", "plan", "run_dir", "last_step",
-                      "on_config_change", "launcher")  # launcher: a run stopped by its time limit resumes with more
+                      "on_config_change", "launcher", "select")  # launcher: a run stopped by its time limit
+# resumes with more; select: `recall select`'s options, read by no run
 # how a run executes, not what it computes: a run may resume with other values
 EXECUTION_ONLY = {"train": ("device", "num_workers", "threads", "pin_memory", "compile", "eval_batch_size")}
 ON_CONFIG_CHANGE = ("error", "restart")
