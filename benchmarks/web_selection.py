@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,11 @@ def select(seed: int, protocol: str, name: str, work: Path) -> dict:
     """The seed's web pool selected by the protocol's step-0 model (made once); returns its summary."""
     target = selected_pool(seed, protocol, name, work)
     metrics = target.with_suffix(".json")
+    made_with = target.with_suffix(".overrides.json")  # what made the selection: another variant makes it again
+    if metrics.is_file() and (not made_with.is_file() or json.loads(made_with.read_text()) != SELECTIONS[name]):
+        shutil.rmtree(target, ignore_errors=True)
+        metrics.unlink()
+        shutil.rmtree(work / f"s{seed}" / f"{name}_{protocol}_toy_budget", ignore_errors=True)  # its run too
     if not metrics.is_file():
         subprocess.run([sys.executable, "-m", "recall.stages.select", "--params", "params.yaml", *web(seed, work),
                         f"step0={step0_model(protocol, seed, work)}", f"protocol={protocol}", f"seed={seed}",
@@ -60,6 +66,7 @@ def select(seed: int, protocol: str, name: str, work: Path) -> dict:
                         f"select.metrics={metrics}", *SELECTIONS[name], f"dataset.root={regime.DATA}",
                         "tracking.uri="], cwd=regime.ROOT, check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+        made_with.write_text(json.dumps(SELECTIONS[name]))
     return json.loads(metrics.read_text())
 
 

@@ -49,6 +49,7 @@ def test_decide_drops_by_either_test_and_keeps_a_floor_of_the_most_training_like
     assert [d.keep for d in out] == [True, False, False, False, True, True]
     floor = decide(classes, domain, content, 0.5, {1: 0.2}, min_keep=0.75)  # class 1 keeps ceil(3) of 4
     assert [d.reason for d in floor] == ["kept", "floor", "floor", "domain+content", "kept", "kept"]  # 0.8, 0.1
+    assert [d.failed for d in floor] == ["", "domain", "content", "domain+content", "", ""]  # why, kept or not
 
 
 def test_selection_score_against_the_truth():
@@ -166,3 +167,68 @@ def test_either_test_can_be_switched_off(world, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "domain" / "selection.jsonl").open()]
     assert not any("content" in r["reason"] for r in rows)
     assert any(r["reason"] == "domain" for r in rows)  # one epoch's step-0 encoder still tells its data apart
+
+
+def test_images_of_several_sizes_are_each_scored_as_themselves(world, tmp_path):
+    """A pool of two image sizes (real photos come in many): each row's content share is the one the step-0 model
+    gives that very image, scored alone."""
+    from PIL import Image
+
+    from recall.config import compose, section
+    from recall.data.transforms import eval_transform
+    from recall.model import ModelConfig, load_checkpoint
+    from recall.replay.pool import PoolDataset
+
+    mixed = ReplayPool(tmp_path / "mixed")
+    for record in ReplayPool(world.pool).records()[:24]:
+        with Image.open(world.pool / "images" / f"{record['id']}.jpg") as image:
+            side = 48 if record["source_index"] % 2 else 64
+            mixed.add(image.convert("RGB").resize((side, side)), {"target_class": record["target_class"]})
+    (tmp_path / "mixed" / "pool.json").write_text("{}")
+    out = tmp_path / "selected"
+    assert main(["select", f"dataset.root={world.root}", f"protocol={TUNE_PROTOCOL}", "replay=toy_gan",
+                 f"replay.pool={mixed.root}", f"step0={world.step0}", f"select.pool={out}", "tracking.uri=",
+                 "select.epochs=20", *[o for o in FAST if o.startswith("model.")]]) == 0
+    rows = {r["id"]: r for r in map(json.loads, (out / "selection.jsonl").open())}
+    assert {(r["height"]) for r in mixed.records()} == {48, 64}
+    cfg = compose([f"protocol={TUNE_PROTOCOL}", *[o for o in FAST if o.startswith("model.")]])
+    model, _ = load_checkpoint(world.step0 / "steps" / "0" / "model.pt", section(cfg.model, ModelConfig))
+    data = PoolDataset(mixed.root, transform=eval_transform())
+    with torch.no_grad():
+        for i, record in enumerate(data.records):
+            c = int(record["target_class"])
+            if c > 18:
+                assert rows[record["id"]]["content"] is None
+                continue
+            share = float(class_share(model.eval()(data[i][0][None])["out"], [0, *range(1, 19)], [c])[0])
+            assert rows[record["id"]]["content"] == pytest.approx(share, abs=1e-5)
+
+
+def test_a_selection_is_rebuilt_with_the_same_options_and_refused_with_others(world, tmp_path, capsys):
+    out = tmp_path / "selected"
+    assert _select(world, out) == 0
+    first = (out / "selection.jsonl").read_bytes()
+    assert _select(world, out) == 0 and (out / "selection.jsonl").read_bytes() == first  # same: rebuilt alike
+    capsys.readouterr()
+    assert _select(world, out, "select.content_quantile=0.5") == 2
+    err = capsys.readouterr().err
+    assert "another selection" in err and "Traceback" not in err
+    assert (out / "selection.jsonl").read_bytes() == first  # untouched
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a pool")
+    assert _select(world, tmp_path / "mine") == 2 and "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_recall_pool_never_grows_a_selected_pool(world, tmp_path, capsys):
+    out = tmp_path / "selected"
+    assert _select(world, out) == 0
+    before = (out / "manifest.jsonl").read_bytes()
+    from recall.replay.classmap import save_mapping
+    from recall.sim.toy_gan import ToyGenerator
+
+    save_mapping(ToyGenerator().lookalike_mapping(), tmp_path / "mapping.json")
+    assert main(["pool", f"dataset.root={world.root}", "replay=toy_gan", f"replay.pool={out}",
+                 f"replay.mapping={tmp_path / 'mapping.json'}", "replay.per_class=8", "tracking.uri="]) == 2
+    assert "selection of another pool" in capsys.readouterr().err
+    assert (out / "manifest.jsonl").read_bytes() == before

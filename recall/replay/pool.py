@@ -401,6 +401,9 @@ def same_source(marker: Marker) -> Callable[[dict], str | None]:
     """What a pool build accepts: a pool of the same source with the same source parameters."""
     def accepts(found: dict) -> str | None:
         mine, theirs = marker.params, found.get("params") or {}
+        if "selection" in theirs:
+            return ("it is a selection of another pool (`recall select`): building into it would add unselected "
+                    "images; pass replay.pool= the pool it was selected from, or a new directory")
         if theirs.get("source") != mine["source"]:
             return (f"its images come from source {theirs.get('source')}, not {mine['source']}; a pool holds one "
                     "source's images: pass replay.pool= a new directory")

@@ -64,6 +64,11 @@ class SelectConfig:
                 raise ValueError(f"select.{name} is a share and must be in [0, 1], got {value}")
         if self.folds < 2:
             raise ValueError(f"select.folds must be >= 2 (cross-fitting), got {self.folds}")
+        for name in ("hidden", "epochs", "max_train_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"select.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"select.lr must be > 0 and select.weight_decay >= 0, got {self.lr}, {self.weight_decay}")
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:
@@ -135,24 +140,25 @@ def quantile(values: Sequence[float], q: float) -> float:
 class Decision:
     keep: bool
     reason: str  # one of REASONS
+    failed: str  # the tests it failed ("domain", "content", "domain+content"; "" for none), also when kept by the floor
 
 
 def decide(classes: Sequence[int], domain: Sequence[float], content: Sequence[float | None],
            domain_threshold: float, content_threshold: dict[int, float], min_keep: float) -> list[Decision]:
     """Keep or drop each pool image (class, domain score, content share or None when unscored): dropped when its
     domain score is below `domain_threshold` or its content share below its class's threshold; then, per class,
-    the most training-like dropped images come back until the class keeps ceil(min_keep x its images)."""
-    reasons = []
-    for c, d, s in zip(classes, domain, content):
-        failed = [name for name, bad in (("domain", d < domain_threshold),
-                                         ("content", s is not None and s < content_threshold.get(c, 0.0))) if bad]
-        reasons.append("+".join(failed) if failed else "kept")
+    the most training-like dropped images come back (reason "floor") until the class keeps ceil(min_keep x its
+    images). `failed` keeps the tests an image failed, also when the floor kept it."""
+    failed = ["+".join(name for name, bad in (("domain", d < domain_threshold),
+                                              ("content", s is not None and s < content_threshold.get(c, 0.0)))
+                       if bad) for c, d, s in zip(classes, domain, content)]
+    reasons = [f or "kept" for f in failed]
     for c in sorted(set(classes)):
         members = [i for i, k in enumerate(classes) if k == c]
         short = math.ceil(min_keep * len(members)) - sum(reasons[i] == "kept" for i in members)
         for i in sorted((i for i in members if reasons[i] != "kept"), key=lambda i: -domain[i])[:max(short, 0)]:
             reasons[i] = "floor"
-    return [Decision(r in ("kept", "floor"), r) for r in reasons]
+    return [Decision(r in ("kept", "floor"), r, f) for r, f in zip(reasons, failed)]
 
 
 def selection_score(dropped: Sequence[bool], noise: Sequence[bool]) -> dict[str, float | int]:

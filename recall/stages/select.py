@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from tqdm.auto import tqdm
 
 from recall.atomic import write_bytes, write_json
@@ -36,7 +37,7 @@ from recall.labeling import same_size_batches
 from recall.model import ModelConfig, load_checkpoint
 from recall.ownership import Marker, claim, staged
 from recall.registry import resolve
-from recall.replay.pool import PoolDataset, ReplayPool, pool_owner
+from recall.replay.pool import FORMAT_VERSION, PoolDataset, ReplayPool, pool_owner
 from recall.replay.select import SelectConfig, class_share, decide, domain_scores, pooled, quantile, selection_score
 
 SELECTION_NAME = "selection.jsonl"
@@ -54,18 +55,46 @@ def _options(cfg) -> tuple[SelectConfig, Path, Path]:
         raise UserError(f"select: {error}") from None
 
 
+def _batches(sizes: list[tuple[int, int]], batch: int = BATCH) -> list[list[int]]:
+    """Indices in batches of one image size each (real images come in many sizes; the model sees whole images)."""
+    return same_size_batches([{"height": h, "width": w} for h, w in sizes], batch)
+
+
 @torch.no_grad()
-def _score(model, batches, channel_classes: list[int], desc: str) -> tuple[torch.Tensor, list[float]]:
-    """Pooled encoder features and, per image, the share of it the model labels with `classes[i]` (None: a class
-    the model does not know) over `batches` of (images [B, 3, H, W], classes)."""
-    features, shares = [], []
+def _score(model, load, sizes: list[tuple[int, int]], classes: list[list[int]], channel_classes: list[int],
+           desc: str) -> tuple[torch.Tensor, list[list[float | None]]]:
+    """For image i (`load(i)`: its model input; `sizes[i]`: (H, W)): its pooled encoder features, and for each class
+    of `classes[i]` the share of its pixels the model labels with that class (None: a class the model does not
+    know). One forward per image, in batches of one size, loaded batch by batch."""
+    features: list[torch.Tensor | None] = [None] * len(sizes)
+    shares: list[list[float | None]] = [[] for _ in sizes]
     known = set(channel_classes[1:])
-    for images, classes in tqdm(batches, desc=desc, leave=False):
-        out = model(images)
-        features.append(pooled(out["encoder"]))
-        share = class_share(out["out"], channel_classes, classes).tolist()
-        shares += [s if c in known else None for s, c in zip(share, classes)]
-    return torch.cat(features), shares
+    for idx in tqdm(_batches(sizes), desc=desc, leave=False):
+        out = model(torch.stack([load(i) for i in idx]))
+        pooled_features = pooled(out["encoder"])
+        for k, i in enumerate(idx):
+            features[i] = pooled_features[k]
+            wanted = classes[i]
+            share = class_share(out["out"][k:k + 1].expand(len(wanted), -1, -1, -1), channel_classes, wanted) \
+                if wanted else torch.empty(0)
+            shares[i] = [float(v) if c in known else None for v, c in zip(share.tolist(), wanted)]
+    return torch.stack(features), shares
+
+
+def _target(cfg, opts: SelectConfig, target: Path, source: ReplayPool) -> Marker:
+    """The selected pool's marker, and the claim on `target` (before any work: a refusal comes first)."""
+    params = {"from": str(source.root.resolve()), "step0": str(Path(cfg.step0).resolve()),
+              "protocol": str(cfg.protocol.name), "setting": str(cfg.setting.name), "seed": int(cfg.seed),
+              "select": dataclasses.asdict(opts)}
+    owner = pool_owner(source.root) or {}
+    source_params = owner.get("params") or {"source": None}
+    marker = Marker("pool", "recall select", {"source": source_params.get("source"),
+                                              "source_params": source_params.get("source_params"),
+                                              "selection": params})
+    claim(target, marker, "select.pool", accepts=lambda found: None if found.get("params") == marker.params else
+          "it holds another selection (other source pool, step-0 run or select.* options): pass select.pool= a "
+          "new directory")
+    return marker
 
 
 def select_pool(cfg) -> dict:
@@ -90,52 +119,48 @@ def select_pool(cfg) -> dict:
     if list(meta["classes_per_step"])[:1] != [len(task[0])]:
         raise UserError(f"step0={cfg.step0} learnt {meta['classes_per_step'][0]} classes at step 0, protocol "
                         f"{cfg.protocol.name} {len(task[0])}: pass the step-0 run of this protocol")
-    model.eval()
-    torch.set_num_threads(max(1, int(cfg.train.get("threads") or 1)))
-    channel_classes = [0, *task[0]]
-    names = dataset_class_names(d)
-
-    # the step-0 training images (a sample), and each one's classes
-    present = image_classes(d.root, read_split(d.root, d.train_split), num_classes=num_classes, mask_dir=d.mask_dir,
-                            image_dir=d.image_dir, progress=False)
-    ids = select_train_images(present, task, 0, str(cfg.setting.name), seed=int(cfg.seed))
-    rng = np.random.default_rng(opts.seed)
-    ids = sorted(rng.choice(ids, size=min(len(ids), opts.max_train_images), replace=False).tolist())
-    train = VOCSegmentation(d.root, d.train_split, ids=ids, num_classes=num_classes, mask_dir=d.mask_dir,
-                            image_dir=d.image_dir, transform=eval_transform())
-    # each training image once per step-0 class it holds (the content statistics); the features once per image
-    pairs = [(i, c) for i, image_id in enumerate(ids) for c in sorted(present[image_id]) if c in task[0]]
-    images = [train[i][0] for i in range(len(train))]
-    train_batches = [(torch.stack([images[i] for i, _ in pairs[k:k + BATCH]]), [c for _, c in pairs[k:k + BATCH]])
-                     for k in range(0, len(pairs), BATCH)]
-    train_features, train_shares = _score(model, train_batches, channel_classes, "step-0 training images")
-    first = [k for k, (i, _) in enumerate(pairs) if k == 0 or pairs[k - 1][0] != i]
-    train_features = train_features[first]
-
+    marker = _target(cfg, opts, target, source)
     data = PoolDataset(source.root, transform=eval_transform())
     if data.problems:
         raise UserError(f"replay pool {source.root}: {len(data.problems)} unusable image(s), e.g. "
                         f"{data.problems[0][0]}: {data.problems[0][1]}; rebuild it with `recall pool "
                         f"replay={cfg.replay.name}`")
-    order = same_size_batches(data.records, BATCH)
-    pool_batches = [(torch.stack([data[i][0] for i in idx]), [int(data.records[i]["target_class"]) for i in idx])
-                    for idx in order]
-    features, shares = _score(model, pool_batches, channel_classes, "pool images")
-    position = [i for idx in order for i in idx]  # batch order -> record index
-    pool_features = torch.empty_like(features)
-    pool_features[torch.as_tensor(position)] = features
-    content = [None] * len(data)
-    for k, i in enumerate(position):
-        content[i] = shares[k]
+    if not len(data):
+        raise UserError(f"replay pool {source.root} holds no image: nothing to select")
+    model.eval()
+    torch.set_num_threads(max(1, int(cfg.train.get("threads") or 1)))
+    channel_classes = [0, *task[0]]
+    names = dataset_class_names(d)
+
+    # the step-0 training images (a sample), each scored once: features, and the share of each step-0 class it holds
+    present = image_classes(d.root, read_split(d.root, d.train_split), num_classes=num_classes, mask_dir=d.mask_dir,
+                            image_dir=d.image_dir, progress=False)
+    ids = select_train_images(present, task, 0, str(cfg.setting.name), seed=int(cfg.seed))
+    if not ids:
+        raise UserError(f"step 0 of {cfg.protocol.name} has no training image in {d.root}: check dataset.root")
+    rng = np.random.default_rng(opts.seed)
+    ids = sorted(rng.choice(ids, size=min(len(ids), opts.max_train_images), replace=False).tolist())
+    train = VOCSegmentation(d.root, d.train_split, ids=ids, num_classes=num_classes, mask_dir=d.mask_dir,
+                            image_dir=d.image_dir, transform=eval_transform())
+    train_classes = [sorted(c for c in present[i] if c in task[0]) for i in ids]
+    train_features, train_shares = _score(model, lambda i: train[i][0], [_size(train.image_path(i)) for i in
+                                                                         range(len(ids))],
+                                          train_classes, channel_classes, "step-0 training images")
+    classes = [int(r["target_class"]) for r in data.records]
+    pool_features, pool_shares = _score(model, lambda i: data[i][0],
+                                        [(int(r["height"]), int(r["width"])) for r in data.records],
+                                        [[c] for c in classes], channel_classes, "pool images")
+    content = [s[0] for s in pool_shares]
 
     scores_train, scores_pool = domain_scores(train_features, pool_features, opts)
     domain_threshold = quantile(scores_train, opts.domain_quantile) if opts.domain_test else 0.0  # 0: none dropped
-    by_class: dict[int, list[float]] = {}
-    for (_, c), s in zip(pairs, train_shares):
-        by_class.setdefault(c, []).append(s)
+    by_class: dict[int, list[float]] = {c: [] for c in task[0]}
+    for image_classes_, shares in zip(train_classes, train_shares):
+        for c, share in zip(image_classes_, shares):
+            by_class[c].append(share)
+    # a step-0 class no sampled training image holds has no statistics: threshold 0 (its images pass the content test)
     content_threshold = {c: quantile(v, opts.content_quantile) if opts.content_test else 0.0
                          for c, v in sorted(by_class.items())}
-    classes = [int(r["target_class"]) for r in data.records]
     decisions = decide(classes, scores_pool.tolist(), content, domain_threshold, content_threshold, opts.min_keep)
 
     truth_ref = (cfg.replay.get("truth") or {}).get("shows_class")
@@ -144,15 +169,9 @@ def select_pool(cfg) -> dict:
     rows = [{"id": r["id"], "target_class": c, "domain": round(float(s), 6),
              "content": None if t is None else round(float(t), 6),
              "content_threshold": content_threshold.get(c) if t is not None else None,
-             "kept": dec.keep, "reason": dec.reason, **({} if show is None else {"truth_shows_class": show})}
+             "kept": dec.keep, "reason": dec.reason, "failed": dec.failed,
+             **({} if show is None else {"truth_shows_class": show})}
             for r, c, s, t, dec, show in zip(data.records, classes, scores_pool, content, decisions, shows)]
-    params = {"from": str(source.root), "step0": str(cfg.step0), "protocol": str(cfg.protocol.name),
-              "setting": str(cfg.setting.name), "select": dataclasses.asdict(opts)}
-    owner = pool_owner(source.root) or {}
-    marker = Marker("pool", "recall select", {**(owner.get("params") or {"source": None}), "selection": params})
-    claim(target, marker, "select.pool", accepts=lambda found: None if found.get("params") == marker.params else
-          "it holds another selection (other source pool, step-0 model or select.* options): pass select.pool= a "
-          "new directory")
     with staged(target, marker, "select.pool", fresh=True, what="a `recall select` build") as partial:
         pool = ReplayPool(partial)
         for record, row in tqdm(list(zip(data.records, rows)), desc="selected pool", leave=False):
@@ -160,14 +179,20 @@ def select_pool(cfg) -> dict:
                 pool.add_copy(source, record, {"selected_from": record["id"], "select_domain": row["domain"],
                                                "select_content": row["content"], "select_reason": row["reason"]})
         write_bytes(partial / SELECTION_NAME, "".join(f"{_json(row)}\n" for row in rows).encode())
-        summary = _summary(rows, names, domain_threshold, content_threshold, params)
-        write_json(pool.summary_path, {**(source.summary() or {}), "total": summary["kept"],
-                                       "counts": {names[c]: n for c, n in sorted(Counter(
-                                           c for c, row in zip(classes, rows) if row["kept"]).items())},
-                                       "selection": summary})
+        summary = _summary(rows, names, domain_threshold, content_threshold, marker.params["selection"])
+        counts = Counter(c for c, row in zip(classes, rows) if row["kept"])
+        write_json(pool.summary_path, {"format_version": FORMAT_VERSION, "total": summary["kept"],
+                                       "counts": {names[c]: n for c, n in sorted(counts.items())},
+                                       "params": marker.params, "selection": summary})
     write_json(metrics_path, summary)
     _print(summary, target)
     return summary
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header."""
+    with Image.open(path) as image:
+        return image.height, image.width
 
 
 def _json(row: dict) -> str:
@@ -190,7 +215,7 @@ def _summary(rows: list[dict], names: list[str], domain_threshold: float, conten
     if scored:  # simulation only: the drops against which photos show their class
         noise = [not row["truth_shows_class"] for row in scored]
         out["truth"] = {"all": selection_score([not row["kept"] for row in scored], noise),
-                        **{f"by_{part}": selection_score([part in row["reason"].split("+") for row in scored], noise)
+                        **{f"by_{part}": selection_score([part in row["failed"].split("+") for row in scored], noise)
                            for part in ("domain", "content")}}
     return out
 
