@@ -63,6 +63,9 @@ def merged_records(old: list[dict], new: list[dict]) -> list[dict]:
             raise SystemExit(f"--update: seed {record['seed']} is not in the existing results; run it in full")
         kept = by_seed[record["seed"]]
         for protocol, entry in record["protocols"].items():
+            if protocol not in kept["protocols"]:  # a protocol the existing results did not run: added whole
+                kept["protocols"][protocol] = entry
+                continue
             before = kept["protocols"][protocol]
             for key in ("step0_old_no_bg", "joint_old_no_bg"):
                 if before[key] != entry[key]:
