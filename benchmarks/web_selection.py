@@ -43,7 +43,7 @@ SELECTIONS = {"selected": [], "content_only": ["select.domain_test=false"]}
 LABELS = {"selected": "RECALL+ selection (domain + content)", "content_only": "content test only",
           "web": "whole pool (RECALL-web)", "mib": "MiB"}
 TRUTH = ("precision", "recall", "good_dropped")
-LABEL_METRICS = ("iou_step0_classes", "empty_step0_classes")
+LABEL_METRICS = ("iou_step0_classes", "empty_step0_classes", "empty_later_classes")
 
 
 def selected_pool(seed: int, protocol: str, name: str, work: Path) -> Path:
