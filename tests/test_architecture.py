@@ -201,3 +201,21 @@ def test_editing_the_pool_leaves_the_pretraining_up_to_date():
     """The pretraining reads its classifier through classmap.py, which no longer reaches the pool code."""
     closure = {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure("recall.stages.pretrain")}
     assert "replay/classmap.py" in closure and "replay/pool.py" not in closure and "replay/leakage.py" not in closure
+
+
+def test_adding_a_pool_source_touches_its_module_its_registry_line_its_config_and_its_test():
+    """replay=diffusion, added as a contributor would add a source: recall/replay/diffusion.py, one line of
+    recall/replay/sources.py, conf/replay/diffusion.yaml and tests/test_diffusion.py. Nothing else of the code names
+    it, but the generated dependency lists of the DVC files, the simulation that imitates it (recall/sim/) and this
+    file's closure checks."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "recall", "conf", "tests",
+                            "benchmarks"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    names = ("recall.replay.diffusion", "replay/diffusion.py", "DiffusionSource")
+    naming = {f for f in files if (ROOT / f).is_file() and f.endswith(".py") and not f.startswith("recall/sim/")
+              and f != "tests/test_architecture.py" and any(n in (ROOT / f).read_text(errors="ignore") for n in names)}
+    assert naming == {"recall/replay/diffusion.py", "recall/replay/sources.py", "tests/test_diffusion.py"}
+    registry = (ROOT / "recall" / "replay" / "sources.py").read_text().splitlines()
+    assert sum("recall.replay.diffusion" in line for line in registry) == 1
+    assert "name: diffusion" in (ROOT / "conf" / "replay" / "diffusion.yaml").read_text()

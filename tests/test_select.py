@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from recall.cli import main
 from recall.replay.pool import ReplayPool
-from recall.replay.select import SelectConfig, class_share, decide, domain_scores, quantile, selection_score
+from recall.selection import SelectConfig, class_share, decide, domain_scores, quantile, selection_score
 
 
 def test_class_share_is_the_share_of_pixels_whose_argmax_is_the_images_class():

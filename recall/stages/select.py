@@ -1,4 +1,4 @@
-"""`recall select`: RECALL+'s selection of a replay pool's images (recall.replay.select), a new pool; the source pool
+"""`recall select`: RECALL+'s selection of a replay pool's images (recall.selection), a new pool; the source pool
 is read, never changed, and nothing is crawled or generated again.
 
     recall select replay=web step0=RUN_DIR [protocol=15-1x5] [select.pool=DIR] [select.*=...]
@@ -38,7 +38,7 @@ from recall.model import ModelConfig, load_checkpoint
 from recall.ownership import Marker, claim, staged
 from recall.registry import resolve
 from recall.replay.pool import FORMAT_VERSION, PoolDataset, ReplayPool, pool_owner
-from recall.replay.select import SelectConfig, class_share, decide, domain_scores, pooled, quantile, selection_score
+from recall.selection import SelectConfig, class_share, decide, domain_scores, pooled, quantile, selection_score
 
 SELECTION_NAME = "selection.jsonl"
 BATCH = 64
