@@ -1,6 +1,7 @@
 """`python -m recall.stage_jobs --executor slurm` against a real one-node SLURM (tests/slurm_cluster.py: Debian's
 slurmctld, slurmd and munge, started here as root): every stage a SLURM job, DVC up to date afterwards and the
-outputs byte-identical to the local executor's; a job killed with scancel fails its downstream and the rerun
+outputs byte-identical to the local executor's, for a toy pipeline and for a small study of recall's own stages
+(a tiny toy world, a step-0 model, two runs from it and their report); a job killed with scancel fails its downstream and the rerun
 completes; a call killed while its jobs are queued is re-attached to, nothing submitted twice; bad input (no SLURM,
 an unknown partition, a sqlite store, a job that did not write its output) is one line and exit 2."""
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import FAST, TUNE_PROTOCOL
 from slurm_cluster import Slurm, why_not
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +142,66 @@ def _identical(compared: filecmp.dircmp) -> bool:
     _, mismatch, errors = filecmp.cmpfiles(compared.left, compared.right, compared.common_files, shallow=False)
     return not (mismatch or errors or compared.left_only or compared.right_only) and \
         all(_identical(sub) for sub in compared.subdirs.values())
+
+
+# a small study of the real stages on the tiny toy world (conftest's `tiny_world`): a step-0 model, two runs from it
+# (fine-tuning and MiB) and their report, with conftest's FAST training. One thread each under both executors (SLURM
+# gives each job one CPU, the local executor runs the two runs at once): the same arithmetic, the same bytes.
+STUDY_TRAIN = [o for o in FAST if not o.startswith("train.threads=")] + ["train.threads=1", "tracking.uri="]
+STUDY_RUN = (f"python -m recall.stages.run dataset.root=out/world protocol={TUNE_PROTOCOL} on_config_change=restart "
+             + " ".join(STUDY_TRAIN))  # no MLflow (tracking.uri empty): nothing shared between the jobs but files
+STUDY_YAML = {
+    "stages": {
+        "world": {"cmd": "python -m recall.sim.toyworld out/world toyworld.n_train=60 toyworld.n_val=16 "
+                         "toyworld.seed=3", "outs": ["out/world"]},
+        "step0": {"cmd": f"{STUDY_RUN} method=ft last_step=0 run_dir=out/step0", "deps": ["out/world"],
+                  "outs": [{"out/step0": {"persist": True}}]},
+        "run": {"foreach": ["ft", "mib"],
+                "do": {"cmd": f"{STUDY_RUN} method=${{item}} step0=out/step0 run_dir=out/runs/${{item}}",
+                       "deps": ["out/world", "out/step0"],  # as dvc.yaml's run stages: steps/ kept, metrics in git
+                       "outs": [{"out/runs/${item}/steps": {"persist": True}},
+                                {"out/runs/${item}/metrics.json": {"cache": False}}]}},
+        "report": {"cmd": "python -m recall.stages.report out/runs/ft out/runs/mib --out out/report",
+                   "deps": ["out/runs/ft/metrics.json", "out/runs/mib/metrics.json"], "outs": ["out/report"]},
+    }
+}
+STUDY_STAGES = ["report", "run@ft", "run@mib", "step0", "world"]
+# what must be the same bytes: every run's results (per step: IoU per class, mIoU, forgetting) and its curve, and
+# the report's tables. Not compared: timing.json (seconds), the figures (matplotlib's PNGs), the checkpoints.
+STUDY_RESULTS = ["step0/metrics.json", "step0/curve.csv", "runs/ft/metrics.json", "runs/ft/curve.csv",
+                 "runs/mib/metrics.json", "runs/mib/curve.csv", "report/summary.json", "report/summary.csv",
+                 "report/summary.md"]
+
+
+@pytest.mark.slow
+def test_a_small_study_of_real_stages_runs_on_slurm_like_the_local_executor(slurm, tmp_path):
+    local, env = _project(tmp_path / "local", slurm.env, STUDY_YAML)
+    project, env = _project(tmp_path / "slurm", slurm.env, STUDY_YAML)
+    started = time.monotonic()  # both at once: most of a stage is imports and DVC's bookkeeping, not arithmetic
+    beside = subprocess.Popen([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--executor", "local",
+                               "--jobs", "2"], cwd=local, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        done = _stage_jobs(project, env, "--executor", "slurm", "--slurm-mem", "1")
+        print(f"the study on SLURM: {time.monotonic() - started:.1f} s")
+        out, _ = beside.communicate(timeout=300)
+    finally:
+        beside.kill()
+    print(f"both executors: {time.monotonic() - started:.1f} s")
+    assert beside.returncode == 0, out
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 stage(s) run and committed, 0 failed" in done.stdout
+    jobs = _jobs(slurm, project)
+    assert sorted(name for name, _ in jobs.values()) == [f"recall:{s}" for s in STUDY_STAGES]  # each stage one job
+    assert {state for _, state in jobs.values()} == {"COMPLETED"}
+    assert all((project / "logs" / "slurm" / f"{job}_0_log.out").is_file() for job in jobs)
+    assert _stale(local, env) == _stale(project, env) == set()  # every stage committed
+    for name in STUDY_RESULTS:
+        assert (local / "out" / name).read_bytes() == (project / "out" / name).read_bytes(), name
+    summary = json.loads((project / "out" / "report" / "summary.json").read_text())
+    assert sorted(summary) == ["ft", "mib"] and all(0 <= run["all"] <= 1 for run in summary.values())
+    metrics = {stage: hashes for stage, hashes in _outs(project).items() if stage.startswith("run@")}
+    assert metrics == {stage: hashes for stage, hashes in _outs(local).items() if stage.startswith("run@")}
 
 
 @pytest.mark.slow
