@@ -455,15 +455,28 @@ def test_a_params_file_that_cannot_be_read_is_named(tmp_path, capsys, content, n
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, tiny_world):
     import signal
 
+    def as_from_a_terminal():
+        """The child as a shell in a terminal starts it: SIGINT neither ignored nor blocked, whatever the test
+        worker that starts it inherited (a process started in the background of a script ignores SIGINT, and so
+        would everything it starts)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}", "tracking.uri=",
-                             *FAST, "protocol=19-1", "train.epochs=5000", f"run_dir={run_dir}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err_file = tmp_path / "stderr.txt"
+    with err_file.open("w") as err_out:  # a file, not a pipe: reading it never waits on a process that holds it
+        proc = subprocess.Popen([sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}",
+                                 "tracking.uri=", *FAST, "protocol=19-1", "train.epochs=5000", f"run_dir={run_dir}"],
+                                stdout=subprocess.DEVNULL, stderr=err_out, text=True, preexec_fn=as_from_a_terminal)
     deadline = time.time() + 120
     while not (run_dir / "steps" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    err = proc.communicate(timeout=60)[1]
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = err_file.read_text()
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert last_line(err) == "recall: interrupted (Ctrl-C); run the same command again to resume"
 
