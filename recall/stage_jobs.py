@@ -271,8 +271,18 @@ def run_group(stages: list, jobs: int, logs: Path, env: dict) -> tuple[list, lis
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of stages, at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, at least 1")
     return int(text)
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the memory in GB, more than 0 (e.g. 4 or 0.5)")
+    return value
 
 
 def _count(text: str) -> int:
@@ -310,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "--executor slurm: what each job asks for", "each option given wins over the stage's own `launcher` section "
         "(conf/launcher/slurm.yaml, the experiment profile, the stage's launcher.* overrides)")
     slurm.add_argument("--slurm-cpus", type=_positive, help="CPUs per job (default: launcher.cpus)")
-    slurm.add_argument("--slurm-mem", type=float, help="memory per job, GB (default: launcher.mem_gb)")
+    slurm.add_argument("--slurm-mem", type=_gigabytes, help="memory per job, GB (default: launcher.mem_gb)")
     slurm.add_argument("--slurm-time", type=_positive, help="time limit per job, minutes (default: launcher.time_min)")
     slurm.add_argument("--slurm-gpus", type=_count, help="GPUs per job (default: launcher.gpus: 0 for the toy world, "
                                                         "1 for a paper profile's runs)")

@@ -122,3 +122,15 @@ def test_a_run_resumes_whatever_its_job_asked_for():
     again = OmegaConf.to_container(compose(["launcher.time_min=600", "launcher.gpus=1"]), resolve=True)
     assert _comparable(saved) == _comparable(again)
     assert _comparable({k: v for k, v in saved.items() if k != "launcher"}) == _comparable(again)
+
+
+@pytest.mark.parametrize("option", [["--slurm-mem", "0"], ["--slurm-mem", "-2"], ["--slurm-mem", "lots"],
+                                    ["--slurm-cpus", "0"], ["--slurm-time", "1.5"]])
+def test_resource_options_out_of_range_are_refused_by_the_command_line(tmp_path, capsys, option):
+    from recall import stage_jobs
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(SystemExit) as exit_:
+        stage_jobs.main([str(tmp_path / "dvc.yaml"), "--executor", "slurm", *option])
+    assert exit_.value.code == 2
+    assert option[1] in capsys.readouterr().err
