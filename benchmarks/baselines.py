@@ -31,10 +31,10 @@ from pathlib import Path
 
 import regime
 from dose_response import METRICS, pool, run, toy_gan, web
-from regime import pretrained, step0_model
+from regime import add_chain_options, paired, pretrained, step0_model, use_chain_options
 from tqdm import tqdm
 
-from recall.study_report import mean_std, verdict
+from recall.study_report import mean_std
 
 PROTOCOLS = ("15-1x5", "10-1x10")
 ADDED = {"plop": "PLOP", "mib_memory": "MiB + memory (stored data)", "recall_memory": "RECALL + memory (stored data)"}
@@ -62,10 +62,9 @@ def summary(records: dict, seeds: list[int], protocols: list[str]) -> dict:
         for name in ADDED:
             for reference in COMPARED_WITH:
                 for metric in METRICS:
-                    diffs = [records[protocol][name][str(s)][metric] - records[protocol][reference][str(s)][metric]
-                             for s in seeds]
-                    contrasts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
-                        "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
+                    contrasts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = paired(
+                        name, reference, *([records[protocol][n][str(s)][metric] for s in seeds]
+                                           for n in (name, reference)))
         cells[protocol] = cell
     calls = [[protocol, ADDED[name], *(f"{c['verdict']} ({c['difference']['text']})" for c in
                                        (contrasts[protocol][f"{name}_vs_{r}"][m] for r in COMPARED_WITH
@@ -80,21 +79,9 @@ def summary(records: dict, seeds: list[int], protocols: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
-    parser.add_argument("--data", type=Path, default=regime.DATA, help="the toy world (default: data/toy)")
-    parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads "
-                        "(1: the study's float_order chain, as benchmarks/dose_response.py runs)")
+    add_chain_options(parser, PROTOCOLS)
     args = parser.parse_args(argv)
-    if len(args.seeds) < 2:
-        parser.error("--seeds: the verdicts need at least two seeds")
-    regime.DATA = args.data.resolve()
-    regime.PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
-    if not (regime.DATA / "JPEGImages").is_dir():
-        parser.error(f"--data {regime.DATA}: no toy world there; make it with `dvc repro toyworld`")
+    use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()
         list(threads.map(lambda seed: pretrained(seed, work), args.seeds))

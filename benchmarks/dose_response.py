@@ -32,10 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import regime
-from regime import final, pretrained, recall_run, step0_model
+from regime import add_chain_options, final, paired, pretrained, recall_run, step0_model, use_chain_options
 from tqdm import tqdm
 
-from recall.study_report import mean_std, verdict
+from recall.study_report import mean_std
 
 ROOT = regime.ROOT
 SHIFTS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -141,10 +141,9 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
         for name in compared:
             for reference in REFERENCES:
                 for metric in METRICS:
-                    diffs = [records[protocol][name][str(seed)][metric] - records[protocol][reference][str(seed)][metric]
-                             for seed in seeds]
-                    verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
-                        "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
+                    verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = paired(
+                        name, reference, *([records[protocol][n][str(seed)][metric] for seed in seeds]
+                                           for n in (name, reference)))
         cells[protocol] = cell
     calls = [[protocol, label, *(f"{c['verdict']} ({c['difference']['text']})" for c in
                                  (verdicts[protocol][f"{name}_vs_{r}"][m] for r in REFERENCES
@@ -231,26 +230,13 @@ def levels_figure(work: Path, seed: int, shifts: list[float], path: Path, classe
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_chain_options(parser, PROTOCOLS)
     parser.add_argument("--shifts", type=float, nargs="+", default=list(SHIFTS))
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path)
     parser.add_argument("--figure", type=Path)
-    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
-    parser.add_argument("--data", type=Path, default=regime.DATA, help="the toy world (default: data/toy)")
-    parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads (default: "
-                        "params.yaml's, the study's main chain; 1: its float_order chain, which two seeds can share "
-                        "two cores with)")
     args = parser.parse_args(argv)
-    if len(args.seeds) < 2:
-        parser.error("--seeds: the verdicts need at least two seeds")
     if not all(0 <= s <= 3 for s in args.shifts):
         parser.error("--shifts: the toy GAN's render_shift must be in [0, 3]")
-    regime.DATA = args.data.resolve()
-    regime.PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
-    if not (regime.DATA / "JPEGImages").is_dir():
-        parser.error(f"--data {regime.DATA}: no toy world there; make it with `dvc repro toyworld`")
+    use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()
         list(threads.map(lambda seed: pretrained(seed, work), args.seeds))  # the chains first, two at a time

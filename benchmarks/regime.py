@@ -202,25 +202,50 @@ def contrasts(records: list[dict]) -> dict:
             continue
         pair = f"{method}_vs_mib"
         for metric in ("old_no_bg", "new", "all"):
-            diffs = [r["protocols"][protocol]["runs"][f"{method}/{schedule}"][metric]
-                     - r["protocols"][protocol]["runs"][f"mib/{schedule}"][metric] for r in records]
-            out.setdefault(protocol, {}).setdefault(pair, {})[metric] = {
-                "difference": mean_std(diffs), "verdict": verdict(method, "mib", diffs)}
+            runs = [r["protocols"][protocol]["runs"] for r in records]
+            out.setdefault(protocol, {}).setdefault(pair, {})[metric] = paired(
+                method, "mib", [r[f"{method}/{schedule}"][metric] for r in runs],
+                [r[f"mib/{schedule}"][metric] for r in runs])
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    global DATA
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def paired(a: str, b: str, per_seed_a: list[float], per_seed_b: list[float]) -> dict:
+    """A - B seed by seed (the same seeds, in the same order): the differences' mean ± sample std and the study's
+    verdict on them. Every benchmark here compares runs so."""
+    diffs = [x - y for x, y in zip(per_seed_a, per_seed_b, strict=True)]
+    return {"difference": mean_std(diffs), "verdict": verdict(a, b, diffs)}
+
+
+def add_chain_options(parser: argparse.ArgumentParser, protocols) -> None:
+    """The options every benchmark of the seeds' chains takes: seeds, protocols, parallel jobs, the JSON out, where
+    the runs live, the toy world and the pretraining's threads (which chain)."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--protocols", nargs="+", default=list(protocols))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--data", type=Path, default=DATA, help="the toy world (default: data/toy)")
-    parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in RUNS}), help="RUNS of these only")
-    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
     parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads (default: "
-                        "params.yaml's, the study's main chain; 1: its float_order chain)")
+                        "params.yaml's, the study's main chain; 1: its float_order chain, which two seeds can share "
+                        "two cores with)")
+
+
+def use_chain_options(parser: argparse.ArgumentParser, args, paired_seeds: bool = True) -> None:
+    """Check `add_chain_options`' values and point the runs at them (the toy world, the pretraining's chain);
+    `paired_seeds`: the benchmark calls verdicts, which need two seeds at least."""
+    global DATA
+    if paired_seeds and len(args.seeds) < 2:
+        parser.error("--seeds: the verdicts need at least two seeds")
+    DATA = args.data.resolve()
+    PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
+    if not (DATA / "JPEGImages").is_dir():
+        parser.error(f"--data {DATA}: no toy world there; make it with `dvc repro toyworld`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_chain_options(parser, PROTOCOLS)
+    parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in RUNS}), help="RUNS of these only")
     parser.add_argument("--update", action="store_true",
                         help="add these methods' runs to the results already in --out (same seeds, same chain)")
     args = parser.parse_args(argv)
@@ -228,13 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--update needs --out naming existing results")
     if args.update and args.protocols != list(PROTOCOLS):
         parser.error("--update: run every protocol (--protocols narrows a first measurement only)")
+    if set(args.protocols) - set(PROTOCOLS):
+        parser.error(f"--protocols: choose from {', '.join(PROTOCOLS)}")
     RUNS[:] = [r for r in RUNS if r[0] in args.methods and r[1] in args.protocols]
     for protocol in set(PROTOCOLS) - set(args.protocols):
         del PROTOCOLS[protocol]
-    DATA = args.data.resolve()
-    PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
-    if not (DATA / "JPEGImages").is_dir():
-        parser.error(f"--data {DATA}: no toy world there; make it with `dvc repro toyworld`")
+    use_chain_options(parser, args, paired_seeds=False)
     old = json.loads(args.out.read_text()) if args.update else None
     if old is not None and old.get("chain", []) != PRETRAIN:
         parser.error(f"--update: {args.out} was measured on another chain (pretraining overrides "

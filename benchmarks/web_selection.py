@@ -33,10 +33,10 @@ from pathlib import Path
 
 import regime
 from dose_response import METRICS, pool, run, web
-from regime import pretrained, step0_model
+from regime import add_chain_options, paired, pretrained, step0_model, use_chain_options
 from tqdm import tqdm
 
-from recall.study_report import mean_std, verdict
+from recall.study_report import mean_std
 
 PROTOCOLS = ("15-1x5", "10-1x10")
 SELECTIONS = {"selected": [], "content_only": ["select.domain_test=false"]}
@@ -104,10 +104,9 @@ def summary(records: dict, selections: dict, seeds: list[int], protocols: list[s
                                truth["recall"]["text"], truth["good_dropped"]["text"], len(seeds)])
             for reference in ("web", "mib"):
                 for metric in METRICS:
-                    diffs = [records[protocol][name][str(s)][metric] - records[protocol][reference][str(s)][metric]
-                             for s in seeds]
-                    contrasts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = {
-                        "difference": mean_std(diffs), "verdict": verdict(name, reference, diffs)}
+                    contrasts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = paired(
+                        name, reference, *([records[protocol][n][str(s)][metric] for s in seeds]
+                                           for n in (name, reference)))
         cells[protocol] = cell
     calls = [[protocol, LABELS[name], *(f"{c['verdict']} ({c['difference']['text']})" for c in
                                         (contrasts[protocol][f"{name}_vs_{r}"][m] for r in ("web", "mib")
@@ -126,21 +125,9 @@ def summary(records: dict, selections: dict, seeds: list[int], protocols: list[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
-    parser.add_argument("--data", type=Path, default=regime.DATA, help="the toy world (default: data/toy)")
-    parser.add_argument("--pretrain-threads", type=int, help="each seed's pretraining on this many threads "
-                        "(1: the study's float_order chain, as benchmarks/dose_response.py runs)")
+    add_chain_options(parser, PROTOCOLS)
     args = parser.parse_args(argv)
-    if len(args.seeds) < 2:
-        parser.error("--seeds: the verdicts need at least two seeds")
-    regime.DATA = args.data.resolve()
-    regime.PRETRAIN[:] = [f"pretrain.threads={args.pretrain_threads}"] if args.pretrain_threads else []
-    if not (regime.DATA / "JPEGImages").is_dir():
-        parser.error(f"--data {regime.DATA}: no toy world there; make it with `dvc repro toyworld`")
+    use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()
         list(threads.map(lambda seed: pretrained(seed, work), args.seeds))
