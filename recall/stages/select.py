@@ -15,6 +15,7 @@ selection with `recall run ... replay=web replay.pool=<select.pool>`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -178,7 +179,8 @@ def select_pool(cfg) -> dict:
             if row["kept"]:
                 pool.add_copy(source, record, {"selected_from": record["id"], "select_domain": row["domain"],
                                                "select_content": row["content"], "select_reason": row["reason"]})
-        write_bytes(partial / SELECTION_NAME, "".join(f"{_json(row)}\n" for row in rows).encode())
+        lines = "".join(f"{json.dumps(row, sort_keys=True)}\n" for row in rows)
+        write_bytes(partial / SELECTION_NAME, lines.encode())
         summary = _summary(rows, names, domain_threshold, content_threshold, marker.params["selection"])
         counts = Counter(c for c, row in zip(classes, rows) if row["kept"])
         write_json(pool.summary_path, {"format_version": FORMAT_VERSION, "total": summary["kept"],
@@ -193,12 +195,6 @@ def _size(path: Path) -> tuple[int, int]:
     """(H, W) of an image file, from its header."""
     with Image.open(path) as image:
         return image.height, image.width
-
-
-def _json(row: dict) -> str:
-    import json
-
-    return json.dumps(row, sort_keys=True)
 
 
 def _summary(rows: list[dict], names: list[str], domain_threshold: float, content_threshold: dict[int, float],
