@@ -203,27 +203,35 @@ def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, 
     running, finished, done, failed, cancelled = {}, set(), [], [], []
     ready = lambda a: upstream[a] <= finished | (set(running) if executor.queues else set())  # noqa: E731
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
+
+    def launch() -> None:
+        """Start (or find up to date) the ready stages there is room for; an executor that queues takes a stage
+        and then the stages that read it, in one pass."""
+        for addressing in list(pending) if executor.queues else [a for a in pending if ready(a)]:
+            if not ready(addressing):
+                continue
+            if not executor.room(by_name[addressing], [by_name[a] for a in running]):
+                break
+            pending.remove(addressing)
+            after = [a for a in running if a in upstream[addressing]]
+            handle = executor.attach(by_name[addressing], after)
+            if handle is None and prepare(addressing, stale=bool(after)):
+                handle = executor.start(by_name[addressing], after)
+            if handle is None:
+                finished.add(addressing)
+                bar.update(1)
+            else:
+                running[addressing] = handle
+
     try:
         while running or any(map(ready, pending)):
-            # an executor that queues takes a stage and then the stages that read it, in one pass
-            for addressing in list(pending) if executor.queues else [a for a in pending if ready(a)]:
-                if not ready(addressing):
-                    continue
-                if not executor.room(by_name[addressing], [by_name[a] for a in running]):
-                    break
-                pending.remove(addressing)
-                after = [a for a in running if a in upstream[addressing]]
-                handle = executor.attach(by_name[addressing], after)
-                if handle is None and prepare(addressing, stale=bool(after)):
-                    handle = executor.start(by_name[addressing], after)
-                if handle is None:
-                    finished.add(addressing)
-                    bar.update(1)
-                else:
-                    running[addressing] = handle
+            launch()
             time.sleep(executor.interval)
-            for addressing in executor.ended(running):
-                if executor.finish(addressing, running.pop(addressing)):
+            ended = {addressing: running.pop(addressing) for addressing in executor.ended(running)}
+            if ended:
+                launch()  # their slots are free: a stage that does not read them starts before the commits below
+            for addressing, handle in ended.items():
+                if executor.finish(addressing, handle):
                     done.append(addressing)
                     finished.add(addressing)
                 else:

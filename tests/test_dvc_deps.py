@@ -65,7 +65,8 @@ def scratch(tmp_path_factory) -> Path:
     # the pool's on-disk format: the pool stages and every RECALL run, which reads pools through it
     ("recall/replay/pool.py", {"replay_pool@toy_gan", "replay_pool@web", "replay_pool@gan",
                                "replay_pool@toy_diffusion", "replay_run@15-5_recall_toy_diffusion",
-                               "replay_run@15-5_recall_toy_gan", "replay_run@15-1x5_recall_web"}),
+                               "replay_run@15-5_recall_toy_gan", "replay_run@15-1x5_recall_toy_gan",
+                               "replay_select@web"}),
     # the configuration: every stage that composes one (all but the stand-in weights, which take no config... and do)
     ("recall/config.py", {"toyworld", "step0@15-overlapped", "run@15-5_mib", "replay_run@15-5_recall_gan",
                           "classmap@toy_gan", "replay_pool@web", "joint", "report"}),

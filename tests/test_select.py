@@ -3,6 +3,7 @@ writes and what it refuses."""
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,6 +130,18 @@ def test_recall_select_writes_the_kept_images_as_a_pool_and_every_candidates_sco
     assert sum(summary["reasons"].values()) == len(rows)
     assert ReplayPool(out).summary()["selection"] == summary
     assert f"kept {len(kept)} of {len(rows)}" in capsys.readouterr().err
+
+
+def test_the_selection_records_paths_inside_the_working_directory_relative(world, monkeypatch):
+    """As a DVC stage's output, the selected pool must be the same in every clone: no absolute path of this one."""
+    monkeypatch.chdir(world.step0.parent)
+    out = Path("selected_here")
+    assert main(["select", f"dataset.root={world.root}", f"protocol={TUNE_PROTOCOL}", "replay=toy_gan",
+                 "replay.pool=pool", "step0=step0", f"select.pool={out}", "tracking.uri=", "select.epochs=5",
+                 *[o for o in FAST if o.startswith("model.")]]) == 0
+    text = "".join(p.read_text() for p in (out / "pool.json", out / "owner.json"))
+    assert str(world.step0.parent) not in text
+    assert '"step0": "step0"' in text and '"from": "pool"' in text
 
 
 def test_a_run_replays_the_selected_pool(world, tmp_path):

@@ -125,3 +125,36 @@ def test_a_commit_waits_out_another_dvc_process_holding_the_lock(tmp_path, monke
     assert "base@a" not in yaml.safe_load(subprocess.run(
         [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True,
         check=True).stdout)
+
+
+def test_a_finished_stage_frees_its_slot_before_it_is_committed(monkeypatch, tmp_path):
+    """A `dvc commit` takes seconds (it rewrites dvc.lock): a stage that does not read the finished one starts
+    first, and a stage that reads it waits for the commit."""
+    from recall import stage_jobs
+
+    stages = [(name, name, "true", ".") for name in ("a", "b", "c")]
+    upstream = {"a": set(), "b": set(), "c": {"a"}}
+    monkeypatch.setattr(stage_jobs, "pipeline", lambda _: (stages, upstream, {"a": 1, "b": 0, "c": 0}))
+    monkeypatch.setattr(stage_jobs, "prepare", lambda addressing, stale=False: True)
+    events = []
+
+    class OneAtATime(stage_jobs.Local):
+        interval = 0
+
+        def start(self, stage, after):
+            events.append(f"start {stage[0]}")
+            return stage[0]
+
+        def ended(self, running):
+            return list(running)
+
+        def finish(self, addressing, handle):
+            events.append(f"commit {addressing}")
+            return True
+
+        def stop(self, running):
+            pass
+
+    done, failed, left = stage_jobs.run_dag(Path("dvc.yaml"), 1, tmp_path, {}, executor=OneAtATime(1, tmp_path, {}))
+    assert events == ["start a", "start b", "commit a", "start c", "commit b", "commit c"]
+    assert (done, failed, left) == (["a", "b", "c"], [], [])

@@ -82,9 +82,16 @@ def _score(model, load, sizes: list[tuple[int, int]], classes: list[list[int]], 
     return torch.stack(features), shares
 
 
+def _where(path: Path) -> str:
+    """A path as the marker records it: relative to the working directory when inside it (a DVC stage's output is
+    then the same in every clone), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd().resolve())) if path.is_relative_to(Path.cwd().resolve()) else str(path)
+
+
 def _target(cfg, opts: SelectConfig, target: Path, source: ReplayPool) -> Marker:
     """The selected pool's marker, and the claim on `target` (before any work: a refusal comes first)."""
-    params = {"from": str(source.root.resolve()), "step0": str(Path(cfg.step0).resolve()),
+    params = {"from": _where(source.root), "step0": _where(Path(cfg.step0)),
               "protocol": str(cfg.protocol.name), "setting": str(cfg.setting.name), "seed": int(cfg.seed),
               "select": dataclasses.asdict(opts)}
     owner = pool_owner(source.root) or {}
