@@ -8,11 +8,11 @@ classify the set's training images and writes
     out/encoder.pth      the backbone's weights without its classifier: `model.pretrained_file` (loaded strictly)
     out/classifier.pth   the whole classifier (backbone + its classifier layer) and its preprocessing (ImageNet's
                          mean and std, the input size): the class mapping's classifier, as the paper maps VOC
-                         classes with an ImageNet classifier (`recall.replay.classmap.save_classifier`)
+                         classes with an ImageNet classifier (`recall.replay.classifier.save_classifier`)
     out/classes.json     the class names, in the classifier's order
     out/metrics.json     held-out top-1 / top-5 accuracy, training accuracy, images, seconds
 
-The held-out accuracy is measured through `recall.replay.classmap.classify`, the class map's own preprocessing.
+The held-out accuracy is measured through `recall.replay.classifier.classify`, the class map's own preprocessing.
 
 Training is deterministic for a seed (AdamW, one-cycle schedule, random flips and zoom-outs: the classifier must
 also recognise the small objects of segmentation images).
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from recall.atomic import write_bytes, write_json
 from recall.errors import Diverged, UserError
 from recall.registry import resolve
-from recall.replay.classmap import SourceClassifier, classify, save_classifier
+from recall.replay.classifier import SourceClassifier, classify, save_classifier
 
 # pretrain.dataset -> "module:function(split, per_class, size, seed, workers) -> (uint8 NHWC images, labels, names)"
 DATASETS = {"toy_imagenet": "recall.sim.toy_imagenet:classification_set"}

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from recall.data.classes import VOC_CLASSES
+from recall.replay.classifier import imagenet_classifier
 from recall.replay.classmap import (
-    imagenet_classifier,
     load_mapping,
     map_classes,
     save_mapping,

@@ -88,7 +88,8 @@ def test_the_segmentation_model_starts_from_the_pretrained_encoder(pretrained: P
 
 
 def test_the_class_mapping_uses_the_pretrained_classifier(pretrained: Path, tiny_world: Path):
-    from recall.replay.classmap import imagenet_classifier, map_classes
+    from recall.replay.classifier import imagenet_classifier
+    from recall.replay.classmap import map_classes
 
     classifier = imagenet_classifier("test_resnet", weights=pretrained / "classifier.pth",
                                      names=pretrained / "classes.json")
@@ -102,7 +103,7 @@ def test_the_class_map_sees_the_held_out_images_as_the_pretraining_did(pretraine
     held-out images exactly as the pretraining measured them (its top-1), logit for logit."""
     import timm
 
-    from recall.replay.classmap import SourceClassifier, classify, imagenet_classifier
+    from recall.replay.classifier import SourceClassifier, classify, imagenet_classifier
 
     images, labels, names = toy_imagenet.classification_set("val", 1, size=32, workers=1)
     images = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -120,7 +121,7 @@ def test_the_class_map_sees_the_held_out_images_as_the_pretraining_did(pretraine
 
 
 def test_a_classifier_file_without_its_preprocessing_is_refused(pretrained: Path, tmp_path: Path):
-    from recall.replay.classmap import imagenet_classifier, save_classifier
+    from recall.replay.classifier import imagenet_classifier, save_classifier
     from recall.errors import ReplayError
 
     state = torch.load(pretrained / "classifier.pth", weights_only=True)["state_dict"]

@@ -151,7 +151,7 @@ class BigGANSource:
     """A pretrained BigGAN(-deep) as a replay source (see the module docstring).
 
     ``mapping`` (target class -> ImageNet class index, from ``classmap.map_classes`` with
-    ``classmap.imagenet_classifier``, or a hand-written file such as
+    ``classifier.imagenet_classifier``, or a hand-written file such as
     ``conf/replay/voc_imagenet_mapping.json``) says which ImageNet class replays which target class.
     The directory and config are checked at construction; the model is loaded on first use.
     ``batch_size`` and ``device`` change speed only, so they are not part of ``params``.

@@ -2,7 +2,7 @@
 
 The demo has no internet, so the `standin_weights` stage writes these in the formats the real files come in, and
 the product loads them through its real code paths (``recall.replay.gan.load_biggan``,
-``recall.replay.classmap.imagenet_classifier``). Their outputs are noise: a plumbing check and a "replay noise"
+``recall.replay.classifier.imagenet_classifier``). Their outputs are noise: a plumbing check and a "replay noise"
 control, never a model of anything.
 
 ``make_tiny_biggan`` writes a tiny random-weight BigGAN-deep. A fresh random BigGAN is unusable in eval mode: its
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from recall.atomic import write_bytes
-from recall.replay.classmap import STANDIN_MODEL, _create_timm_model, save_classifier
+from recall.replay.classifier import STANDIN_MODEL, _create_timm_model, save_classifier
 from recall.replay.gan import CONFIG_NAME, WEIGHTS_NAME, _library, truncated_noise
 from recall.errors import ReplayError
 from recall.replay.weights import IMAGENET_NUM_CLASSES
@@ -209,7 +209,7 @@ def make_tiny_biggan(out_dir: str | Path, seed: int = 0, channel_width: int = TI
 
 
 def make_standin_classifier(path: str | Path, model_name: str = STANDIN_MODEL, seed: int = 0) -> Path:
-    """Write a random-weight 1000-class timm model as a classifier file (``classmap.save_classifier``: its state dict
+    """Write a random-weight 1000-class timm model as a classifier file (``classifier.save_classifier``: its state dict
     and the preprocessing of timm's config for it) to ``path``, atomically; returns it.
 
     The demo's stand-in for the EfficientNet-B2 ImageNet weights (``test_efficientnet``: 0.36M

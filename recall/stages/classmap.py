@@ -24,7 +24,8 @@ from recall.config import CONF_DIR, group_options
 from recall.data.classes import dataset_class_names
 from recall.atomic import write_json
 from recall.registry import resolve
-from recall.replay.classmap import SCORE_DECIMALS, imagenet_classifier, map_classes, save_mapping, shared_sources
+from recall.replay.classifier import imagenet_classifier
+from recall.replay.classmap import SCORE_DECIMALS, map_classes, save_mapping, shared_sources
 from recall.errors import ReplayError
 
 
@@ -38,7 +39,7 @@ def _pretrained(cfg: DictConfig, options: dict):
     unknown = set(options) - {"model", "weights", "names"}
     if unknown:
         hint = (" (the input size is the classifier file's own, as its normalisation: see "
-                "recall.replay.classmap.save_classifier)" if "input_size" in unknown else "")
+                "recall.replay.classifier.save_classifier)" if "input_size" in unknown else "")
         raise ReplayError(f"replay.classifier: unknown option(s) {sorted(unknown)}; expected model, weights, "
                           f"names{hint}")
     return imagenet_classifier(options["model"], weights=options["weights"], names=options.get("names"))
