@@ -50,8 +50,11 @@ def overrides(seed: int, name: str, work: Path) -> list[str]:
             "web": ["method=recall", *web(seed, work)]}[name]
 
 
-def summary(records: dict, seeds: list[int], protocols: list[str]) -> dict:
-    names = {**REFERENCES, **ADDED}
+def summary(records: dict, seeds: list[int], protocols: list[str], added: dict = ADDED, references: dict = REFERENCES,
+            compared_with: tuple = COMPARED_WITH) -> dict:
+    """Mean ± sample std per cell of `added` and `references`, and paired verdicts of each added run against each of
+    `compared_with`."""
+    names = {**references, **added}
     cells, contrasts, rows = {}, {}, []
     for protocol in protocols:
         cell = {}
@@ -59,20 +62,20 @@ def summary(records: dict, seeds: list[int], protocols: list[str]) -> dict:
             per_seed = [records[protocol][name][str(s)] for s in seeds]
             cell[name] = {k: mean_std([p[k] for p in per_seed]) for k in METRICS}
             rows.append([protocol, label, *(cell[name][k]["text"] for k in METRICS), len(seeds)])
-        for name in ADDED:
-            for reference in COMPARED_WITH:
+        for name in added:
+            for reference in compared_with:
                 for metric in METRICS:
                     contrasts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = paired(
                         name, reference, *([records[protocol][n][str(s)][metric] for s in seeds]
                                            for n in (name, reference)))
         cells[protocol] = cell
-    calls = [[protocol, ADDED[name], *(f"{c['verdict']} ({c['difference']['text']})" for c in
-                                       (contrasts[protocol][f"{name}_vs_{r}"][m] for r in COMPARED_WITH
+    calls = [[protocol, added[name], *(f"{c['verdict']} ({c['difference']['text']})" for c in
+                                       (contrasts[protocol][f"{name}_vs_{r}"][m] for r in compared_with
                                         for m in ("old_no_bg", "new", "all")))]
-             for protocol in protocols for name in ADDED]
+             for protocol in protocols for name in added]
     return {"cells": cells, "contrasts": contrasts,
             "table": {"columns": ["protocol", "method", "old (no bg)", "new", "all", "seeds"], "rows": rows},
-            "calls": {"columns": ["protocol", "method", *(f"- {REFERENCES[r]}, {m}" for r in COMPARED_WITH
+            "calls": {"columns": ["protocol", "method", *(f"- {references[r]}, {m}" for r in compared_with
                                                           for m in ("old (no bg)", "new", "all"))],
                       "rows": calls}}
 

@@ -70,7 +70,7 @@ def scratch(tmp_path_factory) -> Path:
     # the configuration: every stage that composes one (all but the stand-in weights, which take no config... and do)
     ("recall/config.py", {"toyworld", "step0@15-overlapped", "run@15-5_mib", "replay_run@15-5_recall_gan",
                           "classmap@toy_gan", "replay_pool@web", "joint", "report"}),
-    ("recall/methods/distillation.py", {"step0@15-overlapped", "run@15-5_mib", "run@15-1x5_ft", "joint"}),
+    ("recall/methods/distillation.py", {"step0@15-overlapped", "run@15-5_mib", "run@15-1x5_mib", "joint"}),
     # the class mapping: its stages and the pools built from its maps, not the pretraining ...
     ("recall/replay/classmap.py", {"classmap@toy_gan", "classmap@gan", "replay_pool@toy_gan", "replay_pool@gan"}),
     # ... which shares only the classifier (its preprocessing, its file) with it

@@ -84,7 +84,7 @@ def test_plots_render_offline_labelled_by_run_and_revision(project, capsys):
     assert plots_main(["HEAD", "--project", str(root), "--out", str(out)]) == 0
     runs = sorted(Path(f).parent.name for f in files)  # runs/15-5_ft/curve.csv -> 15-5_ft
     pngs = sorted(out.glob("*.png"))
-    single = re.sub(r"[^a-z0-9]+", "_", files[0].lower())  # runs/15-1x5_ft/curve.csv's own plot
+    single = re.sub(r"[^a-z0-9]+", "_", files[0].lower())  # the first run's curve.csv's own plot
     assert [p.stem for p in pngs] == ["miou_of_all_classes_after_each_step",
                                       "miou_of_old_classes_no_bg_after_each_step", single]
     for png in pngs[:2]:
