@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from recall import distributed, timing
 from recall.atomic import write_json, write_text
 from recall.config import section, without_passwords
-from recall.data.classes import dataset_class_names
+from recall.data.datasets import dataset_class_names
 from recall.data.protocol import (
     Conventions,
     eval_label_map,

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from recall.config import section
+from recall.data.datasets import known
 from recall.data.protocol import get_convention, select_eval_images
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
 from recall.experiment import ProtocolRun, check_run_dir, config_differences
@@ -33,14 +34,6 @@ class PlanConfig:
     train_images_per_second: float = 200.0  # training loop (forward + backward) for the model and crop
     eval_images_per_second: float = 600.0  # forward only: evaluation and label evaluation of replay images
 
-
-# How to get each dataset onto disk.
-PREPARE = {
-    "toy": "recall toyworld {root}",
-    "voc": "recall data prepare voc --root {root} --archive VOCtrainval_11-May-2012.tar, then "
-           "recall data prepare sbd --root {root} --archive benchmark.tgz (train_aug)",
-    "ade20k": "recall data prepare ade20k --root {root} --archive ADEChallengeData2016.zip",
-}
 
 # What `run_steps` does with a step, told by the files of the run directory: (trains it, evaluates it).
 WORK = {"train": (True, True), "evaluate": (False, True), "done": (False, False), "adopt step0": (False, False)}
@@ -79,7 +72,8 @@ def dataset_status(cfg: DictConfig) -> dict:
         except DatasetError as error:
             status["missing"] = [str(error)]
     if not status["prepared"]:
-        status["prepare"] = PREPARE.get(str(d.name), "put it in VOC layout under {root}").format(root=root)
+        dataset = known(str(d.name))  # how to get it onto disk: a registered dataset's command
+        status["prepare"] = (dataset.setup if dataset else "put it in VOC layout under {root}").format(root=root)
     return status
 
 

@@ -232,3 +232,34 @@ def test_adding_a_pool_source_touches_its_module_its_registry_line_its_config_an
     registry = (ROOT / "recall" / "replay" / "sources.py").read_text().splitlines()
     assert sum("recall.replay.diffusion" in line for line in registry) == 1
     assert "name: diffusion" in (ROOT / "conf" / "replay" / "diffusion.yaml").read_text()
+
+
+def test_a_real_dataset_is_its_module_its_registry_line_and_its_config():
+    """A real dataset is recall/data/datasets/<name>.py (its class names, its archive and how to prepare it), one line
+    of the registry (recall/data/datasets/__init__.py) and conf/dataset/<name>.yaml: no other module of the product
+    names it (no string "<name>", no import of its module: nothing branches on a dataset's name). The toy world's entry
+    points at VOC's module (VOC's names): the product never imports the simulation that makes it. A dataset in VOC
+    layout needs its config file only (tests/test_datasets.py)."""
+    from recall.data.datasets import DATASETS
+    from recall.provenance import module_file
+
+    package = PACKAGE_DIR / "data" / "datasets"
+    registry = (package / "__init__.py").read_text().splitlines()
+    modules = {}
+    for name, reference in DATASETS.items():
+        path = module_file(reference.partition(":")[0])
+        assert path is not None and path.parent == package, reference
+        assert sum(f'"{name}": "{reference}"' in line for line in registry) == 1
+        assert f"name: {name}\n" in (ROOT / "conf" / "dataset" / f"{name}.yaml").read_text()
+        modules[name] = path.stem
+    assert modules == {"voc": "voc", "ade20k": "ade20k", "toy": "voc"}
+    for name in (name for name, module in modules.items() if module == name):
+        own = {package / f"{name}.py", package / "__init__.py"}
+        naming = set()
+        for path in PACKAGE_DIR.rglob("*.py"):
+            if path in own or SIM in path.parents:
+                continue
+            strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+            if name in strings or any(m.startswith(f"recall.data.datasets.{name}") for m in imports_of(path)):
+                naming.add(path.relative_to(ROOT).as_posix())
+        assert naming == set(), f"{name} is named outside its module and its registry line"

@@ -144,7 +144,7 @@ def test_the_class_mapping_averages_every_image_of_a_class_and_names_ade20k_clas
     present = image_classes(tiny_world, read_split(tiny_world, "train"), progress=False)
     mapping = map_classes(Constant(), tiny_world, num_classes=20)
     assert all(m["n_images"] == sum(c in v for v in present.values()) for c, m in mapping.items())
-    from recall.data.classes import ADE20K_CLASSES
+    from recall.data.datasets.ade20k import ADE20K_CLASSES
     ade = map_classes(Constant(), tiny_world, num_classes=150, class_names=ADE20K_CLASSES)
     assert ade[1]["name"] == "wall" and ade[1]["name"] != VOC_CLASSES[1]
 

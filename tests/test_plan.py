@@ -13,7 +13,8 @@ import yaml
 
 from recall.cli import main
 from recall.config import compose, default_params
-from recall.data.classes import ADE20K_CLASSES, VOC_CLASSES
+from recall.data.classes import VOC_CLASSES
+from recall.data.datasets.ade20k import ADE20K_CLASSES
 from recall.data.protocol import select_train_images, steps
 from recall.data.voc import image_classes, read_split
 from recall.experiment import ProtocolRun, check_same_config

@@ -26,8 +26,10 @@ from PIL import Image
 from recall.atomic import write_bytes
 from recall.cli import main
 from recall.data import prepare as prep
-from recall.data.classes import ADE20K_CLASSES, VOC_CLASSES, class_names, voc_palette
-from recall.data.fetch import KNOWN_ARCHIVES, ArchiveError, download, obtain
+from recall.data.classes import VOC_CLASSES, voc_palette
+from recall.data.datasets import ade20k, class_names, voc
+from recall.data.datasets.ade20k import ADE20K_CLASSES
+from recall.data.fetch import ArchiveError, download, obtain
 from recall.data.voc import DatasetError, VOCSegmentation, load_mask, read_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +201,7 @@ def test_sbd_train_aug_is_the_usual_union_and_conf_voc_reads_it(voc_sbd_root):
     root = voc_sbd_root
     dataset = yaml.safe_load((ROOT / "conf" / "dataset" / "voc.yaml").read_text())
     train_ids = read_split(root, dataset["train_split"])
-    assert train_ids == TRAIN_AUG == prep.train_aug_ids(SBD_TRAIN, SBD_VAL, VOC_TRAIN, VOC_VAL)
+    assert train_ids == TRAIN_AUG == voc.train_aug_ids(SBD_TRAIN, SBD_VAL, VOC_TRAIN, VOC_VAL)
     assert not set(train_ids) & set(VOC_VAL), "no val image is trained on"
     assert read_split(root, dataset["val_split"]) == VOC_VAL
     for split in (dataset["train_split"], dataset["val_split"]):
@@ -228,12 +230,12 @@ def test_sbd_mat_reads_like_the_real_files():
     """The test .mat files load the way torchvision and mmsegmentation read the real GTcls files."""
     mask = sbd_mask("2008_000002")
     data = _gtcls_mat(mask)
-    assert np.array_equal(prep.sbd_mask(data, "x.mat"), mask)
+    assert np.array_equal(voc.sbd_mask(data, "x.mat"), mask)
     torchvision_way = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["GTcls"]["Segmentation"].item()
     mmseg_way = scipy.io.loadmat(io.BytesIO(data))["GTcls"][0]["Segmentation"][0]
     assert np.array_equal(torchvision_way, mask) and np.array_equal(mmseg_way, mask)
     with pytest.raises(ArchiveError, match="GTcls"):
-        prep.sbd_mask(b"not a mat file", "cls/bad.mat")
+        voc.sbd_mask(b"not a mat file", "cls/bad.mat")
 
 
 def test_sbd_needs_voc_first(tmp_path, archives):
@@ -244,7 +246,7 @@ def test_sbd_needs_voc_first(tmp_path, archives):
 def test_a_killed_conversion_resumes_without_half_files(tmp_path, archives, monkeypatch):
     root = tmp_path / "voc"
     _prepare("voc", root, archives["voc"])
-    real, calls = prep.mask_png, []
+    real, calls = voc.mask_png, []
 
     def dies_on_the_third(mask):
         calls.append(1)
@@ -252,7 +254,7 @@ def test_a_killed_conversion_resumes_without_half_files(tmp_path, archives, monk
             raise KeyboardInterrupt  # like Ctrl-C in the middle of the conversion
         return real(mask)
 
-    monkeypatch.setattr(prep, "mask_png", dies_on_the_third)
+    monkeypatch.setattr(voc, "mask_png", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         _prepare("sbd", root, archives["sbd"])
     done = sorted((root / "SegmentationClassAug").glob("*.png"))
@@ -260,7 +262,7 @@ def test_a_killed_conversion_resumes_without_half_files(tmp_path, archives, monk
     assert not list(root.rglob("*.tmp"))
     with pytest.raises(DatasetError, match="did not finish"):
         prep.check("sbd", root)
-    monkeypatch.setattr(prep, "mask_png", real)
+    monkeypatch.setattr(voc, "mask_png", real)
     summary = _prepare("sbd", root, archives["sbd"])
     assert summary["masks_skipped"] == 2 and summary["masks_converted"] == 1  # 3 SBD-only masks in all
     assert prep.check("sbd", root) == {"train_aug": len(TRAIN_AUG), "val": len(VOC_VAL)}
@@ -349,10 +351,10 @@ def test_checksum_mismatch_names_file_and_digests(tmp_path, archives, capsys):
     err = capsys.readouterr().err
     assert str(archives["voc"]) in err and wrong in err and _sha(archives["voc"]) in err and "delete it" in err
     # without --sha256 the official digest (and size, where known) is expected
-    with pytest.raises(ArchiveError, match=f"expected {KNOWN_ARCHIVES['sbd'].sha256}, got {_sha(archives['sbd'])}"):
-        obtain("sbd", [str(archives["sbd"])], tmp_path, progress=False)
+    with pytest.raises(ArchiveError, match=f"expected {voc.SBD_ARCHIVE.sha256}, got {_sha(archives['sbd'])}"):
+        obtain(voc.SBD_ARCHIVE, [str(archives["sbd"])], tmp_path, progress=False)
     with pytest.raises(ArchiveError, match="bytes, expected 1999639040"):
-        obtain("voc", [str(archives["voc"])], tmp_path, progress=False)
+        obtain(voc.VOC_ARCHIVE, [str(archives["voc"])], tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("dataset", ["voc", "sbd", "ade20k"])
@@ -492,13 +494,11 @@ def test_a_body_cut_without_content_length_is_never_promoted(tmp_path, archives)
         with pytest.raises(ArchiveError, match=rf"{dest}: SHA-256 mismatch: expected {digest}, got [0-9a-f]{{64}}"):
             download(server.url + url_path, dest, backoff=0, progress=False, sha256=digest)
         assert not dest.exists() and not dest.with_name("ade.zip.part").exists()
-        # through obtain(): the official size and digest are passed on (here the test archive's, via KNOWN_ARCHIVES)
+        # through obtain(): the official size and digest are passed on (here the test archive's, as if official)
         server.plan = [0.5]
-        known = prep.KNOWN_ARCHIVES["ade20k"]
+        known = ade20k.ARCHIVE
         fake = type(known)("ade20k", known.name, "", digest, len(data), "test")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setitem(prep.KNOWN_ARCHIVES, "ade20k", fake)
-            archive = obtain("ade20k", [server.url + url_path], tmp_path / "obtain", backoff=0, progress=False)
+        archive = obtain(fake, [server.url + url_path], tmp_path / "obtain", backoff=0, progress=False)
         assert archive.official and archive.path.read_bytes() == data
 
 

@@ -5,8 +5,9 @@ local file or directory (used in place) or an http(s) URL, downloaded into ``dow
 ``<name>.part``: an interrupted download (a cut connection, a killed process) keeps the bytes received so far and
 the next attempt asks only for the rest (HTTP ``Range``). Several sources are alternatives (mirrors), tried in order.
 
-The digests of the official archives are in :data:`KNOWN_ARCHIVES`, copied from projects that verify them on
-every download (never computed here): a user's ``--sha256`` replaces them, e.g. for a repackaged archive.
+The digests of the official archives are their datasets' (``KnownArchive`` entries of ``recall.data.datasets``'
+modules), copied from projects that verify them on every download (never computed here): a user's ``--sha256``
+replaces them, e.g. for a repackaged archive.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from recall.data.voc import DatasetError
+from recall.data.datasets import KnownArchive
+from recall.data.voc import ArchiveError, DatasetError
 
 CHUNK_BYTES = 1 << 20
 HASH_CHUNK_BYTES = 8 << 20
@@ -34,43 +36,6 @@ MAX_ATTEMPTS_FACTOR = 10      # attempts that bring bytes do not count as failur
 RETRY_STATUSES = (408, 429)   # retried like 5xx
 PART_SUFFIX = ".part"
 PROGRESS_DELAY = 1.0          # seconds before a progress bar shows (none for a quick step)
-
-
-class ArchiveError(DatasetError):
-    """A download that failed, or an archive that is truncated or not the expected one; names the file."""
-
-
-@dataclass(frozen=True)
-class KnownArchive:
-    """An official archive: where it is published, its SHA-256 and size (bytes, None if no source gives it)."""
-
-    dataset: str
-    name: str
-    url: str
-    sha256: str
-    size: int | None
-    source: str  # where the digest was copied from
-
-
-# SHA-256 digests as published by projects that check them on download. The MD5s torchvision checks
-# (datasets/voc.py: VOC 6cd6e144f989b92b3379bac3b3de84fd, SBD 82b4d87ceb2ed10f6038a1cba92111cb) name the same files.
-KNOWN_ARCHIVES: dict[str, KnownArchive] = {
-    "voc": KnownArchive(
-        "voc", "VOCtrainval_11-May-2012.tar",
-        "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
-        "e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb", 1_999_639_040,
-        "tensorflow/datasets url_checksums/voc.txt; torchvision prototype datasets/_builtin/voc.py"),
-    "sbd": KnownArchive(
-        "sbd", "benchmark.tgz",
-        "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
-        "6a5a2918d5c73ce032fdeba876574d150d9d04113ab87540a1304cbcc715be53", None,
-        "torchvision prototype datasets/_builtin/sbd.py"),
-    "ade20k": KnownArchive(
-        "ade20k", "ADEChallengeData2016.zip",
-        "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
-        "7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29", 967_382_037,
-        "tensorflow/datasets url_checksums/ade20k.txt"),
-}
 
 
 @dataclass(frozen=True)
@@ -259,14 +224,13 @@ def _local(source: str, downloads: Path, attempts: int, backoff: float, progress
     return path
 
 
-def obtain(dataset: str, sources: list[str], downloads: Path, sha256: str | None = None,
+def obtain(known: KnownArchive | None, sources: list[str], downloads: Path, sha256: str | None = None,
            attempts: int = DOWNLOAD_ATTEMPTS, backoff: float = BACKOFF_SECONDS, progress: bool = True) -> Archive:
-    """The first of ``sources`` that can be fetched, verified against ``sha256`` or the official digest.
+    """The first of ``sources`` that can be fetched, verified against ``sha256`` or the official digest (``known``).
 
     A directory (an archive extracted by hand) is taken as it is: there are no bytes to hash.
     A checksum mismatch is an error at once (another mirror would not make this file right).
     """
-    known = KNOWN_ARCHIVES.get(dataset)
     expected = sha256 or (known.sha256 if known else None)
     size = known.size if known and not sha256 else None
     failures = []

@@ -1,5 +1,8 @@
 """`recall data prepare`: the official archives of Pascal VOC 2012, SBD and ADE20K in the layout the loader reads.
 
+What each dataset's preparation does is its module's (``recall.data.datasets``: voc.py for voc and sbd, ade20k.py);
+this module is what they share: reading archives, writing files, the check of a prepared root and the command.
+
 Every dataset ends up as ``root/JPEGImages/<id>.jpg``, ``root/<mask dir>/<id>.png`` (class indices, 255 =
 ignore) and ``root/ImageSets/Segmentation/<split>.txt``, so :class:`recall.data.voc.VOCSegmentation` reads all
 three:
@@ -36,7 +39,6 @@ it has the archive member's size (a converted SBD mask: only if it is a whole PN
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import shutil
@@ -50,12 +52,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
 from recall.atomic import write_bytes, write_json, write_text
-from recall.data.classes import voc_palette
+from recall.data.datasets import Preparation, preparations
 from recall.data.fetch import (
-    KNOWN_ARCHIVES,
     PROGRESS_DELAY,
     Archive,
     ArchiveError,
@@ -72,50 +71,40 @@ from recall.data.voc import (
     split_file,
 )
 
-DATASETS = ("voc", "sbd", "ade20k")
 IMAGE_DIR = "JPEGImages"
 MANIFEST = "prepared.json"
 IN_PROGRESS, COMPLETE = "in progress", "complete"
-SBD_NUM_CLASSES = 20
 SHOW_MISSING = 3  # missing files named in an error
 DRAIN_BYTES = 1 << 20
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every PNG: the empty IEND chunk and its CRC
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What a prepared dataset holds besides JPEGImages/, and the split sizes of the official archives."""
 
-    mask_dir: str
-    official_counts: dict[str, int]
-
-
-LAYOUTS: dict[str, Layout] = {
-    "voc": Layout("SegmentationClass", {"train": 1464, "val": 1449}),
-    "sbd": Layout("SegmentationClassAug", {"train_aug": 10582, "val": 1449}),
-    "ade20k": Layout("SegmentationClass", {"train": 20210, "val": 2000}),
-}
-
-VOC_PREFIX = "VOCdevkit/VOC2012/"
-SBD_PREFIX = "benchmark_RELEASE/dataset/"
-ADE_PREFIX = "ADEChallengeData2016/"
-ADE_SPLITS = {"training": "train", "validation": "val"}
-PREFIXES = {"voc": VOC_PREFIX, "sbd": SBD_PREFIX, "ade20k": ADE_PREFIX}
 
 
 # --------------------------------------------------------------------------- check
 
 
+def _preparation(dataset: str) -> Preparation:
+    known = preparations()
+    if dataset not in known:
+        raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(known)}")
+    return known[dataset]
+
+
 def _prepare_hint(dataset: str, root: Path) -> str:
-    known = KNOWN_ARCHIVES[dataset]
-    needs_voc = " (after `recall data prepare voc` in the same root)" if dataset == "sbd" else ""
-    return (f"prepare it with `recall data prepare {dataset} --root {root} --archive {known.name}`{needs_voc}; "
+    preparation = _preparation(dataset)
+    known = preparation.archive
+    after = (f" (after `recall data prepare {preparation.after}` in the same root)" if preparation.after else "")
+    return (f"prepare it with `recall data prepare {dataset} --root {root} --archive {known.name}`{after}; "
             f"the official archive is {known.url}")
 
 
 def _root_hint(root: Path) -> str:
-    """A likely intended root, for a user who pointed at a parent of the dataset (e.g. the extracted VOCdevkit)."""
-    for inner in ("VOCdevkit/VOC2012", "VOC2012", "voc", "ade20k"):
+    """A likely intended root, for a user who pointed at a parent of the dataset (e.g. the extracted VOCdevkit, or
+    data/ holding data/voc: a root named after its family)."""
+    families = dict.fromkeys(p.family for p in preparations().values())
+    for inner in ("VOCdevkit/VOC2012", "VOC2012", *families):
         if (root / inner / IMAGE_DIR).is_dir():
             return f" ({root / inner} looks like a dataset root: did you mean --root {root / inner}?)"
     return ""
@@ -167,10 +156,11 @@ def check(dataset: str, root: str | Path) -> dict[str, int]:
 
 def _check_files(dataset: str, root: Path, hint: str) -> dict[str, int]:
     """Images per split, once every id of every split has its image and mask (``hint`` says what to do if not)."""
-    layout = LAYOUTS[dataset]
+    preparation = _preparation(dataset)
+    mask_dir = preparation.mask_dir
     folders = {root / IMAGE_DIR: (_file_names(root / IMAGE_DIR, hint), IMAGE_SUFFIX),
-               root / layout.mask_dir: (_file_names(root / layout.mask_dir, hint), MASK_SUFFIX)}
-    return {split: _check_split(root, split, folders, hint) for split in layout.official_counts}
+               root / mask_dir: (_file_names(root / mask_dir, hint), MASK_SUFFIX)}
+    return {split: _check_split(root, split, folders, hint) for split in preparation.official_counts}
 
 
 def _check_extracted(dataset: str, root: Path, archive: Archive) -> dict[str, int]:
@@ -261,7 +251,7 @@ def reading(path: Path):
                            f"already extracted are kept and skipped next time") from error
 
 
-def _under(name: str, prefix: str) -> PurePosixPath | None:
+def under(name: str, prefix: str) -> PurePosixPath | None:
     """``name`` relative to the archive folder ``prefix``, or None outside it (``./`` of ``tar czf x.tgz .`` dropped)."""
     while name.startswith("./"):
         name = name[2:]
@@ -305,7 +295,7 @@ def place(member: Member, dest: Path, counts: Counter, durable: bool = False) ->
     counts["written"] += 1
 
 
-def _is_whole_png(path: Path) -> bool:
+def is_whole_png(path: Path) -> bool:
     """``path`` is a file ending with a PNG's IEND chunk (not an empty or cut-short one left by a power loss)."""
     try:
         with open(path, "rb") as handle:
@@ -327,8 +317,37 @@ def _remove_stale_tmp(root: Path, folders: tuple[str, ...]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _write_split(root: Path, split: str, ids: list[str]) -> None:
+def write_split(root: Path, split: str, ids: list[str]) -> None:
     write_text(split_file(root, split), "".join(f"{i}\n" for i in ids))
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What a dataset's preparation (``Preparation.prepare``) gets: the root it fills, the archive it reads, and the
+    ways to read and write files every preparation shares. (A dataset module imports nothing of this module.)"""
+
+    root: Path
+    archive: Archive
+    progress: bool = True
+
+    def reading(self):
+        """The context every read of the archive happens in (``reading``)."""
+        return reading(self.archive.path)
+
+    def files(self, prefix: str, desc: str) -> Iterator[tuple[PurePosixPath, Member]]:
+        """(path under the archive folder ``prefix``, member) of the archive's files there, in archive order."""
+        for member in members(self.archive.path, prefix, desc, self.progress):
+            rel = under(member.name, prefix)
+            if rel is not None:
+                yield rel, member
+
+    def write_split(self, split: str, ids: list[str]) -> None:
+        write_split(self.root, split, ids)
+
+    image_dir = IMAGE_DIR
+    place = staticmethod(place)
+    link_or_copy = staticmethod(link_or_copy)
+    is_whole_png = staticmethod(is_whole_png)
 
 
 def _set_manifest(root: Path, dataset: str, entry: dict) -> None:
@@ -339,186 +358,59 @@ def _set_manifest(root: Path, dataset: str, entry: dict) -> None:
 
 def _warn_counts(dataset: str, counts: dict[str, int], archive: Archive) -> None:
     """A preparation from the official archives that does not give the published split sizes is suspicious."""
-    expected = LAYOUTS[dataset].official_counts
+    expected = _preparation(dataset).official_counts
     if archive.official and counts != expected:
         print(f"recall: warning: {dataset} from the official {archive.path.name} gave {counts}, "
               f"expected {expected}", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------- VOC 2012
 
 
-def _voc_dest(root: Path, rel: PurePosixPath) -> Path | None:
-    """Where a file of VOCdevkit/VOC2012/ goes: the images, the class masks and the segmentation splits only."""
-    wanted = {("JPEGImages",): IMAGE_SUFFIX, ("SegmentationClass",): MASK_SUFFIX,
-              ("ImageSets", "Segmentation"): ".txt"}
-    suffix = wanted.get(rel.parts[:-1])
-    return root.joinpath(*rel.parts) if suffix and rel.suffix == suffix else None
 
 
-def prepare_voc(root: Path, archive: Archive, progress: bool = True) -> dict:
-    counts = Counter()
-    with reading(archive.path):
-        for member in members(archive.path, VOC_PREFIX, "VOC 2012", progress):
-            rel = _under(member.name, VOC_PREFIX)
-            dest = _voc_dest(root, rel) if rel else None
-            if dest is not None:
-                place(member, dest, counts)
-    return {"files_written": counts["written"], "files_skipped": counts["skipped"]}
-
-
-# --------------------------------------------------------------------------- SBD
-
-
-def sbd_mask(data: bytes, name: str) -> np.ndarray:
-    """The class indices of an SBD ``cls/<id>.mat``: MATLAB struct ``GTcls``, field ``Segmentation`` (uint8 0-20)."""
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
-
-    try:
-        mask = np.asarray(loadmat(io.BytesIO(data), struct_as_record=False, squeeze_me=True)["GTcls"].Segmentation)
-    except (MatReadError, ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ArchiveError(f"{name}: not an SBD class annotation (a MATLAB struct GTcls with a Segmentation "
-                           f"field): {type(error).__name__}: {error}") from error
-    if mask.ndim != 2 or mask.size == 0 or mask.min() < 0 or mask.max() > SBD_NUM_CLASSES:
-        raise ArchiveError(f"{name}: Segmentation must be a 2-D array of class indices 0..{SBD_NUM_CLASSES}, got "
-                           f"shape {mask.shape} with values {mask.min() if mask.size else None}.."
-                           f"{mask.max() if mask.size else None}")
-    return mask.astype(np.uint8)
-
-
-def mask_png(mask: np.ndarray) -> bytes:
-    """A palette PNG (the VOC colours) of a class-index mask, like VOC's own SegmentationClass files."""
-    from PIL import Image
-
-    image = Image.fromarray(mask, mode="L")
-    image.putpalette(voc_palette())  # makes it a "P" image holding the same indices
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _require_voc(root: Path) -> tuple[list[str], list[str]]:
-    try:
-        check("voc", root)
-    except DatasetError as error:
-        raise DatasetError(f"{root}: SBD is added to a prepared VOC 2012 in the same root, and VOC 2012 is not "
-                           f"ready there: {error}") from error
-    return read_split(root, "train"), read_split(root, "val")
-
-
-def _sbd_member(root: Path, rel: PurePosixPath, member: Member, voc_masks: set[str], lists: dict,
-                counts: Counter) -> None:
-    """Handle one file of benchmark_RELEASE/dataset/: a split list, a class .mat or an image."""
-    folder = rel.parts[0] if len(rel.parts) == 2 else None
-    if len(rel.parts) == 1 and rel.name in ("train.txt", "val.txt"):
-        lists[rel.stem] = member.read().decode().split()
-    elif folder == "cls" and rel.suffix == ".mat" and rel.stem not in voc_masks:  # VOC's own masks win
-        dest = root / LAYOUTS["sbd"].mask_dir / f"{rel.stem}{MASK_SUFFIX}"
-        if _is_whole_png(dest):  # the size of a conversion is not known in advance: a whole PNG is the check
-            counts["masks_skipped"] += 1
-        else:
-            write_bytes(dest, mask_png(sbd_mask(member.read(), member.name)), durable=False)
-            counts["masks_converted"] += 1
-    elif folder == "img" and rel.suffix == IMAGE_SUFFIX and not (root / IMAGE_DIR / rel.name).is_file():
-        # VOC 2012 has them all; only a stray one is taken. Its presence alone means "done" (a file of another size
-        # may be VOC's own), so it is flushed to disk at once: a power loss cannot leave it cut short. Strays are
-        # rare (VOC 2012's JPEGImages holds SBD's images), so this costs little.
-        place(member, root / IMAGE_DIR / rel.name, counts, durable=True)
-
-
-def train_aug_ids(sbd_train: list[str], sbd_val: list[str], voc_train: list[str], voc_val: list[str]) -> list[str]:
-    """(SBD train ∪ SBD val ∪ VOC train) − VOC val, sorted: the usual 10,582-image ``train_aug``."""
-    return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
-
-
-def prepare_sbd(root: Path, archive: Archive, progress: bool = True) -> dict:
-    voc_train, voc_val = _require_voc(root)
-    voc_masks = set(voc_train) | set(voc_val)
-    lists: dict[str, list[str]] = {}
-    counts = Counter()
-    with reading(archive.path):
-        for member in members(archive.path, SBD_PREFIX, "SBD", progress):
-            rel = _under(member.name, SBD_PREFIX)
-            if rel is not None:
-                _sbd_member(root, rel, member, voc_masks, lists, counts)
-    if set(lists) != {"train", "val"}:
-        raise ArchiveError(f"{archive.path}: no {SBD_PREFIX}train.txt and val.txt in the archive (found "
-                           f"{sorted(lists)}): it is truncated or not SBD's benchmark.tgz")
-    mask_dir = root / LAYOUTS["sbd"].mask_dir
-    for image_id in sorted(voc_masks):
-        source = root / LAYOUTS["voc"].mask_dir / f"{image_id}{MASK_SUFFIX}"
-        dest = mask_dir / f"{image_id}{MASK_SUFFIX}"
-        if not (dest.is_file() and dest.stat().st_size == source.stat().st_size):  # a link, or a whole copy
-            link_or_copy(source, dest)
-            counts["voc_masks_linked"] += 1
-    _write_split(root, "train_aug", train_aug_ids(lists["train"], lists["val"], voc_train, voc_val))
-    return {"masks_converted": counts["masks_converted"], "masks_skipped": counts["masks_skipped"],
-            "voc_masks_linked": counts["voc_masks_linked"], "images_added": counts["written"],
-            "sbd_train": len(lists["train"]), "sbd_val": len(lists["val"])}
-
-
-# --------------------------------------------------------------------------- ADE20K
-
-
-def _ade_dest(root: Path, rel: PurePosixPath) -> tuple[str, Path] | None:
-    """(split, destination) of a file of ADEChallengeData2016/, or None for the files not needed."""
-    if len(rel.parts) != 3 or rel.parts[1] not in ADE_SPLITS:
-        return None
-    kind, folder, name = rel.parts
-    if kind == "images" and rel.suffix == IMAGE_SUFFIX:
-        return ADE_SPLITS[folder], root / IMAGE_DIR / name
-    if kind == "annotations" and rel.suffix == MASK_SUFFIX:
-        return ADE_SPLITS[folder], root / LAYOUTS["ade20k"].mask_dir / name
-    return None
-
-
-def prepare_ade20k(root: Path, archive: Archive, progress: bool = True) -> dict:
-    counts = Counter()
-    splits: dict[str, list[str]] = {split: [] for split in ADE_SPLITS.values()}
-    with reading(archive.path):
-        for member in members(archive.path, ADE_PREFIX, "ADE20K", progress):
-            rel = _under(member.name, ADE_PREFIX)
-            target = _ade_dest(root, rel) if rel else None
-            if target is not None:
-                split, dest = target
-                place(member, dest, counts)
-                if dest.suffix == IMAGE_SUFFIX:
-                    splits[split].append(dest.stem)
-    for split, ids in splits.items():
-        if not ids:
-            raise ArchiveError(f"{archive.path}: no {ADE_PREFIX}images/ files of the '{split}' split: the archive "
-                               f"is truncated or not ADEChallengeData2016.zip")
-        _write_split(root, split, sorted(ids))
-    return {"files_written": counts["written"], "files_skipped": counts["skipped"]}
 
 
 # --------------------------------------------------------------------------- entry point
 
-PREPARERS: dict[str, Callable[[Path, Archive, bool], dict]] = {
-    "voc": prepare_voc, "sbd": prepare_sbd, "ade20k": prepare_ade20k}
 
 
-FAMILIES = {"voc": "voc", "sbd": "voc", "ade20k": "ade20k"}  # datasets that may share a root
+def _ids_of(family: str, ids: list[str], known) -> bool:
+    """Whether ``ids`` may be those of ``family``: they start with its id prefix (ADE20K's "ADE_"), and with no other
+    family's."""
+    own = tuple(p.id_prefix for p in known if p.family == family and p.id_prefix)
+    foreign = tuple(p.id_prefix for p in known if p.family != family and p.id_prefix)
+    return (not own or any(i.startswith(own) for i in ids)) and not any(i.startswith(foreign) for i in ids)
 
 
 def _refuse_mixing(dataset: str, root: Path) -> None:
     """ADE20K and VOC (+SBD) share file and split names (``train.txt``): they cannot live in the same root."""
-    family = FAMILIES[dataset]
-    others = [name for name in read_manifest(root) if FAMILIES.get(name, name) != family]
+    known = preparations()
+    families = {name: p.family for name, p in known.items()}  # preparations of one family may share a root
+    family = families[dataset]
+    others = [name for name in read_manifest(root) if families.get(name, name) != family]
     reason = f"{MANIFEST} lists {', '.join(others)}" if others else None
-    if reason is None and family not in {FAMILIES.get(name) for name in read_manifest(root)}:
+    if reason is None and family not in {families.get(name) for name in read_manifest(root)}:
         ids = read_split(root, "train") if split_file(root, "train").is_file() else []
-        if ids and any(i.startswith("ADE_") for i in ids) != (family == "ade20k"):
+        if ids and not _ids_of(family, ids, known.values()):
             reason = f"{split_file(root, 'train')} lists the ids of another dataset"
     if reason:
         raise DatasetError(f"{root}: holds another dataset ({reason}); {dataset} needs its own root, e.g. --root "
                            f"{root.parent / family}")
 
 
+def _require(preparation: Preparation, root: Path) -> None:
+    """The preparation ``preparation`` adds to (``after``) is complete in ``root``."""
+    first = _preparation(preparation.after)
+    try:
+        check(first.name, root)
+    except DatasetError as error:
+        raise DatasetError(f"{root}: {preparation.title} is added to a prepared {first.title} in the same root, and "
+                           f"{first.title} is not ready there: {error}") from error
+
+
 def _check_extracted_source(dataset: str, archive: Archive) -> None:
     """A directory given as the archive must hold the archive's top folder (not be that folder, nor a parent)."""
-    prefix = PREFIXES[dataset]
+    prefix = _preparation(dataset).prefix
     if archive.path.is_dir() and not (archive.path / prefix).is_dir():
         raise ArchiveError(f"{archive.path}: no {prefix} inside; give the directory the archive was extracted in "
                            f"(the one holding {PurePosixPath(prefix).parts[0]}/)")
@@ -531,8 +423,7 @@ def prepare(dataset: str, root: str | Path, sources: list[str] | None = None, sh
     Returns a summary: the dataset, the root, images per split and what this call did. A preparation that
     finished earlier is not done again (nothing is downloaded).
     """
-    if dataset not in PREPARERS:
-        raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    preparation = _preparation(dataset)
     root = Path(root)
     if not sources:
         return {"dataset": dataset, "root": str(root), "splits": check(dataset, root), "done": "checked"}
@@ -542,17 +433,17 @@ def prepare(dataset: str, root: str | Path, sources: list[str] | None = None, sh
         except DatasetError:
             pass  # files went missing since: prepare again
     _refuse_mixing(dataset, root)
-    if dataset == "sbd":
-        _require_voc(root)  # before a download of 1.4 GB
-    archive = obtain(dataset, list(sources), Path(downloads) if downloads else root.parent / "downloads", sha256,
-                     progress=progress, **fetch_options)
+    if preparation.after:
+        _require(preparation, root)  # before a download (SBD's: 1.4 GB)
+    downloads = Path(downloads) if downloads else root.parent / "downloads"
+    archive = obtain(preparation.archive, list(sources), downloads, sha256, progress=progress, **fetch_options)
     _check_extracted_source(dataset, archive)
     with storing(f"preparing {dataset} in {root}"):
         root.mkdir(parents=True, exist_ok=True)
         provenance = {"archive": archive.path.name, "sha256": archive.sha256, "official": archive.official}
         _set_manifest(root, dataset, {"status": IN_PROGRESS, **provenance})
-        work = PREPARERS[dataset](root, archive, progress)
-        _remove_stale_tmp(root, (IMAGE_DIR, LAYOUTS[dataset].mask_dir, str(SPLITS_DIR)))
+        work = preparation.prepare(Extraction(root, archive, progress))
+        _remove_stale_tmp(root, (IMAGE_DIR, preparation.mask_dir, str(SPLITS_DIR)))
         splits = _check_extracted(dataset, root, archive)
         _warn_counts(dataset, splits, archive)
         os.sync()  # the files were written without fsync: on disk before the manifest says so (a power loss -> resume)
@@ -562,11 +453,11 @@ def prepare(dataset: str, root: str | Path, sources: list[str] | None = None, sh
 
 def describe(summary: dict) -> str:
     """The summary printed by ``recall data prepare``."""
-    layout = LAYOUTS[summary["dataset"]]
+    mask_dir = _preparation(summary["dataset"]).mask_dir
     splits = ", ".join(f"{split} {n}" for split, n in summary["splits"].items())
     extra = {k: v for k, v in summary.items() if k not in ("dataset", "root", "splits", "done")}
     head = (f"{summary['dataset']} in {summary['root']}: {summary['done']}; images per split: {splits} "
-            f"({IMAGE_DIR}/, {layout.mask_dir}/, {SPLITS_DIR}/)")
+            f"({IMAGE_DIR}/, {mask_dir}/, {SPLITS_DIR}/)")
     lines = [head]
     if extra:
         lines.append("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in extra.items()))
@@ -580,7 +471,7 @@ def add_arguments(parser) -> None:
                         description="Check that ROOT holds the prepared dataset (VOC layout), or build it from the "
                                     "official archive: a file, an extracted directory or an http(s) URL (downloaded "
                                     "with resume, SHA-256 checked). sbd needs voc prepared in the same ROOT first.")
-    p.add_argument("dataset", choices=["voc", "sbd", "ade20k"])
+    p.add_argument("dataset", choices=list(preparations()))
     p.add_argument("--root", required=True, help="the dataset root, e.g. data/voc (conf/dataset/*.yaml: root)")
     p.add_argument("--archive", nargs="+", default=[], metavar="FILE_OR_URL",
                    help="the archive; several values are alternatives (mirrors), tried in order")

@@ -36,6 +36,10 @@ class DatasetError(UserError):
     """A problem with the dataset files on disk; the message names the offending file."""
 
 
+class ArchiveError(DatasetError):
+    """A download that failed, or an archive that is truncated or not the expected one; names the file."""
+
+
 def split_file(root: str | Path, split: str) -> Path:
     """Path of the id list of ``split``."""
     return Path(root) / SPLITS_DIR / f"{split}.txt"

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recall.commands import compose, script, with_overrides
 from recall.config import CONF_DIR, group_options
-from recall.data.classes import dataset_class_names
+from recall.data.datasets import dataset_class_names
 from recall.atomic import write_json
 from recall.registry import resolve
 from recall.replay.classifier import imagenet_classifier

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from recall.commands import compose, script, with_overrides
-from recall.data.classes import dataset_class_names
+from recall.data.datasets import dataset_class_names
 from recall.replay.classmap import SHARED_KEY, load_mapping, shared_on_purpose
 from recall.replay.leakage import DEFAULT_MAX_DISTANCE, LeakageGuard
 from recall.ownership import staged

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from recall.atomic import write_bytes, write_json
 from recall.commands import compose, script, with_overrides
 from recall.config import section
-from recall.data.classes import dataset_class_names
+from recall.data.datasets import dataset_class_names
 from recall.data.protocol import select_train_images, steps
 from recall.data.transforms import eval_transform
 from recall.data.voc import VOCSegmentation, image_classes, read_split
