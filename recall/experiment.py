@@ -52,7 +52,7 @@ from recall.data.voc import VOCSegmentation, image_classes, read_split
 from recall.errors import Diverged, UserError
 from recall.locks import DirectoryLock
 from recall.methods import Method, StepContext, build_method, for_source
-from recall.metrics import ConfusionMatrix, forgetting, summarize
+from recall.metrics import CURVE_METRICS, ConfusionMatrix, forgetting, summarize
 from recall.model import (
     REQUIRED,
     ModelConfig,
@@ -67,7 +67,7 @@ from recall.run_figures import write_figures
 from recall.timing import phase
 from recall.train import TrainConfig, evaluate, finite_weights, train_step
 
-CURVE_FIELDS = ("step", "all", "old", "new", "all_no_bg", "old_no_bg")
+CURVE_FIELDS = ("step", *CURVE_METRICS)
 RUN_ENTRY = "recall.stages.run"  # the module a run executes: its import closure is the run's code
 
 

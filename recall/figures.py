@@ -21,8 +21,10 @@ import numpy as np  # noqa: E402
 
 from recall.atomic import write_text  # noqa: E402
 from recall.data.classes import IGNORE_INDEX, voc_palette  # noqa: E402
+from recall.metrics import HEADLINE, SUMMARIES  # noqa: E402
 
-CURVES = (("old_no_bg", "old (no bg)", "tab:blue"), ("new", "new", "tab:orange"), ("all", "all (with bg)", "black"))
+CURVES = tuple((m, SUMMARIES[m].figure_label, colour)
+               for m, colour in zip(HEADLINE, ("tab:blue", "tab:orange", "black")))
 DPI = 110
 IGNORE_COLOUR = (255, 255, 255)
 

@@ -230,6 +230,11 @@ class Summary:
     mlflow: str      # MLflow metric key (its Optuna name: "/" -> "_")
     direction: str   # "maximize" | "minimize": the Optuna direction when it is `tune.objective`
     compute: Callable[[Mapping], float | None] | None = None  # None: result["miou"][name]
+    legend: str = ""  # its name in the figures' legends and bars, where it differs from `label`
+
+    @property
+    def figure_label(self) -> str:
+        return self.legend or self.label
 
     def value(self, result: Mapping) -> float | None:
         return result["miou"].get(self.name) if self.compute is None else self.compute(result)
@@ -253,12 +258,29 @@ def _forgetting_old(result: Mapping) -> float | None:
 SUMMARIES: dict[str, Summary] = {s.name: s for s in (
     Summary("old_no_bg", "old (no bg)", "miou/old_no_bg", "maximize"),
     Summary("new", "new", "miou/new", "maximize"),
-    Summary("all", "all", "miou/all", "maximize"),
+    Summary("all", "all", "miou/all", "maximize", legend="all (with bg)"),
     Summary("all_no_bg", "all (no bg)", "miou/all_no_bg", "maximize"),
     Summary("old", "old (with bg)", "miou/old", "maximize"),
     Summary("hmean", "hmean", "miou/hmean", "maximize", _hmean_old_new),
     Summary("forgetting_mean", "forgetting (old)", "forgetting/mean", "minimize", _forgetting_old),
 )}
+
+
+# The registry's names, grouped as the outputs show them (one place: a module that reads the registry spells none).
+OLD = "old_no_bg"  # "the old classes": what the papers' orderings and the study's contrasts compare by default
+ALL = "all"  # every class seen, with background: the reference lines (joint, MiB) of the report's bars
+OLD_NEW = (OLD, "new")  # the trade-off: the old classes kept, the new ones learnt
+HEADLINE = (*OLD_NEW, ALL)  # the three numbers every table, figure and run note shows, in this order
+REPORT_METRICS = (*HEADLINE, "all_no_bg")  # the report's columns (reports/summary.md/csv/json)
+CURVE_METRICS = ("all", "old", "new", "all_no_bg", "old_no_bg")  # a run's curve.csv columns after "step"
+OLD_AND_ALL = (OLD, ALL)  # the report's two curve panels, the step-0 models' table: old classes, every class
+MULTI_OBJECTIVES = {"old_new": OLD_NEW}  # tune.objective names of several numbers (a Pareto front)
+DEFAULT_OBJECTIVE = ALL  # tune.objective when the `tune` section names none
+# the replay labels' quality a run logged (a simulated source knows its truth; recall/methods/replay.py) -> the
+# report's column
+LABEL_QUALITY = {"replay_labels/iou_step0_classes": "label_iou_step0", "replay_labels/empty_step0_classes":
+                 "label_empty_step0", "replay_labels/iou_later_classes": "label_iou_later",
+                 "replay_labels/empty_later_classes": "label_empty_later"}
 
 
 def derived_summaries() -> list[Summary]:

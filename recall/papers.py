@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from recall.atomic import write_json
+from recall.metrics import HEADLINE, OLD, SUMMARIES
 from recall.study_report import contrasts, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +53,11 @@ def _published_old(papers: dict, protocol: str, method: str, source: str = "mib"
 
 
 def testbed(cells: dict) -> dict:
-    columns = ["toy protocol", "variant", "old (no bg)", "new", "all", "seeds"]
+    columns = ["toy protocol", "variant", *(SUMMARIES[m].label for m in HEADLINE), "seeds"]
     rows = []
     for voc, toy in COUNTERPART.items():
         by_variant = cells.get(WORLD, {}).get(toy, {})
-        rows += [[toy, v, *(by_variant[v].get(m, {}).get("text", "–") for m in ("old_no_bg", "new", "all")),
+        rows += [[toy, v, *(by_variant[v].get(m, {}).get("text", "–") for m in HEADLINE),
                   len(by_variant[v]["seeds"])] for v in TESTBED_VARIANTS if v in by_variant]
     return {"columns": columns, "rows": rows}
 
@@ -70,9 +71,9 @@ def retained(papers: dict, cells: dict) -> dict:
         paper = None if mib is None or joint is None else mib / joint
         by_variant = cells.get(WORLD, {}).get(toy, {})
         ours = None
-        if "old_no_bg" in by_variant.get("mib", {}) and "old_no_bg" in by_variant.get("joint", {}):
-            joint_of = dict(zip(by_variant["joint"]["seeds"], by_variant["joint"]["old_no_bg"]["values"]))
-            per_seed = zip(by_variant["mib"]["seeds"], by_variant["mib"]["old_no_bg"]["values"])
+        if OLD in by_variant.get("mib", {}) and OLD in by_variant.get("joint", {}):
+            joint_of = dict(zip(by_variant["joint"]["seeds"], by_variant["joint"][OLD]["values"]))
+            per_seed = zip(by_variant["mib"]["seeds"], by_variant["mib"][OLD]["values"])
             shares = [m / joint_of[s] for s, m in per_seed if s in joint_of]
             ours = mean_std(shares) if shares else None
         values[voc] = {"toy": toy, "paper": paper, "testbed": ours}
@@ -83,7 +84,7 @@ def retained(papers: dict, cells: dict) -> dict:
 
 
 def orderings(papers: dict, cells: dict) -> dict:
-    spec = [{"world": WORLD, "protocol": COUNTERPART[voc], "metric": "old_no_bg", "pairs": [[a, b]]}
+    spec = [{"world": WORLD, "protocol": COUNTERPART[voc], "metric": OLD, "pairs": [[a, b]]}
             for voc, a, b in ORDERINGS]
     calls = (contrasts(cells, spec) or {"calls": {}})["calls"].get(WORLD, {})
     rows, holds = [], {}
@@ -97,7 +98,7 @@ def orderings(papers: dict, cells: dict) -> dict:
             else:
                 paper = f"{a} higher" if old_a > old_b else f"{b} higher" if old_b > old_a else "equal"
                 source = f"MiB Table 1: {old_a:.1f} vs {old_b:.1f}"
-        call = calls.get(COUNTERPART[voc], {}).get("old_no_bg", {}).get(f"{a}_vs_{b}")
+        call = calls.get(COUNTERPART[voc], {}).get(OLD, {}).get(f"{a}_vs_{b}")
         ours = "not run" if call is None else call["verdict"]
         held = None if call is None or paper == "not read" else ours == paper
         holds.setdefault(voc, {})[f"{a}_vs_{b}"] = {"paper": paper, "testbed": ours,

@@ -13,14 +13,14 @@ import matplotlib
 
 from recall.atomic import write_json, write_text
 from recall.figures import save_figure
-from recall.metrics import SUMMARIES
+from recall.metrics import ALL, HEADLINE, LABEL_QUALITY, OLD_AND_ALL, REPORT_METRICS, SUMMARIES
 from recall.replay.leakage import STORED_DATA_SOURCES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 KEY = ("protocol", "setting", "method", "replay")
-METRICS = ("old_no_bg", "new", "all", "all_no_bg")  # its columns, from recall.metrics.SUMMARIES
+METRICS = REPORT_METRICS  # its columns, from recall.metrics.SUMMARIES
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
 COLUMNS = (*KEY, "options", "seeds", "steps", *METRICS)
 STORED_MARK = "†"  # a run replaying stored training images of earlier steps (replay=memory): not private
@@ -109,7 +109,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
         mark = f" {STORED_MARK}" if stored_data(r["replay"]) else ""
         label += "" if r["replay"] == "none" else f" ({r['replay']}{mark})"
         x = [s["step"] for s in r["steps"]]
-        for ax, key in zip(axes, ("old_no_bg", "all")):
+        for ax, key in zip(axes, OLD_AND_ALL):
             y = [s["miou"][key] if s["miou"][key] is not None else float("nan") for s in r["steps"]]
             if r["method"] == "joint":
                 ax.axhline(y[-1], color="black", linestyle="--", linewidth=1, label=f"{label} (upper bound)")
@@ -127,7 +127,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=110, bbox_inches=None)
 
 
-REPLAY_BARS = (("old_no_bg", "old (no bg)", "tab:blue"), ("new", "new", "tab:orange"), ("all", "all (with bg)", "0.3"))
+REPLAY_BARS = tuple((m, SUMMARIES[m].figure_label, colour)
+                    for m, colour in zip(HEADLINE, ("tab:blue", "tab:orange", "0.3")))
 
 
 def plot_replay_comparison(table: list[dict], path: Path) -> bool:
@@ -137,7 +138,7 @@ def plot_replay_comparison(table: list[dict], path: Path) -> bool:
     if not replayed:
         return False
     protocols = sorted({r["protocol"] for r in replayed})
-    joint = next((r["all"] for r in table if r["method"] == "joint"), None)
+    joint = next((r[ALL] for r in table if r["method"] == "joint"), None)
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols) + 1, 3.6), sharey=True, squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         mine = [r for r in replayed if r["protocol"] == protocol]
@@ -148,11 +149,11 @@ def plot_replay_comparison(table: list[dict], path: Path) -> bool:
             errors = [r.get(f"{key}_std") or 0.0 for r in mine]
             ax.bar([i + (k - 1) * width for i in range(len(mine))], values, width, label=name, color=colour,
                    yerr=errors if any(errors) else None, capsize=2)
-        mib = next((r["all"] for r in table if r["protocol"] == protocol and r["method"] == "mib"), None)
+        mib = next((r[ALL] for r in table if r["protocol"] == protocol and r["method"] == "mib"), None)
         if mib is not None:
-            ax.axhline(mib, color="tab:green", linestyle=":", label="MiB, all")
+            ax.axhline(mib, color="tab:green", linestyle=":", label=f"MiB, {SUMMARIES[ALL].label}")
         if joint is not None:
-            ax.axhline(joint, color="black", linestyle="--", linewidth=1, label="joint, all")
+            ax.axhline(joint, color="black", linestyle="--", linewidth=1, label=f"joint, {SUMMARIES[ALL].label}")
         ax.set_xticks(range(len(mine)), labels, fontsize=8)
         ax.set_title(protocol)
         ax.grid(axis="y", alpha=0.3)
@@ -164,10 +165,7 @@ def plot_replay_comparison(table: list[dict], path: Path) -> bool:
     return True
 
 
-# the replay labels' quality a run logged (a simulated source knows its truth) -> the summary's column
-LABEL_COLUMNS = {"replay_labels/iou_step0_classes": "label_iou_step0", "replay_labels/empty_step0_classes":
-                 "label_empty_step0", "replay_labels/iou_later_classes": "label_iou_later",
-                 "replay_labels/empty_later_classes": "label_empty_later"}
+LABEL_COLUMNS = LABEL_QUALITY  # the replay labels' quality a run logged -> the summary's column
 
 
 def label_quality(final: dict) -> dict[str, float]:

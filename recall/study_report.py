@@ -23,7 +23,7 @@ from pathlib import Path
 from recall.atomic import write_json
 from recall.data.protocol import steps
 from recall.figures import save_figure
-from recall.metrics import SUMMARIES, derived, derived_summaries, summarize
+from recall.metrics import HEADLINE, OLD, OLD_AND_ALL, OLD_NEW, SUMMARIES, derived, derived_summaries, summarize
 from recall.report import METRICS, REPLAY_BARS, plt
 from recall.study import base_of, load
 
@@ -35,7 +35,7 @@ def study_metrics() -> tuple[str, ...]:
 
 def table_metrics() -> tuple[str, ...]:
     """The columns of the study's tables."""
-    return ("old_no_bg", "new", "all", *(s.name for s in derived_summaries()))
+    return (*HEADLINE, *(s.name for s in derived_summaries()))
 
 
 NO_DIFFERENCE = "no difference"
@@ -141,7 +141,7 @@ def contrasts(cells: dict, spec: list | None) -> dict | None:
     rows, calls = [], {}
     for group in spec:
         by_variant = cells.get(group["world"], {}).get(group["protocol"], {})
-        metric = group.get("metric", "old_no_bg")
+        metric = group.get("metric", OLD)
         for a, b in group["pairs"]:
             ca, cb = by_variant.get(a, {}), by_variant.get(b, {})
             if metric not in ca or metric not in cb:
@@ -194,8 +194,8 @@ def attribution(cells: dict, spec: dict | None) -> dict | None:
         raise ValueError(f"attribution: {crossing} come from another world; a share compares runs of one world "
                          "(list a change of world under `interactions`)")
     by_variant = cells.get(spec["world"], {}).get(spec["protocol"], {})
-    metrics = ("old_no_bg", "new", "all")
-    columns = ["variant", *(f"{m} ({label})" for m in ("old (no bg)", "new", "all") for label in ("mIoU", "share"))]
+    metrics = HEADLINE
+    columns = ["variant", *(f"{SUMMARIES[m].label} ({label})" for m in metrics for label in ("mIoU", "share"))]
     low_cell, high_cell = by_variant.get(spec["from"], {}), by_variant.get(spec["to"], {})
     gaps = {m: mean_std(list(d.values())) if (d := paired(high_cell, low_cell, m)) else None for m in metrics}
     rows, shares = [], {}
@@ -228,7 +228,7 @@ def interactions(cells: dict, spec: list | None) -> dict | None:
         changed = cells.get(item["world"], {}).get(item["protocol"], {})
         a, b = item["variants"]
         name = f"{a} vs {b} in {item['world']}"
-        for metric in ("old_no_bg", "new"):
+        for metric in OLD_NEW:
             gain_a = paired(changed.get(a, {}), base.get(a, {}), metric)
             gain_b = paired(changed.get(b, {}), base.get(b, {}), metric)
             seeds = [s for s in gain_a if s in gain_b]
@@ -353,8 +353,7 @@ def step0_table(study: dict, root: Path = Path(".")) -> dict:
     for key, item in study["step0"].items():
         metrics = json.loads((root / "study" / "step0" / key / "metrics.json").read_text())
         grouped.setdefault((world_of[key], base_of(item["protocol"])), []).append(metrics["final"]["miou"])
-    rows = [[world, int(base), mean_std([m["old_no_bg"] for m in members])["text"],
-             mean_std([m["all"] for m in members])["text"], len(members)]
+    rows = [[world, int(base), *(mean_std([m[key] for m in members])["text"] for key in OLD_AND_ALL), len(members)]
             for (world, base), members in grouped.items()]
     return {"columns": ["world", "step-0 classes", "mIoU (no bg)", "mIoU (with bg)", "seeds"], "rows": rows}
 

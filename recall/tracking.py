@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH,
 from recall.atomic import write_json
 from recall.config import strip_password
 from recall.locks import exclusive
-from recall.metrics import derived_summaries
+from recall.metrics import HEADLINE, SUMMARIES, derived_summaries
 from recall.provenance import content_id
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -138,8 +138,8 @@ def run_note(tags: dict[str, str], result: dict | None, status: str, run_dir: Pa
     if result is not None:
         miou = result.get("miou", {})
         when = "Final mIoU" if status == "FINISHED" else "mIoU of the last finished step"
-        lines.append(f"{when} (step {result.get('step')}): old (no bg) {_mean(miou.get('old_no_bg'))} · "
-                     f"new {_mean(miou.get('new'))} · all {_mean(miou.get('all'))}.")
+        lines.append(f"{when} (step {result.get('step')}): "
+                     + " · ".join(f"{SUMMARIES[m].label} {_mean(miou.get(m))}" for m in HEADLINE) + ".")
     if status != "FINISHED":
         lines.append(f"Ended {status}: restarting the same command resumes this run.")
     if figures:

@@ -35,14 +35,14 @@ from optuna.trial import TrialState
 from recall.atomic import write_text
 from recall.config import compose, strip_password
 from recall.locks import exclusive
-from recall.metrics import SUMMARIES
+from recall.metrics import DEFAULT_OBJECTIVE, MULTI_OBJECTIVES, SUMMARIES
 from recall.ownership import remove_ours
 
-# tune.objective: any number of recall.metrics.SUMMARIES by its name (its direction is Optuna's), or old_new, the
-# multi-objective (old_no_bg, new)
+# tune.objective: any number of recall.metrics.SUMMARIES by its name (its direction is Optuna's), or one of its
+# MULTI_OBJECTIVES (old_new: the multi-objective (old_no_bg, new))
 def objective_metrics() -> dict[str, tuple[str, ...]]:
     """tune.objective -> the SUMMARIES it optimizes."""
-    return {**{name: (name,) for name in SUMMARIES}, "old_new": ("old_no_bg", "new")}
+    return {**{name: (name,) for name in SUMMARIES}, **MULTI_OBJECTIVES}
 
 
 def directions(objective: str) -> tuple[str, ...]:
@@ -330,7 +330,7 @@ def read_settings(cfg: DictConfig) -> Settings:
     unknown = set(t) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown tune option(s) {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
-    objective = t.get("objective", "all")
+    objective = t.get("objective", DEFAULT_OBJECTIVE)
     if objective not in objective_metrics():
         raise ValueError(f"tune.objective={objective!r}; allowed: {', '.join(objective_metrics())}")
     n_trials = t.get("n_trials")
@@ -534,7 +534,9 @@ class Tuner:
         s = self.s
         started = time.time()
         if s.multi:
-            print(f"tune: objective={s.objective} is multi-objective (maximize old_no_bg and new): Optuna cannot "
+            goal = " ".join(("/".join(dict.fromkeys(directions(s.objective))),
+                             " and ".join(objective_metrics()[s.objective])))  # "maximize old_no_bg and new"
+            print(f"tune: objective={s.objective} is multi-objective ({goal}): Optuna cannot "
                   f"prune multi-objective trials, so every trial runs all steps (tune.pruner is ignored)", flush=True)
         study = self.open_study()
         before = len(study.trials)
@@ -592,8 +594,10 @@ class Tuner:
             print(f"tune: best trial {record['trial']}: {s.objective}={format_number(record['value'])} with "
                   + " ".join(record["overrides"]), flush=True)
         for front in record.get("best_trials", []):
-            print(f"tune: Pareto-optimal trial {front['trial']}: old_no_bg={format_number(front['values'][0])} "
-                  f"new={format_number(front['values'][1])} with " + " ".join(front["overrides"]), flush=True)
+            values = " ".join(f"{name}={format_number(value)}"
+                              for name, value in zip(objective_metrics()[s.objective], front["values"]))
+            print(f"tune: Pareto-optimal trial {front['trial']}: {values} with " + " ".join(front["overrides"]),
+                  flush=True)
         print(f"tune: {s.study_dir / 'best.yaml'}, figures in {s.study_dir / 'figures'}", flush=True)
 
 
