@@ -4,7 +4,7 @@ The classifier is a list of 1×1 convolutions, one per step (MiB's layout): step
 the base classes, every later step appends the logits of its new classes. Old weights are kept untouched.
 
 timm (which imports torchvision, its model zoo and torch._dynamo) is imported where the encoder is built, not with
-this module: what only reads checkpoints' metadata or plans a run never pays it.
+this module: a process that imports it without building a model (`recall run --dry-run`) never pays it.
 """
 
 from __future__ import annotations
