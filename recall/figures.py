@@ -11,17 +11,14 @@ Pure functions of arrays and result records; ``recall.run_figures.write_figures`
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from recall.atomic import write_text  # noqa: E402
-from recall.data.classes import IGNORE_INDEX, voc_palette  # noqa: E402
-from recall.metrics import HEADLINE, SUMMARIES  # noqa: E402
+from recall.atomic import write_text
+from recall.data.classes import IGNORE_INDEX, voc_palette
+from recall.metrics import HEADLINE, SUMMARIES
 
 CURVES = tuple((m, SUMMARIES[m].figure_label, colour)
                for m, colour in zip(HEADLINE, ("tab:blue", "tab:orange", "black")))
@@ -29,12 +26,24 @@ DPI = 110
 IGNORE_COLOUR = (255, 255, 255)
 
 
+@functools.cache
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display), imported when the first figure is drawn: a module
+    that imports this one (a run stage, through its methods) does not pay for matplotlib until then."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: Path, dpi: int = DPI, bbox_inches: str | None = "tight") -> None:
     """Write a figure as PNG atomically (temp file + rename) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches, format="png")
-    plt.close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
 
 
@@ -46,7 +55,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def plot_miou_curves(steps: list[dict], title: str, path: Path) -> None:
     """mIoU of old / new / all classes after each step."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     x = [s["step"] for s in steps]
     for key, label, colour in CURVES:
         y = [np.nan if s["miou"].get(key) is None else s["miou"][key] for s in steps]
@@ -68,7 +77,7 @@ def plot_class_heatmap(steps: list[dict], classes: list[str], title: str, path: 
     matrix = class_iou_matrix(steps, classes)
     _write_csv(path.with_suffix(".csv"), ["class", *[f"step{s['step']}" for s in steps]],
                [[c, *[None if np.isnan(v) else float(v) for v in row]] for c, row in zip(classes, matrix)])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(steps), 0.28 * len(classes) + 1.2))
+    fig, ax = pyplot().subplots(figsize=(1.2 + 0.55 * len(steps), 0.28 * len(classes) + 1.2))
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for (i, j), value in np.ndenumerate(matrix):
         if not np.isnan(value):
@@ -85,7 +94,7 @@ def plot_forgetting(forgetting: dict[str, float | None], title: str, path: Path)
     """Per-class forgetting after the last step (best earlier IoU − final IoU), with its CSV."""
     items = [(c, v) for c, v in forgetting.items() if v is not None]
     _write_csv(path.with_suffix(".csv"), ["class", "forgetting"], [[c, float(v)] for c, v in items])
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(items) + 1), 3.2))
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 0.3 * len(items) + 1), 3.2))
     if items:
         names, values = zip(*items)
         ax.bar(range(len(values)), values, color=["tab:red" if v > 0 else "tab:green" for v in values])
@@ -111,7 +120,7 @@ def plot_grid(rows: list[list[np.ndarray]], column_titles: list[str], row_titles
               path: Path) -> None:
     """A grid of RGB images (uint8 H×W×3, or label maps H×W which are colourised)."""
     n_rows, n_cols = len(rows), len(column_titles)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.6 * n_rows + 0.4), squeeze=False)
+    fig, axes = pyplot().subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.6 * n_rows + 0.4), squeeze=False)
     for i, row in enumerate(rows):
         for j, picture in enumerate(row):
             ax = axes[i][j]

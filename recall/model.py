@@ -2,6 +2,9 @@
 
 The classifier is a list of 1×1 convolutions, one per step (MiB's layout): step 0 predicts background and
 the base classes, every later step appends the logits of its new classes. Old weights are kept untouched.
+
+timm (which imports torchvision, its model zoo and torch._dynamo) is imported where the encoder is built, not with
+this module: a process that imports it without building a model (`recall run --dry-run`) never pays it.
 """
 
 from __future__ import annotations
@@ -10,11 +13,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 
 @dataclass
@@ -172,6 +173,8 @@ def _background_aware_init(background: nn.Module, new: nn.Module) -> None:
 def _make_encoder(cfg: ModelConfig) -> nn.Module:
     # every feature level (timm's default out_indices): the same modules and weights as the last level alone, so
     # the same numbers; the earlier levels are PLOP's distilled stages
+    import timm
+
     encoder = timm.create_model(cfg.backbone, pretrained=False, features_only=True, output_stride=cfg.output_stride)
     if cfg.pretrained_file:
         load_backbone(encoder, cfg.backbone, Path(cfg.pretrained_file))
@@ -182,6 +185,8 @@ def load_backbone(encoder: nn.Module, backbone: str, path: Path) -> None:
     """Load a pretrained backbone's weights into a features-only `encoder`, strictly: every tensor of the encoder
     must be in the file with its shape, and the file may hold nothing else but the backbone's classifier layer
     (a timm checkpoint saved with its classifier, e.g. `timm.create_model('resnet101', pretrained=True)`)."""
+    import timm
+
     from recall.replay.weights import load_strictly, read_state_dict
 
     hint = (f"pretrain one (`recall pretrain models/pretrain`, the toy world's), or save a timm ImageNet model's "
@@ -194,6 +199,8 @@ def load_backbone(encoder: nn.Module, backbone: str, path: Path) -> None:
 
 def _freeze_bn(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d by torchvision's FrozenBatchNorm2d (statistics and affine fixed)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     if isinstance(module, nn.BatchNorm2d):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         frozen.weight.copy_(module.weight.detach())

@@ -1,4 +1,5 @@
-"""MLflow logging: the only module that imports mlflow.
+"""MLflow logging: the only module that imports mlflow, inside the functions that talk to the store (importing
+mlflow costs about as much as importing torch: a run with tracking off, or a `--dry-run`, never pays it).
 
 One parent run per protocol run (tags: protocol, setting, method, replay, seed, git commit) with one child
 run per step. Per-class IoU and the old/new/all means are logged as metrics with `step=t` on the parent
@@ -22,18 +23,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY,
-                                      MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
+from typing import TYPE_CHECKING
 
 from recall.atomic import write_json
 from recall.config import strip_password
 from recall.locks import exclusive
 from recall.metrics import HEADLINE, SUMMARIES, derived_summaries
 from recall.provenance import content_id
+
+if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
+    from mlflow.tracking import MlflowClient
 
 RUN_ID_FILE = "mlflow_run.json"
 PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
@@ -63,6 +63,9 @@ def source_tags(command: str) -> dict[str, str]:
     Under `dvc repro` the source is the stage (DVC sets DVC_STAGE), e.g. `dvc.yaml:step0@15-overlapped`, which
     `dvc repro` accepts as is; else the command, e.g. `recall run`. The remote URL is left out (it may hold a
     token)."""
+    from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW_SOURCE_NAME,
+                                          MLFLOW_SOURCE_TYPE)
+
     stage = os.environ.get("DVC_STAGE")
     name = f"dvc.yaml:{stage}" if stage and ":" not in stage else (stage or command)
     commit = git_commit()
@@ -80,6 +83,9 @@ MAX_DIGEST = 36  # MLflow's limit for a dataset digest: a DVC md5 + `.dir` fits;
 
 
 def _dataset_input(name: str, path: str, context: str, profile: dict) -> DatasetInput:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
     cid = content_id(path)
     dataset = Dataset(name=name, digest=cid[:MAX_DIGEST], source_type="local", source=json.dumps({"uri": str(path)}),
                       profile=json.dumps({"content_id": cid, **profile}))
@@ -184,6 +190,8 @@ def step_metrics(result: dict) -> dict[str, float]:
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     """A (nested) config as params, secrets dropped: one sqlite transaction per batch, not per value."""
+    from mlflow.entities import Param
+
     flat = [Param(key, value) for key, value in flatten(params).items()]
     for first in range(0, len(flat), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=flat[first:first + PARAMS_PER_BATCH])
@@ -191,6 +199,8 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Metrics of one step, in batches."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
     for first in range(0, len(batch), METRICS_PER_BATCH):
@@ -200,6 +210,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
 def open_client(uri: str) -> MlflowClient:
     """A client of the tracking store at `uri`. A new sqlite store creates its tables on first use, which two
     processes must not do at once (`duplicate column name`): that first use runs under a lock next to the file."""
+    from mlflow.tracking import MlflowClient
+
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     with exclusive(Path(uri.removeprefix("sqlite:///") + ".lock")):
@@ -237,6 +249,9 @@ def experiment_note(name: str) -> str:
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if needed (another process may create it at the same moment), with
     a description and MLflow's "model training" kind when it has none yet (a person's edits are kept)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
@@ -268,6 +283,8 @@ class Tracker:
 
     def start(self, run_dir: Path, name: str, tags: dict[str, str], params: dict) -> str:
         """`run_dir`: the run's steps/ directory (holds the MLflow run id)."""
+        from mlflow.exceptions import MlflowException
+
         self.tags, self.run_dir = dict(tags), Path(run_dir).parent
         self.client = open_client(self.uri)
         self.experiment_id = experiment_id(self.client, self.experiment)
@@ -314,6 +331,8 @@ class Tracker:
 
     def finish(self, artifacts: list[Path], status: str = "FINISHED", figures: list[Path] = ()) -> None:
         """Log the run's files (figures under `figures/`) and close the parent run with ``status``."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
         for path in artifacts:
             if path.exists():
                 self.client.log_artifact(self.parent_id, str(path))
@@ -389,6 +408,8 @@ class StudyTracker:
 
     def open_parent(self, run_id: str | None, study: str, tags: dict[str, str], params: dict) -> str:
         """The study's parent run: `run_id` when a worker created it already (marked RUNNING again), else a new one."""
+        from mlflow.exceptions import MlflowException
+
         if run_id:
             try:
                 self.client.update_run(run_id, status="RUNNING")
@@ -413,6 +434,8 @@ class StudyTracker:
     def close_parent(self, parent_id: str, metrics: dict[str, float], artifacts: list[Path] = (),
                      figures: list[Path] = ()) -> None:
         """The end of one worker's invocation: study counts and best value, best.yaml and the study's figures."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
         if metrics:
             log_metrics(self.client, parent_id, metrics, step=0)
         for path in artifacts:

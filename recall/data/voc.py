@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import tv_tensors
 
 from recall.atomic import write_json
 from recall.data.classes import BACKGROUND, IGNORE_INDEX
@@ -178,6 +177,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
         return image, mask
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors  # here: `import torchvision` loads its model zoo and torch._dynamo
+
         pil_image, array = self.load_raw(i)
         image = tv_tensors.Image(torch.from_numpy(np.array(pil_image)).permute(2, 0, 1).contiguous())
         mask = torch.from_numpy(array.astype(np.int64))

@@ -44,7 +44,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 
 from recall.atomic import write_bytes, write_json
 from recall.data.classes import VOC_CLASSES
@@ -606,6 +605,8 @@ class PoolDataset(torch.utils.data.Dataset):
         return [int(r["target_class"]) for r in self.records]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from torchvision import tv_tensors  # here: `import torchvision` loads its model zoo and torch._dynamo
+
         if self._memory is not None and i in self._memory:
             array, labels = self._memory[i]
         else:
