@@ -6,6 +6,9 @@ Run directory (docs/design.md, "Outputs"):
     steps/mlflow_run.json    the MLflow parent run, so a resumed run logs into the same one
     steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
     steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
+    steps/<t>/plan.json      what training step t executed, as `recall run --dry-run` lists a step (images, batch,
+                             iterations, lr, the method's extra data and training; eval_images once evaluated);
+                             written before the checkpoint (and updated before eval.json), which mark the step done
     steps/...                what the method keeps (RECALL: helper decoders, evaluated replay labels)
     metrics.json, curve.csv  per-step results for people, DVC and the report
     figures/                 the run's figures
@@ -24,7 +27,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -122,6 +125,8 @@ class ProtocolRun:
                                          OmegaConf.to_container(cfg.replay, resolve=True))  # e.g. stored exemplars
         self.class_names = dataset_class_names(cfg.dataset)
         self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
+        self.executed: dict | None = None  # what the step being trained executed (steps/<t>/plan.json)
+        self.evaluated_images = 0  # images of the last evaluation
 
     def device(self) -> torch.device:
         return distributed.device(self.train_cfg.device)
@@ -138,9 +143,19 @@ class ProtocolRun:
                              image_dir=self.cfg.dataset.image_dir, cache=cache, progress=False)
 
     def fit(self, model: torch.nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
-            train_cfg: TrainConfig) -> list[float]:
-        """Train `model` with the run's loop (a method's extra model, e.g. RECALL's helper decoders)."""
-        return train_step(model, method, loader, ctx, train_cfg)
+            train_cfg: TrainConfig, what: str = "extra training") -> list[float]:
+        """Train `model` with the run's loop (a method's extra model, e.g. RECALL's helper decoders); the step
+        records it as its `extra_training` (`what`, batch, iterations, lr)."""
+        done: dict = {}
+        losses = train_step(model, method, loader, ctx, train_cfg, record=done)
+        self.record("extra_training", {"what": what, "batch": loader.batch_size * distributed.world_size(), **done})
+        return losses
+
+    def record(self, key: str, value) -> None:
+        """A fact of the step being trained, recorded in its steps/<t>/plan.json (e.g. the classes a replay stream
+        replays); outside a step's training, nothing."""
+        if self.executed is not None:
+            self.executed[key] = value
 
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> DataLoader:
@@ -239,6 +254,9 @@ class ProtocolRun:
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("model.pt", "eval.json"):
             shutil.copyfile(src / name, dst / (name + ".tmp"))
+        executed = src / "plan.json"  # what the shared run executed (absent in a run from before it was recorded)
+        if executed.is_file():
+            write_json(dst / "plan.json", {**json.loads(executed.read_text()), "state": "adopt step0"})
         os.replace(dst / "eval.json.tmp", dst / "eval.json")
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
@@ -252,19 +270,28 @@ class ProtocolRun:
         self.method.on_step_start(model, ctx)
         generator = torch.Generator().manual_seed(seed)
         n_current, _ = self.method.batch_split(step, self.train_cfg.batch_size)
+        executed = self.executed = {"step": step, "classes": [self.class_names[c] for c in self.task[step]],
+                                    "state": "train"}
         with phase("method"):
             self.method.before_step(self, step, ctx, generator)  # e.g. PLOP's per-class thresholds
             extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
+        extra_sizes: set[int] = set()
         with phase("train"):
-            losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
-                                self.train_cfg, extra)
+            loader = self.train_loader(step, generator, batch_size=n_current)
+            losses = train_step(model, self.method, loader, ctx, self.train_cfg, measured(extra, extra_sizes),
+                                record=executed)
+        n_extra = extra_sizes.pop() if len(extra_sizes) == 1 else sorted(extra_sizes) or 0
+        executed.update(images=len(loader.dataset), batch=[loader.batch_size * distributed.world_size(),
+                                                           n_extra * distributed.world_size()])
         with phase("method"):
             self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
+        self.executed = None
         if not finite_weights(model):  # e.g. the last update overflowed: never saved as a finished step
             raise Diverged(f"step {step}: the trained weights are not finite (training diverged); nothing of step "
                            f"{step} was saved: lower the learning rate (train.lr, train.lr_incremental), then run the "
                            "same command again")
         if distributed.is_main():
+            write_json(self.step_dir(step) / "plan.json", executed)  # before the checkpoint that marks the step done
             save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
         distributed.barrier()  # the others load this checkpoint next
 
@@ -272,8 +299,9 @@ class ProtocolRun:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
         model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
         seen = [c for s in range(step + 1) for c in self.task[s]]
-        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1, device=self.device(),
-                          amp=self.train_cfg.amp)
+        loader = self.eval_loader(step)
+        self.evaluated_images = len(loader.dataset)
+        matrix = evaluate(model, loader, num_classes=len(seen) + 1, device=self.device(), amp=self.train_cfg.amp)
         return self.result(step, matrix, history)
 
     def result(self, step: int, matrix: ConfusionMatrix, history: list[np.ndarray]) -> dict:
@@ -391,6 +419,18 @@ def move_aside(steps: Path, changed: list[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def measured(batches: Iterator | None, sizes: set[int]) -> Iterator | None:
+    """`batches` as they are, noting the size of every batch drawn (a method's extra batches, e.g. replay)."""
+    if batches is None:
+        return None
+
+    def drawn():
+        for batch in batches:
+            sizes.add(len(batch[0]))
+            yield batch
+    return drawn()
+
+
 def _iou_array(result: dict) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in result["iou"].values()], dtype=np.float64)
 
@@ -500,6 +540,9 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
                     statistics = run.method.step_statistics(run, step)  # e.g. how the replay was labelled
                 if statistics:
                     result["statistics"] = statistics
+                executed = run.step_dir(step) / "plan.json"
+                if executed.is_file():  # before eval.json, which marks the evaluation done
+                    write_json(executed, {**json.loads(executed.read_text()), "eval_images": run.evaluated_images})
                 write_json(eval_file, result)
         results.append(result)
         if distributed.is_main():

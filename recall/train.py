@@ -199,9 +199,11 @@ def step_iterations(cfg: TrainConfig, ctx: StepContext, batches_per_epoch: int) 
 
 
 def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
-               cfg: TrainConfig, replay: Iterator | None = None) -> list[float]:
+               cfg: TrainConfig, replay: Iterator | None = None, record: dict | None = None) -> list[float]:
     """Train one protocol step; returns the mean loss of every pass over the data. `replay` yields labelled
-    replay batches. Runs on `cfg.device`, with DDP when started by torchrun, AMP and torch.compile if asked."""
+    replay batches. Runs on `cfg.device`, with DDP when started by torchrun, AMP and torch.compile if asked.
+    `record` receives what was executed: the optimizer steps taken (`iterations`) and the learning rate the
+    optimizer started from (`lr`)."""
     device = distributed.device(cfg.device)
     model.to(device)
     if ctx.prev_model is not None:
@@ -223,6 +225,8 @@ def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepCo
         losses.append(train_one_epoch(model, method, loader, optimizer, scheduler, ctx,
                                       f"step {ctx.step} {unit} {p + 1}/{passes}", replay, net=net, precision=precision,
                                       iterations=total - p * len(loader)))
+    if record is not None:  # read from the optimizer and its schedule, not from the configuration
+        record.update(iterations=scheduler.last_epoch, lr=optimizer.param_groups[0]["initial_lr"])
     return losses
 
 

@@ -64,8 +64,12 @@ class RunServices(Protocol):
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> torch.utils.data.DataLoader: ...
     def fit(self, model: nn.Module, method: Method, loader: torch.utils.data.DataLoader, ctx: StepContext,
-            train_cfg: object) -> list[float]:
-        """Train `model` with the run's loop (recall.train.train_step), e.g. a method's helper model."""
+            train_cfg: object, what: str = "extra training") -> list[float]:
+        """Train `model` with the run's loop (recall.train.train_step), e.g. a method's helper model; recorded with
+        the step as its `extra_training` (`what`, batch, iterations, lr)."""
+    def record(self, key: str, value) -> None:
+        """A fact of the step being trained, recorded in its steps/<t>/plan.json as the dry-run lists it (e.g.
+        `extra_data`: the classes a replay stream replays)."""
 
 
 class Method:
