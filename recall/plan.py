@@ -128,6 +128,15 @@ def step0_status(run: ProtocolRun) -> dict | None:
     return status
 
 
+def adopted(run: ProtocolRun, record: dict) -> dict:
+    """A step-0 the run adopts (`step0=`) is what the shared run executed (its steps/0/plan.json, which the run
+    copies), not what this run's method would have trained (e.g. joint's images in the disjoint setting)."""
+    executed = Path(str(run.cfg.step0)) / "steps" / "0" / "plan.json"
+    if record["state"] != "adopt step0" or not executed.is_file():
+        return record
+    return {**json.loads(executed.read_text()), "state": "adopt step0"}
+
+
 def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
     """An existing run directory: its finished steps, and whether it resumes with this configuration."""
     status = {"path": str(run.run_dir), "exists": run.run_dir.exists(),
@@ -186,7 +195,7 @@ def build_plan(cfg: DictConfig) -> dict:
                                   if val_classes is not None else val_count)}
         record.update(run.method.plan_step(run, step, images,
                                            lambda n, batch, cfg=None, s=step: iterations(run, s, n, batch, cfg)))
-        steps.append(record)
+        steps.append(adopted(run, record))
     to_train = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
     inputs = run.method.plan_inputs(run, last, to_train)
     plan = {
