@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -105,6 +106,25 @@ def mark_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         write_marker(steps, run_marker(cfg))
 
 
+def drops_last(images: int, batch: int) -> bool:
+    """Whether a step's loader drops its last partial batch: when there is more than one batch."""
+    return images > batch
+
+
+def batches_per_epoch(images: int, batch: int) -> int:
+    """len() of a step's training loader over `images` images in batches of `batch`."""
+    return images // batch if drops_last(images, batch) else math.ceil(images / batch)
+
+
+def step_work(run: ProtocolRun, step: int) -> str:
+    """What `run_steps` does with `step`, told by the files of the run directory: "done" (trained and evaluated),
+    "evaluate" (trained), "adopt step0" (copied from the shared step-0 run, `step0=`) or "train"."""
+    d = run.step_dir(step)
+    if (d / "model.pt").exists():
+        return "done" if (d / "eval.json").exists() else "evaluate"
+    return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+
+
 class ProtocolRun:
     """Everything one run needs, built once from the configuration (every config error surfaces here)."""
 
@@ -179,7 +199,7 @@ class ProtocolRun:
         batch_size = distributed.per_process(batch_size or t.batch_size, "train.batch_size (current-step samples)")
         data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale, t.scale_reference),
                                label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
-        drop_last = len(ids) > batch_size * distributed.world_size()
+        drop_last = drops_last(len(ids), batch_size * distributed.world_size())
         sampler = distributed.train_sampler(data, seed=int(self.cfg.seed) * 1000 + step, drop_last=drop_last)
         return DataLoader(data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
                           generator=generator, **self.loader_options())
@@ -208,9 +228,12 @@ class ProtocolRun:
             raise RuntimeError(f"privacy violation: step {step} would read {len(reused)} images of earlier steps "
                                f"(e.g. {reused[:3]})")
 
+    def eval_ids(self, classes: dict[str, frozenset[int]], step: int) -> list[str]:
+        """The validation images `step` is scored on (the convention's selection)."""
+        return select_eval_images(classes, self.task, step, self.convention.name)
+
     def eval_loader(self, step: int) -> DataLoader:
-        classes = self.classes_of(self.cfg.dataset.val_split)
-        ids = select_eval_images(classes, self.task, step, self.convention.name)
+        ids = self.eval_ids(self.classes_of(self.cfg.dataset.val_split), step)
         lut = eval_label_map(self.task, step, self.num_classes, future=self.convention.future_at_test)
         data = VOCSegmentation(self.root, self.cfg.dataset.val_split, ids=ids, transform=eval_transform(),
                                label_map=lut, **self._dataset_kwargs())
@@ -522,12 +545,12 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
     """Train (or resume) and evaluate every step; returns the per-step result records."""
     results: list[dict] = []
     for step in range(run.last_step + 1):
-        done = run.step_dir(step) / "model.pt"
-        if step == 0 and run.cfg.step0:
+        work = step_work(run, step)
+        if work == "adopt step0":
             with distributed.main_first():
-                if not done.exists():
+                if step_work(run, step) == "adopt step0":  # the other processes find it adopted
                     run.adopt_step0(Path(run.cfg.step0))
-        if not done.exists():
+        elif work == "train":
             run.train(step)  # its phases: "train", "method" (e.g. replay labels, helper decoders)
         eval_file = run.step_dir(step) / "eval.json"
         if eval_file.exists():

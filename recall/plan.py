@@ -10,7 +10,6 @@ what `recall.experiment.run_steps` does, so a researcher can check a run against
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch
 from omegaconf import DictConfig
 
 from recall.config import section
-from recall.data.protocol import get_convention, select_eval_images
+from recall.data.protocol import get_convention
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
-from recall.experiment import ProtocolRun, check_run_dir, config_differences
-from recall.train import step_iterations
+from recall.experiment import ProtocolRun, batches_per_epoch, check_run_dir, config_differences, step_work
+from recall.train import step_iterations, step_lr
 
 
 @dataclass
@@ -91,12 +90,6 @@ def image_index(run: ProtocolRun, split: str) -> dict[str, frozenset[int]]:
                          write_cache=False, progress=True)
 
 
-def batches_per_epoch(images: int, batch: int) -> int:
-    """len() of a step's DataLoader (ProtocolRun.train_loader drops the last partial batch when there is more
-    than one batch)."""
-    return images // batch if images > batch else math.ceil(images / batch)
-
-
 def iterations(run: ProtocolRun, step: int, images: int | None, batch: int, train_cfg=None) -> int | None:
     """Iterations of `step` (train.step_iterations) under the run's training settings (or `train_cfg`): None when
     they depend on an unknown number of images."""
@@ -108,11 +101,11 @@ def iterations(run: ProtocolRun, step: int, images: int | None, batch: int, trai
 
 
 def step_state(run: ProtocolRun, step: int, restarts: bool = False) -> str:
-    """What `run_steps` would do with `step` (a key of WORK); `restarts`: the run directory is moved aside first."""
-    d = run.step_dir(step)
-    if (d / "model.pt").exists() and not restarts:
-        return "done" if (d / "eval.json").exists() else "evaluate"
-    return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+    """What `run_steps` would do with `step` (experiment.step_work, a key of WORK); `restarts`: the run directory is
+    moved aside first (nothing in it counts)."""
+    if restarts:
+        return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+    return step_work(run, step)
 
 
 def step0_status(run: ProtocolRun) -> dict | None:
@@ -190,8 +183,8 @@ def build_plan(cfg: DictConfig) -> dict:
         record = {"step": step, "classes": [names[c] for c in run.task[step]],
                   "state": step_state(run, step, run_dir["restarts"]), "images": images, "batch": [n_current, n_extra],
                   "iterations": iterations(run, step, images, n_current),
-                  "lr": t.lr if step == 0 else t.lr_incremental,
-                  "eval_images": (len(select_eval_images(val_classes, run.task, step, convention.name))
+                  "lr": step_lr(t, step),
+                  "eval_images": (len(run.eval_ids(val_classes, step))
                                   if val_classes is not None else val_count)}
         record.update(run.method.plan_step(run, step, images,
                                            lambda n, batch, cfg=None, s=step: iterations(run, s, n, batch, cfg)))

@@ -198,6 +198,11 @@ def step_iterations(cfg: TrainConfig, ctx: StepContext, batches_per_epoch: int) 
     return (cfg.epochs if ctx.step == 0 else cfg.epochs_incremental) * batches_per_epoch
 
 
+def step_lr(cfg: TrainConfig, step: int) -> float:
+    """The learning rate a step starts from (the dry-run lists it)."""
+    return cfg.lr if step == 0 else cfg.lr_incremental
+
+
 def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
                cfg: TrainConfig, replay: Iterator | None = None, record: dict | None = None) -> list[float]:
     """Train one protocol step; returns the mean loss of every pass over the data. `replay` yields labelled
@@ -208,7 +213,7 @@ def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepCo
     model.to(device)
     if ctx.prev_model is not None:
         ctx.prev_model.to(device)
-    lr = cfg.lr if ctx.step == 0 else cfg.lr_incremental
+    lr = step_lr(cfg, ctx.step)
     params = method.trainable_parameters(model, ctx)
     total = step_iterations(cfg, ctx, len(loader))
     optimizer, scheduler = make_optimizer(params, lr, cfg, total)
