@@ -77,10 +77,27 @@ def assert_same(planned: dict, executed: dict) -> None:
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_step0_run_matches_its_plan(shared, setting, capsys):
+def test_step0_run_matches_its_plan(shared, setting, capsys, monkeypatch):
+    import recall.experiment as experiment
+
+    found = []  # when a marker is written, the facts it certifies are on disk already
+    save, write = experiment.save_checkpoint, experiment.write_json
+
+    def save_checkpoint(model, path, meta):
+        found.append(path.with_name("plan.json").is_file())
+        save(model, path, meta)
+
+    def write_json(path, payload, **kw):
+        if path.name == "eval.json":
+            found.append("eval_images" in json.loads(path.with_name("plan.json").read_text()))
+        write(path, payload, **kw)
+
+    monkeypatch.setattr(experiment, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(experiment, "write_json", write_json)
     planned, executed = shared.step0(setting, capsys)
     assert planned[0]["state"] == "train" and executed[0]["iterations"] > 0
     assert_same(planned, executed)
+    assert found in ([], [True, True]), found  # (empty when an earlier test trained this step 0)
 
 
 @pytest.mark.parametrize("setting,method", RUNS)
