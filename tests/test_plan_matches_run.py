@@ -1,6 +1,7 @@
-"""`recall run --dry-run` against what the run executes: for every method and setting, the dry-run's plan of each
-step equals, field by field, the facts the run records of the step it trained (steps/<t>/plan.json), which the run
-takes from its loaders, its optimizer and its training loop, never from the plan's code."""
+"""`recall run --dry-run` against what the run executes: for every method (overlapped; in disjoint and partitioned a
+few), the dry-run's plan of each step equals, field by field, the facts the run records of the step it trained
+(steps/<t>/plan.json), which the run takes from its loaders, its optimizer and its training loop, never from the
+plan's code."""
 
 from __future__ import annotations
 
