@@ -20,7 +20,9 @@ from conftest import FAST
 PROTOCOL = "18-1x2"  # step 0 (18 classes, shared by every run of a setting), then two incremental steps
 SETTINGS = ["overlapped", "disjoint", "partitioned"]
 METHODS = {"ft": [], "lwf": [], "ilt": [], "mib": [], "plop": [], "joint": [], "recall": ["replay=toy_gan"],
-           "pseudo_replay": ["replay=toy_gan"], "ft+memory": ["replay=memory"], "recall+memory": ["replay=memory"]}
+           "pseudo_replay": ["replay=toy_gan"], "ft+memory": ["replay=memory"], "recall+memory": ["replay=memory"],
+           # a budget in iterations per class (the papers'), the helper decoders' own
+           "recall+iterations": ["replay=toy_gan", "train.iters_per_class=3", "method.helper_iters_per_class=2"]}
 LOSSES_ONLY = ("lwf", "ilt", "mib")  # ft's data flow, other losses: one incremental step covers them
 # every method in the overlapped setting; in the others, a method of the step's own images, joint (every image of
 # the classes seen, whatever the setting) and a replay
@@ -113,4 +115,4 @@ def test_run_matches_its_plan(shared, method, setting, capsys):
     assert_same(planned, executed)
     if METHODS[method]:  # a replay: the comparison covers the replay stream (and RECALL's helper decoder)
         assert executed[1]["batch"][1] > 0 and executed[1]["extra_data"].endswith(" old")
-        assert ("extra_training" in executed[1]) == (method == "recall")
+        assert ("extra_training" in executed[1]) == (METHODS[method][0] == "replay=toy_gan" and method != "pseudo_replay")
