@@ -116,6 +116,16 @@ def batches_per_epoch(images: int, batch: int) -> int:
     return images // batch if drops_last(images, batch) else math.ceil(images / batch)
 
 
+def executed_facts(path: Path) -> dict | None:
+    """A step's steps/<t>/plan.json (what it executed), or None when absent (a run from before it was recorded) or
+    unreadable."""
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) else None
+
+
 def step_work(run: ProtocolRun, step: int) -> str:
     """What `run_steps` does with `step`, told by the files of the run directory: "done" (trained and evaluated),
     "evaluate" (trained), "adopt step0" (copied from the shared step-0 run, `step0=`) or "train"."""
@@ -277,9 +287,9 @@ class ProtocolRun:
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("model.pt", "eval.json"):
             shutil.copyfile(src / name, dst / (name + ".tmp"))
-        executed = src / "plan.json"  # what the shared run executed (absent in a run from before it was recorded)
-        if executed.is_file():
-            write_json(dst / "plan.json", {**json.loads(executed.read_text()), "state": "adopt step0"})
+        executed = executed_facts(src / "plan.json")  # what the shared run executed
+        if executed is not None:
+            write_json(dst / "plan.json", {**executed, "state": "adopt step0"})
         os.replace(dst / "eval.json.tmp", dst / "eval.json")
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
@@ -563,9 +573,9 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
                     statistics = run.method.step_statistics(run, step)  # e.g. how the replay was labelled
                 if statistics:
                     result["statistics"] = statistics
-                executed = run.step_dir(step) / "plan.json"
-                if executed.is_file():  # before eval.json, which marks the evaluation done
-                    write_json(executed, {**json.loads(executed.read_text()), "eval_images": run.evaluated_images})
+                executed = executed_facts(run.step_dir(step) / "plan.json")
+                if executed is not None:  # before eval.json, which marks the evaluation done
+                    write_json(run.step_dir(step) / "plan.json", {**executed, "eval_images": run.evaluated_images})
                 write_json(eval_file, result)
         results.append(result)
         if distributed.is_main():

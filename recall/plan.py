@@ -3,8 +3,14 @@
 Nothing is trained, downloaded or written, not even the image-class cache a run keeps in its directory. The plan
 lists the dataset (prepared or not, split sizes), every step (classes, training images, iterations, learning
 rate, whether a finished checkpoint is reused), what the method reads (e.g. its replay pool), the checkpoints a run would
-reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section. It follows
-what `recall.experiment.run_steps` does, so a researcher can check a run against a paper before paying for it.
+reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section, so a researcher
+can check a run against a paper before paying for it.
+
+A step's facts come from the functions the run decides with (`recall.experiment.step_work`, `ProtocolRun.train_ids`
+and `eval_ids`, `batches_per_epoch`, `recall.train.step_iterations` and `step_lr`, the method's `batch_split`) and
+its `plan_step`. A run records what each step it trains executed, in the same fields (steps/<t>/plan.json, taken
+from its loaders, optimizer and loop), and tests/test_plan_matches_run.py checks the two agree for every method.
+A step 0 adopted from `step0=` shows what the shared run executed.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ from omegaconf import DictConfig
 from recall.config import section
 from recall.data.protocol import get_convention
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
-from recall.experiment import ProtocolRun, batches_per_epoch, check_run_dir, config_differences, step_work
+from recall.experiment import (
+    ProtocolRun,
+    batches_per_epoch,
+    check_run_dir,
+    config_differences,
+    executed_facts,
+    step_work,
+)
 from recall.train import step_iterations, step_lr
 
 
@@ -124,10 +137,10 @@ def step0_status(run: ProtocolRun) -> dict | None:
 def adopted(run: ProtocolRun, record: dict) -> dict:
     """A step-0 the run adopts (`step0=`) is what the shared run executed (its steps/0/plan.json, which the run
     copies), not what this run's method would have trained (e.g. joint's images in the disjoint setting)."""
-    executed = Path(str(run.cfg.step0)) / "steps" / "0" / "plan.json"
-    if record["state"] != "adopt step0" or not executed.is_file():
+    executed = executed_facts(Path(str(run.cfg.step0)) / "steps" / "0" / "plan.json")
+    if record["state"] != "adopt step0" or executed is None:
         return record
-    return {**json.loads(executed.read_text()), "state": "adopt step0"}
+    return {**executed, "state": "adopt step0"}
 
 
 def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
