@@ -13,7 +13,9 @@ dataset, for provenance and the resume check), `run_params` and `run_tags` (what
 `extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
 step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
 step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the
-run (`RunServices`): the runner has no branch on which method runs.
+run (`RunServices`): the runner has no branch on which method runs. What a step executed beyond the loop's own
+facts a method notes through the run (`run.record`, e.g. the classes its replay stream replays; `run.fit(what=)`
+for extra training), in steps/<t>/plan.json, which the suite compares with its `plan_step`.
 """
 
 from __future__ import annotations
