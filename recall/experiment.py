@@ -6,6 +6,9 @@ Run directory (docs/design.md, "Outputs"):
     steps/mlflow_run.json    the MLflow parent run, so a resumed run logs into the same one
     steps/<t>/model.pt       checkpoint per step (atomic; a killed run resumes after the last finished step)
     steps/<t>/eval.json      confusion matrix + result of step t (written after the checkpoint)
+    steps/<t>/plan.json      what training step t executed, as `recall run --dry-run` lists a step (images, batch,
+                             iterations, lr, the method's extra data and training; eval_images once evaluated);
+                             written before the checkpoint (and updated before eval.json), which mark the step done
     steps/...                what the method keeps (RECALL: helper decoders, evaluated replay labels)
     metrics.json, curve.csv  per-step results for people, DVC and the report
     figures/                 the run's figures
@@ -22,9 +25,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,6 +106,35 @@ def mark_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         write_marker(steps, run_marker(cfg))
 
 
+def drops_last(images: int, batch: int) -> bool:
+    """Whether a step's loader drops its last partial batch: when there is more than one batch."""
+    return images > batch
+
+
+def batches_per_epoch(images: int, batch: int) -> int:
+    """len() of a step's training loader over `images` images in batches of `batch`."""
+    return images // batch if drops_last(images, batch) else math.ceil(images / batch)
+
+
+def executed_facts(path: Path) -> dict | None:
+    """A step's steps/<t>/plan.json (what it executed), or None when absent (a run from before it was recorded) or
+    unreadable."""
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) else None
+
+
+def step_work(run: ProtocolRun, step: int) -> str:
+    """What `run_steps` does with `step`, told by the files of the run directory: "done" (trained and evaluated),
+    "evaluate" (trained), "adopt step0" (copied from the shared step-0 run, `step0=`) or "train"."""
+    d = run.step_dir(step)
+    if (d / "model.pt").exists():
+        return "done" if (d / "eval.json").exists() else "evaluate"
+    return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+
+
 class ProtocolRun:
     """Everything one run needs, built once from the configuration (every config error surfaces here)."""
 
@@ -122,6 +155,8 @@ class ProtocolRun:
                                          OmegaConf.to_container(cfg.replay, resolve=True))  # e.g. stored exemplars
         self.class_names = dataset_class_names(cfg.dataset)
         self.last_step = len(self.task) - 1 if cfg.last_step is None else int(cfg.last_step)
+        self.executed: dict | None = None  # what the step being trained executed (steps/<t>/plan.json)
+        self.evaluated_images = 0  # images of the last evaluation
 
     def device(self) -> torch.device:
         return distributed.device(self.train_cfg.device)
@@ -138,9 +173,19 @@ class ProtocolRun:
                              image_dir=self.cfg.dataset.image_dir, cache=cache, progress=False)
 
     def fit(self, model: torch.nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
-            train_cfg: TrainConfig) -> list[float]:
-        """Train `model` with the run's loop (a method's extra model, e.g. RECALL's helper decoders)."""
-        return train_step(model, method, loader, ctx, train_cfg)
+            train_cfg: TrainConfig, what: str = "extra training") -> list[float]:
+        """Train `model` with the run's loop (a method's extra model, e.g. RECALL's helper decoders); the step
+        records it as its `extra_training` (`what`, batch, iterations, lr)."""
+        done: dict = {}
+        losses = train_step(model, method, loader, ctx, train_cfg, record=done)
+        self.record("extra_training", {"what": what, "batch": loader.batch_size * distributed.world_size(), **done})
+        return losses
+
+    def record(self, key: str, value) -> None:
+        """A fact of the step being trained, recorded in its steps/<t>/plan.json (e.g. the classes a replay stream
+        replays); outside a step's training, nothing."""
+        if self.executed is not None:
+            self.executed[key] = value
 
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> DataLoader:
@@ -164,7 +209,7 @@ class ProtocolRun:
         batch_size = distributed.per_process(batch_size or t.batch_size, "train.batch_size (current-step samples)")
         data = VOCSegmentation(self.root, self.cfg.dataset.train_split, ids=ids, transform=train_transform(t.crop, t.scale, t.scale_reference),
                                label_map=lut, cache_in_memory=t.cache_images, **self._dataset_kwargs())
-        drop_last = len(ids) > batch_size * distributed.world_size()
+        drop_last = drops_last(len(ids), batch_size * distributed.world_size())
         sampler = distributed.train_sampler(data, seed=int(self.cfg.seed) * 1000 + step, drop_last=drop_last)
         return DataLoader(data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
                           generator=generator, **self.loader_options())
@@ -193,9 +238,12 @@ class ProtocolRun:
             raise RuntimeError(f"privacy violation: step {step} would read {len(reused)} images of earlier steps "
                                f"(e.g. {reused[:3]})")
 
+    def eval_ids(self, classes: dict[str, frozenset[int]], step: int) -> list[str]:
+        """The validation images `step` is scored on (the convention's selection)."""
+        return select_eval_images(classes, self.task, step, self.convention.name)
+
     def eval_loader(self, step: int) -> DataLoader:
-        classes = self.classes_of(self.cfg.dataset.val_split)
-        ids = select_eval_images(classes, self.task, step, self.convention.name)
+        ids = self.eval_ids(self.classes_of(self.cfg.dataset.val_split), step)
         lut = eval_label_map(self.task, step, self.num_classes, future=self.convention.future_at_test)
         data = VOCSegmentation(self.root, self.cfg.dataset.val_split, ids=ids, transform=eval_transform(),
                                label_map=lut, **self._dataset_kwargs())
@@ -239,6 +287,9 @@ class ProtocolRun:
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("model.pt", "eval.json"):
             shutil.copyfile(src / name, dst / (name + ".tmp"))
+        executed = executed_facts(src / "plan.json")  # what the shared run executed
+        if executed is not None:
+            write_json(dst / "plan.json", {**executed, "state": "adopt step0"})
         os.replace(dst / "eval.json.tmp", dst / "eval.json")
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
@@ -252,19 +303,28 @@ class ProtocolRun:
         self.method.on_step_start(model, ctx)
         generator = torch.Generator().manual_seed(seed)
         n_current, _ = self.method.batch_split(step, self.train_cfg.batch_size)
+        executed = self.executed = {"step": step, "classes": [self.class_names[c] for c in self.task[step]],
+                                    "state": "train"}
         with phase("method"):
             self.method.before_step(self, step, ctx, generator)  # e.g. PLOP's per-class thresholds
             extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
+        extra_sizes: set[int] = set()
         with phase("train"):
-            losses = train_step(model, self.method, self.train_loader(step, generator, batch_size=n_current), ctx,
-                                self.train_cfg, extra)
+            loader = self.train_loader(step, generator, batch_size=n_current)
+            losses = train_step(model, self.method, loader, ctx, self.train_cfg, measured(extra, extra_sizes),
+                                record=executed)
+        n_extra = extra_sizes.pop() if len(extra_sizes) == 1 else sorted(extra_sizes) or 0
+        executed.update(images=len(loader.dataset), batch=[loader.batch_size * distributed.world_size(),
+                                                           n_extra * distributed.world_size()])
         with phase("method"):
             self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
+        self.executed = None
         if not finite_weights(model):  # e.g. the last update overflowed: never saved as a finished step
             raise Diverged(f"step {step}: the trained weights are not finite (training diverged); nothing of step "
                            f"{step} was saved: lower the learning rate (train.lr, train.lr_incremental), then run the "
                            "same command again")
         if distributed.is_main():
+            write_json(self.step_dir(step) / "plan.json", executed)  # before the checkpoint that marks the step done
             save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
         distributed.barrier()  # the others load this checkpoint next
 
@@ -272,8 +332,9 @@ class ProtocolRun:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
         model, _ = load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)
         seen = [c for s in range(step + 1) for c in self.task[s]]
-        matrix = evaluate(model, self.eval_loader(step), num_classes=len(seen) + 1, device=self.device(),
-                          amp=self.train_cfg.amp)
+        loader = self.eval_loader(step)
+        self.evaluated_images = len(loader.dataset)
+        matrix = evaluate(model, loader, num_classes=len(seen) + 1, device=self.device(), amp=self.train_cfg.amp)
         return self.result(step, matrix, history)
 
     def result(self, step: int, matrix: ConfusionMatrix, history: list[np.ndarray]) -> dict:
@@ -391,6 +452,18 @@ def move_aside(steps: Path, changed: list[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def measured(batches: Iterator | None, sizes: set[int]) -> Iterator | None:
+    """`batches` as they are, noting the size of every batch drawn (a method's extra batches, e.g. replay)."""
+    if batches is None:
+        return None
+
+    def drawn():
+        for batch in batches:
+            sizes.add(len(batch[0]))
+            yield batch
+    return drawn()
+
+
 def _iou_array(result: dict) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in result["iou"].values()], dtype=np.float64)
 
@@ -482,12 +555,12 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
     """Train (or resume) and evaluate every step; returns the per-step result records."""
     results: list[dict] = []
     for step in range(run.last_step + 1):
-        done = run.step_dir(step) / "model.pt"
-        if step == 0 and run.cfg.step0:
+        work = step_work(run, step)
+        if work == "adopt step0":
             with distributed.main_first():
-                if not done.exists():
+                if step_work(run, step) == "adopt step0":  # the other processes find it adopted
                     run.adopt_step0(Path(run.cfg.step0))
-        if not done.exists():
+        elif work == "train":
             run.train(step)  # its phases: "train", "method" (e.g. replay labels, helper decoders)
         eval_file = run.step_dir(step) / "eval.json"
         if eval_file.exists():
@@ -500,6 +573,9 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
                     statistics = run.method.step_statistics(run, step)  # e.g. how the replay was labelled
                 if statistics:
                     result["statistics"] = statistics
+                executed = executed_facts(run.step_dir(step) / "plan.json")
+                if executed is not None:  # before eval.json, which marks the evaluation done
+                    write_json(run.step_dir(step) / "plan.json", {**executed, "eval_images": run.evaluated_images})
                 write_json(eval_file, result)
         results.append(result)
         if distributed.is_main():

@@ -3,14 +3,19 @@
 Nothing is trained, downloaded or written, not even the image-class cache a run keeps in its directory. The plan
 lists the dataset (prepared or not, split sizes), every step (classes, training images, iterations, learning
 rate, whether a finished checkpoint is reused), what the method reads (e.g. its replay pool), the checkpoints a run would
-reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section. It follows
-what `recall.experiment.run_steps` does, so a researcher can check a run against a paper before paying for it.
+reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section, so a researcher
+can check a run against a paper before paying for it.
+
+A step's facts come from the functions the run decides with (`recall.experiment.step_work`, `ProtocolRun.train_ids`
+and `eval_ids`, `batches_per_epoch`, `recall.train.step_iterations` and `step_lr`, the method's `batch_split`) and
+its `plan_step`. A run records what each step it trains executed, in the same fields (steps/<t>/plan.json, taken
+from its loaders, optimizer and loop), and tests/test_plan_matches_run.py checks the two agree for every method.
+A step 0 adopted from `step0=` shows what the shared run executed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +25,17 @@ from omegaconf import DictConfig
 
 from recall.config import section
 from recall.data.datasets import known
-from recall.data.protocol import get_convention, select_eval_images
+from recall.data.protocol import get_convention
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
-from recall.experiment import ProtocolRun, check_run_dir, config_differences
-from recall.train import step_iterations
+from recall.experiment import (
+    ProtocolRun,
+    batches_per_epoch,
+    check_run_dir,
+    config_differences,
+    executed_facts,
+    step_work,
+)
+from recall.train import step_iterations, step_lr
 
 
 @dataclass
@@ -85,12 +97,6 @@ def image_index(run: ProtocolRun, split: str) -> dict[str, frozenset[int]]:
                          write_cache=False, progress=True)
 
 
-def batches_per_epoch(images: int, batch: int) -> int:
-    """len() of a step's DataLoader (ProtocolRun.train_loader drops the last partial batch when there is more
-    than one batch)."""
-    return images // batch if images > batch else math.ceil(images / batch)
-
-
 def iterations(run: ProtocolRun, step: int, images: int | None, batch: int, train_cfg=None) -> int | None:
     """Iterations of `step` (train.step_iterations) under the run's training settings (or `train_cfg`): None when
     they depend on an unknown number of images."""
@@ -102,11 +108,11 @@ def iterations(run: ProtocolRun, step: int, images: int | None, batch: int, trai
 
 
 def step_state(run: ProtocolRun, step: int, restarts: bool = False) -> str:
-    """What `run_steps` would do with `step` (a key of WORK); `restarts`: the run directory is moved aside first."""
-    d = run.step_dir(step)
-    if (d / "model.pt").exists() and not restarts:
-        return "done" if (d / "eval.json").exists() else "evaluate"
-    return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+    """What `run_steps` would do with `step` (experiment.step_work, a key of WORK); `restarts`: the run directory is
+    moved aside first (nothing in it counts)."""
+    if restarts:
+        return "adopt step0" if step == 0 and run.cfg.step0 else "train"
+    return step_work(run, step)
 
 
 def step0_status(run: ProtocolRun) -> dict | None:
@@ -120,6 +126,15 @@ def step0_status(run: ProtocolRun) -> dict | None:
         status["mismatch"] = [f"{k}: {meta.get(k)!r} (needs {mine[k]!r})" for k in ("task", "setting", "backbone", "seed")
                               if meta.get(k) != mine[k]]
     return status
+
+
+def adopted(run: ProtocolRun, record: dict) -> dict:
+    """A step-0 the run adopts (`step0=`) is what the shared run executed (its steps/0/plan.json, which the run
+    copies), not what this run's method would have trained (e.g. joint's images in the disjoint setting)."""
+    executed = executed_facts(Path(str(run.cfg.step0)) / "steps" / "0" / "plan.json")
+    if record["state"] != "adopt step0" or executed is None:
+        return record
+    return {**executed, "state": "adopt step0"}
 
 
 def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
@@ -175,12 +190,12 @@ def build_plan(cfg: DictConfig) -> dict:
         record = {"step": step, "classes": [names[c] for c in run.task[step]],
                   "state": step_state(run, step, run_dir["restarts"]), "images": images, "batch": [n_current, n_extra],
                   "iterations": iterations(run, step, images, n_current),
-                  "lr": t.lr if step == 0 else t.lr_incremental,
-                  "eval_images": (len(select_eval_images(val_classes, run.task, step, convention.name))
+                  "lr": step_lr(t, step),
+                  "eval_images": (len(run.eval_ids(val_classes, step))
                                   if val_classes is not None else val_count)}
         record.update(run.method.plan_step(run, step, images,
                                            lambda n, batch, cfg=None, s=step: iterations(run, s, n, batch, cfg)))
-        steps.append(record)
+        steps.append(adopted(run, record))
     to_train = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
     inputs = run.method.plan_inputs(run, last, to_train)
     plan = {

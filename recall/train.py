@@ -198,15 +198,22 @@ def step_iterations(cfg: TrainConfig, ctx: StepContext, batches_per_epoch: int) 
     return (cfg.epochs if ctx.step == 0 else cfg.epochs_incremental) * batches_per_epoch
 
 
+def step_lr(cfg: TrainConfig, step: int) -> float:
+    """The learning rate a step starts from (the dry-run lists it)."""
+    return cfg.lr if step == 0 else cfg.lr_incremental
+
+
 def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
-               cfg: TrainConfig, replay: Iterator | None = None) -> list[float]:
+               cfg: TrainConfig, replay: Iterator | None = None, record: dict | None = None) -> list[float]:
     """Train one protocol step; returns the mean loss of every pass over the data. `replay` yields labelled
-    replay batches. Runs on `cfg.device`, with DDP when started by torchrun, AMP and torch.compile if asked."""
+    replay batches. Runs on `cfg.device`, with DDP when started by torchrun, AMP and torch.compile if asked.
+    `record` receives what was executed: the optimizer steps taken (`iterations`) and the learning rate the
+    optimizer started from (`lr`)."""
     device = distributed.device(cfg.device)
     model.to(device)
     if ctx.prev_model is not None:
         ctx.prev_model.to(device)
-    lr = cfg.lr if ctx.step == 0 else cfg.lr_incremental
+    lr = step_lr(cfg, ctx.step)
     params = method.trainable_parameters(model, ctx)
     total = step_iterations(cfg, ctx, len(loader))
     optimizer, scheduler = make_optimizer(params, lr, cfg, total)
@@ -223,6 +230,8 @@ def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepCo
         losses.append(train_one_epoch(model, method, loader, optimizer, scheduler, ctx,
                                       f"step {ctx.step} {unit} {p + 1}/{passes}", replay, net=net, precision=precision,
                                       iterations=total - p * len(loader)))
+    if record is not None:  # read from the optimizer and its schedule, not from the configuration
+        record.update(iterations=scheduler.last_epoch, lr=optimizer.param_groups[0]["initial_lr"])
     return losses
 
 

@@ -30,7 +30,8 @@ FAST = ["train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "t
 SLOWEST_FIRST = ["test_cluster", "test_tune", "test_dvc_resume", "test_cli", "test_distributed", "test_corruption",
                  "test_results", "test_replay_stages", "test_stage_jobs_slurm", "test_stage_jobs", "test_mlflow_runs",
                  "test_plots",
-                 "test_dvc_deps", "test_replay_method", "test_replay_memory", "test_web"]
+                 "test_dvc_deps", "test_replay_method", "test_replay_memory", "test_web",
+                 "test_plan_matches_run"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -428,7 +428,7 @@ def test_after_step_hands_the_helper_its_label_map_generator_and_step(world, tmp
         return real_loader(step, generator, batch_size=batch_size, label_map=label_map)
 
     real_fit = run.fit
-    run.fit = lambda *args: contexts.append(args[3]) or real_fit(*args)  # the helper trains through the run's loop
+    run.fit = lambda *args, **kw: contexts.append(args[3]) or real_fit(*args, **kw)  # the helper trains through the run's loop
     run.train_loader = recorded
     generator = torch.Generator().manual_seed(0)
     run.method.after_step(run, 1, generator)
@@ -453,7 +453,8 @@ def test_plan_step_names_the_old_classes_and_recall_s_helper_training(world, tmp
 
     assert run.method.plan_step(run, 0, 3, iterations) == {}
     assert run.method.plan_step(run, 1, 3, iterations) == {
-        "extra_data": "2 old", "extra_training": {"what": "helper decoder", "batch": 4, "iterations": 42}}
+        "extra_data": "2 old", "extra_training": {"what": "helper decoder", "batch": 4, "iterations": 42,
+                                                  "lr": pytest.approx(run.train_cfg.lr_incremental * 0.4)}}
     assert calls == [(3, 4, pytest.approx(run.train_cfg.lr_incremental * 0.4))]
     assert run.method.plan_step(run, 2, 3, iterations) == {"extra_data": "3 old"}
     quiet = recall_run(world, tmp_path / "q", "method.replay_ratio=0", protocol="2-1-1")

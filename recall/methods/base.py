@@ -13,7 +13,9 @@ dataset, for provenance and the resume check), `run_params` and `run_tags` (what
 `extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
 step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
 step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the
-run (`RunServices`): the runner has no branch on which method runs.
+run (`RunServices`): the runner has no branch on which method runs. What a step executed beyond the loop's own
+facts a method notes through the run (`run.record`, e.g. the classes its replay stream replays; `run.fit(what=)`
+for extra training), in steps/<t>/plan.json, which the suite compares with its `plan_step`.
 """
 
 from __future__ import annotations
@@ -64,8 +66,12 @@ class RunServices(Protocol):
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> torch.utils.data.DataLoader: ...
     def fit(self, model: nn.Module, method: Method, loader: torch.utils.data.DataLoader, ctx: StepContext,
-            train_cfg: object) -> list[float]:
-        """Train `model` with the run's loop (recall.train.train_step), e.g. a method's helper model."""
+            train_cfg: object, what: str = "extra training") -> list[float]:
+        """Train `model` with the run's loop (recall.train.train_step), e.g. a method's helper model; recorded with
+        the step as its `extra_training` (`what`, batch, iterations, lr)."""
+    def record(self, key: str, value) -> None:
+        """A fact of the step being trained, recorded in its steps/<t>/plan.json as the dry-run lists it (e.g.
+        `extra_data`: the classes a replay stream replays)."""
 
 
 class Method:

@@ -98,7 +98,7 @@ class Recall(ReplayMethod):
         ctx = StepContext(step=step, task=run.task, new_classes=list(run.task[step]), old_classes=[],
                           setting=run.setting)
         run.fit(helper, FineTuning(freeze_encoder=True), run.train_loader(step, generator, label_map=remap), ctx,
-                self.helper_train_config(run.train_cfg))
+                self.helper_train_config(run.train_cfg), what="helper decoder")
         if distributed.is_main():
             save_checkpoint(helper, run.step_dir(step) / "helper.pt",
                             {"classes_per_step": [len(run.task[step])], "helper_for": run.task[step]})
@@ -118,7 +118,7 @@ class Recall(ReplayMethod):
     def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
         plan = super().plan_step(run, step, images, iterations)
         if self.needs_helper(run, step):  # full batches of the step's own images
-            batch = run.train_cfg.batch_size
+            batch, helper = run.train_cfg.batch_size, self.helper_train_config(run.train_cfg)
             plan["extra_training"] = {"what": "helper decoder", "batch": batch,
-                                      "iterations": iterations(images, batch, self.helper_train_config(run.train_cfg))}
+                                      "iterations": iterations(images, batch, helper), "lr": helper.lr_incremental}
         return plan

@@ -229,6 +229,7 @@ class ReplayMethod(Method):
             raise UserError(f"replay pool {data.pool.root} has no usable image of classes "
                             f"{old_classes(run.task, step)}; rebuild it")
         self.check_pool_is_not_the_dataset(run, data)
+        run.record("extra_data", f"{len(set(data.target_classes))} old")  # the classes replayed (dry-run: extra data)
         batch_size = distributed.per_process(n_replay, "the replay samples per batch")
         yield from endless(DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator))
 

@@ -222,6 +222,8 @@ class MemoryReplay(Method):
         t = run.train_cfg
         batch_size = distributed.per_process(n_replay, "the replay samples per batch")
         data = self.memory_data(run, step, train_transform(t.crop, t.scale, t.scale_reference), at_least=batch_size)
+        kept = read_memory(memory_dir(run, step - 1), step - 1)["memory_candidates"]
+        run.record("extra_data", f"memory: {len({c for *_, labels in kept for c in labels})} old")  # classes replayed
         yield from endless(DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator))
 
     def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
