@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from conftest import FAST
 from mlflow.tracking import MlflowClient
 
@@ -150,7 +151,9 @@ def test_every_stage_of_the_demo_has_a_run_name_of_its_own():
             names[stage.addressing] = run_name(compose(overrides, params_file=ROOT / "params.yaml"))
     assert names["step0@15-overlapped"] == "step 0 · 15 classes · overlapped · seed 0"
     assert names["run@15-5_ft"] == "15-5 · ft · seed 0"
-    assert len(names) >= 11 and len(set(names.values())) == len(names), names
+    pipeline = yaml.safe_load((ROOT / "params.yaml").read_text())["pipeline"]
+    expected = len(pipeline["step0"]) + len(pipeline["runs"]) + len(pipeline["replay_runs"]) + 1  # + joint
+    assert len(names) == expected and len(set(names.values())) == len(names), names
 
 
 def test_an_interrupted_runs_description_says_how_it_ended():
