@@ -41,11 +41,10 @@ demo: $(VENV)/.installed
 
 # the pipeline two stages at a time, each run on one thread (recall/stage_jobs.py: a stage starts once the stages it
 # reads have finished; two one-thread runs finish sooner than one two-thread run after the other; the pretraining
-# keeps its two threads and runs alone), then `dvc repro`, which finds everything up to date (or runs a stage
-# that failed, with its error in the terminal)
+# keeps its two threads and runs alone; it exits 0 only when every stale stage ran and is committed); if a stage
+# failed, `dvc repro`, which runs it again with its error in the terminal
 pipeline:
-	-python -m recall.stage_jobs dvc.yaml --jobs 2 --alone pretrain
-	dvc repro
+	python -m recall.stage_jobs dvc.yaml --jobs 2 --alone pretrain || dvc repro
 
 # two pytest-xdist workers, one per core; a test file stays on one worker (its module fixtures are built once),
 # the slowest files first (their order: tests/conftest.py)

@@ -68,7 +68,7 @@ def scratch(tmp_path_factory) -> Path:
                                "replay_run@15-5_recall_toy_gan", "replay_run@15-1x5_recall_toy_gan",
                                "replay_select@web"}),
     # the configuration: every stage that composes one (all but the stand-in weights, which take no config... and do)
-    ("recall/config.py", {"toyworld", "step0@15-overlapped", "run@15-5_mib", "replay_run@15-5_recall_gan",
+    ("recall/config.py", {"toyworld", "step0@15-overlapped", "run@15-5_mib", "replay_run@15-5_recall_web",
                           "classmap@toy_gan", "replay_pool@web", "joint", "report"}),
     ("recall/methods/distillation.py", {"step0@15-overlapped", "run@15-5_mib", "run@15-1x5_mib", "joint"}),
     # the class mapping: its stages and the pools built from its maps, not the pretraining ...
