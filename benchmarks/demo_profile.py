@@ -3,7 +3,7 @@
     python benchmarks/demo_profile.py [--fresh-venv] [--adopt] [--keep DIR] [--out docs/demo_profile.json]
 
 Copies the project (the files git tracks) into a temporary directory and runs the demo's pipeline there as
-`make demo` does (`make pipeline`: the stages two at a time with `recall.stage_jobs`, then `dvc repro`), with a
+`make demo` does (`make pipeline`: the stages two at a time with `recall.stage_jobs`; `dvc repro` if one failed), with a
 `sitecustomize` hook on PYTHONPATH that records each stage's process when it exits (dvc.yaml is not touched, so
 the copy's dvc.lock is the one the pipeline makes; `--adopt` copies it and reports/summary.json back). With
 `--fresh-venv` it first installs the project as `make demo` does (`make .venv/.installed`: a new virtualenv, uv,
