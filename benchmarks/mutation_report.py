@@ -3,10 +3,11 @@
     python benchmarks/mutation_report.py [--out docs/mutation.json]
     python benchmarks/mutation_report.py --scope [all | PATTERN ...]   # the names `make mutants` runs
 
-The core is SCOPE below: metrics, the protocol, label evaluation, the methods, and the runner's data flow (which
-images and targets reach a step's training, how replay batches join them, what is evaluated and scored). The
-runner's bookkeeping (resume, config checks, run names, step-0 adoption) and the optimiser/precision plumbing are
-mutated (pyproject's `only_mutate` takes whole files) but not run: the process-level tests check them.
+The core is SCOPE below: metrics, the protocol, label evaluation, the methods and their replay stream, and the
+runner's data flow (which images and targets reach a step's training, how replay batches join them, what is
+evaluated and scored). The runner's bookkeeping (resume, config checks, run names, step-0 adoption) and the
+optimiser/precision plumbing are mutated (pyproject's `only_mutate` takes whole files) but not run: the
+process-level tests check them.
 
 Every mutant of the core takes about 7 hours on 2 cores (each runs the in-process tests that reach its function,
 and the runner's functions are reached by whole protocol runs), so `make mutants` runs a sample: every function's
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPLANATIONS = ROOT / "docs" / "mutation_survivors.yaml"
 _RUN = "recall.experiment.xǁProtocolRunǁ"
 SCOPE = ["recall.metrics.*", "recall.data.protocol.*", "recall.labeling.*", "recall.methods.*",
+         "recall.replay.stream.*",
          *(f"{_RUN}{f}__mutmut_*" for f in ("_dataset_kwargs", "classes_of", "train_ids", "check_no_earlier_images",
                                             "train_loader", "loader_options", "eval_loader", "context", "model_for",
                                             "evaluate", "result")),

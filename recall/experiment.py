@@ -300,14 +300,14 @@ class ProtocolRun:
         torch.manual_seed(seed)
         model, prev = self.model_for(step)
         ctx = self.context(step, prev)
-        self.method.on_step_start(model, ctx)
         generator = torch.Generator().manual_seed(seed)
-        n_current, _ = self.method.batch_split(step, self.train_cfg.batch_size)
+        stream = self.method.stream(self)  # what the loop blends into every batch (e.g. RECALL's replay)
+        n_current, _ = stream.split(step, self.train_cfg.batch_size)
         executed = self.executed = {"step": step, "classes": [self.class_names[c] for c in self.task[step]],
                                     "state": "train"}
         with phase("method"):
             self.method.before_step(self, step, ctx, generator)  # e.g. PLOP's per-class thresholds
-            extra = self.method.extra_batches(self, step, generator)  # lazy: e.g. RECALL's replay stream
+            extra = stream.batches(step, generator)  # lazy: read at the first batch
         extra_sizes: set[int] = set()
         with phase("train"):
             loader = self.train_loader(step, generator, batch_size=n_current)
@@ -478,7 +478,7 @@ def run_protocol(cfg: DictConfig, tracker=None, figures: bool = True,
     run = ProtocolRun(cfg)
     torch.set_num_threads(run.train_cfg.threads)
     read_split(run.root, cfg.dataset.train_split)  # a wrong dataset.root fails here, naming the file
-    run.method.check_inputs(run)  # e.g. the replay pool: a doomed run fails before step 0, not after it
+    run.method.inputs(run, check=True)  # e.g. the replay pool: a doomed run fails before step 0, not after it
     lock = None
     if distributed.is_main():
         check_run_dir(run.run_dir, cfg)  # ours, or new: never a directory of someone else's files
@@ -510,8 +510,9 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
             tags["step0"] = str(cfg.step0)
         for name, path in run.method.inputs(run).items():
             tags[f"dvc.{name}"] = dvc_hash(path)
-        tags.update(run.method.run_tags(run))  # e.g. replay.stored_data: the run replays stored training images
-        params = {**OmegaConf.to_container(cfg, resolve=True), **run.method.run_params(run)}
+        described = run.method.describe(run)
+        tags.update(described["tags"])  # e.g. replay.stored_data: the run replays stored training images
+        params = {**OmegaConf.to_container(cfg, resolve=True), **described["params"]}
         with phase("tracking"):
             tracker.start(run.run_dir / "steps", run_name(cfg), tags, params)
     try:
@@ -570,7 +571,7 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
                 result = run.evaluate(step, [_iou_array(r) for r in results])
             if distributed.is_main():
                 with distributed.alone(), phase("method"):
-                    statistics = run.method.step_statistics(run, step)  # e.g. how the replay was labelled
+                    statistics = run.method.stream(run).statistics(step)  # e.g. how the replay was labelled
                 if statistics:
                     result["statistics"] = statistics
                 executed = executed_facts(run.step_dir(step) / "plan.json")
@@ -594,7 +595,7 @@ def outputs(run: ProtocolRun, results: list[dict]) -> dict:
     strip = lambda r: {k: v for k, v in r.items() if k != "confusion_matrix"}
     return {"protocol": str(run.cfg.protocol.name), "setting": run.setting, "method": run.method.name,
             "replay": str(run.cfg.replay.name), "seed": int(run.cfg.seed), "convention": run.convention.name,
-            "method_options": run.method.options(),
+            "method_options": run.method.describe(run)["options"],
             "classes": run.class_names, "steps": [strip(r) for r in results], "final": strip(results[-1])}
 
 

@@ -276,7 +276,7 @@ CURVE_METRICS = ("all", "old", "new", "all_no_bg", "old_no_bg")  # a run's curve
 OLD_AND_ALL = (OLD, ALL)  # the report's two curve panels, the step-0 models' table: old classes, every class
 MULTI_OBJECTIVES = {"old_new": OLD_NEW}  # tune.objective names of several numbers (a Pareto front)
 DEFAULT_OBJECTIVE = ALL  # tune.objective when the `tune` section names none
-# the replay labels' quality a run logged (a simulated source knows its truth; recall/methods/replay.py) -> the
+# the replay labels' quality a run logged (a simulated source knows its truth; recall/replay/stream.py) -> the
 # report's column
 LABEL_QUALITY = {"replay_labels/iou_step0_classes": "label_iou_step0", "replay_labels/empty_step0_classes":
                  "label_empty_step0", "replay_labels/iou_later_classes": "label_iou_later",

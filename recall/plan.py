@@ -7,9 +7,10 @@ reuse, and an estimate of the compute from the throughput assumed in the config'
 can check a run against a paper before paying for it.
 
 A step's facts come from the functions the run decides with (`recall.experiment.step_work`, `ProtocolRun.train_ids`
-and `eval_ids`, `batches_per_epoch`, `recall.train.step_iterations` and `step_lr`, the method's `batch_split`) and
-its `plan_step`. A run records what each step it trains executed, in the same fields (steps/<t>/plan.json, taken
-from its loaders, optimizer and loop), and tests/test_plan_matches_run.py checks the two agree for every method.
+and `eval_ids`, `batches_per_epoch`, `recall.train.step_iterations` and `step_lr`, the split of the method's stream),
+the stream's `facts` and the method's `plan_step`. A run records what each step it trains executed, in the same fields
+(steps/<t>/plan.json, taken from its loaders, optimizer and loop), and tests/test_plan_matches_run.py checks the two
+agree for every method.
 A step 0 adopted from `step0=` shows what the shared run executed.
 """
 
@@ -184,8 +185,9 @@ def build_plan(cfg: DictConfig) -> dict:
                    if data["prepared"] and convention.eval_images != "all" else None)
     run_dir = run_dir_status(run, cfg, last)
     steps = []
+    stream = run.method.stream(run)
     for step in range(last + 1):
-        n_current, n_extra = run.method.batch_split(step, t.batch_size)
+        n_current, n_extra = stream.split(step, t.batch_size)
         images = None if train_classes is None else len(run.train_ids(train_classes, step))
         record = {"step": step, "classes": [names[c] for c in run.task[step]],
                   "state": step_state(run, step, run_dir["restarts"]), "images": images, "batch": [n_current, n_extra],
@@ -193,11 +195,12 @@ def build_plan(cfg: DictConfig) -> dict:
                   "lr": step_lr(t, step),
                   "eval_images": (len(run.eval_ids(val_classes, step))
                                   if val_classes is not None else val_count)}
+        record.update(stream.facts(step))
         record.update(run.method.plan_step(run, step, images,
                                            lambda n, batch, cfg=None, s=step: iterations(run, s, n, batch, cfg)))
         steps.append(adopted(run, record))
     to_train = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
-    inputs = run.method.plan_inputs(run, last, to_train)
+    inputs = stream.plan_inputs(last, to_train)
     plan = {
         "run": {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
                 "replay": str(cfg.replay.name), "seed": int(cfg.seed), "convention": convention.name,
@@ -206,8 +209,8 @@ def build_plan(cfg: DictConfig) -> dict:
         "model": {"backbone": run.model_cfg.backbone, "output_stride": run.model_cfg.output_stride,
                   "frozen_bn": run.model_cfg.frozen_bn, "head_channels": run.model_cfg.head_channels,
                   "aspp_rates": list(run.model_cfg.aspp_rates), "pretrained_file": run.model_cfg.pretrained_file},
-        "train": {"batch_size": t.batch_size, "current_per_batch": run.method.batch_split(1, t.batch_size)[0],
-                  "extra_per_batch": run.method.batch_split(1, t.batch_size)[1],
+        "train": {"batch_size": t.batch_size, "current_per_batch": stream.split(1, t.batch_size)[0],
+                  "extra_per_batch": stream.split(1, t.batch_size)[1],
                   "crop": t.crop, "scale": list(t.scale), "momentum": t.momentum, "weight_decay": t.weight_decay,
                   "poly_power": t.poly_power, "lr": t.lr, "lr_incremental": t.lr_incremental, "lr_end": t.lr_end,
                   "iters_per_class": t.iters_per_class, "epochs": t.epochs, "epochs_incremental": t.epochs_incremental,

@@ -24,7 +24,7 @@ MODULE_REFERENCE = re.compile(rf"^{PACKAGE}(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
 # the modules that call what config files name ("replay.truth.labels: recall.sim.truth:gan_label_quality"): those
 # names are part of their closure (not of every module that composes a config: the pretraining never runs a replay
 # scorer). A test holds every other `resolve(...)` of the package to a registry of its own module.
-CONFIG_READERS = {f"{PACKAGE}.methods.replay": PACKAGE_DIR.parent / "conf",
+CONFIG_READERS = {f"{PACKAGE}.replay.stream": PACKAGE_DIR.parent / "conf",
                   f"{PACKAGE}.stages.classmap": PACKAGE_DIR.parent / "conf",
                   f"{PACKAGE}.stages.select": PACKAGE_DIR.parent / "conf"}
 

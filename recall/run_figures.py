@@ -1,6 +1,6 @@
 """The figures of a finished protocol run, under ``<run_dir>/figures/``: drawn from the saved step results and
-checkpoints (so a resumed run draws the same pictures), plus whatever its method draws (``Method.figures``:
-RECALL's replay images with their labels and training targets)."""
+checkpoints (so a resumed run draws the same pictures), plus whatever its method's stream draws
+(``Stream.figures``: RECALL's replay images with their labels and training targets)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def write_figures(run, results: list[dict], title: str) -> list[Path]:
     plot_class_heatmap(results, run.class_names, title, out / "class_iou.png")
     plot_forgetting(results[-1]["forgetting"], title, out / "forgetting.png")
     prediction_grid(run, last, title, out / "predictions.png")
-    run.method.figures(run, last, title, out)
+    run.method.stream(run).figures(last, title, out)
     return sorted(p for p in out.iterdir() if p.suffix in (".png", ".csv"))
 
 

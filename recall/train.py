@@ -22,6 +22,7 @@ from recall import distributed
 from recall.errors import Diverged
 from recall.labeling import ignore_padding
 from recall.methods import Method, StepContext
+from recall.methods.base import Preparation
 from recall.metrics import ConfusionMatrix
 
 
@@ -144,13 +145,14 @@ def diverged(what: str, where: str, ctx: StepContext) -> Diverged:
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer, scheduler,
                     ctx: StepContext, desc: str = "train", replay: Iterator | None = None, *,
                     net: nn.Module | None = None, precision: Precision | None = None,
-                    iterations: int | None = None) -> float:
+                    iterations: int | None = None, prepared: Preparation | None = None) -> float:
     """One pass over `loader` (at most `iterations` batches). `net` is what runs the forward pass (the model,
-    or its DistributedDataParallel / compiled wrapper); the method's hooks always see the model itself."""
+    or its DistributedDataParallel / compiled wrapper); the method's hooks always see the model itself. `prepared`:
+    what `method.prepare` gave for the step (asked for when not given)."""
     net = model if net is None else net
     precision = Precision(None, torch.device("cpu")) if precision is None else precision
     device = precision.device
-    method.set_train_mode(model, ctx)
+    (prepared or method.prepare(model, ctx)).train_mode(model)
     total, seen = 0.0, 0
     n = len(loader) if iterations is None else min(iterations, len(loader))
     # a full pass iterates the loader to its end (an abandoned iterator would skip the sampler's last draw from
@@ -214,7 +216,8 @@ def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepCo
     if ctx.prev_model is not None:
         ctx.prev_model.to(device)
     lr = step_lr(cfg, ctx.step)
-    params = method.trainable_parameters(model, ctx)
+    prepared = method.prepare(model, ctx)
+    params = prepared.parameters
     total = step_iterations(cfg, ctx, len(loader))
     optimizer, scheduler = make_optimizer(params, lr, cfg, total)
     net = distributed.wrap(model, device)
@@ -229,7 +232,7 @@ def train_step(model: nn.Module, method: Method, loader: DataLoader, ctx: StepCo
             loader.sampler.set_epoch(p)
         losses.append(train_one_epoch(model, method, loader, optimizer, scheduler, ctx,
                                       f"step {ctx.step} {unit} {p + 1}/{passes}", replay, net=net, precision=precision,
-                                      iterations=total - p * len(loader)))
+                                      iterations=total - p * len(loader), prepared=prepared))
     if record is not None:  # read from the optimizer and its schedule, not from the configuration
         record.update(iterations=scheduler.last_epoch, lr=optimizer.param_groups[0]["initial_lr"])
     return losses

@@ -383,7 +383,7 @@ class Tuner:
         build_sampler(self.s.sampler, None)  # check its settings before anything is created
         self.base = ProtocolRun(self.cfg)
         check_paths(self.s.space, self.cfg)  # e.g. method.replay_ratio: only a method that has it can be tuned on it
-        self.base.method.check_inputs(self.base)  # e.g. the replay pool is built: before the study, not in trial 0
+        self.base.method.inputs(self.base, check=True)  # e.g. the replay pool: before the study, not in trial 0
         for corner, values in (("low", 0), ("high", 1)):  # e.g. replay_ratio high=1 is refused here, not in trial 7
             try:
                 ProtocolRun(self.trial_config({p.path: p.corners()[values] for p in self.s.space}, Path("unused")))

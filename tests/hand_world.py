@@ -137,7 +137,7 @@ def replay_run(world: SimpleNamespace, tmp: Path, *overrides: str) -> ProtocolRu
     """A RECALL run of 2-2 at step 1: the step-0 checkpoint saved, and the pool's labels written by hand as label
     evaluation would have (class pixels first in raster order, share POOL_SHARES), with the group's marker."""
     run = recall_run(world, tmp, *overrides)
-    labels_dir = run.method.labels_dir(run)
+    labels_dir = run.method.stream(run).labels_dir
     records = {c: world.pool.records(c) for c in POOL_SHARES}
     for c, shares in POOL_SHARES.items():
         for record, share in zip(records[c], shares):

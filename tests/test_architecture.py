@@ -263,3 +263,63 @@ def test_a_real_dataset_is_its_module_its_registry_line_and_its_config():
             if name in strings or any(m.startswith(f"recall.data.datasets.{name}") for m in imports_of(path)):
                 naming.add(path.relative_to(ROOT).as_posix())
         assert naming == set(), f"{name} is named outside its module and its registry line"
+
+
+# ---------------------------------------------------------------------------------------------- the core's shape
+RUNNER = ("experiment.py", "train.py", "plan.py", "tune.py", "run_figures.py")  # what calls a method's hooks
+METHOD_ATTRIBUTES = ("name", "data", "needs_previous_model", "classifier_init")  # what the runner reads, not calls
+
+
+def _is_method(node: ast.AST) -> bool:
+    """`method`, `self.method`, `run.method`, `self.base.method`: the run's method."""
+    return (isinstance(node, ast.Name) and node.id == "method") or \
+        (isinstance(node, ast.Attribute) and node.attr == "method")
+
+
+def test_the_runner_calls_at_most_ten_hooks_of_a_method():
+    """The interface between the core and a method is `recall.methods.base.HOOKS`: describe, inputs, stream, prepare,
+    before_step, after_step, plan_step, rewrite_targets, loss. The runner, the loop, the dry-run, the tuner and the
+    figures call nothing else of a method (its stream's interface is `Stream`'s), and `Method` has no other public
+    method than these and `options` (what `describe` reports)."""
+    from recall.methods.base import HOOKS, Method
+    from recall.replay.stream import Stream
+
+    assert len(HOOKS) <= 10
+    public = {name for name, value in vars(Method).items() if callable(value) and not name.startswith("_")}
+    assert public == {*HOOKS, "options"}
+    called, read, on_stream = set(), set(), set()
+    for module in RUNNER:
+        tree = ast.parse((PACKAGE_DIR / module).read_text())
+        streams = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                   and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute)
+                   and node.value.func.attr == "stream" and _is_method(node.value.func.value)
+                   for t in node.targets if isinstance(t, ast.Name)}
+        calls = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_method(node.value):
+                (called if id(node) in calls else read).add(node.attr)
+            if isinstance(node, ast.Attribute) and id(node) in calls and (
+                    (isinstance(node.value, ast.Name) and node.value.id in streams) or
+                    (isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute) and
+                     node.value.func.attr == "stream")):
+                on_stream.add(node.attr)
+    assert called == set(HOOKS), called
+    assert read <= set(METHOD_ATTRIBUTES), read
+    assert on_stream == {"split", "batches", "statistics", "figures", "facts", "plan_inputs"}, on_stream
+    assert all(callable(getattr(Stream, name)) for name in on_stream)
+
+
+def test_a_replay_method_holds_its_policy_and_its_stream_the_data_flow():
+    """recall/replay/ (the pool, its checks, label evaluation, the loaders, the replay streams) imports no method;
+    a replay method's module imports no I/O: no file, no hashing, no loader, no checkpoint; it says which classes,
+    which labeller, which ratio, and hands them to its stream (recall/replay/stream.py)."""
+    graph = import_graph()
+    replay = {m: sorted(t for t in targets if t.startswith("recall.methods"))
+              for m, targets in graph.items() if m.startswith("recall.replay")}
+    assert {m: t for m, t in replay.items() if t} == {}
+    assert graph["recall.methods.replay"] == {"recall.errors", "recall.methods.base", "recall.replay.stream"}
+    assert "recall.replay.stream" in graph["recall.methods.base"]  # a method returns its stream
+    source = (PACKAGE_DIR / "methods" / "replay.py").read_text()
+    for io in ("open(", "read_text", "write_text", "write_json", "write_bytes", "DataLoader", "load_checkpoint", "sha256",
+               "content_id", "mkdir", "torch.save"):
+        assert io not in source, io

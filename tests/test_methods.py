@@ -111,9 +111,9 @@ def test_method_trains_an_incremental_step(name, previous_model):
     images = torch.randn(4, 3, 64, 64)
     targets = torch.tensor([0, 4, 5, 255])[torch.randint(0, 4, (4, 64, 64))]
 
-    method.on_step_start(model, ctx)
-    optimizer = torch.optim.SGD(method.trainable_parameters(model, ctx), lr=0.01)
-    method.set_train_mode(model, ctx)
+    prepared = method.prepare(model, ctx)
+    optimizer = torch.optim.SGD(prepared.parameters, lr=0.01)
+    prepared.train_mode(model)
     losses = []
     for _ in range(8):
         rewritten = method.rewrite_targets(images, targets, ctx)
@@ -124,7 +124,7 @@ def test_method_trains_an_incremental_step(name, previous_model):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses), losses
     assert losses[-1] < losses[0], losses
-    frozen = method.encoder_frozen(ctx)
+    frozen = prepared.frozen_encoder
     assert all((p.grad is None) == frozen for p in model.encoder.parameters()), "a frozen encoder gets no gradient"
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), previous_model.encoder.parameters())) \
         or not frozen
@@ -251,11 +251,17 @@ def test_every_method_passes_its_base_options_on(name):
 def test_the_encoder_is_frozen_only_in_incremental_steps_and_only_when_asked(previous_model):
     ctx = lambda step: StepContext(step=step, task=[[1, 2, 3], [4, 5]], new_classes=[], old_classes=[])  # noqa: E731
     frozen, free = build_method("ft", freeze_encoder=True), build_method("ft")
-    assert [frozen.encoder_frozen(ctx(s)) for s in (0, 1, 2)] == [False, True, True]
-    assert [free.encoder_frozen(ctx(s)) for s in (0, 1)] == [False, False]
+    assert [frozen.prepare(previous_model, ctx(s)).frozen_encoder for s in (0, 1, 2)] == [False, True, True]
+    assert [free.prepare(previous_model, ctx(s)).frozen_encoder for s in (0, 1)] == [False, False]
     decoder = {id(p) for p in previous_model.decoder_parameters()}
-    assert {id(p) for p in frozen.trainable_parameters(previous_model, ctx(1))} == decoder
-    assert len(frozen.trainable_parameters(previous_model, ctx(0))) == len(list(previous_model.parameters()))
+    prepared = frozen.prepare(previous_model, ctx(1))
+    assert {id(p) for p in prepared.parameters} == decoder
+    assert not any(p.requires_grad for p in previous_model.encoder.parameters())  # no gradient: half the backward
+    prepared.train_mode(previous_model)
+    assert previous_model.training and not previous_model.encoder.training  # its batch-norm statistics stay
+    assert len(frozen.prepare(previous_model, ctx(0)).parameters) == len(list(previous_model.parameters()))
+    assert all(p.requires_grad for p in previous_model.encoder.parameters())
+    previous_model.requires_grad_(False).eval()  # as the fixture made it
 
 
 def test_options_leave_out_private_state():

@@ -126,7 +126,7 @@ def test_toy_plan_counts_what_the_run_would_train(toy, tmp_path, method, extra):
     run = ProtocolRun(compose([f"dataset.root={toy}", "protocol=15-1x5", f"method={method}",
                                f"run_dir={tmp_path / 'real'}", *extra]))
     for s in plan["steps"]:
-        n_current = run.method.batch_split(s["step"], run.train_cfg.batch_size)[0]
+        n_current = run.method.stream(run).split(s["step"], run.train_cfg.batch_size)[0]
         loader = run.train_loader(s["step"], torch.Generator(), batch_size=n_current)
         epochs = run.train_cfg.epochs if s["step"] == 0 else run.train_cfg.epochs_incremental
         assert (s["images"], s["iterations"]) == (len(loader.dataset), len(loader) * epochs)

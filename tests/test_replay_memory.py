@@ -18,12 +18,11 @@ from recall.cli import main
 from recall.config import compose
 from recall.errors import ReplayError, UserError
 from recall.experiment import ProtocolRun
-from recall.methods import build_method, for_source
+from recall.methods import RUN_SOURCES, build_method, for_source
 from recall.methods.distillation import MiB
+from recall.methods.memory import MemoryReplay
 from recall.replay.leakage import STORED_DATA_SOURCES, check_replay_privacy
-from recall.replay.memory import (MEMORY_FILE, MemoryReplay, build_memory, memory_dir, read_memory,
-                                  select_balanced)
-from recall.replay.run_sources import RUN_SOURCES
+from recall.replay.memory import MEMORY_FILE, build_memory, memory_dir, read_memory, select_balanced
 from recall.replay.sources import SOURCES, build_source
 
 
@@ -157,7 +156,7 @@ def test_memory_labels_keep_the_classes_seen_so_far_and_255(hand, tmp_path):
     run = protocol_run(world, tmp_path / "again", "protocol=2-1-1", "method=mib", "replay=memory",
                        "replay.memory_size=5")
     wrapper = run.method
-    data = wrapper.memory_data(run, 1, transform=None)  # replayed at step 1 (seen: 1, 2, 3; future: 4)
+    data = wrapper.stream(run).data(1, transform=None)  # replayed at step 1 (seen: 1, 2, 3; future: 4)
     target = dict(zip(data.ids, (data[i][1] for i in range(len(data)))))["t4"]
     assert [int(target[r, 0]) for r in (0, 4, 8, 12)] == [1, 3, 0, 255]
 
@@ -166,7 +165,7 @@ def test_the_memory_is_built_where_a_run_has_none_yet(hand):
     """A step-0 model adopted from a shared run stored no memory: the first replaying step builds it."""
     _, run = hand
     assert read_memory(memory_dir(run, 0), 0) is None
-    data = run.method.memory_data(run, 1, transform=None, at_least=4)
+    data = run.method.stream(run).data(1, transform=None, at_least=4)
     assert len(data) == 4 and sorted(set(data.ids)) == read_memory(memory_dir(run, 0), 0)["memory_list"]
 
 
@@ -190,10 +189,10 @@ def test_the_source_registry_wraps_the_method_for_memory_only():
     assert for_source(mib, {"name": "none"}) is mib and for_source(mib, {"name": "toy_gan", "pool": "x"}) is mib
     wrapped = for_source(mib, {"name": "memory", "memory_size": 7, "replay_ratio": 0.25})
     assert isinstance(wrapped, MemoryReplay) and wrapped.method is mib and wrapped.name == "mib"
-    assert wrapped.batch_split(0, 8) == (8, 0) and wrapped.batch_split(1, 8) == (6, 2)
+    assert wrapped.stream(None).split(0, 8) == (8, 0) and wrapped.stream(None).split(1, 8) == (6, 2)
     assert wrapped.options() == mib.options() and wrapped.kd_weight == mib.kd_weight
     recall = for_source(build_method("recall", replay_ratio=0.75), {"name": "memory", "memory_size": 7})
-    assert recall.replaces and recall.batch_split(1, 8) == (2, 6)  # a replay method keeps its own ratio
+    assert recall.replaces and recall.stream(None).split(1, 8) == (2, 6)  # a replay method keeps its own ratio
 
 
 @pytest.mark.parametrize("replay, error", [({"name": "memory", "memory_size": 0}, UserError),
@@ -226,8 +225,8 @@ def test_a_replay_method_gives_its_pool_and_helpers_to_the_memory(hand, tmp_path
     world, _ = hand
     run = protocol_run(world, tmp_path / "r", "protocol=2-1-1", "method=recall", "replay=memory",
                        "replay.memory_size=2")
-    run.method.check_inputs(run)  # no pool asked for
-    assert run.method.inputs(run) == {} and run.method.run_tags(run) == {"replay.stored_data": "true"}
+    run.method.inputs(run, check=True)  # no pool asked for
+    assert run.method.inputs(run) == {} and run.method.describe(run)["tags"] == {"replay.stored_data": "true"}
     assert "extra_training" not in run.method.plan_step(run, 1, 10, lambda *a, **k: 1)  # no helper decoder
 
 
@@ -366,7 +365,7 @@ def test_building_a_missing_memory_asks_the_privacy_check_as_the_memory(hand, mo
     asked = []
     monkeypatch.setattr(memory, "check_replay_privacy", lambda source, step, images, earlier:
                         asked.append((source, step, sorted(images))))
-    run.method.memory(run, 1)
+    run.method.stream(run).memory(1)
     assert asked == [("memory", 1, ["t0", "t1", "t4"])]  # step 0's images, read at step 1 on purpose
-    run.method.memory(run, 1)
+    run.method.stream(run).memory(1)
     assert len(asked) == 1  # stored: nothing read again

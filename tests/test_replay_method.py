@@ -1,6 +1,6 @@
-"""The replay data flow of a run, in process, on the hand-made world (tests/hand_world.py): what RECALL's hooks
-check, label, write, record and plan, asserted on values worked out independently (the pool's hand-made labels,
-the step-0 model's own argmax, hand-written pool statistics). The loop's side of replay is in test_wiring.py.
+"""The replay data flow of a run, in process, on the hand-made world (tests/hand_world.py): what RECALL's replay
+stream checks, labels, writes, records and plans, asserted on values worked out independently (the pool's hand-made
+labels, the step-0 model's own argmax, hand-written pool statistics). The loop's side of replay is in test_wiring.py.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def test_replay_hooks_of_a_run_without_replay_do_nothing(world, tmp_path):
         run = recall_run(world, tmp_path / str(k), override, pool=missing)
         m = run.method
         assert not m.replays(run)
-        m.check_inputs(run)
-        assert m.inputs(run) == {} and m.run_params(run) == {} and m.plan_inputs(run, 1, [1]) is None
-        assert m.step_statistics(run, 1) == {} and m.figures(run, 1, "t", tmp_path) == []
+        m.inputs(run, check=True)
+        assert m.inputs(run) == {} and m.describe(run)["params"] == {} and m.stream(run).plan_inputs(1, [1]) is None
+        assert m.stream(run).statistics(1) == {} and m.stream(run).figures(1, "t", tmp_path) == []
         assert not any(m.needs_helper(run, s) for s in range(3))
     assert not missing.exists()
 
@@ -85,7 +85,7 @@ def test_a_replaying_run_names_its_pool_as_an_input(world, tmp_path):
     run = recall_run(world, tmp_path)
     assert run.method.replays(run)
     assert run.method.inputs(run) == {"replay_pool": world.pool.root}
-    assert run.method.labels_dir(run) == tmp_path / "run" / "steps" / "replay_labels"
+    assert run.method.stream(run).labels_dir == tmp_path / "run" / "steps" / "replay_labels"
 
 
 def test_a_replay_source_without_a_pool_is_a_user_error(world, tmp_path):
@@ -95,27 +95,27 @@ def test_a_replay_source_without_a_pool_is_a_user_error(world, tmp_path):
                "`recall classmap replay=toy_gan` and `recall pool replay=toy_gan`, or replay=folder with "
                "replay.pool=DIR")
     with pytest.raises(UserError) as error:
-        run.method.check_inputs(run)
+        run.method.inputs(run, check=True)
     assert str(error.value) == message
     without = recall_run(world, tmp_path / "without")
     with open_dict(without.cfg):
         del without.cfg["replay"]  # a configuration with no replay section at all
     with pytest.raises(UserError) as error:
-        without.method.check_inputs(without)
+        without.method.inputs(without, check=True)
     assert str(error.value) == message
-    plan = run.method.plan_inputs(run, 1, [1])
+    plan = run.method.stream(run).plan_inputs(1, [1])
     assert plan["eval_images"] == 0 and plan["replay"] == {"source": "folder", "pool": None}
     assert plan["lines"] == [("replay", "MISSING: the method replays old classes but replay=folder has no pool; "
                                         f"choose replay={', '.join(sorted(SOURCES))}")]  # every pool source
     assert {"folder", "gan", "web", "diffusion", "toy_gan"} <= set(SOURCES) and "memory" not in SOURCES
 
 
-# --------------------------------------------------------------------------------------------- check_inputs
+# --------------------------------------------------------------------------------------------- the checks
 def test_check_inputs_names_a_pool_that_is_not_built(world, tmp_path):
     (tmp_path / "empty").mkdir()
     run = recall_run(world, tmp_path, pool=tmp_path / "empty")
     with pytest.raises(UserError) as error:
-        run.method.check_inputs(run)
+        run.method.inputs(run, check=True)
     assert str(error.value) == (f"replay pool {tmp_path / 'empty'} is not built (no manifest.jsonl): build it first "
                                 "with `recall pool replay=folder` (same overrides)")
 
@@ -124,29 +124,29 @@ def test_check_inputs_names_every_old_class_the_pool_lacks(world, tmp_path):
     pool = noise_pool(tmp_path / "pool", {3: 1})  # 2-1-1 replays 1, 2 and 3 at its last step: 1 and 2 are missing
     run = recall_run(world, tmp_path, protocol="2-1-1", pool=pool.root)
     with pytest.raises(UserError) as error:
-        run.method.check_inputs(run)
+        run.method.inputs(run, check=True)
     assert str(error.value) == (f"replay pool {pool.root} has no image of 1, 2, which this run replays; rebuild it "
                                 "with `recall pool replay=folder`")
     short = recall_run(world, tmp_path / "short", "last_step=1", protocol="2-1-1",
                        pool=noise_pool(tmp_path / "p12", {1: 1, 2: 1}).root)
-    short.method.check_inputs(short)  # up to step 1, only 1 and 2 are replayed: nothing is missing
+    short.method.inputs(short, check=True)  # up to step 1, only 1 and 2 are replayed: nothing is missing
 
 
-# --------------------------------------------------------------------------------------------- run_params
-def test_run_params_sum_up_the_pool_s_build_report(world, tmp_path):
+# --------------------------------------------------------------------------------------------- the params
+def test_the_params_sum_up_the_pool_s_build_report(world, tmp_path):
     pool = noise_pool(tmp_path / "pool", {1: 1, 2: 1})
     run = recall_run(world, tmp_path, pool=pool.root)
-    assert run.method.run_params(run) == {}  # no finished build report (pool.json): nothing to record
+    assert run.method.describe(run)["params"] == {}  # no finished build report (pool.json): nothing to record
     pool.summary_path.write_text(json.dumps({
         "total": 7, "dropped_dataset_copies": 2, "dropped_near_copies": 3,
         "source_skipped": {"corrupt": 4, "small": 5}, "shortfall": {"cat": {"missing": 6}, "dog": {"missing": 1}}}))
-    assert run.method.run_params(run) == {"pool_built": {
+    assert run.method.describe(run)["params"] == {"pool_built": {
         "total": 7, "dropped_dataset_copies": 2, "dropped_near_copies": 3, "dropped_duplicates": 0,
         "source_skipped": 9, "shortfall": 7}}
     quiet = recall_run(world, tmp_path / "quiet", "method.replay_ratio=0", pool=pool.root)
-    assert quiet.method.run_params(quiet) == {}  # a run that replays nothing records no pool
+    assert quiet.method.describe(quiet)["params"] == {}  # a run that replays nothing records no pool
     pool.summary_path.write_text(json.dumps({"total": 2}))  # an older report: what it lacks counts as 0
-    assert run.method.run_params(run) == {"pool_built": {
+    assert run.method.describe(run)["params"] == {"pool_built": {
         "total": 2, "dropped_dataset_copies": 0, "dropped_near_copies": 0, "dropped_duplicates": 0,
         "source_skipped": 0, "shortfall": 0}}
 
@@ -162,8 +162,8 @@ def test_label_evaluation_writes_the_labelling_model_s_argmax_once_per_group_and
     torch.manual_seed(1)
     save_checkpoint(SegmentationModel(run.model_cfg, [1]), run.step_dir(1) / "helper.pt",
                     {"classes_per_step": [1], "helper_for": [3]})
-    labels_dir = run.method.ensure_labels(run, 2)
-    assert labels_dir == run.method.labels_dir(run)
+    labels_dir = run.method.stream(run).ensure_labels(2)
+    assert labels_dir == run.method.stream(run).labels_dir
     expected = {**argmax_labels(run.step_dir(0) / "model.pt", run.model_cfg, pool, [1, 2], [0, 1, 2]),
                 **argmax_labels(run.step_dir(1) / "helper.pt", run.model_cfg, pool, [3], [0, 3])}
     assert sorted(p.stem for p in labels_dir.glob("*.png")) == sorted(expected)  # not class 4: learnt at step 2
@@ -182,7 +182,7 @@ def test_label_evaluation_writes_the_labelling_model_s_argmax_once_per_group_and
     for image_id in (first_1, first_3):
         Image.fromarray(stamp).save(labels_dir / f"{image_id}.png")
     write_json(labels_dir / "step1.done", {"pool": "another pool", "classes": [3]})
-    run.method.ensure_labels(run, 2)
+    run.method.stream(run).ensure_labels(2)
     assert np.array_equal(read_label(labels_dir / f"{first_1}.png"), stamp)  # group 0's marker holds: kept
     assert np.array_equal(read_label(labels_dir / f"{first_3}.png"), expected[first_3])  # group 1 labelled again
     assert json.loads((labels_dir / "step1.done").read_text())["pool"] == pool_id
@@ -193,7 +193,7 @@ def test_label_evaluation_sets_pixels_below_the_label_threshold_to_void(world, t
     run = recall_run(world, tmp_path, "method.label_threshold=0.5", pool=pool.root)
     model, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
     data = PoolDataset(pool.root, classes=[1, 2], transform=eval_transform())
-    labels_dir = run.method.ensure_labels(run, 1)
+    labels_dir = run.method.stream(run).ensure_labels(1)
     for i, record in enumerate(data.records):
         with torch.no_grad():
             confidence = model.eval()(data[i][0][None])["out"][0].softmax(0).max(0).values.numpy()
@@ -206,13 +206,13 @@ def test_label_evaluation_of_a_group_without_pool_images_names_its_classes(world
     pool = noise_pool(tmp_path / "pool", {1: 1, 2: 1, 4: 1})
     run = recall_run(world, tmp_path, protocol="2-1-1", pool=pool.root)
     with pytest.raises(UserError) as error:
-        run.method.ensure_labels(run, 2)
+        run.method.stream(run).ensure_labels(2)
     assert str(error.value) == (f"replay pool {pool.root} has no usable image of the classes of step 1 (3); "
                                 "rebuild it")
-    assert (run.method.labels_dir(run) / "step0.done").is_file()  # the group before it is done and kept
+    assert (run.method.stream(run).labels_dir / "step0.done").is_file()  # the group before it is done and kept
     run = recall_run(world, tmp_path / "two", protocol="1-2-1", pool=noise_pool(tmp_path / "p14", {1: 1, 4: 1}).root)
     with pytest.raises(UserError, match=r"no usable image of the classes of step 1 \(2, 3\); rebuild it$"):
-        run.method.ensure_labels(run, 2)
+        run.method.stream(run).ensure_labels(2)
 
 
 def test_label_evaluation_in_the_class_label_space_keeps_only_background_and_the_image_s_class(world, tmp_path):
@@ -220,7 +220,7 @@ def test_label_evaluation_in_the_class_label_space_keeps_only_background_and_the
     seen = {}
     for space in ("all", "class"):
         run = recall_run(world, tmp_path / space, f"method.label_space={space}", pool=pool.root)
-        labels_dir = run.method.ensure_labels(run, 1)
+        labels_dir = run.method.stream(run).ensure_labels(1)
         seen[space] = {c: set(np.unique(np.concatenate([read_label(labels_dir / f"{r['id']}.png").ravel()
                                                         for r in pool.records(c)])).tolist()) for c in (1, 2)}
     assert seen["class"][1] <= {0, 1} and seen["class"][2] <= {0, 2}
@@ -235,7 +235,7 @@ def test_the_replay_stream_reports_skipped_and_dropped_images(world, tmp_path, c
     ReplayPool(pool_root).image_path(missing).unlink()
     run = replay_run(SimpleNamespace(data=world.data, pool=ReplayPool(pool_root)), tmp_path,
                      "method.replay_ratio=0.25", "method.min_labelled=0.3")
-    stream = run.method.extra_batches(run, 1, torch.Generator().manual_seed(0))
+    stream = run.method.stream(run).batches(1, torch.Generator().manual_seed(0))
     assert {int(((y > 0) & (y < 255)).sum()) for _ in range(8) for y in next(stream)[1]} == {128, 192}
     out = capsys.readouterr().out
     assert "replay: skipped 1 of 5 replay images (1 missing)\n" in out
@@ -247,11 +247,11 @@ def test_the_replay_stream_is_the_old_classes_shuffled_by_the_run_s_generator(wo
     generator the run hands over (not from torch's global one), shuffled, as normalised float images."""
     pool = noise_pool(tmp_path / "pool", {1: 4, 2: 4, 3: 4})
     run = recall_run(world, tmp_path, "method.replay_ratio=0.25", protocol="2-1-1", pool=pool.root)
-    run.method.ensure_labels(run, 1)
+    run.method.stream(run).ensure_labels(1)
     means = {}
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        stream = run.method.extra_batches(run, 1, torch.Generator().manual_seed(0))
+        stream = run.method.stream(run).batches(1, torch.Generator().manual_seed(0))
         batches = [next(stream) for _ in range(8)]  # one pass over the 8 images of classes 1 and 2
         means[global_seed] = [float(images.mean()) for images, _ in batches]
         assert all(images.dtype == torch.float32 and images.shape == (1, 3, SIDE, SIDE) for images, _ in batches)
@@ -265,7 +265,7 @@ def test_the_replay_stream_is_the_old_classes_shuffled_by_the_run_s_generator(wo
 def test_a_replay_stream_with_nothing_left_is_a_user_error(world, tmp_path):
     run = replay_run(world, tmp_path, "method.min_labelled=0.9")
     with pytest.raises(UserError) as error:
-        next(run.method.extra_batches(run, 1, torch.Generator().manual_seed(0)))
+        next(run.method.stream(run).batches(1, torch.Generator().manual_seed(0)))
     assert str(error.value) == f"replay pool {world.pool.root} has no usable image of classes [1, 2]; rebuild it"
 
 
@@ -276,9 +276,9 @@ def test_a_pool_holding_a_dataset_image_stops_the_replay_stream(world, tmp_path)
     with Image.open(world.data / "JPEGImages" / "t0.jpg") as image:
         pool.add(image.convert("RGB"), {"target_class": 2})
     run = recall_run(world, tmp_path, pool=pool.root)
-    run.method.ensure_labels(run, 1)
+    run.method.stream(run).ensure_labels(1)
     with pytest.raises(RuntimeError, match=r"privacy violation: replay pool .* holds 1 images of the dataset"):
-        next(run.method.extra_batches(run, 1, torch.Generator().manual_seed(0)))
+        next(run.method.stream(run).batches(1, torch.Generator().manual_seed(0)))
 
 
 def test_the_privacy_check_reads_the_configured_splits_and_image_directory(world, tmp_path):
@@ -297,28 +297,28 @@ def test_the_privacy_check_reads_the_configured_splits_and_image_directory(world
                      "dataset.val_split=holdout", pool=pool.root)
     data_set = PoolDataset(pool.root, classes=[1, 2])
     with pytest.raises(RuntimeError) as error:
-        run.method.check_pool_is_not_the_dataset(run, data_set)
+        run.method.stream(run).check_not_the_dataset(data_set)
     leaked = [r["id"] for r in data_set.records[1:]]
     assert str(error.value) == (f"privacy violation: replay pool {pool.root} holds 4 images of the dataset itself "
                                 f"(e.g. {leaked[:3]}); rebuild it with `recall pool`, which drops them")
 
 
-def test_batch_split_rounds_the_replay_share_and_replays_nothing_at_step_0(world, tmp_path):
+def test_the_split_rounds_the_replay_share_and_replays_nothing_at_step_0(world, tmp_path):
     run = replay_run(world, tmp_path, "method.replay_ratio=0.3")
-    assert run.method.batch_split(0, 5) == (5, 0)
-    assert run.method.batch_split(1, 5) == (3, 2)  # round(1.5) = 2
-    assert run.method.batch_split(2, 10) == (7, 3)
-    assert run.method.extra_batches(run, 0, torch.Generator()) is None
+    assert run.method.stream(run).split(0, 5) == (5, 0)
+    assert run.method.stream(run).split(1, 5) == (3, 2)  # round(1.5) = 2
+    assert run.method.stream(run).split(2, 10) == (7, 3)
+    assert run.method.stream(run).batches(0, torch.Generator()) is None
 
 
 # --------------------------------------------------------------------------------------------- what is recorded
-def test_step_statistics_count_the_pool_its_labelled_share_and_what_inpainting_changed(world, tmp_path):
+def test_the_statistics_count_the_pool_its_labelled_share_and_what_inpainting_changed(world, tmp_path):
     """At tau = 0 every background pixel of a replay label takes the step-0 model's argmax: the inpainted share is
     the share of background pixels where that argmax is a class, worked out here from the model."""
     run = replay_run(world, tmp_path)
-    assert run.method.step_statistics(run, 0) == {}
-    stats = run.method.step_statistics(run, 1)
-    data = PoolDataset(world.pool.root, classes=[1, 2], labels_dir=run.method.labels_dir(run),
+    assert run.method.stream(run).statistics(0) == {}
+    stats = run.method.stream(run).statistics(1)
+    data = PoolDataset(world.pool.root, classes=[1, 2], labels_dir=run.method.stream(run).labels_dir,
                        transform=eval_transform())
     model, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
     changed = 0
@@ -330,14 +330,14 @@ def test_step_statistics_count_the_pool_its_labelled_share_and_what_inpainting_c
     assert stats == pytest.approx({"replay/pool_images": 5.0, "replay/labelled_share": np.mean([0, .25, .5, .75, .375]),
                                    "replay/inpainted_share": changed / (5 * SIDE * SIDE)})
     confident = replay_run(world, tmp_path / "tau", "method.inpaint_threshold=1.01").method
-    assert confident.step_statistics(run, 1)["replay/inpainted_share"] == 0.0  # no confidence reaches 1.01
+    assert confident.stream(run).statistics(1)["replay/inpainted_share"] == 0.0  # no confidence reaches 1.01
 
 
-def test_step_statistics_of_a_pool_of_one_image(world, tmp_path):
+def test_the_statistics_of_a_pool_of_one_image(world, tmp_path):
     pool = noise_pool(tmp_path / "pool", {1: 1})
     run = recall_run(world, tmp_path, "method.inpaint_threshold=1.01", "last_step=1", protocol="1-3", pool=pool.root)
-    stats = run.method.step_statistics(run, 1)
-    labels = read_label(run.method.labels_dir(run) / f"{pool.records()[0]['id']}.png")
+    stats = run.method.stream(run).statistics(1)
+    labels = read_label(run.method.stream(run).labels_dir / f"{pool.records()[0]['id']}.png")
     assert stats == {"replay/pool_images": 1.0, "replay/labelled_share": float((labels == 1).mean()),
                      "replay/inpainted_share": 0.0}
 
@@ -345,9 +345,9 @@ def test_step_statistics_of_a_pool_of_one_image(world, tmp_path):
 def test_the_replay_figure_shows_one_image_per_old_class_with_its_label_and_target(world, tmp_path, monkeypatch):
     run = replay_run(world, tmp_path, "method.inpaint_threshold=1.01")  # targets = labels: nothing inpainted
     calls = []
-    monkeypatch.setattr("recall.methods.replay.plot_grid", lambda *args: calls.append(args))
-    assert run.method.figures(run, 0, "t", tmp_path) == []
-    assert run.method.figures(run, 1, "my run", tmp_path / "fig") == [tmp_path / "fig" / "replay_labels.png"]
+    monkeypatch.setattr("recall.replay.stream.plot_grid", lambda *args: calls.append(args))
+    assert run.method.stream(run).figures(0, "t", tmp_path) == []
+    assert run.method.stream(run).figures(1, "my run", tmp_path / "fig") == [tmp_path / "fig" / "replay_labels.png"]
     (rows, headers, names, title, path), = calls
     assert (headers, names, title) == (["replay image", "evaluated label", "training target (step 1)"], ["1", "2"],
                                        "my run: replay at step 1")
@@ -355,13 +355,13 @@ def test_the_replay_figure_shows_one_image_per_old_class_with_its_label_and_targ
     first = {c: world.pool.records(c)[0]["id"] for c in POOL_SHARES}  # the first image of each class
     for (image, label, target), c in zip(rows, (1, 2)):
         assert image.shape == (SIDE, SIDE, 3)
-        assert np.array_equal(label, read_label(run.method.labels_dir(run) / f"{first[c]}.png"))
+        assert np.array_equal(label, read_label(run.method.stream(run).labels_dir / f"{first[c]}.png"))
         assert np.array_equal(target, label)
 
 
 def test_the_replay_figure_is_written(world, tmp_path):
     run = replay_run(world, tmp_path)
-    path, = run.method.figures(run, 1, "my run", tmp_path)
+    path, = run.method.stream(run).figures(1, "my run", tmp_path)
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 100
 
@@ -451,43 +451,45 @@ def test_plan_step_names_the_old_classes_and_recall_s_helper_training(world, tmp
         calls.append((images, batch, cfg.lr_incremental))
         return 42
 
-    assert run.method.plan_step(run, 0, 3, iterations) == {}
-    assert run.method.plan_step(run, 1, 3, iterations) == {
+    plan = lambda run, step: {**run.method.stream(run).facts(step), **run.method.plan_step(run, step, 3, iterations)}
+    assert plan(run, 0) == {}
+    assert plan(run, 1) == {
         "extra_data": "2 old", "extra_training": {"what": "helper decoder", "batch": 4, "iterations": 42,
                                                   "lr": pytest.approx(run.train_cfg.lr_incremental * 0.4)}}
     assert calls == [(3, 4, pytest.approx(run.train_cfg.lr_incremental * 0.4))]
-    assert run.method.plan_step(run, 2, 3, iterations) == {"extra_data": "3 old"}
+    assert plan(run, 2) == {"extra_data": "3 old"}
     quiet = recall_run(world, tmp_path / "q", "method.replay_ratio=0", protocol="2-1-1")
-    assert quiet.method.plan_step(quiet, 1, 3, iterations) == {}
+    assert plan(quiet, 1) == {}
 
 
 def test_plan_inputs_of_a_complete_pool_count_the_images_left_to_label(world, tmp_path):
     run = replay_run(world, tmp_path, "replay.per_class=1")
-    plan = run.method.plan_inputs(run, 1, [1])
+    plan = run.method.stream(run).plan_inputs(1, [1])
     assert plan["lines"] == [("replay", f"folder pool {world.pool.root}: needs 1 per class x 2 old classes = 2 "
                                         "images; 5 images on disk, every class complete")]
     assert plan["eval_images"] == 0  # step 0's group is labelled (its marker is there)
     assert plan["replay"] == {"source": "folder", "pool": str(world.pool.root), "per_class": 1, "old_classes": 2,
                               "needed": 2, "exists": True, "images": 5, "short": [], "mapping": None,
                               "per_class_on_disk": {"1": 4, "2": 1}}
-    (run.method.labels_dir(run) / "step0.done").unlink()
-    assert run.method.plan_inputs(run, 1, [1])["eval_images"] == 5
-    assert run.method.plan_inputs(run, 1, [])["eval_images"] == 0  # nothing left to train: nothing to label
+    (run.method.stream(run).labels_dir / "step0.done").unlink()
+    assert run.method.stream(run).plan_inputs(1, [1])["eval_images"] == 5
+    assert run.method.stream(run).plan_inputs(1, [])["eval_images"] == 0  # nothing left to train: nothing to label
 
 
 def test_plan_inputs_name_short_classes_a_missing_pool_and_the_class_mapping(world, tmp_path):
     run = replay_run(world, tmp_path, "replay.per_class=3", f"replay.mapping={tmp_path / 'map.json'}")
-    plan = run.method.plan_inputs(run, 1, [1])
+    plan = run.method.stream(run).plan_inputs(1, [1])
     assert plan["lines"] == [
         ("replay", f"folder pool {world.pool.root}: needs 3 per class x 2 old classes = 6 images; 5 images on disk; "
                    "fewer than 3 for 1 classes (2)"),
         ("", f"class mapping {tmp_path / 'map.json'}: missing")]
     assert plan["replay"]["short"] == ["2"] and plan["replay"]["mapping_exists"] is False
     (tmp_path / "map.json").write_text("{}")
-    assert run.method.plan_inputs(run, 1, [1])["lines"][1] == ("", f"class mapping {tmp_path / 'map.json'}: found")
+    lines = run.method.stream(run).plan_inputs(1, [1])["lines"]
+    assert lines[1] == ("", f"class mapping {tmp_path / 'map.json'}: found")
 
     absent = recall_run(world, tmp_path / "absent", "replay.per_class=3", protocol="2-1-1", pool=tmp_path / "nowhere")
-    plan = absent.method.plan_inputs(absent, 2, [1, 2])
+    plan = absent.method.stream(absent).plan_inputs(2, [1, 2])
     assert plan["lines"] == [("replay", f"folder pool {tmp_path / 'nowhere'}: needs 3 per class x 3 old classes = "
                                         "9 images; not built yet: build it with `recall classmap` (GAN sources) and "
                                         "`recall pool`, same overrides")]
@@ -498,11 +500,11 @@ def test_plan_inputs_name_short_classes_a_missing_pool_and_the_class_mapping(wor
 def test_plan_inputs_list_at_most_five_short_classes(world, tmp_path):
     run = recall_run(world, tmp_path, "replay.per_class=1", "dataset.num_classes=12", protocol="7-5",
                      pool=noise_pool(tmp_path / "pool", {1: 1}).root)
-    plan = run.method.plan_inputs(run, 1, [1])
+    plan = run.method.stream(run).plan_inputs(1, [1])
     assert plan["lines"][0][1].endswith("1 images on disk; fewer than 1 for 6 classes (2, 3, 4, 5, 6, ...)")
     assert plan["replay"]["needed"] == 7
     run.cfg.replay.per_class = None
-    plan = run.method.plan_inputs(run, 1, [1])
+    plan = run.method.stream(run).plan_inputs(1, [1])
     assert "needs 7 old classes; 1 images on disk" in plan["lines"][0][1] and plan["replay"]["needed"] is None
     assert plan["eval_images"] == 1  # per class on disk, 0 for the classes the pool lacks
 
@@ -512,17 +514,18 @@ def test_plan_inputs_without_a_per_class_budget(world, tmp_path):
     pool = noise_pool(tmp_path / "pool", {1: 1, 2: 2})
     run = recall_run(world, tmp_path, pool=pool.root)
     run.cfg.replay.per_class = None
-    plan = run.method.plan_inputs(run, 1, [1])
+    plan = run.method.stream(run).plan_inputs(1, [1])
     assert plan["replay"]["short"] == [] and plan["eval_images"] == 3
     absent = recall_run(world, tmp_path / "absent", pool=tmp_path / "nowhere")
     absent.cfg.replay.per_class = None
-    assert absent.method.plan_inputs(absent, 1, [1])["eval_images"] == 0
+    assert absent.method.stream(absent).plan_inputs(1, [1])["eval_images"] == 0
 
 
 def test_plan_inputs_list_five_short_classes_without_an_ellipsis(world, tmp_path):
     run = recall_run(world, tmp_path, "replay.per_class=1", "dataset.num_classes=12", protocol="6-6",
                      pool=noise_pool(tmp_path / "pool", {1: 1}).root)
-    assert run.method.plan_inputs(run, 1, [1])["lines"][0][1].endswith("fewer than 1 for 5 classes (2, 3, 4, 5, 6)")
+    line = run.method.stream(run).plan_inputs(1, [1])["lines"][0][1]
+    assert line.endswith("fewer than 1 for 5 classes (2, 3, 4, 5, 6)")
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if issubclass(cls, ReplayMethod)))

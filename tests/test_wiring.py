@@ -125,7 +125,7 @@ def test_min_labelled_drops_exactly_the_replay_images_below_the_share(world, tmp
     """The replay stream of a step (one sample a batch) holds exactly the pool images whose evaluated label covers
     at least `min_labelled` of the image: a share equal to it is kept (0.25 = 64 of 256 pixels, 0.5 = 128)."""
     run = replay_run(world, tmp_path, "method.replay_ratio=0.25", f"method.min_labelled={min_labelled}")
-    stream = run.method.extra_batches(run, 1, torch.Generator().manual_seed(0))
+    stream = run.method.stream(run).batches(1, torch.Generator().manual_seed(0))
     seen = [n for _ in range(25) for n in labelled_pixels(next(stream)[1])]  # 5 passes over the kept images
     assert set(seen) == kept
 

@@ -1,26 +1,29 @@
 """The hooks a continual-learning method plugs into a protocol run (recall/experiment.py) and the one training
-loop (recall/train.py).
+loop (recall/train.py): nine, `HOOKS`, which the runner, the loop and the dry-run call by name.
 
-A method is a small object with two kinds of hooks.
+**The loop** calls, per step, `prepare` (which parameters train, and how the model is put in training mode: a frozen
+encoder stays in eval mode), then per batch `rewrite_targets` and `loss`.
 
-**The loop** calls, per step: `on_step_start`, then per batch `rewrite_targets` and `loss`; it trains
-`trainable_parameters` and sets train/eval modes with `set_train_mode`.
+**The run** calls:
 
-**The run** calls the data-flow hooks of a method that needs more than the current step's data, in this order:
-`check_inputs` (before anything is trained: a doomed run fails in seconds), `inputs` (what the run reads besides the
-dataset, for provenance and the resume check), `run_params` and `run_tags` (what MLflow records with the run),
-`before_step` (work before a step's training: PLOP's thresholds), `batch_split` (current + extra samples per batch),
-`extra_batches` (e.g. RECALL's replay stream, blended into every batch by the loop), `after_step` (work after a
-step's training, before its checkpoint: RECALL's helper decoders), `step_statistics` (numbers recorded with the
-step's evaluation), `figures`, and `plan_step` / `plan_inputs` (its part of `recall run --dry-run`). Each gets the
-run (`RunServices`): the runner has no branch on which method runs. What a step executed beyond the loop's own
-facts a method notes through the run (`run.record`, e.g. the classes its replay stream replays; `run.fit(what=)`
-for extra training), in steps/<t>/plan.json, which the suite compares with its `plan_step`.
+* `describe` (the method's options, and what MLflow records with the run: params, tags) and `inputs` (what the
+  run reads besides the dataset, for provenance and the resume check; with `check=True`, before anything is
+  trained: a doomed run fails in seconds);
+* `stream`: the method's replay stream (`recall.replay.stream.Stream`), what it blends into every batch of a step
+  beyond the step's own images: its split of a batch, its batches, its statistics and figure, its facts in the
+  dry-run. A method of the current step's images alone has the empty stream; a replay method says its policy
+  (which classes, which labeller, which ratio) and its stream owns the data flow (pool -> checks -> labels ->
+  loader -> statistics);
+* `before_step` (work before a step's training: PLOP's thresholds) and `after_step` (work after a step's training,
+  before its checkpoint: RECALL's helper decoders), and `plan_step` (that extra work in `recall run --dry-run`).
+
+Each gets the run (`RunServices`): the runner has no branch on which method runs. What a step executed beyond the
+loop's own facts a method notes through the run (`run.record`, e.g. the classes its replay stream replays;
+`run.fit(what=)` for extra training), in steps/<t>/plan.json, which the suite compares with the dry-run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from recall.data.classes import IGNORE_INDEX
+from recall.replay.stream import Stream
+
+# the hooks the runner, the loop and the dry-run call (tests/test_architecture.py checks that they call no other)
+HOOKS = ("describe", "inputs", "stream", "prepare", "before_step", "after_step", "plan_step", "rewrite_targets",
+         "loss")
 
 
 @dataclass
@@ -86,80 +94,53 @@ class Method:
         self.classifier_init = classifier_init
 
     def options(self) -> dict:
-        """The hyperparameters of this method, recorded with every run."""
+        """The hyperparameters of this method, recorded with every run (`describe`)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    # ------------------------------------------------------------------ the run: data flow beyond the current step
-    def check_inputs(self, run: RunServices) -> None:
-        """Before step 0: raise a UserError naming what a later step will need and is missing."""
+    # ------------------------------------------------------------------ the run
+    def describe(self, run: RunServices) -> dict:
+        """{"options": the method's hyperparameters, "params": extra MLflow params of the run (e.g. how its replay
+        pool was built), "tags": extra MLflow tags (e.g. `replay.stored_data` when it replays stored images)}."""
+        stream = self.stream(run)
+        return {"options": self.options(), "params": stream.params(), "tags": stream.tags()}
 
-    def inputs(self, run: RunServices) -> dict[str, Path]:
+    def inputs(self, run: RunServices, check: bool = False) -> dict[str, Path]:
         """What the run reads besides the dataset and its config, by name -> path (its content id is recorded with
-        the run, and a resumed run must read the same content)."""
-        return {}
+        the run, and a resumed run must read the same content). `check`: before step 0, first raise a UserError
+        naming what a later step will need and is missing."""
+        stream = self.stream(run)
+        if check:
+            stream.check()
+        return stream.inputs()
 
-    def run_params(self, run: RunServices) -> dict:
-        """Extra parameters recorded with the run (MLflow params), e.g. how its replay pool was built."""
-        return {}
-
-    def run_tags(self, run: RunServices) -> dict[str, str]:
-        """Extra MLflow tags of the run, e.g. `replay.stored_data` when it replays stored training images."""
-        return {}
+    def stream(self, run: RunServices) -> Stream:
+        """The run's replay stream: what the loop blends into the batches of a step besides its own images (its
+        `split`, `batches`, `statistics`, `figures`, `facts`), and its pool and labels; none by default."""
+        return Stream()
 
     def before_step(self, run: RunServices, step: int, ctx: StepContext, generator: torch.Generator) -> None:
-        """Work before training `step`, once its model has grown and `on_step_start` has run (e.g. PLOP's per-class
-        entropy thresholds: one pass of the previous model, `ctx.prev_model`, over the step's training images).
-        `generator` is the step's: a method that draws from it, or from the global RNG, changes the step's shuffles
-        and augmentations; PLOP draws from copies."""
-
-    def batch_split(self, step: int, batch_size: int) -> tuple[int, int]:
-        """(current-step samples, extra samples) per batch of `step`."""
-        return batch_size, 0
-
-    def extra_batches(self, run: RunServices, step: int, generator: torch.Generator) -> Iterator | None:
-        """An endless iterator of labelled (images, targets) batches the loop appends to every batch of `step`
-        (`batch_split(...)[1]` samples each), or None."""
-        return None
+        """Work before training `step`, once its model has grown (e.g. PLOP's per-class entropy thresholds: one
+        pass of the previous model, `ctx.prev_model`, over the step's training images). `generator` is the step's:
+        a method that draws from it, or from the global RNG, changes the step's shuffles and augmentations; PLOP
+        draws from copies."""
 
     def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
         """Work after training `step`, before its checkpoint is written (which marks the step done)."""
 
-    def step_statistics(self, run: RunServices, step: int) -> dict[str, float]:
-        """Numbers of this method at `step` (MLflow metrics, eval.json `statistics`), from the saved checkpoints."""
-        return {}
-
-    def figures(self, run: RunServices, step: int, title: str, out: Path) -> list[Path]:
-        """Figures of this method, written under `out`; returns their paths."""
-        return []
-
     def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
-        """This method's part of a step in `recall run --dry-run`: {"extra_training": {"what", "iterations",
-        "batch"}} for training besides the step's own, {"extra_data": text} for what it blends in. `iterations(n,
-        batch, train_cfg=None)` counts the step's iterations over n images (under other training settings)."""
+        """This method's own work of a step in `recall run --dry-run` (its stream's facts come from the stream):
+        {"extra_training": {"what", "iterations", "batch", "lr"}} for training besides the step's own.
+        `iterations(n, batch, train_cfg=None)` counts the step's iterations over n images (under other training
+        settings)."""
         return {}
-
-    def plan_inputs(self, run: RunServices, last_step: int, to_train: list[int]) -> dict | None:
-        """This method's inputs in `recall run --dry-run`, for a run up to `last_step` that still trains the steps
-        `to_train`: {"lines": [(label, text)], "eval_images": n} (images to run forward besides evaluation, e.g.
-        label evaluation), or None."""
-        return None
 
     # ------------------------------------------------------------------ the loop
-    def encoder_frozen(self, ctx: StepContext) -> bool:
-        return self.freeze_encoder and ctx.step > 0
-
-    def on_step_start(self, model: nn.Module, ctx: StepContext) -> None:
-        """Called once the classifier has grown for the step's new classes."""
-
-    def trainable_parameters(self, model: nn.Module, ctx: StepContext) -> list[nn.Parameter]:
-        frozen = self.encoder_frozen(ctx)
-        model.encoder.requires_grad_(not frozen)  # no gradient through a frozen encoder (half the backward)
-        return list(model.decoder_parameters()) if frozen else list(model.parameters())
-
-    def set_train_mode(self, model: nn.Module, ctx: StepContext) -> None:
-        model.train()
-        if self.encoder_frozen(ctx):
-            model.encoder.eval()  # frozen encoder: batch-norm statistics stay as they were
+    def prepare(self, model: nn.Module, ctx: StepContext) -> Preparation:
+        """Once the classifier has grown for the step's new classes: the parameters to train (a frozen encoder gets
+        no gradient: half the backward) and how the loop puts the model in training mode."""
+        frozen = self.freeze_encoder and ctx.step > 0
+        model.encoder.requires_grad_(not frozen)
+        return Preparation(list(model.decoder_parameters()) if frozen else list(model.parameters()), frozen)
 
     def rewrite_targets(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return targets
@@ -167,3 +148,17 @@ class Method:
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, images: torch.Tensor,
              ctx: StepContext) -> torch.Tensor:
         return F.cross_entropy(outputs["out"], targets, ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class Preparation:
+    """What `Method.prepare` gives the loop: the parameters to train, and whether the encoder is frozen (then it
+    stays in eval mode: its batch-norm statistics stay as they were)."""
+
+    parameters: list[nn.Parameter]
+    frozen_encoder: bool = False
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.frozen_encoder:
+            model.encoder.eval()

@@ -1,6 +1,6 @@
 """Pseudo-label replay: the plainest replay-based method, an ablation of RECALL.
 
-Old classes are replayed from the pool (`recall.methods.replay.ReplayMethod`), each image labelled by the model
+Old classes are replayed from the pool (`recall.methods.replay.ReplayMethod`'s stream), each image labelled by the model
 that finished the step which learnt its class (`steps/<k>/model.pt`).
 There are no helper decoders, no background inpainting, and the encoder trains with the decoder: what remains is
 "replay + cross-entropy". Against RECALL it measures what helpers, inpainting and the frozen encoder add.

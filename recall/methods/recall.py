@@ -1,7 +1,8 @@
 """RECALL (Maracani et al., ICCV 2021): replay of old classes from outside the training set, labelled by label
 evaluation, + background inpainting of the current ground truth, + blending at a replay ratio.
 
-What is RECALL's own, on top of the replay data flow (`recall.methods.replay.ReplayMethod`):
+What is RECALL's own, on top of the replay policy (`recall.methods.replay.ReplayMethod`, whose stream does the data
+flow):
 
 * **label evaluation by helper decoders**: the pool images of step-0 classes are labelled by the step-0 model; a
   class added at step k by a *helper decoder* trained at step k on the frozen step-0 encoder for background +
@@ -116,9 +117,8 @@ class Recall(ReplayMethod):
 
     # ------------------------------------------------------------------ recall run --dry-run
     def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
-        plan = super().plan_step(run, step, images, iterations)
-        if self.needs_helper(run, step):  # full batches of the step's own images
-            batch, helper = run.train_cfg.batch_size, self.helper_train_config(run.train_cfg)
-            plan["extra_training"] = {"what": "helper decoder", "batch": batch,
-                                      "iterations": iterations(images, batch, helper), "lr": helper.lr_incremental}
-        return plan
+        if not self.needs_helper(run, step):
+            return {}
+        batch, helper = run.train_cfg.batch_size, self.helper_train_config(run.train_cfg)  # the step's own images
+        return {"extra_training": {"what": "helper decoder", "batch": batch,
+                                   "iterations": iterations(images, batch, helper), "lr": helper.lr_incremental}}

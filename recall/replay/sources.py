@@ -1,7 +1,7 @@
 """The replay sources by config name (`replay.name`), and how one is built from its `replay.source` options.
 
 `SOURCES` make a pool of outside images before a run (`recall pool`). The sources a run makes itself, which change
-how its method trains (the memory of stored exemplars), are `recall.replay.run_sources`'s: the pool stages never
+how its method trains (the memory of stored exemplars), are `recall.methods.RUN_SOURCES`: the pool stages never
 import them.
 
 Every pool source implements ``images(class_index, class_name, start, count)`` and ``available(...)``

@@ -11,7 +11,7 @@ them. Each takes the replay config section first:
 - ``labels`` (`gan_label_quality`, `web_label_quality`, `diffusion_label_quality`): the labels label evaluation
   wrote, against the true masks, per class: the IoU of the label's pixels of the image's class with the true object,
   and the share of images labelled with no pixel of their class. A replay run logs them beside its mIoU
-  (`ReplayMethod.step_statistics`).
+  (`ReplayStream.statistics`, recall/replay/stream.py).
 - ``shows_class`` (`web_shows_class`): whether each web photo shows the class it was found for (tag noise does not);
   `recall select` scores its drops with it.
 - ``oracle`` (`correct_own_class`, `diffusion_correct_own_class`): `method.labels=oracle`, perfect label evaluation
