@@ -14,13 +14,16 @@ import pytest
 from recall.cli import main
 from recall.config import compose
 from recall.experiment import run_protocol
+from recall.methods import METHODS as REGISTERED
+from recall.methods.replay import ReplayMethod
 
 from conftest import FAST
 
 PROTOCOL = "18-1x2"  # step 0 (18 classes, shared by every run of a setting), then two incremental steps
 SETTINGS = ["overlapped", "disjoint", "partitioned"]
-METHODS = {"ft": [], "lwf": [], "ilt": [], "mib": [], "plop": [], "joint": [], "recall": ["replay=toy_gan"],
-           "pseudo_replay": ["replay=toy_gan"], "ft+memory": ["replay=memory"], "recall+memory": ["replay=memory"],
+# every registered method (a replay method with the toy pool), and run sources and budgets on top
+METHODS = {**{name: (["replay=toy_gan"] if issubclass(cls, ReplayMethod) else []) for name, cls in REGISTERED.items()},
+           "ft+memory": ["replay=memory"], "recall+memory": ["replay=memory"],
            # a budget in iterations per class (the papers'), the helper decoders' own
            "recall+iterations": ["replay=toy_gan", "train.iters_per_class=3", "method.helper_iters_per_class=2"]}
 LOSSES_ONLY = ("lwf", "ilt", "mib")  # ft's data flow, other losses: one incremental step covers them
@@ -115,4 +118,5 @@ def test_run_matches_its_plan(shared, method, setting, capsys):
     assert_same(planned, executed)
     if METHODS[method]:  # a replay: the comparison covers the replay stream (and RECALL's helper decoder)
         assert executed[1]["batch"][1] > 0 and executed[1]["extra_data"].endswith(" old")
-        assert ("extra_training" in executed[1]) == (METHODS[method][0] == "replay=toy_gan" and method != "pseudo_replay")
+        assert ("extra_training" in executed[1]) == (METHODS[method][0] == "replay=toy_gan"
+                                                     and method.split("+")[0] == "recall")  # its helper decoders
