@@ -183,7 +183,7 @@ class Local:
         return finish(addressing, {addressing: handle}, self.env)
 
     def cancel(self, addressing: str, handle: tuple) -> None:
-        stop({addressing: handle})
+        stop({addressing: handle}, report_finished=False)  # downstream of a failure: never to be committed
 
     def stop(self, running: dict) -> None:
         stop(running)
@@ -204,13 +204,13 @@ def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, 
     ready = lambda a: upstream[a] <= finished | (set(running) if executor.queues else set())  # noqa: E731
     bar = tqdm(total=len(stages), desc="stages", unit="stage")
 
-    def launch() -> None:
-        """Start (or find up to date) the ready stages there is room for; an executor that queues takes a stage
-        and then the stages that read it, in one pass."""
+    def launch(free: tuple[str, ...] = ()) -> None:
+        """Start (or find up to date) the ready stages there is room for (the stages in `free` have ended and hold
+        no slot); an executor that queues takes a stage and then the stages that read it, in one pass."""
         for addressing in list(pending) if executor.queues else [a for a in pending if ready(a)]:
             if not ready(addressing):
                 continue
-            if not executor.room(by_name[addressing], [by_name[a] for a in running]):
+            if not executor.room(by_name[addressing], [by_name[a] for a in running if a not in free]):
                 break
             pending.remove(addressing)
             after = [a for a in running if a in upstream[addressing]]
@@ -223,20 +223,32 @@ def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, 
             else:
                 running[addressing] = handle
 
+    def settle(addressing: str) -> None:
+        """An ended stage: committed (done) or failed; it leaves `running` only now, so that an interruption before
+        stops (and reports) it."""
+        if executor.finish(addressing, running[addressing]):
+            done.append(addressing)
+            finished.add(addressing)
+        else:
+            failed.append(addressing)
+        del running[addressing]
+        bar.update(1)
+
     try:
         while running or any(map(ready, pending)):
             launch()
             time.sleep(executor.interval)
-            ended = {addressing: running.pop(addressing) for addressing in executor.ended(running)}
-            if ended:
-                launch()  # their slots are free: a stage that does not read them starts before the commits below
-            for addressing, handle in ended.items():
-                if executor.finish(addressing, handle):
-                    done.append(addressing)
-                    finished.add(addressing)
-                else:
-                    failed.append(addressing)
-                bar.update(1)
+            ended = executor.ended(running)
+            # a `dvc commit` rewrites dvc.lock (a second or two): a stage that a pending stage reads is committed
+            # first, so that its readers can start; the slots of the others are filled before their commits
+            waited_for = [a for a in ended if executor.queues or any(a in upstream[p] for p in pending)]
+            for addressing in waited_for:
+                settle(addressing)
+            others = tuple(a for a in ended if a not in waited_for)
+            if others:
+                launch(free=others)
+            for addressing in others:
+                settle(addressing)
             for addressing in [a for a in running if upstream[a] & set(failed)]:
                 executor.cancel(addressing, running.pop(addressing))
                 cancelled.append(addressing)
@@ -247,13 +259,16 @@ def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, 
     return done, failed, cancelled + pending
 
 
-def stop(running: dict) -> None:
-    """Interrupted (Ctrl-C, an error): stop the commands still running; nothing of theirs is committed."""
+def stop(running: dict, report_finished: bool = True) -> None:
+    """Interrupted (Ctrl-C, an error): stop the commands still running; nothing of theirs is committed (one that had
+    finished is said so: `dvc commit` records it, or the next run makes it again)."""
     for addressing, (process, handle, _) in running.items():
         if process.poll() is None:
             process.terminate()
             process.wait()
             tqdm.write(f"{addressing}: stopped, not committed")
+        elif process.returncode == 0 and report_finished:
+            tqdm.write(f"{addressing}: finished, not committed: `dvc commit {addressing}` records it")
         handle.close()
 
 

@@ -133,7 +133,7 @@ def test_recall_select_writes_the_kept_images_as_a_pool_and_every_candidates_sco
 
 
 def test_the_selection_records_paths_inside_the_working_directory_relative(world, monkeypatch):
-    """As a DVC stage's output, the selected pool must be the same in every clone: no absolute path of this one."""
+    """As a DVC stage's output, the selected pool holds no absolute path of this clone."""
     monkeypatch.chdir(world.step0.parent)
     out = Path("selected_here")
     assert main(["select", f"dataset.root={world.root}", f"protocol={TUNE_PROTOCOL}", "replay=toy_gan",

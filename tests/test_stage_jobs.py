@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,9 +128,9 @@ def test_a_commit_waits_out_another_dvc_process_holding_the_lock(tmp_path, monke
         check=True).stdout)
 
 
-def test_a_finished_stage_frees_its_slot_before_it_is_committed(monkeypatch, tmp_path):
-    """A `dvc commit` takes seconds (it rewrites dvc.lock): a stage that does not read the finished one starts
-    first, and a stage that reads it waits for the commit."""
+def test_a_stage_others_wait_for_is_committed_first_and_the_others_free_their_slot_before(monkeypatch, tmp_path):
+    """A `dvc commit` takes seconds (it rewrites dvc.lock): a finished stage that a pending one reads is committed
+    at once (its reader may start); a finished stage nobody waits for has its slot filled before its commit."""
     from recall import stage_jobs
 
     stages = [(name, name, "true", ".") for name in ("a", "b", "c")]
@@ -153,8 +154,36 @@ def test_a_finished_stage_frees_its_slot_before_it_is_committed(monkeypatch, tmp
             return True
 
         def stop(self, running):
-            pass
+            events.append(f"stop {sorted(running)}")
 
     done, failed, left = stage_jobs.run_dag(Path("dvc.yaml"), 1, tmp_path, {}, executor=OneAtATime(1, tmp_path, {}))
-    assert events == ["start a", "start b", "commit a", "start c", "commit b", "commit c"]
+    assert events == ["start a", "commit a", "start b", "start c", "commit b", "commit c", "stop []"]
     assert (done, failed, left) == (["a", "b", "c"], [], [])
+
+
+def test_an_ended_stage_not_yet_committed_is_stopped_and_reported_when_interrupted(monkeypatch, tmp_path, capsys):
+    """Ctrl-C between a stage's end and its commit: it is still among the running ones the interruption stops, and
+    the message says it finished but is not recorded."""
+    from recall import stage_jobs
+
+    stages = [(name, name, "true", ".") for name in ("a", "b")]
+    monkeypatch.setattr(stage_jobs, "pipeline", lambda _: (stages, {"a": set(), "b": set()}, {"a": 0, "b": 0}))
+    monkeypatch.setattr(stage_jobs, "prepare", lambda addressing, stale=False: True)
+    log = tmp_path / "a.log"
+
+    class Interrupted(stage_jobs.Local):
+        interval = 0
+
+        def start(self, stage, after):
+            if stage[0] == "b":  # the second launch, after a ended and before its commit
+                raise KeyboardInterrupt
+            process = subprocess.Popen([sys.executable, "-c", "pass"])
+            process.wait()
+            return process, log.open("w"), log
+
+        def ended(self, running):
+            return list(running)
+
+    with pytest.raises(KeyboardInterrupt):
+        stage_jobs.run_dag(Path("dvc.yaml"), 1, tmp_path, {}, executor=Interrupted(1, tmp_path, {}))
+    assert "a: finished, not committed: `dvc commit a` records it" in capsys.readouterr().out

@@ -83,8 +83,8 @@ def _score(model, load, sizes: list[tuple[int, int]], classes: list[list[int]], 
 
 
 def _where(path: Path) -> str:
-    """A path as the marker records it: relative to the working directory when inside it (a DVC stage's output is
-    then the same in every clone), else absolute."""
+    """A path as the marker records it: relative to the working directory when inside it (a DVC stage's output then
+    holds no path of this clone), else absolute."""
     path = path.resolve()
     return str(path.relative_to(Path.cwd().resolve())) if path.is_relative_to(Path.cwd().resolve()) else str(path)
 
