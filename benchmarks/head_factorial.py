@@ -9,8 +9,8 @@ encoder's features, summed, as the authors' model_resnet.py), over seeds, paired
 Per seed, in benchmarks/dose_response.py's layout (a shared --work reuses its pretraining, toy-GAN pools, step-0
 models and its MiB and RECALL runs: the ASPP cells), a step 0 with the DeepLab-v2 head (`step0_<protocol>_deeplabv2`,
 the same pretrained encoder, schedule and seed) and MiB and RECALL from it. Each head's gain (DeepLab-v2 - ASPP, per
-seed) for each method, and the interaction (RECALL's gain - MiB's gain, per seed): mean ± sample std and the
-study's verdict (every seed agrees in sign and |mean| > the sample std). The step-0 models' own mIoU is reported
+seed) for each method, the interaction (RECALL's gain - MiB's gain, per seed), and RECALL - MiB within each head:
+mean ± sample std and the study's verdict (every seed agrees in sign and |mean| > the sample std). The step-0 models' own mIoU is reported
 too: a head that learns step 0 worse changes everything after it. docs/results.md quotes it.
 """
 
@@ -65,30 +65,40 @@ def step0_miou(seed: int, protocol: str, head: str, work: Path) -> float:
 
 
 def summary(records: dict, step0: dict, seeds: list[int], protocols: list[str]) -> dict:
-    cells, gains, interactions, rows, calls = {}, {}, {}, [], []
+    cells, gains, interactions, within, rows, calls = {}, {}, {}, {}, [], []
     for protocol in protocols:
         r = records[protocol]
         per_seed = lambda head, name, metric: [r[head][name][str(s)][metric] for s in seeds]  # noqa: E731
         cells[protocol] = {head: {name: {m: mean_std(per_seed(head, name, m)) for m in METRICS} for name in METHODS}
                            for head in HEADS}
         cells[protocol]["step0"] = {head: mean_std([step0[protocol][head][str(s)] for s in seeds]) for head in HEADS}
+        # the share of its step 0's old-class mIoU a method keeps at the end (per seed: the same step 0)
+        cells[protocol]["retained"] = {head: {name: mean_std([o / step0[protocol][head][str(s)] for s, o in
+                                                              zip(seeds, per_seed(head, name, METRICS[0]))])
+                                              for name in METHODS} for head in HEADS}
         for head in HEADS:
             rows += [[protocol, HEADS[head], METHODS[name], *(cells[protocol][head][name][m]["text"] for m in METRICS),
-                      cells[protocol]["step0"][head]["text"], len(seeds)] for name in METHODS]
+                      cells[protocol]["step0"][head]["text"], cells[protocol]["retained"][head][name]["text"],
+                      len(seeds)] for name in METHODS]
         gains[protocol] = {name: {m: paired("deeplabv2", "aspp", per_seed("deeplabv2", name, m),
                                             per_seed("aspp", name, m)) for m in METRICS} for name in METHODS}
         gain = lambda name, m: [d - a for d, a in zip(per_seed("deeplabv2", name, m), per_seed("aspp", name, m))]  # noqa: E731
         interactions[protocol] = {m: paired("recall", "mib", gain("recall_shift1.0", m), gain("mib", m))
                                   for m in METRICS}
+        within[protocol] = {head: {m: paired("recall_shift1.0", "mib", per_seed(head, "recall_shift1.0", m),
+                                             per_seed(head, "mib", m)) for m in METRICS} for head in HEADS}
+        calls += [[protocol, f"RECALL, toy GAN - MiB, {HEADS[head]}",
+                   *(f"{within[protocol][head][m]['verdict']} ({within[protocol][head][m]['difference']['text']})"
+                     for m in METRICS)] for head in HEADS]
         calls += [[protocol, f"DeepLab-v2 - ASPP, {METHODS[name]}",
                    *(f"{gains[protocol][name][m]['verdict']} ({gains[protocol][name][m]['difference']['text']})"
                      for m in METRICS)] for name in METHODS]
         calls.append([protocol, "interaction: RECALL's gain - MiB's gain",
                       *(f"{interactions[protocol][m]['verdict']} ({interactions[protocol][m]['difference']['text']})"
                         for m in METRICS)])
-    return {"cells": cells, "gains": gains, "interactions": interactions,
+    return {"cells": cells, "gains": gains, "interactions": interactions, "within": within,
             "table": {"columns": ["protocol", "head", "method", "old (no bg)", "new", "all", "step 0 (old, no bg)",
-                                  "seeds"], "rows": rows},
+                                  "kept of step 0", "seeds"], "rows": rows},
             "calls": {"columns": ["protocol", "comparison", "old (no bg)", "new", "all"], "rows": calls}}
 
 
