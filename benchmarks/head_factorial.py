@@ -2,7 +2,7 @@
 model's ASPP head and with DeepLab-v2's classifier (`model.head=deeplabv2`: four dilated 3x3 convolutions on the
 encoder's features, summed, as the authors' model_resnet.py), over seeds, paired.
 
-    python benchmarks/head_factorial.py [--seeds 0 1 2] [--protocols 15-1x5] [--jobs 2]
+    python benchmarks/head_factorial.py [--seeds 0 1 2] [--protocols 15-1x5 10-1x10] [--jobs 2]
                                         [--out docs/head_factorial.json] [--work DIR] [--data DIR]
                                         [--pretrain-threads N]
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from recall.study_report import mean_std
 
-PROTOCOLS = ("15-1x5",)
+PROTOCOLS = ("15-1x5", "10-1x10")
 HEADS = {"aspp": "ASPP (the toy head)", "deeplabv2": "DeepLab-v2 (the authors')"}
 METHODS = {"mib": "MiB", "recall_shift1.0": "RECALL, toy GAN"}
 HEAD = ["model.head=deeplabv2"]
