@@ -23,7 +23,6 @@ quotes it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -91,21 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         list(threads.map(lambda job: pool(*job, work), [(s, x) for s in args.seeds for x in (1.0, None)]))
         pairs = [(s, p) for p in args.protocols for s in args.seeds]
         list(threads.map(lambda job: step0_model(job[1], job[0], work), pairs))
-        todo = [(s, p, n) for p in sorted(args.protocols, key=lambda p: -int(p.split("x")[-1]) if "x" in p else 0)
+        todo = [(s, p, n) for p in regime.longest_first(args.protocols)
                 for s in args.seeds for n in (*ADDED, *REFERENCES)]
         results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], overrides(job[0], job[2], work),
                                                         work), todo),
                             total=len(todo), desc="baseline runs", unit="run"))
-    records: dict = {}
-    for (seed, protocol, name), result in zip(todo, results):
-        records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
+    records = regime.by_seed(todo, results)
     report = {"seeds": args.seeds, "protocols": args.protocols, "chain": regime.PRETRAIN, "records": records,
               **summary(records, args.seeds, args.protocols)}
-    for key in ("table", "calls"):
-        for row in report[key]["rows"]:
-            print(" | ".join(str(v) for v in row))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    regime.publish(report, [report["table"], report["calls"]], args.out)
     return 0
 
 

@@ -111,7 +111,7 @@ def run(seed: int, protocol: str, name: str, overrides: list[str], work: Path) -
 def jobs(seeds: list[int], shifts: list[float], protocols: list[str], work: Path) -> list[tuple]:
     """Every run, as (seed, protocol, name, overrides, shift), the longest first (10-1x10 before 15-1x5)."""
     out = []
-    for protocol in sorted(protocols, key=lambda p: -int(p.split("x")[-1]) if "x" in p else 0):
+    for protocol in regime.longest_first(protocols):
         for seed in seeds:
             out += [(seed, protocol, name, overrides, None) for name, overrides in REFERENCES.items()]
             out += [(seed, protocol, f"recall_shift{s}", ["method=recall", *toy_gan(seed, work, s)], s)
@@ -249,18 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         todo = jobs(args.seeds, args.shifts, args.protocols, work)
         results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], job[3], work), todo),
                             total=len(todo), desc="dose-response runs", unit="run"))
-    records: dict = {}
-    for (seed, protocol, name, _, _), result in zip(todo, results):
-        records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
+    records = regime.by_seed([(seed, protocol, name) for seed, protocol, name, *_ in todo], results)
     report = {"seeds": args.seeds, "shifts": args.shifts, "protocols": args.protocols, "chain": regime.PRETRAIN,
               "class_map": {str(s): m for s, m in maps.items()},
               "class_map_correct": {"fewest": min(m["correct"] for m in maps.values()),
                                     "classes": max(m["classes"] for m in maps.values())}, "records": records,
               **summary(records, args.seeds, args.shifts, args.protocols)}
-    for row in report["table"]["rows"]:
-        print(" | ".join(str(v) for v in row))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    regime.publish(report, [report["table"]], args.out)
     if args.figure:
         figure(report, args.figure)
         if args.work:  # the pools are kept: what each level looks like, beside the figure

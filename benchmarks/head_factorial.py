@@ -17,7 +17,6 @@ too: a head that learns step 0 worse changes everything after it. docs/results.m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -119,16 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                             desc="head factorial runs", unit="run"))
         step0 = {p: {h: {str(s): step0_miou(s, p, h, work) for s in args.seeds} for h in HEADS}
                  for p in args.protocols}
-    records: dict = {}
-    for (seed, protocol, head, name), result in zip(todo, results):
-        records.setdefault(protocol, {}).setdefault(head, {}).setdefault(name, {})[str(seed)] = result
+    records = regime.by_seed(todo, results)
     report = {"seeds": args.seeds, "protocols": args.protocols, "chain": regime.PRETRAIN, "records": records,
               "step0": step0, **summary(records, step0, args.seeds, args.protocols)}
-    for key in ("table", "calls"):
-        for row in report[key]["rows"]:
-            print(" | ".join(str(v) for v in row))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    regime.publish(report, [report["table"], report["calls"]], args.out)
     return 0
 
 

@@ -216,6 +216,31 @@ def paired(a: str, b: str, per_seed_a: list[float], per_seed_b: list[float]) -> 
     return {"difference": mean_std(diffs), "verdict": verdict(a, b, diffs)}
 
 
+def longest_first(protocols) -> list[str]:
+    """The protocols with the most steps first (their runs are the longest: started first, none is left alone)."""
+    return sorted(protocols, key=lambda p: -int(p.split("x")[-1]) if "x" in p else 0)
+
+
+def by_seed(jobs: list[tuple], results: list) -> dict:
+    """Each job's result, the job being (seed, *keys), at records[key][...][str(seed)]."""
+    records: dict = {}
+    for (seed, *keys), result in zip(jobs, results, strict=True):
+        node = records
+        for key in keys:
+            node = node.setdefault(key, {})
+        node[str(seed)] = result
+    return records
+
+
+def publish(report: dict, tables: list[dict], out: Path | None) -> None:
+    """Print the rows of `tables` (each {"columns", "rows"}), and write `report` as JSON to `out` if given."""
+    for table in tables:
+        for row in table["rows"]:
+            print(" | ".join(str(v) for v in row))
+    if out:
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def add_chain_options(parser: argparse.ArgumentParser, protocols) -> None:
     """The options every benchmark of the seeds' chains takes: seeds, protocols, parallel jobs, the JSON out, where
     the runs live, the toy world and the pretraining's threads (which chain)."""
@@ -272,10 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = sorted(set(old["methods"]) | set(methods))
     report = {"seeds": [r["seed"] for r in records], "methods": methods, "chain": PRETRAIN, "records": records,
               **summary(records)}
-    for row in report["table"]["rows"]:
-        print(" | ".join(str(v) for v in row))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    publish(report, [report["table"]], args.out)
     return 0
 
 

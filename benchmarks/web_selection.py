@@ -136,24 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         list(threads.map(lambda job: step0_model(job[1], job[0], work), pairs))
         picks = [(s, p, n) for s, p in pairs for n in SELECTIONS]
         chosen = list(threads.map(lambda job: select(*job, work), picks))
-        todo = [(s, p, n) for p in sorted(args.protocols, key=lambda p: -int(p.split("x")[-1]) if "x" in p else 0)
+        todo = [(s, p, n) for p in regime.longest_first(args.protocols)
                 for s in args.seeds for n in (*SELECTIONS, "web", "mib")]
         results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], overrides(*job, work), work), todo),
                             total=len(todo), desc="web selection runs", unit="run"))
-    records, selections = {}, {}
-    for (seed, protocol, name), result in zip(todo, results):
-        records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = result
-    for (seed, protocol, name), chosen_summary in zip(picks, chosen):
-        selections.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = {
-            k: chosen_summary[k] for k in ("images", "kept", "reasons", "truth", "domain_threshold")}
+    records = regime.by_seed(todo, results)
+    selections = regime.by_seed(picks, [{k: chosen_summary[k] for k in ("images", "kept", "reasons", "truth",
+                                                                         "domain_threshold")}
+                                        for chosen_summary in chosen])
     report = {"seeds": args.seeds, "protocols": args.protocols, "chain": regime.PRETRAIN,
               "select_defaults": {n: o for n, o in SELECTIONS.items()}, "records": records,
               "selections": selections, **summary(records, selections, args.seeds, args.protocols)}
-    for key in ("truth_table", "table", "calls"):
-        for row in report[key]["rows"]:
-            print(" | ".join(str(v) for v in row))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    regime.publish(report, [report["truth_table"], report["table"], report["calls"]], args.out)
     return 0
 
 
