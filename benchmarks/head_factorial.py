@@ -37,12 +37,8 @@ HEAD = ["model.head=deeplabv2"]
 
 
 def head_step0(protocol: str, seed: int, work: Path) -> Path:
-    """The seed's step-0 model of `protocol` with DeepLab-v2's head, made once (as regime.step0_model otherwise)."""
-    step0 = work / f"s{seed}" / f"step0_{protocol}_deeplabv2"
-    if not (step0 / "metrics.json").is_file():
-        recall_run(f"protocol={protocol}", "method=ft", "last_step=0", f"run_dir={step0}", f"seed={seed}",
-                   f"model.pretrained_file={pretrained(seed, work) / 'encoder.pth'}", *HEAD)
-    return step0
+    """The seed's step-0 model of `protocol` with DeepLab-v2's head, made once."""
+    return step0_model(protocol, seed, work, "deeplabv2", tuple(HEAD))
 
 
 def head_run(seed: int, protocol: str, head: str, name: str, work: Path) -> dict:

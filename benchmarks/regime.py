@@ -113,12 +113,13 @@ def pretrained(seed: int, work: Path) -> Path:
     return out
 
 
-def step0_model(protocol: str, seed: int, work: Path) -> Path:
-    """The seed's step-0 model of `protocol` in `work/s<seed>/step0_<protocol>`, made once."""
-    step0 = work / f"s{seed}" / f"step0_{protocol}"
+def step0_model(protocol: str, seed: int, work: Path, variant: str = "", overrides: tuple[str, ...] = ()) -> Path:
+    """The seed's step-0 model of `protocol` in `work/s<seed>/step0_<protocol>`, made once; a `variant` (its
+    `overrides` of the run, e.g. another head) in `step0_<protocol>_<variant>`."""
+    step0 = work / f"s{seed}" / "_".join(filter(None, ("step0", protocol, variant)))
     if not (step0 / "metrics.json").is_file():
         recall_run(f"protocol={protocol}", "method=ft", "last_step=0", f"run_dir={step0}", f"seed={seed}",
-                   f"model.pretrained_file={pretrained(seed, work) / 'encoder.pth'}")
+                   f"model.pretrained_file={pretrained(seed, work) / 'encoder.pth'}", *overrides)
     return step0
 
 
