@@ -35,17 +35,15 @@ import regime
 from regime import add_chain_options, final, paired, pretrained, recall_run, step0_model, use_chain_options
 from tqdm import tqdm
 
-from recall.study_report import mean_std
+from recall.dose_response import METRICS, POINTS, figure, level_line, levels_figure, scored, summary  # noqa: F401 (re-exported to the other benchmarks)
 
 ROOT = regime.ROOT
 SHIFTS = (0.0, 0.5, 1.0, 1.5, 2.0)
 PROTOCOLS = ("15-1x5", "10-1x10")
 REFERENCES = {"mib": ["method=mib"], "no_replay": ["method=recall", "method.replay_ratio=0"]}
-# RECALL runs placed on the same axes as the levels (by their own label quality): web replay (the Flickr stand-in
-# through its local server, as the study's recall_web) and the study's oracle labels at the look-alike's level
-POINTS = {"web": "web replay", "oracle": "oracle labels (shift 1.0)"}
-METRICS = ("old_no_bg", "new", "all")
-LABELS = ("iou_step0_classes", "iou_later_classes", "empty_step0_classes", "empty_later_classes")
+# RECALL runs placed on the same axes as the levels (recall.dose_response.POINTS, by their own label quality): web
+# replay (the Flickr stand-in through its local server, as the study's recall_web) and the study's oracle labels at
+# the look-alike's level
 
 
 def toy_gan(seed: int, work: Path, shift: float | None = None) -> list[str]:
@@ -93,13 +91,6 @@ def pool(seed: int, shift: float | None, work: Path) -> None:
         stage("recall.stages.pool", *(web(seed, work) if shift is None else toy_gan(seed, work, shift)))
 
 
-def scored(run_dir: Path) -> dict:
-    done = final(run_dir)
-    stats = done.get("statistics") or {}
-    return {**{m: done["miou"][m] for m in METRICS},
-            **{k: stats[f"replay_labels/{k}"] for k in LABELS if f"replay_labels/{k}" in stats}}
-
-
 def run(seed: int, protocol: str, name: str, overrides: list[str], work: Path) -> dict:
     run_dir = work / f"s{seed}" / f"{name}_{protocol}_toy_budget"  # regime.py's name for its toy-budget runs
     if not (run_dir / "metrics.json").is_file():
@@ -114,118 +105,10 @@ def jobs(seeds: list[int], shifts: list[float], protocols: list[str], work: Path
     for protocol in regime.longest_first(protocols):
         for seed in seeds:
             out += [(seed, protocol, name, overrides, None) for name, overrides in REFERENCES.items()]
-            out += [(seed, protocol, f"recall_shift{s}", ["method=recall", *toy_gan(seed, work, s)], s)
+            out += [(seed, protocol, level_line(s), ["method=recall", *toy_gan(seed, work, s)], s)
                     for s in shifts]
             out += [(seed, protocol, name, point(name, seed, work), None) for name in POINTS]
     return out
-
-
-def summary(records: dict, seeds: list[int], shifts: list[float], protocols: list[str]) -> dict:
-    """Mean ± sample std per protocol and line (each level, each point, each reference), paired verdicts of every
-    level and point against each reference, and tables for the docs."""
-    cells, verdicts, rows = {}, {}, []
-    compared = {f"recall_shift{s}": str(s) for s in shifts}
-    compared.update({name: label for name, label in POINTS.items() if all(name in records[p] for p in protocols)})
-    for protocol in protocols:
-        lines = {**{f"shift {s}": f"recall_shift{s}" for s in shifts},
-                 **{compared[n]: n for n in POINTS if n in compared}, **{r: r for r in REFERENCES}}
-        cell = {}
-        for label, name in lines.items():
-            per_seed = [records[protocol][name][str(seed)] for seed in seeds]
-            cell[name] = {k: mean_std([p[k] for p in per_seed]) for k in (*METRICS, *LABELS)
-                          if all(k in p for p in per_seed)}
-            c = cell[name]
-            rows.append([protocol, label, c["old_no_bg"]["text"], c["new"]["text"], c["all"]["text"],
-                         c["iou_step0_classes"]["text"] if "iou_step0_classes" in c else "–",
-                         c["iou_later_classes"]["text"] if "iou_later_classes" in c else "–", len(seeds)])
-        for name in compared:
-            for reference in REFERENCES:
-                for metric in METRICS:
-                    verdicts.setdefault(protocol, {}).setdefault(f"{name}_vs_{reference}", {})[metric] = paired(
-                        name, reference, *([records[protocol][n][str(seed)][metric] for seed in seeds]
-                                           for n in (name, reference)))
-        cells[protocol] = cell
-    calls = [[protocol, label, *(f"{c['verdict']} ({c['difference']['text']})" for c in
-                                 (verdicts[protocol][f"{name}_vs_{r}"][m] for r in REFERENCES
-                                  for m in ("old_no_bg", "all")))]
-             for protocol in protocols for name, label in compared.items()]
-    return {"cells": cells, "contrasts": verdicts,
-            "table": {"columns": ["protocol", "replay", "old (no bg)", "new", "all", "label IoU, step-0 classes",
-                                  "label IoU, later classes", "seeds"], "rows": rows},
-            "calls": {"columns": ["protocol", "RECALL's replay (render shift)", *(f"RECALL - {r.replace('_', ' ')}, {m}" for r in
-                                                                REFERENCES for m in ("old (no bg)", "all"))],
-                      "rows": calls}}
-
-
-def figure(report: dict, path: Path) -> None:
-    """Final mIoU of the step-0 classes (top) and of the classes learnt later (bottom) against the replay labels'
-    measured IoU on the step-0 classes (what label evaluation achieved, not the shift knob), per protocol: the levels
-    as one line (each labelled with its shift, error bars the seeds' sample std on both axes), web replay and oracle
-    labels as points, MiB and no replay as bands (mean ± sample std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shifts, protocols = report["shifts"], report["protocols"]
-    fig, axes = plt.subplots(2, len(protocols), figsize=(5.4 * len(protocols), 7.6), squeeze=False)
-    x_key = "iou_step0_classes"
-    for col, protocol in enumerate(protocols):
-        cell = report["cells"][protocol]
-        for row, (metric, what) in enumerate((("old_no_bg", "step-0 classes"), ("new", "classes learnt later"))):
-            ax = axes[row][col]
-            for name, colour in (("mib", "tab:orange"), ("no_replay", "tab:grey")):
-                m = cell[name][metric]
-                ax.axhline(m["mean"], color=colour, lw=1.5, label=f"{name.replace('_', ' ')} (± std)")
-                ax.axhspan(m["mean"] - m["std"], m["mean"] + m["std"], color=colour, alpha=0.18)
-            levels = [cell[f"recall_shift{s}"] for s in shifts]
-            ax.errorbar([c[x_key]["mean"] for c in levels], [c[metric]["mean"] for c in levels],
-                        xerr=[c[x_key]["std"] for c in levels], yerr=[c[metric]["std"] for c in levels],
-                        color="tab:blue", marker="o", capsize=3, label="RECALL, toy GAN at a render shift")
-            for s, c in zip(shifts, levels):
-                ax.annotate(f"{s:g}", (c[x_key]["mean"], c[metric]["mean"]), textcoords="offset points",
-                            xytext=(4, 5), fontsize=7, color="tab:blue")
-            for name, marker, colour in (("web", "s", "tab:green"), ("oracle", "*", "tab:red")):
-                c = cell.get(name, {})
-                if x_key in c:
-                    ax.errorbar(c[x_key]["mean"], c[metric]["mean"], xerr=c[x_key]["std"], yerr=c[metric]["std"],
-                                color=colour, marker=marker, ms=8, capsize=3, ls="none",
-                                label=f"RECALL, {POINTS[name]}")
-            ax.set(xlabel="replay label IoU against the truth, step-0 classes (measured)",
-                   ylabel=f"final mIoU, {what}")
-            if row == 0:
-                ax.set_title(f"{protocol} ({len(report['seeds'])} seeds; numbers: the render shift)")
-                ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def levels_figure(work: Path, seed: int, shifts: list[float], path: Path, classes: int = 6) -> None:
-    """What the levels look like: the first pool image of the first `classes` classes (columns) at every level
-    (rows), from one seed's pools; the masks and backgrounds are the same in every row, only the rendering moves."""
-    from PIL import Image, ImageDraw
-
-    pools = work / f"s{seed}" / "pools"
-    manifest = [json.loads(line) for line in (pools / f"toy_gan_shift{shifts[0]}" / "manifest.jsonl").open()]
-    first = {}
-    for record in manifest:
-        first.setdefault(record["target_class"], record)
-    picked = [first[c] for c in sorted(first)[:classes]]
-    size, label = 64, 84
-    sheet = Image.new("RGB", (label + size * len(picked), size * len(shifts) + 14), "white")
-    draw = ImageDraw.Draw(sheet)
-    for col, record in enumerate(picked):
-        draw.text((label + size * col + 2, 1), record["target_name"][:10], fill="black")
-    for row, shift in enumerate(shifts):
-        draw.text((2, 14 + size * row + size // 2 - 5), f"shift {shift}", fill="black")
-        images = pools / f"toy_gan_shift{shift}" / "images"
-        for col, record in enumerate(picked):
-            image = next(images.glob(f"{record['id']}.*"))
-            sheet.paste(Image.open(image).convert("RGB").resize((size, size)), (label + size * col, 14 + size * row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure:
         figure(report, args.figure)
         if args.work:  # the pools are kept: what each level looks like, beside the figure
-            levels_figure(args.work.resolve(), args.seeds[0], args.shifts,
+            pools = args.work.resolve() / f"s{args.seeds[0]}" / "pools"
+            levels_figure({s: pools / f"toy_gan_shift{s}" for s in args.shifts},
                           args.figure.with_name(f"{args.figure.stem}_levels.png"))
     return 0
 

@@ -29,7 +29,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recall.study_report import mean_std, verdict
+from recall.study_report import mean_std, paired_call
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"15-1x5": 15, "10-1x10": 10}  # protocol -> its step-0 classes
@@ -210,11 +210,7 @@ def contrasts(records: list[dict]) -> dict:
     return out
 
 
-def paired(a: str, b: str, per_seed_a: list[float], per_seed_b: list[float]) -> dict:
-    """A - B seed by seed (the same seeds, in the same order): the differences' mean ± sample std and the study's
-    verdict on them. Every benchmark here compares runs so."""
-    diffs = [x - y for x, y in zip(per_seed_a, per_seed_b, strict=True)]
-    return {"difference": mean_std(diffs), "verdict": verdict(a, b, diffs)}
+paired = paired_call  # the study's call on paired per-seed differences; every benchmark here compares runs so
 
 
 def longest_first(protocols) -> list[str]:

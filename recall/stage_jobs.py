@@ -62,9 +62,11 @@ def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
                 if stage.name.split("@")[0] == prefix and stage.status()]
 
 
-def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str, int]]:
+def pipeline(dvc_file: Path, targets: tuple[str, ...] = ()) -> tuple[list[tuple], dict[str, set[str]], dict[str, int]]:
     """The stages of `dvc_file` as (addressing, name, cmd, wdir) in the file's order; for each, the stages of the
-    file whose outputs it reads, directly or not (upstream); and how many stages read its outputs (downstream)."""
+    file whose outputs it reads, directly or not (upstream); and how many stages read its outputs (downstream).
+    ``targets`` (stage names, `name@key` or a foreach's `name`): only those and the stages they read, as `dvc repro
+    TARGET` would run."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -75,6 +77,14 @@ def pipeline(dvc_file: Path) -> tuple[list[tuple], dict[str, set[str]], dict[str
         upstream = {stage.addressing: {s.addressing for s in nx.descendants(graph, stage)} & names for stage in stages}
         downstream = {stage.addressing: len({s.addressing for s in nx.ancestors(graph, stage)} & names)
                       for stage in stages}
+        if targets:
+            unknown = [t for t in targets if not any(t in (s.name, s.name.split("@")[0]) for s in stages)]
+            if unknown:
+                raise UserError(f"--targets {' '.join(unknown)}: no such stage in {dvc_file} (give a stage's name, "
+                                "`name@key`, or a foreach's name; `dvc stage list` lists them)")
+            wanted = {s.addressing for s in stages if s.name in targets or s.name.split("@")[0] in targets}
+            wanted |= set().union(*(upstream[a] for a in wanted))
+            stages = [s for s in stages if s.addressing in wanted]
         return [_command(stage) for stage in stages], upstream, downstream
 
 
@@ -190,13 +200,14 @@ class Local:
 
 
 def run_dag(dvc_file: Path, jobs: int, logs: Path, env: dict, alone: tuple[str, ...] = (),
-            executor=None) -> tuple[list, list, list]:
+            executor=None, targets: tuple[str, ...] = ()) -> tuple[list, list, list]:
     """Every stage of `dvc_file` once the stages upstream of it have finished (or, for an executor that queues,
     such as SLURM's, are queued), if DVC then finds it stale, handed to `executor` (default: `jobs` at a time on
     this machine), the ready stage with most stages downstream first; a stage queued behind one that failed is
-    cancelled. Returns the addressings run, failed, and not started (downstream of a failure)."""
+    cancelled; ``targets``: only those stages and the stages they read. Returns the addressings run, failed, and not
+    started (downstream of a failure)."""
     executor = executor or Local(jobs, logs, env, alone)
-    stages, upstream, downstream = pipeline(dvc_file)
+    stages, upstream, downstream = pipeline(dvc_file, targets)
     executor.check(stages)
     by_name = {stage[0]: stage for stage in stages}
     pending = sorted(by_name, key=lambda a: -downstream[a])  # stable: the file's order among equals
@@ -334,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=_positive, default=2)
     parser.add_argument("--order", nargs="+", help="stage-name prefixes, one group each, in order (default: every "
                                                    "stage once its inputs are made)")
+    parser.add_argument("--targets", nargs="+", default=[], help="without --order: only these stages (names, "
+                                                                 "`name@key`) and the stages they read, as `dvc "
+                                                                 "repro TARGET ...` (default: every stage)")
     parser.add_argument("--alone", nargs="+", default=[], help="without --order: stage-name prefixes of stages that "
                                                                "use every core themselves, run with no other")
     parser.add_argument("--executor", choices=["local", "slurm"], default="local",
@@ -359,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         executor = _executor(args, logs, env)
         if args.order is None:
             all_done, all_failed, not_started = run_dag(args.dvc_file, args.jobs, logs, env, tuple(args.alone),
-                                                        executor)
+                                                        executor, tuple(args.targets))
+        elif args.targets:
+            raise UserError("--targets picks stages of the DAG: give it without --order")
     except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

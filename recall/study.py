@@ -113,14 +113,17 @@ def _refuse_setting(overrides: list[str], where: str, instead: str) -> None:
 
 
 def source_of(name: str, value) -> dict:
-    """A chain source of the spec: a list of overrides of the replay config `name`, or {replay, overrides}: a pool of
-    its own made by another replay config (e.g. the toy GAN at another `replay.source.render_shift`), which variants
-    choose by this name (`replay=<name>`) and which shares that config's class map when it names the same file."""
+    """A chain source of the spec: a list of overrides of the replay config `name`, or {replay, overrides, chains}: a
+    pool of its own made by another replay config (e.g. the toy GAN at another `replay.source.render_shift`), which
+    variants choose by this name (`replay=<name>`) and which shares that config's class map when it names the same
+    file; `chains` (chain names: `main`, or a world with chain overrides) limits it to those chains."""
     if isinstance(value, list):
-        return {"replay": name, "overrides": list(value)}
-    if not isinstance(value, dict) or not isinstance(value.get("replay"), str):
-        raise ValueError(f"chain source {name}: a list of overrides, or {{replay: <replay config>, overrides: [...]}}")
-    return {"replay": value["replay"], "overrides": list(value.get("overrides", []))}
+        return {"replay": name, "overrides": list(value), "chains": None}
+    if not isinstance(value, dict) or not isinstance(value.get("replay"), str) or set(value) - {
+            "replay", "overrides", "chains"}:
+        raise ValueError(f"chain source {name}: a list of overrides, or {{replay: <replay config>, overrides: [...], "
+                         "chains: [...]}}")
+    return {"replay": value["replay"], "overrides": list(value.get("overrides", [])), "chains": value.get("chains")}
 
 
 def _filled(overrides: list[str], chain_dir: str, seed: int) -> list[str]:
@@ -138,12 +141,15 @@ def expand(spec: dict) -> dict:
 
     def chain(world: dict, name: str, seed: int) -> tuple[str, str]:
         """The key and directory of the chain a world's runs of `seed` use (made on first use)."""
-        key = f"{name if world['chain'] else MAIN_CHAIN}_s{seed}"
+        chain_name = name if world["chain"] else MAIN_CHAIN
+        key = f"{chain_name}_s{seed}"
         directory = f"{CHAINS_DIR}/{key}"
         if key not in tables["chains"]:
             tables["chains"][key] = {"seed": seed, "overrides": " ".join(
                 merged(chain_spec.get("pretrain", []), world["chain"]))}
             for source, entry in sources.items():
+                if entry["chains"] is not None and chain_name not in entry["chains"]:
+                    continue
                 filled = merged(_filled(entry["overrides"], directory, seed),
                                 [f"replay.pool={directory}/pools/{source}"])
                 mapping = dict(o.split("=", 1) for o in filled).get("replay.mapping")
@@ -185,6 +191,9 @@ def expand(spec: dict) -> dict:
                     replay = pool_of(v["overrides"])
                     if replay != "none" and replay not in sources:
                         raise ValueError(f"variant {variant} replays {replay}, which the spec's chain.sources lacks")
+                    if replay != "none" and f"{chain_key}_{replay}" not in tables["pools"]:
+                        raise ValueError(f"variant {variant} replays {replay} in world {world_name}, whose chain "
+                                         f"{chain_key} has no such pool (the source's `chains` leaves it out)")
                     tables["runs"][f"{world_name}_{protocol}_{variant}_s{seed}"] = {
                         "world": world_name, "protocol": protocol, "variant": variant, "setting": world["setting"],
                         "seed": seed, "step0": key, "chain": chain_key,
@@ -198,6 +207,44 @@ def expand(spec: dict) -> dict:
                 "seed": seed, "chain": chain_key,
                 "overrides": " ".join(chained(["method=joint"], directory, seed, "none", world))}
     return tables
+
+
+DOSE_MARKER = "# what the dose-response reads (generated: python -m recall.study)"
+
+
+def dose_inputs(spec: dict, tables: dict) -> list[str]:
+    """What the `dose_response` stage reads: the metrics of every run its section names, each seed's class-map check
+    of its source, and the first seed's pool of every level (the sheet of what the levels look like)."""
+    section = spec.get("dose_response")
+    if not section:
+        return []
+    world, protocols, seeds = section["world"], section["protocols"], spec["seeds"]
+    variants = [*section["levels"].values(), *section["references"].values(), *section["points"].values()]
+    missing = [f"{world}_{p}_{v}_s{s}" for p in protocols for v in variants for s in seeds
+               if f"{world}_{p}_{v}_s{s}" not in tables["runs"]]
+    if missing:
+        raise ValueError(f"dose_response names runs the study does not make: {missing[:3]}{' ...' * (len(missing) > 3)}"
+                         "; add the variants to the world, or drop them from the section")
+    first = [tables["runs"][f"{world}_{protocols[0]}_{v}_s{seeds[0]}"] for v in section["levels"].values()]
+    chains = dict.fromkeys(tables["runs"][f"{world}_{protocols[0]}_{variants[0]}_s{s}"]["chain"] for s in seeds)
+    return list(dict.fromkeys([
+        *(f"study/runs/{world}_{p}_{v}_s{s}/metrics.json" for p in protocols for v in variants for s in seeds),
+        *(f"{CHAINS_DIR}/{c}/{section.get('source', 'toy_gan')}_mapping_check.json" for c in chains),
+        *(run["pool"] for run in first)]))
+
+
+def with_dose_inputs(dvc_text: str, inputs: list[str]) -> str:
+    """study/dvc.yaml's text with the list after DOSE_MARKER replaced by `inputs`."""
+    lines, out, i = dvc_text.splitlines(keepends=True), [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        i += 1
+        if lines[i - 1].strip() == DOSE_MARKER:
+            item = lines[i - 1][:len(lines[i - 1]) - len(lines[i - 1].lstrip())] + "- "
+            while i < len(lines) and lines[i].startswith(item + "study/"):
+                i += 1
+            out.extend(f"{item}{path}\n" for path in inputs)
+    return "".join(out)
 
 
 def render(spec: dict) -> str:
@@ -216,17 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=SPEC_FILE)
     parser.add_argument("--check", action="store_true", help="exit 1 if study/params.yaml is out of date")
     args = parser.parse_args(argv)
-    tables = args.spec.with_name(TABLES_FILE.name)
-    wanted = render(yaml.safe_load(args.spec.read_text()))
-    current = tables.read_text() if tables.is_file() else None
-    if args.check:
-        if current != wanted:
-            print(f"{tables}: out of date with {args.spec}; run `python -m recall.study`", file=sys.stderr)
-        return int(current != wanted)
-    if current != wanted:
-        write_text(tables, wanted)
-        print(f"{tables}: rewritten from {args.spec}")
-    return 0
+    spec = yaml.safe_load(args.spec.read_text())
+    pipeline = args.spec.with_name("dvc.yaml")
+    files = {args.spec.with_name(TABLES_FILE.name): lambda text: render(spec)}
+    if pipeline.is_file():
+        files[pipeline] = lambda text: with_dose_inputs(text, dose_inputs(spec, expand(spec)))
+    stale = 0
+    for path, make in files.items():
+        current = path.read_text() if path.is_file() else None
+        wanted = make(current or "")
+        if current == wanted:
+            continue
+        stale += 1
+        if args.check:
+            print(f"{path}: out of date with {args.spec}; run `python -m recall.study`", file=sys.stderr)
+        else:
+            write_text(path, wanted)
+            print(f"{path}: rewritten from {args.spec}")
+    return int(bool(stale)) if args.check else 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ def verdict(a: str, b: str, differences: list[float]) -> str:
     return NO_DIFFERENCE
 
 
+def paired_call(a: str, b: str, per_seed_a: list[float], per_seed_b: list[float]) -> dict:
+    """A - B seed by seed (the same seeds, in the same order): the differences' mean ± sample std and the verdict on
+    them, as the study calls a difference."""
+    diffs = [x - y for x, y in zip(per_seed_a, per_seed_b, strict=True)]
+    return {"difference": mean_std(diffs), "verdict": verdict(a, b, diffs)}
+
+
 def _metrics(root: Path, key: str) -> dict:
     return json.loads((root / "study" / "runs" / key / "metrics.json").read_text())
 

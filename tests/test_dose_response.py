@@ -1,4 +1,4 @@
-"""benchmarks/dose_response.py's bookkeeping: every level replays the same class map through its own pool, and the
+"""The dose-response: benchmarks/dose_response.py's bookkeeping: every level replays the same class map through its own pool, and the
 verdicts are the study's paired rule applied per level against each reference line."""
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def test_the_levels_sheet_shows_each_class_at_each_level(tmp_path):
         (pool / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         for r in records:
             Image.new("RGB", (64, 64), colour).save(pool / "images" / f"{r['id']}.png")
-    dose_response.levels_figure(tmp_path, 0, [0.0, 2.0], tmp_path / "levels.png")
+    pools = tmp_path / "s0" / "pools"
+    dose_response.levels_figure({s: pools / f"toy_gan_shift{s}" for s in (0.0, 2.0)}, tmp_path / "levels.png")
     sheet = Image.open(tmp_path / "levels.png").convert("RGB")
     assert sheet.size == (2 * (84 + 2 * 64), 2 * (2 * 64 + 14))
     # row 0 (shift 0) is red, row 1 (shift 2) blue, in both class columns
@@ -109,3 +110,96 @@ def test_the_levels_sheet_shows_each_class_at_each_level(tmp_path):
         x = 2 * (84 + 64 * col + 32)
         assert sheet.getpixel((x, 2 * (14 + 32))) == (255, 0, 0)
         assert sheet.getpixel((x, 2 * (14 + 64 + 32))) == (0, 0, 255)
+
+
+def _finished_study(root: Path, levels: dict, protocols: list[str], seeds: list[int]) -> dict:
+    """A study whose dose-response runs have finished: the real spec's section and expansion, with made-up metrics
+    (old classes rise with the level's label IoU), class-map checks and level pools."""
+    import yaml
+    from PIL import Image
+
+    from recall import study
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "study" / "spec.yaml").read_text())
+    spec["seeds"] = seeds
+    spec["dose_response"].update(protocols=protocols, levels=levels)
+    tables = study.expand(spec)
+    section = spec["dose_response"]
+    lines = {**{float(k): v for k, v in levels.items()}, **section["references"], **section["points"]}
+    for protocol in protocols:
+        for line, variant in lines.items():
+            for seed in seeds:
+                iou = 1.0 if line == "oracle" else 0.8 - 0.3 * line if isinstance(line, float) else None
+                final = {"miou": {"old_no_bg": 0.5 + (iou or 0.1) / 4 + seed / 100, "new": 0.1, "all": 0.4},
+                         "statistics": {} if iou is None else {"replay_labels/iou_step0_classes": iou + seed / 100,
+                                                                "replay_labels/iou_later_classes": 0.0}}
+                run = root / "study" / "runs" / f"{section['world']}_{protocol}_{variant}_s{seed}"
+                run.mkdir(parents=True)
+                (run / "metrics.json").write_text(json.dumps({"final": final}))
+    for seed in seeds:
+        check = root / "study" / "chains" / f"{section['world']}_s{seed}" / "toy_gan_mapping_check.json"
+        check.parent.mkdir(parents=True, exist_ok=True)
+        check.write_text(json.dumps({"truth": {"correct": 19 + (seed == 0), "classes": 20}}))
+    for level, variant in levels.items():
+        pool = root / tables["runs"][f"{section['world']}_{protocols[0]}_{variant}_s{seeds[0]}"]["pool"]
+        (pool / "images").mkdir(parents=True)
+        (pool / "manifest.jsonl").write_text(json.dumps({"id": "a", "target_class": 3, "target_name": "cat"}) + "\n")
+        Image.new("RGB", (64, 64), "red").save(pool / "images" / "a.png")
+    return {"spec": spec, **tables}
+
+
+def test_the_study_stage_scores_the_study_runs_its_section_names(tmp_path):
+    from recall.dose_response import study_report
+    from recall.errors import UserError
+
+    levels = {0.0: "recall_shift0.0", 1.0: "recall_toy_gan", 2.0: "recall_shift2.0"}
+    loaded = _finished_study(tmp_path, levels, ["15-1x5", "10-1x10"], [0, 1, 2])
+    report, pools = study_report(loaded, tmp_path)
+    assert report["shifts"] == [0.0, 1.0, 2.0] and report["chain"] == ["pretrain.threads=1"]
+    assert report["class_map_correct"] == {"fewest": 19, "classes": 20}
+    cell = report["cells"]["10-1x10"]
+    # each line is its own variant's runs: the level's label IoU, seed by seed
+    assert cell["recall_shift2.0"]["iou_step0_classes"]["values"] == pytest.approx([0.2, 0.21, 0.22])
+    assert cell["recall_shift1.0"]["old_no_bg"]["values"] == pytest.approx([0.625, 0.635, 0.645])
+    assert cell["oracle"]["iou_step0_classes"]["mean"] == pytest.approx(1.01)
+    assert "iou_step0_classes" not in cell["mib"]
+    # every seed agrees and the gap (0.025 + 0.05) is far above the spread (0): called
+    assert report["contrasts"]["15-1x5"]["recall_shift0.0_vs_mib"]["old_no_bg"]["verdict"] == "recall_shift0.0 higher"
+    assert [p.name for p in pools.values()] == ["toy_gan_shift0.0", "toy_gan", "toy_gan_shift2.0"]
+    (tmp_path / "study" / "runs" / "float_order_10-1x10_mib_s2" / "metrics.json").unlink()
+    with pytest.raises(UserError, match="float_order_10-1x10_mib_s2: not finished"):
+        study_report(loaded, tmp_path)
+
+
+def test_the_study_stage_writes_the_report_and_its_figures(tmp_path, monkeypatch):
+    import yaml
+
+    from recall.commands import script
+
+    levels = {0.0: "recall_shift0.0", 1.0: "recall_toy_gan"}
+    loaded = _finished_study(tmp_path, levels, ["15-1x5"], [0, 1])
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(loaded["spec"]))
+    monkeypatch.chdir(tmp_path)
+    assert script("recall.stages.dose_response", ["--study", "spec.yaml", "--out", "out/dose.json"]) == 0
+    report = json.loads((tmp_path / "out" / "dose.json").read_text())
+    assert report["runs"]["recall_shift1.0"] == "recall_toy_gan" and report["seeds"] == [0, 1]
+    assert (tmp_path / "out" / "dose.png").stat().st_size > 0 and (tmp_path / "out" / "dose_levels.png").is_file()
+
+
+def test_the_stage_reads_every_run_of_its_section(tmp_path):
+    """The `dose_response` stage's deps (generated into study/dvc.yaml by `python -m recall.study`) name every run of
+    the section, so DVC re-runs it when one changes."""
+    import yaml
+
+    from recall import study
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "study" / "spec.yaml").read_text())
+    inputs = study.dose_inputs(spec, study.expand(spec))
+    section = spec["dose_response"]
+    runs = [p for p in inputs if p.startswith("study/runs/")]
+    lines = len(section["levels"]) + len(section["references"]) + len(section["points"])
+    assert len(runs) == len(section["protocols"]) * lines * len(spec["seeds"])
+    world, seed = section["world"], spec["seeds"][-1]
+    assert f"study/runs/{world}_10-1x10_recall_shift0.0_s{seed}/metrics.json" in runs
+    dvc_yaml = (Path(__file__).resolve().parents[1] / "study" / "dvc.yaml").read_text()
+    assert study.with_dose_inputs(dvc_yaml, inputs) == dvc_yaml, "run `python -m recall.study`"

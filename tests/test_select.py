@@ -166,6 +166,24 @@ def test_recall_select_refuses_bad_input_with_one_line(world, tmp_path, capsys, 
     assert not (tmp_path / "s").exists()
 
 
+def test_select_metrics_never_overwrites_a_file_that_is_not_a_selections_summary(world, tmp_path, capsys):
+    """select.metrics is checked before any work: another file there is left as it is, a directory or a path inside
+    the pool is refused; an earlier selection's summary is replaced."""
+    precious = tmp_path / "notes.json"
+    precious.write_text('{"mine": 1}')
+    for where, message in ((precious, "is not an earlier selection's summary"), (tmp_path, "is a directory"),
+                           (tmp_path / "s" / "m.json", "lies in select.pool")):
+        assert _select(world, tmp_path / "s", f"select.metrics={where}") == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert precious.read_text() == '{"mine": 1}' and not (tmp_path / "s").exists()
+    again = tmp_path / "summary.json"
+    assert _select(world, tmp_path / "s", f"select.metrics={again}", "select.epochs=5") == 0
+    first = json.loads(again.read_text())
+    assert _select(world, tmp_path / "s", f"select.metrics={again}", "select.epochs=5") == 0  # its own: replaced
+    assert json.loads(again.read_text())["images"] == first["images"]
+
+
 def test_recall_select_needs_a_built_pool(world, tmp_path, capsys):
     assert main(["select", f"dataset.root={world.root}", f"protocol={TUNE_PROTOCOL}", "replay=toy_gan",
                  f"replay.pool={tmp_path / 'nothing'}", f"step0={world.step0}", "tracking.uri="]) == 2

@@ -94,6 +94,21 @@ def test_without_an_order_each_stage_starts_when_the_stages_it_reads_have_finish
     assert "0 stage(s) run and committed, 1 failed" in again.stdout, again.stdout + again.stderr
 
 
+def test_targets_run_those_stages_and_what_they_read_only(tmp_path):
+    """`--targets run@a` runs base@a (which it reads) and itself, as `dvc repro run@a` would; an unknown target is an
+    error naming it, before anything runs."""
+    project, env = _project(tmp_path)
+    wrong = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--targets", "run@c"],
+                           cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "--targets run@c: no such stage" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (project / "dvc.lock").exists()
+    done = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--jobs", "2", "--targets", "run@a"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (project / "out").glob("*.txt")) == ["base_a.txt", "run_a.txt"]
+    assert _stale(project, env) == {"base@b", "run@b", "run@bad", "report"}
+
+
 def test_a_commit_waits_out_another_dvc_process_holding_the_lock(tmp_path, monkeypatch):
     import threading
     import time
@@ -135,7 +150,7 @@ def test_a_stage_others_wait_for_is_committed_first_and_the_others_free_their_sl
 
     stages = [(name, name, "true", ".") for name in ("a", "b", "c")]
     upstream = {"a": set(), "b": set(), "c": {"a"}}
-    monkeypatch.setattr(stage_jobs, "pipeline", lambda _: (stages, upstream, {"a": 1, "b": 0, "c": 0}))
+    monkeypatch.setattr(stage_jobs, "pipeline", lambda *_: (stages, upstream, {"a": 1, "b": 0, "c": 0}))
     monkeypatch.setattr(stage_jobs, "prepare", lambda addressing, stale=False: True)
     events = []
 
@@ -167,7 +182,7 @@ def test_an_ended_stage_not_yet_committed_is_stopped_and_reported_when_interrupt
     from recall import stage_jobs
 
     stages = [(name, name, "true", ".") for name in ("a", "b")]
-    monkeypatch.setattr(stage_jobs, "pipeline", lambda _: (stages, {"a": set(), "b": set()}, {"a": 0, "b": 0}))
+    monkeypatch.setattr(stage_jobs, "pipeline", lambda *_: (stages, {"a": set(), "b": set()}, {"a": 0, "b": 0}))
     monkeypatch.setattr(stage_jobs, "prepare", lambda addressing, stale=False: True)
     log = tmp_path / "a.log"
 

@@ -56,6 +56,28 @@ def _options(cfg) -> tuple[SelectConfig, Path, Path]:
         raise UserError(f"select: {error}") from None
 
 
+SUMMARY_KEYS = frozenset({"images", "kept", "reasons", "domain_threshold", "content_thresholds", "per_class", "params"})
+
+
+def _check_metrics_path(path: Path, target: Path) -> None:
+    """`select.metrics` is written after the selection: refuse, before any work, a path that would clobber what is
+    not ours (a file that is not an earlier selection's summary, a directory, a path inside the pool it replaces)."""
+    resolved, pool = path.resolve(), target.resolve()
+    if resolved == pool or pool in resolved.parents:
+        raise UserError(f"select.metrics={path} lies in select.pool ({target}), which the selection replaces: pass a "
+                        f"path outside it (default: {target}.json)")
+    if path.is_dir():
+        raise UserError(f"select.metrics={path} is a directory: pass the path of a JSON file (default: {target}.json)")
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            old = None
+        if not (isinstance(old, dict) and SUMMARY_KEYS <= set(old)):
+            raise UserError(f"select.metrics={path} exists and is not an earlier selection's summary: it is left as "
+                            "it is; pass another path, or remove the file if you no longer need it")
+
+
 def _batches(sizes: list[tuple[int, int]], batch: int = BATCH) -> list[list[int]]:
     """Indices in batches of one image size each (real images come in many sizes; the model sees whole images)."""
     return same_size_batches([{"height": h, "width": w} for h, w in sizes], batch)
@@ -109,6 +131,7 @@ def select_pool(cfg) -> dict:
     """Score every image of `replay.pool` against step 0's model and training images, keep or drop it, and write
     the kept ones as a new pool with the scores; returns the summary (also written to `select.metrics`)."""
     opts, target, metrics_path = _options(cfg)
+    _check_metrics_path(metrics_path, target)
     source = ReplayPool(cfg.replay.pool)
     if source.summary() is None:
         raise UserError(f"replay pool {source.root} is not built (no {source.summary_path.name}): build it first with "
