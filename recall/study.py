@@ -263,15 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=SPEC_FILE)
     parser.add_argument("--check", action="store_true", help="exit 1 if study/params.yaml is out of date")
     args = parser.parse_args(argv)
-    spec = yaml.safe_load(args.spec.read_text())
-    pipeline = args.spec.with_name("dvc.yaml")
-    files = {args.spec.with_name(TABLES_FILE.name): lambda text: render(spec)}
-    if pipeline.is_file():
-        files[pipeline] = lambda text: with_dose_inputs(text, dose_inputs(spec, expand(spec)))
+    try:
+        spec = yaml.safe_load(args.spec.read_text())
+        if not isinstance(spec, dict):
+            raise ValueError("not a mapping of seeds, protocols, worlds, variants, ...")
+        pipeline = args.spec.with_name("dvc.yaml")
+        files = {args.spec.with_name(TABLES_FILE.name): render(spec)}
+        if pipeline.is_file():
+            files[pipeline] = with_dose_inputs(pipeline.read_text(), dose_inputs(spec, expand(spec)))
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, UserError) as error:
+        detail = (f"missing key {error} (see the keys of study/spec.yaml)" if isinstance(error, KeyError) else
+                  f"a value of the wrong type ({error})" if isinstance(error, TypeError) else str(error))
+        print(f"{parser.prog}: {args.spec}: {' '.join(detail.split())}", file=sys.stderr)
+        return 2
     stale = 0
-    for path, make in files.items():
+    for path, wanted in files.items():
         current = path.read_text() if path.is_file() else None
-        wanted = make(current or "")
         if current == wanted:
             continue
         stale += 1

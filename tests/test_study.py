@@ -347,3 +347,19 @@ def test_a_verdict_repeated_in_another_world_is_compared_with_the_base_worlds():
     assert table["same"] == {"float_order": 1} and table["of"] == {"float_order": 2}
     assert table["rows"] == [["float_order", "15-1x5", "old_no_bg", "a vs b", "a higher", "a higher", "yes"],
                              ["float_order", "15-1x5", "old_no_bg", "a vs c", "no difference", "a higher", "no"]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds: [0\n", "while parsing"),
+    ("[1, 2]\n", "not a mapping"),
+    ("seeds: [0]\nprotocols: [15-5]\n", "missing key 'variants'"),
+    ("seeds: [0]\nprotocols: [15-5]\nvariants: {a: [method=mib]}\nchain: {sources: {toy_gan: {replay: 1}}}\n",
+     "chain source toy_gan"),
+])
+def test_a_broken_spec_is_one_line_naming_the_file(tmp_path, capsys, text, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    assert study.main(["--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(spec) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "params.yaml").exists()
