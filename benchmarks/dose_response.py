@@ -2,7 +2,7 @@
 and against RECALL without replay, over seeds, each seed owning its whole chain.
 
     python benchmarks/dose_response.py [--seeds 0 1 2] [--shifts 0 0.5 1 1.5 2] [--protocols 15-1x5 10-1x10]
-                                       [--jobs 2] [--out docs/dose_response.json] [--figure docs/dose_response.png]
+                                       [--jobs 2] [--out dose.json] [--figure dose.png]
                                        [--work DIR] [--data DIR] [--pretrain-threads N]
 
 What changes from level to level is what the generator *renders*, nothing else: `replay.source.render_shift` scales
@@ -18,7 +18,9 @@ models; `--pretrain-threads 1` pretrains as the study's float_order chain, so tw
 class map, one pool per level, RECALL per protocol and level, and the two reference lines, MiB and RECALL with
 `method.replay_ratio=0` (inpainting alone). The JSON holds every seed's numbers, the mean ± sample std per cell and
 paired verdicts (the study's rule: every seed agrees in sign and |mean difference| > the differences' sample std)
-of RECALL at each level against each reference; docs/results.md quotes it.
+of RECALL at each level against each reference (recall.dose_response). docs/results.md quotes the study's run of the
+same design (study/spec.yaml's dose_response section, its stage writes docs/dose_response.json): this benchmark is for
+other levels, seeds or protocols; write its report elsewhere (docs/dose_response.json is the study stage's output).
 """
 
 from __future__ import annotations
@@ -32,15 +34,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import regime
-from regime import add_chain_options, final, paired, pretrained, recall_run, step0_model, use_chain_options
+from regime import add_chain_options, pretrained, recall_run, step0_model, use_chain_options
 from tqdm import tqdm
 
+import recall.dose_response
 from recall.dose_response import METRICS, POINTS, figure, level_line, levels_figure, scored, summary  # noqa: F401 (re-exported to the other benchmarks)
 
 ROOT = regime.ROOT
 SHIFTS = (0.0, 0.5, 1.0, 1.5, 2.0)
 PROTOCOLS = ("15-1x5", "10-1x10")
 REFERENCES = {"mib": ["method=mib"], "no_replay": ["method=recall", "method.replay_ratio=0"]}
+assert tuple(REFERENCES) == recall.dose_response.REFERENCES  # the lines summary() compares against
 # RECALL runs placed on the same axes as the levels (recall.dose_response.POINTS, by their own label quality): web
 # replay (the Flickr stand-in through its local server, as the study's recall_web) and the study's oracle labels at
 # the look-alike's level
@@ -138,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
               "class_map_correct": {"fewest": min(m["correct"] for m in maps.values()),
                                     "classes": max(m["classes"] for m in maps.values())}, "records": records,
               **summary(records, args.seeds, args.shifts, args.protocols)}
-    regime.publish(report, [report["table"]], args.out)
     if args.figure:
         figure(report, args.figure)
         if args.work:  # the pools are kept: what each level looks like, beside the figure
             pools = args.work.resolve() / f"s{args.seeds[0]}" / "pools"
             levels_figure({s: pools / f"toy_gan_shift{s}" for s in args.shifts},
                           args.figure.with_name(f"{args.figure.stem}_levels.png"))
+    regime.publish(report, [report["table"]], args.out)  # last: the figures it describes are written
     return 0
 
 

@@ -17,9 +17,12 @@ verdict of every level and point against each reference; `figure` plots final mI
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+from recall.atomic import write_bytes
+from recall.errors import UserError
 from recall.study_report import mean_std, paired_call
 
 METRICS = ("old_no_bg", "new", "all")
@@ -85,11 +88,9 @@ def figure(report: dict, path: Path) -> None:
     measured IoU on the step-0 classes (what label evaluation achieved, not the shift knob), per protocol: the levels
     as one line (each labelled with its shift, error bars the seeds' sample std on both axes), web replay and oracle
     labels as points, MiB and no replay as bands (mean ± sample std)."""
-    import matplotlib
+    from recall.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shifts, protocols = report["shifts"], report["protocols"]
     fig, axes = plt.subplots(2, len(protocols), figsize=(5.4 * len(protocols), 7.6), squeeze=False)
     x_key = "iou_step0_classes"
@@ -120,9 +121,7 @@ def figure(report: dict, path: Path) -> None:
                 ax.set_title(f"{protocol} ({len(report['seeds'])} seeds; numbers: the render shift)")
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches=None)
 
 
 def levels_figure(pools: dict[float, Path], path: Path, classes: int = 6) -> None:
@@ -146,17 +145,20 @@ def levels_figure(pools: dict[float, Path], path: Path, classes: int = 6) -> Non
         draw.text((2, 14 + size * row + size // 2 - 5), f"shift {shift}", fill="black")
         images = pools[shift] / "images"
         for col, record in enumerate(picked):
-            image = next(images.glob(f"{record['id']}.*"))
+            image = next(images.glob(f"{record['id']}.*"), None)
+            if image is None:
+                raise UserError(f"{images}: no image {record['id']} of its manifest; rebuild the pool (`dvc repro` "
+                                "its pool stage)")
             sheet.paste(Image.open(image).convert("RGB").resize((size, size)), (label + size * col, 14 + size * row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)
+    out = io.BytesIO()
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(out, format="PNG")
+    write_bytes(path, out.getvalue())
 
 
 def study_report(study: dict, root: Path = Path(".")) -> tuple[dict, dict[float, Path]]:
     """The dose-response of a loaded study (`recall.study.load`): its `dose_response` section's runs, scored and
     summarised, and the first seed's pool of every level (for `levels_figure`). A run not finished is an error
     naming it."""
-    from recall.errors import UserError
     from recall.study import world_of
 
     spec = study["spec"]
@@ -166,10 +168,17 @@ def study_report(study: dict, root: Path = Path(".")) -> tuple[dict, dict[float,
     world, protocols, seeds = section["world"], list(section["protocols"]), list(spec["seeds"])
     levels = {float(level): variant for level, variant in section["levels"].items()}
     lines = {**{level_line(level): v for level, v in levels.items()}, **section["references"], **section["points"]}
-    unknown = sorted(set(section["references"]) - set(REFERENCES)) + sorted(set(section["points"]) - set(POINTS))
-    if unknown:
-        raise UserError(f"dose_response: unknown line(s) {unknown}; references are {list(REFERENCES)}, points "
-                        f"{list(POINTS)}")
+    if set(section["references"]) != set(REFERENCES) or not set(section["points"]) <= set(POINTS):
+        raise UserError(f"dose_response: references {sorted(section['references'])}, points "
+                        f"{sorted(section['points'])}: the references are exactly {list(REFERENCES)}, the points "
+                        f"some of {list(POINTS)}")
+    for level, variant in levels.items():  # a level's runs render at that level (toy_gan's default: 1.0)
+        overrides = dict(o.split("=", 1) for o in study["runs"][f"{world}_{protocols[0]}_{variant}_s{seeds[0]}"][
+            "overrides"].split() if "=" in o)
+        rendered = float(overrides.get("replay.source.render_shift", 1.0))
+        if rendered != level:
+            raise UserError(f"dose_response: level {level} names variant {variant}, whose pool renders at "
+                            f"{rendered}: pair each level with the variant that replays it")
     records: dict = {}
     for protocol in protocols:
         for name, variant in lines.items():

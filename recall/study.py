@@ -123,6 +123,10 @@ def source_of(name: str, value) -> dict:
             "replay", "overrides", "chains"}:
         raise ValueError(f"chain source {name}: a list of overrides, or {{replay: <replay config>, overrides: [...], "
                          "chains: [...]}}")
+    chains = value.get("chains")
+    if chains is not None and not (isinstance(chains, list) and all(isinstance(c, str) for c in chains)):
+        raise ValueError(f"chain source {name}: chains is a list of chain names ({MAIN_CHAIN}, or a world with chain "
+                         f"overrides), not {chains!r}")
     return {"replay": value["replay"], "overrides": list(value.get("overrides", [])), "chains": value.get("chains")}
 
 
@@ -206,6 +210,11 @@ def expand(spec: dict) -> dict:
                 "world": world_name, "protocol": "joint", "variant": "joint", "setting": world["setting"],
                 "seed": seed, "chain": chain_key,
                 "overrides": " ".join(chained(["method=joint"], directory, seed, "none", world))}
+    known = {key.rsplit("_s", 1)[0] for key in tables["chains"]}
+    for name, entry in sources.items():
+        unknown = sorted(set(entry["chains"] or ()) - known)
+        if unknown:
+            raise ValueError(f"chain source {name}: no chain {unknown} in this spec (its chains: {sorted(known)})")
     return tables
 
 
@@ -234,7 +243,11 @@ def dose_inputs(spec: dict, tables: dict) -> list[str]:
 
 
 def with_dose_inputs(dvc_text: str, inputs: list[str]) -> str:
-    """study/dvc.yaml's text with the list after DOSE_MARKER replaced by `inputs`."""
+    """study/dvc.yaml's text with the list after DOSE_MARKER replaced by `inputs` (every `- study/...` line right after
+    the marker is generated). A spec with a dose_response section needs the marker: an error says so."""
+    if inputs and not any(line.strip() == DOSE_MARKER for line in dvc_text.splitlines()):
+        raise ValueError(f"study/dvc.yaml: the dose_response stage's deps lack the line `{DOSE_MARKER}` after which "
+                         "`python -m recall.study` writes what it reads")
     lines, out, i = dvc_text.splitlines(keepends=True), [], 0
     while i < len(lines):
         out.append(lines[i])
@@ -261,7 +274,8 @@ def load(spec_file: Path = SPEC_FILE) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recall.study", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=SPEC_FILE)
-    parser.add_argument("--check", action="store_true", help="exit 1 if study/params.yaml is out of date")
+    parser.add_argument("--check", action="store_true", help="exit 1 if study/params.yaml or the generated deps of "
+                                                             "study/dvc.yaml are out of date")
     args = parser.parse_args(argv)
     try:
         spec = yaml.safe_load(args.spec.read_text())

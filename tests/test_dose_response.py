@@ -203,3 +203,57 @@ def test_the_stage_reads_every_run_of_its_section(tmp_path):
     assert f"study/runs/{world}_10-1x10_recall_shift0.0_s{seed}/metrics.json" in runs
     dvc_yaml = (Path(__file__).resolve().parents[1] / "study" / "dvc.yaml").read_text()
     assert study.with_dose_inputs(dvc_yaml, inputs) == dvc_yaml, "run `python -m recall.study`"
+
+
+def test_the_study_stage_refuses_a_section_it_cannot_draw(tmp_path, capsys):
+    """A reference left out, a level paired with another level's variant, a pool image missing: each one line, exit 2,
+    and no JSON (it is written after the figures)."""
+    import yaml
+
+    from recall.commands import script
+    from recall.dose_response import study_report
+    from recall.errors import UserError
+
+    levels = {0.0: "recall_shift0.0", 1.0: "recall_toy_gan"}
+    loaded = _finished_study(tmp_path, levels, ["15-1x5"], [0, 1])
+    broken = {**loaded, "spec": {**loaded["spec"], "dose_response": {**loaded["spec"]["dose_response"],
+                                                                     "references": {"mib": "mib"}}}}
+    with pytest.raises(UserError, match="the references are exactly"):
+        study_report(broken, tmp_path)
+    swapped = {**loaded, "spec": {**loaded["spec"], "dose_response": {
+        **loaded["spec"]["dose_response"], "levels": {0.0: "recall_toy_gan", 1.0: "recall_shift0.0"}}}}
+    with pytest.raises(UserError, match="level 0.0 names variant recall_toy_gan, whose pool renders at 1.0"):
+        study_report(swapped, tmp_path)
+    next((tmp_path / "study" / "chains").glob("*/pools/toy_gan_shift0.0/images/a.png")).unlink()
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(loaded["spec"]))
+    import os
+
+    os.chdir(tmp_path)
+    try:
+        assert script("recall.stages.dose_response", ["--study", "spec.yaml", "--out", "out/dose.json"]) == 2
+    finally:
+        os.chdir(Path(__file__).resolve().parents[1])
+    err = capsys.readouterr().err
+    assert "no image a of its manifest" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "dose.json").exists()
+
+
+def test_a_chain_source_names_chains_the_spec_has():
+    import yaml
+
+    from recall import study
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "study" / "spec.yaml").read_text())
+    sources = spec["chain"]["sources"]
+    sources["toy_gan_shift0.0"]["chains"] = ["main"]  # a variant of float_order replays it: its chains lack the pool
+    with pytest.raises(ValueError, match="whose chain float_order_s0 has no such pool"):
+        study.expand(spec)
+    sources["toy_gan_shift0.0"]["chains"] = ["float_order"]
+    sources["unused"] = {**sources["toy_gan_shift0.0"], "chains": ["float_ordr"]}  # a typo, read by no variant
+    with pytest.raises(ValueError, match=r"no chain \['float_ordr'\]"):
+        study.expand(spec)
+    spec["chain"]["sources"]["toy_gan_shift0.0"]["chains"] = "float_order"
+    with pytest.raises(ValueError, match="chains is a list of chain names"):
+        study.expand(spec)
+    with pytest.raises(ValueError, match="lack the line"):
+        study.with_dose_inputs("stages: {}\n", ["some/input"])

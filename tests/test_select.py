@@ -172,7 +172,8 @@ def test_select_metrics_never_overwrites_a_file_that_is_not_a_selections_summary
     precious = tmp_path / "notes.json"
     precious.write_text('{"mine": 1}')
     for where, message in ((precious, "is not an earlier selection's summary"), (tmp_path, "is a directory"),
-                           (tmp_path / "s" / "m.json", "lies in select.pool")):
+                           (tmp_path / "s" / "m.json", "lies in select.pool"),
+                           (world.pool / "m.json", "lies in replay.pool")):
         assert _select(world, tmp_path / "s", f"select.metrics={where}") == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
@@ -180,6 +181,9 @@ def test_select_metrics_never_overwrites_a_file_that_is_not_a_selections_summary
     again = tmp_path / "summary.json"
     assert _select(world, tmp_path / "s", f"select.metrics={again}", "select.epochs=5") == 0
     first = json.loads(again.read_text())
+    from recall.stages.select import SUMMARY_KEYS
+
+    assert SUMMARY_KEYS <= set(first)  # the keys that recognise a summary are keys a summary has
     assert _select(world, tmp_path / "s", f"select.metrics={again}", "select.epochs=5") == 0  # its own: replaced
     assert json.loads(again.read_text())["images"] == first["images"]
 

@@ -4,7 +4,6 @@ of what the levels look like (`recall.dose_response`)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from recall.atomic import write_text
+    from recall.atomic import write_json
     from recall.dose_response import figure, levels_figure, study_report
     from recall.study import load
 
@@ -27,7 +26,7 @@ def main(args) -> int:
     report, pools = study_report(load(Path(args.study)))
     figure(report, out.with_suffix(".png"))
     levels_figure(pools, out.with_name(f"{out.stem}_levels.png"))
-    write_text(out, json.dumps(report, indent=1) + "\n")  # last: the figures it describes are written
+    write_json(out, report, indent=1)  # last: the figures it describes are written
     for row in report["table"]["rows"]:
         print(" | ".join(str(v) for v in row))
     print(f"{out}: {len(report['table']['rows'])} lines over {len(report['seeds'])} seeds; figure "

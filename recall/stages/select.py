@@ -59,13 +59,15 @@ def _options(cfg) -> tuple[SelectConfig, Path, Path]:
 SUMMARY_KEYS = frozenset({"images", "kept", "reasons", "domain_threshold", "content_thresholds", "per_class", "params"})
 
 
-def _check_metrics_path(path: Path, target: Path) -> None:
+def _check_metrics_path(path: Path, target: Path, source: Path) -> None:
     """`select.metrics` is written after the selection: refuse, before any work, a path that would clobber what is
-    not ours (a file that is not an earlier selection's summary, a directory, a path inside the pool it replaces)."""
-    resolved, pool = path.resolve(), target.resolve()
-    if resolved == pool or pool in resolved.parents:
-        raise UserError(f"select.metrics={path} lies in select.pool ({target}), which the selection replaces: pass a "
-                        f"path outside it (default: {target}.json)")
+    not ours (a file that is not an earlier selection's summary, a directory, a path inside the pool it replaces or
+    the pool it reads). SUMMARY_KEYS are keys `_summary` writes (a test holds them to it)."""
+    resolved = path.resolve()
+    for option, pool in (("select.pool", target), ("replay.pool", source)):
+        if resolved == pool.resolve() or pool.resolve() in resolved.parents:
+            raise UserError(f"select.metrics={path} lies in {option} ({pool}): pass a path outside both pools "
+                            f"(default: {target}.json)")
     if path.is_dir():
         raise UserError(f"select.metrics={path} is a directory: pass the path of a JSON file (default: {target}.json)")
     if path.exists():
@@ -131,7 +133,7 @@ def select_pool(cfg) -> dict:
     """Score every image of `replay.pool` against step 0's model and training images, keep or drop it, and write
     the kept ones as a new pool with the scores; returns the summary (also written to `select.metrics`)."""
     opts, target, metrics_path = _options(cfg)
-    _check_metrics_path(metrics_path, target)
+    _check_metrics_path(metrics_path, target, Path(cfg.replay.pool))
     source = ReplayPool(cfg.replay.pool)
     if source.summary() is None:
         raise UserError(f"replay pool {source.root} is not built (no {source.summary_path.name}): build it first with "
