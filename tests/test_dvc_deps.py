@@ -90,3 +90,60 @@ def test_an_edited_module_changes_the_stages_that_import_it(scratch, module, exp
         assert not {s for s in reported if s.startswith(("replay_pool", "classmap", "toyworld", "report"))}
     if module in ("recall/replay/pool.py", "recall/replay/classmap.py"):  # editing them leaves the pretraining done
         assert "pretrain" not in reported
+
+
+DATASET_READERS = ("recall.stages.run", "recall.stages.classmap", "recall.stages.pool", "recall.stages.select")
+
+
+def test_the_stages_that_read_the_dataset_depend_on_its_id_and_only_dataset_id_on_the_directory():
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        deps = body.get("deps", [])
+        if name == "dataset_id":
+            assert deps[0] == "${dataset.root}" and body["outs"] == ["${dataset.root}.id.json"]
+            continue
+        assert "${dataset.root}" not in deps, f"{name} depends on the dataset directory: depend on its id"
+        if any(reader in body["cmd"] for reader in DATASET_READERS):
+            assert "${dataset.root}.id.json" in deps, f"{name} reads the dataset but not its id"
+
+
+def test_the_id_changes_with_any_file_of_the_dataset(tmp_path):
+    from recall.stages.dataset_id import dataset_id
+
+    root = tmp_path / "world"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "JPEGImages" / "a.jpg").write_bytes(b"aaa")
+    (root / "list.txt").write_text("a\n")
+    first = dataset_id(root)
+    assert first["files"] == 2 and first["bytes"] == 5
+    assert dataset_id(root) == first  # the content, not the time: made again, the same id
+    (root / "JPEGImages" / "a.jpg").write_bytes(b"aab")
+    edited = dataset_id(root)
+    assert edited["sha256"] != first["sha256"]
+    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "b.jpg")
+    assert dataset_id(root)["sha256"] not in (first["sha256"], edited["sha256"])  # a rename is a change too
+
+
+@pytest.mark.slow
+def test_an_edited_dataset_file_reaches_every_stage_that_reads_it_through_the_id(scratch):
+    """dvc status: an edit in the dataset makes `dataset_id` stale; once it has run, every stage reading the dataset
+    is (the toy world's generating stage would first put a generated dataset back: toyworld's outs changed)."""
+    import yaml
+
+    root = yaml.safe_load((scratch / "params.yaml").read_text())["dataset"]["root"]
+    placeholder = scratch / root / "placeholder"
+    original = placeholder.read_text()
+    try:
+        placeholder.write_text("an edited image\n")
+        assert "dataset_id" in changed_stages(scratch, f"{root}/placeholder")
+        subprocess.run([sys.executable, "-m", "recall.stages.dataset_id", root], cwd=scratch, check=True,
+                       env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True)
+        reached = changed_stages(scratch, f"{root}.id.json")
+        assert {"step0@15-overlapped", "run@15-5_mib", "replay_run@15-5_recall_web", "classmap@toy_gan",
+                "replay_pool@web", "replay_select@web", "joint"} <= reached
+        assert not {s for s in reached if s.startswith(("pretrain", "standin", "report"))}
+    finally:
+        placeholder.write_text(original)
