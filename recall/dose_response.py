@@ -23,9 +23,12 @@ from pathlib import Path
 
 from recall.atomic import write_bytes
 from recall.errors import UserError
+from recall.metrics import HEADLINE, OLD, OLD_AND_ALL, OLD_NEW, SUMMARIES
 from recall.study_report import mean_std, paired_call
 
-METRICS = ("old_no_bg", "new", "all")
+METRICS = HEADLINE  # old classes without background, new, all
+NEW = OLD_NEW[1]
+CALLED = OLD_AND_ALL  # the metrics each level is called on against each reference
 LABELS = ("iou_step0_classes", "iou_later_classes", "empty_step0_classes", "empty_later_classes")
 REFERENCES = ("mib", "no_replay")
 POINTS = {"web": "web replay", "oracle": "oracle labels (shift 1.0)"}
@@ -60,7 +63,7 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
             cell[name] = {k: mean_std([p[k] for p in per_seed]) for k in (*METRICS, *LABELS)
                           if all(k in p for p in per_seed)}
             c = cell[name]
-            rows.append([protocol, label, c["old_no_bg"]["text"], c["new"]["text"], c["all"]["text"],
+            rows.append([protocol, label, *(c[m]["text"] for m in METRICS),
                          c["iou_step0_classes"]["text"] if "iou_step0_classes" in c else "–",
                          c["iou_later_classes"]["text"] if "iou_later_classes" in c else "–", len(seeds)])
         for name in compared:
@@ -72,14 +75,14 @@ def summary(records: dict, seeds: list[int], shifts: list[float], protocols: lis
         cells[protocol] = cell
     calls = [[protocol, label, *(f"{c['verdict']} ({c['difference']['text']})" for c in
                                  (verdicts[protocol][f"{name}_vs_{r}"][m] for r in REFERENCES
-                                  for m in ("old_no_bg", "all")))]
+                                  for m in CALLED))]
              for protocol in protocols for name, label in compared.items()]
     return {"cells": cells, "contrasts": verdicts,
-            "table": {"columns": ["protocol", "replay", "old (no bg)", "new", "all", "label IoU, step-0 classes",
-                                  "label IoU, later classes", "seeds"], "rows": rows},
+            "table": {"columns": ["protocol", "replay", *(SUMMARIES[m].label for m in METRICS),
+                                  "label IoU, step-0 classes", "label IoU, later classes", "seeds"], "rows": rows},
             "calls": {"columns": ["protocol", "RECALL's replay (render shift)",
-                                  *(f"RECALL - {r.replace('_', ' ')}, {m}" for r in REFERENCES
-                                    for m in ("old (no bg)", "all"))],
+                                  *(f"RECALL - {r.replace('_', ' ')}, {SUMMARIES[m].label}" for r in REFERENCES
+                                    for m in CALLED)],
                       "rows": calls}}
 
 
@@ -96,7 +99,7 @@ def figure(report: dict, path: Path) -> None:
     x_key = "iou_step0_classes"
     for col, protocol in enumerate(protocols):
         cell = report["cells"][protocol]
-        for row, (metric, what) in enumerate((("old_no_bg", "step-0 classes"), ("new", "classes learnt later"))):
+        for row, (metric, what) in enumerate(((OLD, "step-0 classes"), (NEW, "classes learnt later"))):
             ax = axes[row][col]
             for name, colour in (("mib", "tab:orange"), ("no_replay", "tab:grey")):
                 m = cell[name][metric]

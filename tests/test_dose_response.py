@@ -1,5 +1,6 @@
-"""The dose-response: benchmarks/dose_response.py's bookkeeping: every level replays the same class map through its own pool, and the
-verdicts are the study's paired rule applied per level against each reference line."""
+"""The dose-response: every level replays the same class map through its own pool, the verdicts are the study's
+paired rule applied per level against each reference line (benchmarks/dose_response.py's bookkeeping), and the
+study's stage reads exactly the runs its section names."""
 
 from __future__ import annotations
 
