@@ -465,8 +465,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, tiny_world):
     run_dir = tmp_path / "run"
     err_file = tmp_path / "stderr.txt"
     with err_file.open("w") as err_out:  # a file, not a pipe: reading it never waits on a process that holds it
-        proc = subprocess.Popen([sys.executable, "-m", "recall.cli", "run", f"dataset.root={tiny_world}",
-                                 "tracking.uri=", *FAST, "protocol=19-1", "train.epochs=5000", f"run_dir={run_dir}"],
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "recall.cli", "run",
+                                 f"dataset.root={tiny_world}", "tracking.uri=", *FAST, "protocol=19-1",
+                                 "train.epochs=5000", f"run_dir={run_dir}"],
                                 stdout=subprocess.DEVNULL, stderr=err_out, text=True, preexec_fn=as_from_a_terminal)
     deadline = time.time() + 120
     while not (run_dir / "steps" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
@@ -474,6 +475,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, tiny_world):
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     try:
         proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # still running: its threads' stacks (faulthandler, on SIGABRT) say where
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=30)
     finally:
         proc.kill()
     err = err_file.read_text()
