@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from recall.generated import rewrite_lists
 from recall.provenance import PACKAGE_DIR, import_closure
 
 ROOT = PACKAGE_DIR.parent
@@ -51,18 +52,7 @@ def code_deps(entry: str) -> list[str]:
 def rewrite(text: str) -> str:
     """`text` (a dvc.yaml) with every marker's code deps regenerated; the lines after a marker that name files under
     recall/ are replaced."""
-    lines, out, i = text.splitlines(keepends=True), [], 0
-    while i < len(lines):
-        out.append(lines[i])
-        marker = MARKER.match(lines[i])
-        i += 1
-        if not marker:
-            continue
-        item = f"{marker['indent']}- "
-        while i < len(lines) and lines[i].startswith(item + "recall"):
-            i += 1
-        out.extend(f"{item}{dep}\n" for dep in code_deps(marker["entry"]))
-    return "".join(out)
+    return rewrite_lists(text, lambda line: (found := MARKER.match(line)) and found["entry"], "recall", code_deps)
 
 
 def stale_files(root: Path = ROOT) -> list[Path]:

@@ -35,6 +35,7 @@ import yaml
 
 from recall.atomic import write_text
 from recall.errors import UserError
+from recall.generated import rewrite_lists
 from recall.replay.leakage import STORED_DATA_SOURCES
 
 SPEC_FILE = Path("study/spec.yaml")
@@ -248,16 +249,8 @@ def with_dose_inputs(dvc_text: str, inputs: list[str]) -> str:
     if inputs and not any(line.strip() == DOSE_MARKER for line in dvc_text.splitlines()):
         raise ValueError(f"study/dvc.yaml: the dose_response stage's deps lack the line `{DOSE_MARKER}` after which "
                          "`python -m recall.study` writes what it reads")
-    lines, out, i = dvc_text.splitlines(keepends=True), [], 0
-    while i < len(lines):
-        out.append(lines[i])
-        i += 1
-        if lines[i - 1].strip() == DOSE_MARKER:
-            item = lines[i - 1][:len(lines[i - 1]) - len(lines[i - 1].lstrip())] + "- "
-            while i < len(lines) and lines[i].startswith(item + "study/"):
-                i += 1
-            out.extend(f"{item}{path}\n" for path in inputs)
-    return "".join(out)
+    return rewrite_lists(dvc_text, lambda line: DOSE_MARKER if line.strip() == DOSE_MARKER else None, "study/",
+                         lambda _: inputs)
 
 
 def render(spec: dict) -> str:
