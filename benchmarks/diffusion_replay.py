@@ -25,8 +25,8 @@ from pathlib import Path
 
 import baselines
 import regime
-from dose_response import pool, run, stage
-from regime import add_chain_options, pretrained, step0_model, use_chain_options
+from dose_response import prepare, run, stage
+from regime import add_chain_options, use_chain_options
 from tqdm import tqdm
 
 from recall.study_report import mean_std
@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()
-        list(threads.map(lambda seed: pretrained(seed, work), args.seeds))
-        list(threads.map(lambda job: pool(*job, work), [(s, x) for s in args.seeds for x in (1.0, None)]))
-        list(threads.map(lambda seed: diffusion_pool(seed, work), args.seeds))
-        list(threads.map(lambda job: step0_model(job[1], job[0], work),
-                         [(s, p) for p in args.protocols for s in args.seeds]))
+        prepare(threads, args.seeds, args.protocols, work, (1.0, None), lambda seed: diffusion_pool(seed, work))
         todo = [(s, p, n) for p in regime.longest_first(args.protocols)
                 for s in args.seeds for n in (*ADDED, *REFERENCES)]
         results = list(tqdm(threads.map(lambda job: run(job[0], job[1], job[2], overrides(job[0], job[2], work),

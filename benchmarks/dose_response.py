@@ -96,6 +96,20 @@ def pool(seed: int, shift: float | None, work: Path) -> None:
         stage("recall.stages.pool", *(web(seed, work) if shift is None else toy_gan(seed, work, shift)))
 
 
+def prepare(threads, seeds: list[int], protocols: list[str], work: Path, levels, extra=None) -> list[tuple]:
+    """What a benchmark on these chains makes before its runs, `threads` at a time: each seed's pretraining, its pools
+    of `levels` (a render shift; None: the web pool), `extra(seed)` if given (a pool of the benchmark's own), then the
+    step-0 models (before the runs that start from them: two runs of one seed must not both make one). Returns the
+    (seed, protocol) pairs, protocol by protocol."""
+    list(threads.map(lambda seed: pretrained(seed, work), seeds))
+    list(threads.map(lambda job: pool(*job, work), [(s, x) for s in seeds for x in levels]))
+    if extra is not None:
+        list(threads.map(extra, seeds))
+    pairs = [(s, p) for p in protocols for s in seeds]
+    list(threads.map(lambda job: step0_model(job[1], job[0], work), pairs))
+    return pairs
+
+
 def run(seed: int, protocol: str, name: str, overrides: list[str], work: Path) -> dict:
     run_dir = work / f"s{seed}" / f"{name}_{protocol}_toy_budget"  # regime.py's name for its toy-budget runs
     if not (run_dir / "metrics.json").is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import baselines
 import regime
-from dose_response import METRICS, pool, run, scored
+from dose_response import METRICS, prepare, run, scored
 from regime import add_chain_options, paired, pretrained, recall_run, step0_model, use_chain_options
 from tqdm import tqdm
 
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()
-        list(threads.map(lambda seed: pretrained(seed, work), args.seeds))
-        list(threads.map(lambda seed: pool(seed, 1.0, work), args.seeds))
-        pairs = [(s, p) for p in args.protocols for s in args.seeds]
-        list(threads.map(lambda job: step0_model(job[1], job[0], work), pairs))
+        pairs = prepare(threads, args.seeds, args.protocols, work, (1.0,))
         list(threads.map(lambda job: head_step0(job[1], job[0], work), pairs))
         todo = [(s, p, h, n) for p in args.protocols for s in args.seeds for n in METHODS for h in HEADS]
         results = list(tqdm(threads.map(lambda job: head_run(*job, work), todo), total=len(todo),

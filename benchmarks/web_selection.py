@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import regime
-from dose_response import METRICS, pool, run, web
+from dose_response import METRICS, prepare, run, web
 from regime import add_chain_options, paired, pretrained, step0_model, use_chain_options
 from tqdm import tqdm
 
@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()
-        list(threads.map(lambda seed: pretrained(seed, work), args.seeds))
-        list(threads.map(lambda seed: pool(seed, None, work), args.seeds))  # each seed's web pool
-        pairs = [(s, p) for p in args.protocols for s in args.seeds]
-        list(threads.map(lambda job: step0_model(job[1], job[0], work), pairs))
+        pairs = prepare(threads, args.seeds, args.protocols, work, (None,))  # each seed's web pool
         picks = [(s, p, n) for s, p in pairs for n in SELECTIONS]
         chosen = list(threads.map(lambda job: select(*job, work), picks))
         todo = [(s, p, n) for p in regime.longest_first(args.protocols)
