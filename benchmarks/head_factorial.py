@@ -5,11 +5,13 @@ encoder's features, summed, as the authors' model_resnet.py), over seeds, paired
     python benchmarks/head_factorial.py [--seeds 0 1 2] [--protocols 15-1x5 10-1x10] [--jobs 2]
                                         [--out docs/head_factorial.json] [--work DIR] [--data DIR]
                                         [--pretrain-threads N]
+    python benchmarks/head_factorial.py --summarise docs/head_factorial.json   # the tables again, no runs
 
 Per seed, in benchmarks/dose_response.py's layout (a shared --work reuses its pretraining, toy-GAN pools, step-0
 models and its MiB and RECALL runs: the ASPP cells), a step 0 with the DeepLab-v2 head (`step0_<protocol>_deeplabv2`,
 the same pretrained encoder, schedule and seed) and MiB and RECALL from it. Each head's gain (DeepLab-v2 - ASPP, per
-seed) for each method, the interaction (RECALL's gain - MiB's gain, per seed), and RECALL - MiB within each head:
+seed) for each method, on its old/new/all and on the share of its step 0's old classes it keeps (`retained`:
+the head's effect on forgetting), the interaction (RECALL's gain - MiB's gain, per seed), and RECALL - MiB within each head:
 mean ± sample std and the study's verdict (every seed agrees in sign and |mean| > the sample std). The step-0 models' own mIoU is reported
 too: a head that learns step 0 worse changes everything after it. docs/results.md quotes it.
 """
@@ -17,6 +19,7 @@ too: a head that learns step 0 worse changes everything after it. docs/results.m
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -68,15 +71,17 @@ def summary(records: dict, step0: dict, seeds: list[int], protocols: list[str]) 
                            for head in HEADS}
         cells[protocol]["step0"] = {head: mean_std([step0[protocol][head][str(s)] for s in seeds]) for head in HEADS}
         # the share of its step 0's old-class mIoU a method keeps at the end (per seed: the same step 0)
-        cells[protocol]["retained"] = {head: {name: mean_std([o / step0[protocol][head][str(s)] for s, o in
-                                                              zip(seeds, per_seed(head, name, METRICS[0]))])
-                                              for name in METHODS} for head in HEADS}
+        kept = lambda head, name: [o / step0[protocol][head][str(s)]  # noqa: E731
+                                   for s, o in zip(seeds, per_seed(head, name, METRICS[0]))]
+        cells[protocol]["retained"] = {head: {name: mean_std(kept(head, name)) for name in METHODS} for head in HEADS}
         for head in HEADS:
             rows += [[protocol, HEADS[head], METHODS[name], *(cells[protocol][head][name][m]["text"] for m in METRICS),
                       cells[protocol]["step0"][head]["text"], cells[protocol]["retained"][head][name]["text"],
                       len(seeds)] for name in METHODS]
         gains[protocol] = {name: {m: paired("deeplabv2", "aspp", per_seed("deeplabv2", name, m),
                                             per_seed("aspp", name, m)) for m in METRICS} for name in METHODS}
+        for name in METHODS:  # the head's effect on forgetting: the kept share, paired per seed
+            gains[protocol][name]["retained"] = paired("deeplabv2", "aspp", kept("deeplabv2", name), kept("aspp", name))
         gain = lambda name, m: [d - a for d, a in zip(per_seed("deeplabv2", name, m), per_seed("aspp", name, m))]  # noqa: E731
         interactions[protocol] = {m: paired("recall", "mib", gain("recall_shift1.0", m), gain("mib", m))
                                   for m in METRICS}
@@ -100,7 +105,14 @@ def summary(records: dict, step0: dict, seeds: list[int], protocols: list[str]) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_chain_options(parser, PROTOCOLS)
+    parser.add_argument("--summarise", type=Path, metavar="JSON",
+                        help="no runs: derive the tables again from the records of an earlier report (written back)")
     args = parser.parse_args(argv)
+    if args.summarise:
+        report = json.loads(args.summarise.read_text())
+        report.update(summary(report["records"], report["step0"], report["seeds"], report["protocols"]))
+        regime.publish(report, [report["table"], report["calls"]], args.summarise)
+        return 0
     use_chain_options(parser, args)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as threads:
         work = (args.work or Path(tmp)).resolve()

@@ -261,6 +261,18 @@ def test_a_difference_is_called_only_when_every_seed_agrees_and_the_mean_exceeds
         [0.02, -0.01, -0.02])
 
 
+def test_every_study_run_names_its_head_so_the_default_head_never_changes_what_the_study_ran():
+    """The default head (conf/model/toy.yaml) is the demo's; the study's locked numbers were made with the toy ASPP
+    head, so every step-0 model, run and joint run of study/params.yaml sets model.head=aspp itself."""
+    tables = yaml.safe_load((ROOT / "study" / "params.yaml").read_text())
+    entries = [(table, name, entry) for table in ("step0", "runs", "joint") for name, entry in tables[table].items()]
+    assert len(entries) > 100
+    heads = {(table, name): [o for o in entry["overrides"].split() if o.startswith("model.head=")]
+             for table, name, entry in entries}
+    assert {key: head for key, head in heads.items() if head != ["model.head=aspp"]} == {}
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["head"] == "deeplabv2"
+
+
 def test_the_study_pipeline_runs_every_table_entry():
     stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
     tables = {"pretrain": "chains", "standin": "chains", "classmap": "classmaps", "pool": "pools", "step0": "step0",
