@@ -20,6 +20,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recall.model import HEADS
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = (8, 16, 24, 32)
 WHAT = {"step0": ["protocol=15-5", "method=ft", "last_step=0"], "joint": ["protocol=joint", "method=joint"]}
@@ -29,8 +31,8 @@ def train(what: str, epochs: int, encoder: Path, out: Path, head: str) -> dict:
     run_dir = out / f"{what}_e{epochs}"
     subprocess.run([sys.executable, "-m", "recall.stages.run", "--params", "params.yaml", *WHAT[what],
                     f"model.head={head}", f"train.epochs={epochs}", f"model.pretrained_file={encoder}",
-                    f"run_dir={run_dir}", "tracking.uri=", "train.threads=1"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+                    f"run_dir={run_dir}", "tracking.uri=", "train.threads=1"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     miou = json.loads((run_dir / "metrics.json").read_text())["final"]["miou"]
     return {"what": what, "epochs": epochs, "old_no_bg": miou["old_no_bg"], "all": miou["all"]}
 
@@ -38,7 +40,7 @@ def train(what: str, epochs: int, encoder: Path, out: Path, head: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", type=Path, required=True)
-    parser.add_argument("--head", choices=["aspp", "deeplabv2"], default="aspp")
+    parser.add_argument("--head", choices=HEADS, default="aspp")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

@@ -10,10 +10,11 @@ encoder's features, summed, as the authors' model_resnet.py), over seeds, paired
 Per seed, in benchmarks/dose_response.py's layout (a shared --work reuses its pretraining, toy-GAN pools, step-0
 models and its MiB and RECALL runs: the ASPP cells), a step 0 with the DeepLab-v2 head (`step0_<protocol>_deeplabv2`,
 the same pretrained encoder, schedule and seed) and MiB and RECALL from it. Each head's gain (DeepLab-v2 - ASPP, per
-seed) for each method, on its old/new/all and on the share of its step 0's old classes it keeps (`retained`:
-the head's effect on forgetting), the interaction (RECALL's gain - MiB's gain, per seed), and RECALL - MiB within each head:
-mean ± sample std and the study's verdict (every seed agrees in sign and |mean| > the sample std). The step-0 models' own mIoU is reported
-too: a head that learns step 0 worse changes everything after it. docs/results.md quotes it.
+seed) for each method, on its old/new/all and on the share of its step 0's old classes it keeps (`retained`: the
+head's effect on forgetting), the interaction (RECALL's gain - MiB's gain, per seed), and RECALL - MiB within each
+head: mean ± sample std and the study's verdict (every seed agrees in sign and |mean| > the sample std). The step-0
+models' own mIoU is reported too, as are RECALL's replay labels under each head (`labels`): a head that learns step
+0 worse changes everything after it. docs/results.md quotes it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PROTOCOLS = ("15-1x5", "10-1x10")
 HEADS = {"aspp": "ASPP (the toy head)", "deeplabv2": "DeepLab-v2 (the authors')"}
 METHODS = {"mib": "MiB", "recall_shift1.0": "RECALL, toy GAN"}
 HEAD = ["model.head=deeplabv2"]
+LABELS = ("iou_step0_classes", "empty_step0_classes", "iou_later_classes", "empty_later_classes")
 
 
 def head_step0(protocol: str, seed: int, work: Path) -> Path:
@@ -74,6 +76,10 @@ def summary(records: dict, step0: dict, seeds: list[int], protocols: list[str]) 
         kept = lambda head, name: [o / step0[protocol][head][str(s)]  # noqa: E731
                                    for s, o in zip(seeds, per_seed(head, name, METRICS[0]))]
         cells[protocol]["retained"] = {head: {name: mean_std(kept(head, name)) for name in METHODS} for head in HEADS}
+        # RECALL's replay labels under each head (the helpers are decoders of that head): their IoU against the toy
+        # GAN's true masks and the share of images labelled empty, for the step-0 classes and the later ones
+        cells[protocol]["labels"] = {head: {m: mean_std(per_seed(head, "recall_shift1.0", m)) for m in LABELS}
+                                     for head in HEADS}
         for head in HEADS:
             rows += [[protocol, HEADS[head], METHODS[name], *(cells[protocol][head][name][m]["text"] for m in METRICS),
                       cells[protocol]["step0"][head]["text"], cells[protocol]["retained"][head][name]["text"],
@@ -82,7 +88,8 @@ def summary(records: dict, step0: dict, seeds: list[int], protocols: list[str]) 
                                             per_seed("aspp", name, m)) for m in METRICS} for name in METHODS}
         for name in METHODS:  # the head's effect on forgetting: the kept share, paired per seed
             gains[protocol][name]["retained"] = paired("deeplabv2", "aspp", kept("deeplabv2", name), kept("aspp", name))
-        gain = lambda name, m: [d - a for d, a in zip(per_seed("deeplabv2", name, m), per_seed("aspp", name, m))]  # noqa: E731
+        gain = lambda name, m: [d - a for d, a in  # noqa: E731
+                                zip(per_seed("deeplabv2", name, m), per_seed("aspp", name, m))]
         interactions[protocol] = {m: paired("recall", "mib", gain("recall_shift1.0", m), gain("mib", m))
                                   for m in METRICS}
         within[protocol] = {head: {m: paired("recall_shift1.0", "mib", per_seed(head, "recall_shift1.0", m),
@@ -106,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_chain_options(parser, PROTOCOLS)
     parser.add_argument("--summarise", type=Path, metavar="JSON",
-                        help="no runs: derive the tables again from the records of an earlier report (written back)")
+                        help="no runs: derive the tables again from all the records of an earlier report (its seeds "
+                             "and protocols; written back)")
     args = parser.parse_args(argv)
     if args.summarise:
         report = json.loads(args.summarise.read_text())

@@ -60,7 +60,8 @@ def select(seed: int, protocol: str, name: str, work: Path) -> dict:
         metrics.unlink()
         shutil.rmtree(work / f"s{seed}" / f"{name}_{protocol}_toy_budget", ignore_errors=True)  # its run too
     if not metrics.is_file():
-        subprocess.run([sys.executable, "-m", "recall.stages.select", "--params", "params.yaml", *web(seed, work),
+        subprocess.run([sys.executable, "-m", "recall.stages.select", "--params", "params.yaml", regime.STUDY_HEAD,
+                        *web(seed, work),
                         f"step0={step0_model(protocol, seed, work)}", f"protocol={protocol}", f"seed={seed}",
                         f"model.pretrained_file={pretrained(seed, work) / 'encoder.pth'}", f"select.pool={target}",
                         f"select.metrics={metrics}", *SELECTIONS[name], f"dataset.root={regime.DATA}",

@@ -1,7 +1,10 @@
-"""Segmentation model: a timm encoder (features_only) + a DeepLab ASPP head + a classifier that grows per step.
+"""Segmentation model: a timm encoder (features_only) + a head + a classifier that grows per step.
 
-The classifier is a list of 1×1 convolutions, one per step (MiB's layout): step 0 predicts background and
-the base classes, every later step appends the logits of its new classes. Old weights are kept untouched.
+The head (`ModelConfig.head`) is DeepLab-v2's (the authors'; conf/model/toy.yaml's default): the classifier of each
+step is a set of dilated 3×3 convolutions on the encoder's features, summed, and the head itself is the identity; or
+DeepLab-v3's ASPP (the dataclass's default, the tests' small model and the study's runs) followed by one 1×1
+convolution per step. Either way the classifier is a list, one per step (MiB's layout): step 0 predicts background
+and the base classes, every later step appends the logits of its new classes. Old weights are kept untouched.
 
 timm (which imports torchvision, its model zoo and torch._dynamo) is imported where the encoder is built, not with
 this module: a process that imports it without building a model (`recall run --dry-run`) never pays it.
@@ -97,7 +100,7 @@ class ASPP(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Encoder + ASPP head + per-step classifiers. `forward` returns logits and the features the methods need: "out"
+    """Encoder + head (ASPP, or the identity for DeepLab-v2's) + per-step classifiers. `forward` returns logits and the features the methods need: "out"
     (logits at the input's size), "features" (the head's output), "encoder" (the encoder's last level), "stages" (its
     every level, stem first) and "logits" (at the head's resolution, before upsampling)."""
 

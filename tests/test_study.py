@@ -273,6 +273,20 @@ def test_every_study_run_names_its_head_so_the_default_head_never_changes_what_t
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["head"] == "deeplabv2"
 
 
+def test_every_benchmark_process_that_builds_the_model_names_its_head():
+    """A benchmark's `recall.stages.run` or `recall.stages.select` reading params.yaml builds the segmentation model,
+    so its command names the head (regime.STUDY_HEAD, or model.head=): a step-0 checkpoint of the study's ASPP head
+    does not load into the default DeepLab-v2 model, and a quoted number must not move with the default."""
+    unpinned = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        for match in re.finditer(r'"recall\.stages\.(run|select)"', text):
+            call = text[match.start():text.find(")", text.find("stderr=", match.start()))]
+            if "STUDY_HEAD" not in call and "model.head=" not in call:
+                unpinned.append(f"{path.name}:{text.count(chr(10), 0, match.start()) + 1}")
+    assert unpinned == []
+
+
 def test_the_study_pipeline_runs_every_table_entry():
     stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
     tables = {"pretrain": "chains", "standin": "chains", "classmap": "classmaps", "pool": "pools", "step0": "step0",
