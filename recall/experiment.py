@@ -283,6 +283,7 @@ class ProtocolRun:
             if meta[key] != mine[key]:
                 raise ValueError(f"step0={source}: its {key} is {meta[key]!r} but this run needs {mine[key]!r}; "
                                  "train a matching step-0 model (recall run last_step=0 ...) or drop step0=")
+        load_checkpoint(src / "model.pt", self.model_cfg)  # another model's weights: one line, before any copy
         dst = self.step_dir(0)
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("model.pt", "eval.json"):

@@ -100,9 +100,10 @@ class ASPP(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Encoder + head (ASPP, or the identity for DeepLab-v2's) + per-step classifiers. `forward` returns logits and the features the methods need: "out"
-    (logits at the input's size), "features" (the head's output), "encoder" (the encoder's last level), "stages" (its
-    every level, stem first) and "logits" (at the head's resolution, before upsampling)."""
+    """Encoder + head (ASPP, or the identity for DeepLab-v2's) + per-step classifiers. `forward` returns logits and
+    the features the methods need: "out" (logits at the input's size), "features" (the head's output), "encoder" (the
+    encoder's last level), "stages" (its every level, stem first) and "logits" (at the head's resolution, before
+    upsampling)."""
 
     def __init__(self, cfg: ModelConfig, classes_per_step: list[int]):
         super().__init__()
@@ -224,10 +225,29 @@ def save_checkpoint(model: SegmentationModel, path: Path, meta: dict) -> None:
     tmp.replace(path)
 
 
+def head_of(state_dict: dict) -> str | None:
+    """The head a state dict was saved from: DeepLab-v2's classifiers have branches, the ASPP head has its own."""
+    if any(k.startswith("head.") for k in state_dict):
+        return "aspp"
+    return "deeplabv2" if any(k.startswith("classifiers.0.branches.") for k in state_dict) else None
+
+
 def load_checkpoint(path: Path, cfg: ModelConfig) -> tuple[SegmentationModel, dict]:
-    """Rebuild the model a checkpoint was saved from (its meta holds the classes per step) and load it."""
+    """Rebuild the model a checkpoint was saved from (its meta holds the classes per step) and load it. Weights of
+    another model (another head, width or backbone) are a UserError naming the file and the options to pass."""
+    from recall.errors import UserError
+
     blob = torch.load(path, map_location="cpu", weights_only=True)
     meta = blob["meta"]
     model = SegmentationModel(cfg, meta["classes_per_step"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError:
+        saved = head_of(blob["state_dict"])
+        hint = f"it was saved with model.head={saved}: pass model.head={saved}" if saved and saved != cfg.head \
+            else "pass the model options it was trained with"
+        raise UserError(f"{path}: its weights do not fit this run's model (model.head={cfg.head}, "
+                        f"model.backbone={cfg.backbone}, model.head_channels={cfg.head_channels}, "
+                        f"model.aspp_rates={list(cfg.aspp_rates)}); {hint}, or train it again with this "
+                        "run's") from None
     return model, meta

@@ -68,7 +68,7 @@ def test_run_writes_the_output_contract_and_mlflow(tmp_path, tiny_world):
     assert parent.data.params["train.epochs"] == "1"
 
 
-def test_shared_step0_is_adopted_and_checked(tmp_path, tiny_world):
+def test_shared_step0_is_adopted_and_checked(tmp_path, tiny_world, capsys):
     base = tmp_path / "step0"
     assert _run(tmp_path, tiny_world, "protocol=15-5", "last_step=0", f"run_dir={base}") == 0
     assert not (base / "steps" / "1").exists()
@@ -81,6 +81,13 @@ def test_shared_step0_is_adopted_and_checked(tmp_path, tiny_world):
         cfg = compose([f"dataset.root={tiny_world}", "protocol=10-10", f"step0={base}",
                        f"run_dir={tmp_path}/bad", *FAST, "tracking.uri="])
         run_protocol(cfg)
+    # a step 0 of another head: one line naming the checkpoint and the head it was saved with, nothing adopted
+    other = tmp_path / "other_head"
+    assert _run(tmp_path, tiny_world, "protocol=15-1x5", f"step0={base}", f"run_dir={other}", "last_step=1",
+                "model.head=aspp") == 2
+    err = capsys.readouterr().err
+    assert f"{base}/steps/0/model.pt" in err and "pass model.head=deeplabv2" in err and "Traceback" not in err
+    assert not (other / "steps" / "0" / "model.pt").exists()
 
 
 def test_joint_method_trains_all_classes(tmp_path, tiny_world):

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
+from recall.errors import UserError
 from recall.model import (
     ModelConfig,
     SegmentationModel,
@@ -68,3 +70,21 @@ def test_channels_last_gives_the_same_outputs():
     with torch.no_grad():
         assert torch.allclose(plain(x)["out"], fast(x)["out"], atol=1e-5)
     assert fast.classifiers[1].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("saved, wanted", [("aspp", "deeplabv2"), ("deeplabv2", "aspp")])
+def test_a_checkpoint_of_another_head_is_one_line_naming_the_file_and_the_head_to_pass(tmp_path, saved, wanted):
+    path = tmp_path / "model.pt"
+    save_checkpoint(SegmentationModel(dataclasses.replace(CFG, head=saved), [3]), path, {"classes_per_step": [3]})
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(path, dataclasses.replace(CFG, head=wanted))
+    message = str(caught.value)
+    assert str(path) in message and f"pass model.head={saved}" in message and "\n" not in message
+    load_checkpoint(path, dataclasses.replace(CFG, head=saved))  # the head it was saved with loads
+
+
+def test_a_checkpoint_of_another_width_names_the_options_it_needs(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(SegmentationModel(CFG, [3]), path, {"classes_per_step": [3]})
+    with pytest.raises(UserError, match="model.head_channels=32.*pass the model options it was trained with"):
+        load_checkpoint(path, dataclasses.replace(CFG, head_channels=32))

@@ -158,7 +158,8 @@ def test_label_evaluation_writes_the_labelling_model_s_argmax_once_per_group_and
     written with what it certifies. A second call with the markers in place labels nothing again; a marker of
     another pool is not trusted."""
     pool = noise_pool(tmp_path / "pool", {1: 2, 2: 1, 3: 2, 4: 1})
-    run = recall_run(world, tmp_path, protocol="2-1-1", pool=pool.root)
+    # the ASPP head: its untrained models' argmax is not constant on these images (DeepLab-v2's random ones are)
+    run = recall_run(world, tmp_path, "model.head=aspp", protocol="2-1-1", pool=pool.root)
     torch.manual_seed(1)
     save_checkpoint(SegmentationModel(run.model_cfg, [1]), run.step_dir(1) / "helper.pt",
                     {"classes_per_step": [1], "helper_for": [3]})
@@ -376,13 +377,22 @@ def test_recall_labels_each_group_with_the_model_that_learnt_it(world, tmp_path)
 
 @pytest.mark.parametrize("init", ["random", "step0"])
 def test_a_helper_starts_from_the_step0_encoder_and_its_configured_head(world, tmp_path, init):
-    run = recall_run(world, tmp_path, f"method.helper_init={init}", protocol="2-1-1")
+    run = recall_run(world, tmp_path, "model.head=aspp", f"method.helper_init={init}", protocol="2-1-1")
     step0, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
     helper = run.method.helper_model(run, 1)
     same = lambda a, b: all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())  # noqa: E731
     assert same(helper.encoder, step0.encoder)
     assert same(helper.head, step0.head) == (init == "step0")
     assert helper(torch.zeros(1, 3, SIDE, SIDE))["out"].shape[1] == 2  # background + step 1's one class
+
+
+def test_helpers_from_the_step0_head_are_refused_before_training_with_a_head_that_has_none(world, tmp_path):
+    """DeepLab-v2's head is its per-step classifiers: there is no step-0 head for a helper to start from."""
+    run = recall_run(world, tmp_path, "model.head=deeplabv2", "method.helper_init=step0")
+    with pytest.raises(UserError, match="helper_init=step0 .* model.head=deeplabv2 .* method.helper_init=random"):
+        run.method.inputs(run, check=True)
+    aspp = recall_run(world, tmp_path / "aspp", "model.head=aspp", "method.helper_init=step0")
+    assert "replay_pool" in aspp.method.inputs(aspp, check=True)  # the same run with the ASPP head passes its checks
 
 
 def test_a_helper_trains_at_its_own_rate_and_budget(world, tmp_path):
@@ -410,8 +420,9 @@ def test_after_step_trains_and_saves_the_helper_on_the_step_s_images_in_its_labe
     assert meta["classes_per_step"] == [1] and meta["helper_for"] == [3]
     step0, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
     assert all(torch.equal(v, step0.encoder.state_dict()[k]) for k, v in helper.encoder.state_dict().items())
-    untrained = run.method.helper_model(run, 1)
-    assert not all(torch.equal(v, untrained.head.state_dict()[k]) for k, v in helper.head.state_dict().items())
+    untrained = run.method.helper_model(run, 1).state_dict()
+    decoder = {k: v for k, v in helper.state_dict().items() if not k.startswith("encoder.")}  # head + classifier
+    assert decoder and not all(torch.equal(v, untrained[k]) for k, v in decoder.items())
 
 
 @pytest.mark.parametrize("setting", ["overlapped", "disjoint"])

@@ -63,6 +63,13 @@ class Recall(ReplayMethod):
             return run.step_dir(0) / "model.pt", [0, *run.task[0]]
         return run.step_dir(k) / "helper.pt", [0, *run.task[k]]
 
+    def inputs(self, run: RunServices, check: bool = False) -> dict[str, Path]:
+        if check and self.helper_init == "step0" and run.model_cfg.head != "aspp":
+            raise UserError(f"method.helper_init=step0 starts a helper from the step-0 head, but model.head="
+                            f"{run.model_cfg.head} has no layers before its per-step classifiers: use "
+                            "method.helper_init=random (the authors') or model.head=aspp")
+        return super().inputs(run, check)
+
     def needs_helper(self, run: RunServices, step: int) -> bool:
         """A helper labels step `step`'s classes for the steps after it: every incremental step but the last (and
         none when nothing is replayed)."""
