@@ -70,11 +70,15 @@ def execute(main, args: argparse.Namespace) -> int:
     DVC stage's command dies with the process that started it (recall.processes)."""
     from recall.processes import die_with_parent, in_stage
 
+    from recall import interrupts
+
     if in_stage():
         die_with_parent()
+    previous = interrupts.install()  # a Ctrl-C that library code swallows is raised again by the training loop
     try:
         return main(args)
     except KeyboardInterrupt:
+        interrupts.handled()
         print(f"{PROG}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
         return INTERRUPTED
     except Exception as error:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
@@ -85,6 +89,8 @@ def execute(main, args: argparse.Namespace) -> int:
 
         print(f"{PROG}: error: {strip_password(message)}", file=sys.stderr)  # a URL's password never shown
         return 2
+    finally:
+        interrupts.uninstall(previous)
 
 
 def command_parser(module, prog: str, description: str | None = None) -> argparse.ArgumentParser:

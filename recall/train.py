@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from recall import distributed
+from recall import distributed, interrupts
 from recall.errors import Diverged
 from recall.labeling import ignore_padding
 from recall.methods import Method, StepContext
@@ -160,6 +160,7 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
     batches = loader if n == len(loader) else itertools.islice(loader, n)
     bar = tqdm(batches, total=n, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for batch, (images, targets) in enumerate(bar, 1):
+        interrupts.check()  # a Ctrl-C that library code swallowed (recall/interrupts.py)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         extra = next(replay) if replay is not None else None  # (the first one labels the pool: not under autocast)
         if extra is not None:
