@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -68,6 +67,7 @@ from recall.model import (
 from recall.ownership import RUN_PLACE, Marker, claim, read_marker, write_marker
 from recall.provenance import code_id, content_id, dvc_hash
 from recall.run_figures import write_figures
+from recall.step_plan import drops_last, executed_facts, images_id, plan_steps, step0_mismatch, step_work
 from recall.timing import phase
 from recall.train import TrainConfig, evaluate, finite_weights, train_step
 
@@ -106,35 +106,6 @@ def mark_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         write_marker(steps, run_marker(cfg))
 
 
-def drops_last(images: int, batch: int) -> bool:
-    """Whether a step's loader drops its last partial batch: when there is more than one batch."""
-    return images > batch
-
-
-def batches_per_epoch(images: int, batch: int) -> int:
-    """len() of a step's training loader over `images` images in batches of `batch`."""
-    return images // batch if drops_last(images, batch) else math.ceil(images / batch)
-
-
-def executed_facts(path: Path) -> dict | None:
-    """A step's steps/<t>/plan.json (what it executed), or None when absent (a run from before it was recorded) or
-    unreadable."""
-    try:
-        facts = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return facts if isinstance(facts, dict) else None
-
-
-def step_work(run: ProtocolRun, step: int) -> str:
-    """What `run_steps` does with `step`, told by the files of the run directory: "done" (trained and evaluated),
-    "evaluate" (trained), "adopt step0" (copied from the shared step-0 run, `step0=`) or "train"."""
-    d = run.step_dir(step)
-    if (d / "model.pt").exists():
-        return "done" if (d / "eval.json").exists() else "evaluate"
-    return "adopt step0" if step == 0 and run.cfg.step0 else "train"
-
-
 class ProtocolRun:
     """Everything one run needs, built once from the configuration (every config error surfaces here)."""
 
@@ -171,15 +142,6 @@ class ProtocolRun:
         cache = self.run_dir / f"image_classes_{split}.json"
         return image_classes(self.root, ids, num_classes=self.num_classes, mask_dir=self.cfg.dataset.mask_dir,
                              image_dir=self.cfg.dataset.image_dir, cache=cache, progress=False)
-
-    def fit(self, model: torch.nn.Module, method: Method, loader: DataLoader, ctx: StepContext,
-            train_cfg: TrainConfig, what: str = "extra training") -> list[float]:
-        """Train `model` with the run's loop (a method's extra model, e.g. RECALL's helper decoders); the step
-        records it as its `extra_training` (`what`, batch, iterations, lr)."""
-        done: dict = {}
-        losses = train_step(model, method, loader, ctx, train_cfg, record=done)
-        self.record("extra_training", {"what": what, "batch": loader.batch_size * distributed.world_size(), **done})
-        return losses
 
     def record(self, key: str, value) -> None:
         """A fact of the step being trained, recorded in its steps/<t>/plan.json (e.g. the classes a replay stream
@@ -251,8 +213,18 @@ class ProtocolRun:
                           **self.loader_options())
 
     # ------------------------------------------------------------------ steps
+    def plan(self) -> list[dict]:
+        """The plan of every step (recall.step_plan.plan_steps), from the classes of the dataset's images: what
+        `run_steps` executes and `recall run --dry-run` prints."""
+        d = self.cfg.dataset
+        return plan_steps(self, self.classes_of(d.train_split), self.classes_of(d.val_split))
+
     def step_dir(self, step: int) -> Path:
         return self.run_dir / "steps" / str(step)
+
+    def trained_model(self, step: int) -> SegmentationModel:
+        """The model `step` trained: its saved checkpoint."""
+        return load_checkpoint(self.step_dir(step) / "model.pt", self.model_cfg)[0]
 
     def meta(self, step: int) -> dict:
         return {"task": self.task[: step + 1], "classes_per_step": [len(c) for c in self.task[: step + 1]],
@@ -275,14 +247,14 @@ class ProtocolRun:
         return model, prev
 
     def adopt_step0(self, source: Path) -> None:
-        """Start from a shared step-0 run (DVC's `step0` stage) after checking it fits this protocol."""
+        """Start from a shared step-0 run (DVC's `step0` stage) after checking it fits this protocol: its task,
+        setting, backbone and seed, and the images its step 0 trained on (`recall.step_plan.step0_mismatch`)."""
         src = source / "steps" / "0"
         meta = torch.load(src / "model.pt", map_location="cpu", weights_only=True)["meta"]
-        mine = self.meta(0)
-        for key in ("task", "setting", "backbone", "seed"):
-            if meta[key] != mine[key]:
-                raise ValueError(f"step0={source}: its {key} is {meta[key]!r} but this run needs {mine[key]!r}; "
-                                 "train a matching step-0 model (recall run last_step=0 ...) or drop step0=")
+        wrong = step0_mismatch(self, meta, self.classes_of(self.cfg.dataset.train_split))
+        if wrong:
+            raise ValueError(f"step0={source} does not fit this run ({'; '.join(wrong)}); train a matching step-0 "
+                             "model (recall run last_step=0 ... with this run's method and setting) or drop step0=")
         load_checkpoint(src / "model.pt", self.model_cfg)  # another model's weights: one line, before any copy
         dst = self.step_dir(0)
         dst.mkdir(parents=True, exist_ok=True)
@@ -294,7 +266,9 @@ class ProtocolRun:
         os.replace(dst / "eval.json.tmp", dst / "eval.json")
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
-    def train(self, step: int) -> None:
+    def train(self, step: int, plan: dict) -> None:
+        """Train `step` as `plan` (recall.step_plan) says: its batch split, then the method's extra model; record
+        what it executed (steps/<t>/plan.json), then save its checkpoint, which marks it done."""
         # one process: seed*1000+step. Under torchrun, rank r adds r*7919 to the seed of its augmentations and
         # replay draws (DDP copies rank 0's initial weights to all; the shard shuffle has its own shared seed).
         seed = int(self.cfg.seed) * 1000 + step + distributed.rank() * 7919
@@ -303,7 +277,6 @@ class ProtocolRun:
         ctx = self.context(step, prev)
         generator = torch.Generator().manual_seed(seed)
         stream = self.method.stream(self)  # what the loop blends into every batch (e.g. RECALL's replay)
-        n_current, _ = stream.split(step, self.train_cfg.batch_size)
         executed = self.executed = {"step": step, "classes": [self.class_names[c] for c in self.task[step]],
                                     "state": "train"}
         with phase("method"):
@@ -311,14 +284,15 @@ class ProtocolRun:
             extra = stream.batches(step, generator)  # lazy: read at the first batch
         extra_sizes: set[int] = set()
         with phase("train"):
-            loader = self.train_loader(step, generator, batch_size=n_current)
+            loader = self.train_loader(step, generator, batch_size=plan["batch"][0])
             losses = train_step(model, self.method, loader, ctx, self.train_cfg, measured(extra, extra_sizes),
                                 record=executed)
         n_extra = extra_sizes.pop() if len(extra_sizes) == 1 else sorted(extra_sizes) or 0
         executed.update(images=len(loader.dataset), batch=[loader.batch_size * distributed.world_size(),
                                                            n_extra * distributed.world_size()])
         with phase("method"):
-            self.method.after_step(self, step, generator)  # e.g. RECALL's helper decoder
+            self.train_extra_model(step, generator)  # e.g. RECALL's helper decoder
+            stream.remember(step)  # e.g. the memory of stored exemplars
         self.executed = None
         if not finite_weights(model):  # e.g. the last update overflowed: never saved as a finished step
             raise Diverged(f"step {step}: the trained weights are not finite (training diverged); nothing of step "
@@ -326,8 +300,25 @@ class ProtocolRun:
                            "same command again")
         if distributed.is_main():
             write_json(self.step_dir(step) / "plan.json", executed)  # before the checkpoint that marks the step done
-            save_checkpoint(model, self.step_dir(step) / "model.pt", {**self.meta(step), "losses": losses})
+            meta = {**self.meta(step), "images_id": images_id(loader.dataset.ids), "losses": losses}
+            save_checkpoint(model, self.step_dir(step) / "model.pt", meta)
         distributed.barrier()  # the others load this checkpoint next
+
+    def train_extra_model(self, step: int, generator: torch.Generator) -> None:
+        """The method's extra model of `step` (`Method.extra_model`), if any: trained with the run's loop on the
+        step's images in its label space, drawing from the step's generator, recorded as the step's
+        `extra_training` and saved in the step's directory."""
+        extra = self.method.extra_model(self, step)
+        if extra is None:
+            return
+        model = extra.build()
+        loader = self.train_loader(step, generator, batch_size=extra.train_cfg.batch_size, label_map=extra.label_map)
+        done: dict = {}
+        train_step(model, extra.method, loader, extra.ctx, extra.train_cfg, record=done)
+        self.record("extra_training", {"what": extra.what, "batch": loader.batch_size * distributed.world_size(),
+                                       **done})
+        if distributed.is_main():
+            save_checkpoint(model, self.step_dir(step) / extra.file, extra.meta)
 
     def evaluate(self, step: int, history: list[np.ndarray]) -> dict:
         """Score the *saved* checkpoint of `step` (never the in-memory model) and build its result record."""
@@ -554,16 +545,17 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train (or resume) and evaluate every step; returns the per-step result records."""
+    """Execute the run's plan (recall.step_plan.plan_steps): train (or resume) and evaluate every step; returns the
+    per-step result records."""
     results: list[dict] = []
-    for step in range(run.last_step + 1):
-        work = step_work(run, step)
-        if work == "adopt step0":
+    for plan in run.plan():
+        step = plan["step"]
+        if plan["state"] == "adopt step0":
             with distributed.main_first():
                 if step_work(run, step) == "adopt step0":  # the other processes find it adopted
                     run.adopt_step0(Path(run.cfg.step0))
-        elif work == "train":
-            run.train(step)  # its phases: "train", "method" (e.g. replay labels, helper decoders)
+        elif plan["state"] == "train":
+            run.train(step, plan)  # its phases: "train", "method" (e.g. replay labels, helper decoders)
         eval_file = run.step_dir(step) / "eval.json"
         if eval_file.exists():
             result = json.loads(eval_file.read_text())

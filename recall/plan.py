@@ -6,12 +6,10 @@ rate, whether a finished checkpoint is reused), what the method reads (e.g. its 
 reuse, and an estimate of the compute from the throughput assumed in the config's `plan` section, so a researcher
 can check a run against a paper before paying for it.
 
-A step's facts come from the functions the run decides with (`recall.experiment.step_work`, `ProtocolRun.train_ids`
-and `eval_ids`, `batches_per_epoch`, `recall.train.step_iterations` and `step_lr`, the split of the method's stream),
-the stream's `facts` and the method's `plan_step`. A run records what each step it trains executed, in the same fields
-(steps/<t>/plan.json, taken from its loaders, optimizer and loop), and tests/test_plan_matches_run.py checks the two
-agree for every method.
-A step 0 adopted from `step0=` shows what the shared run executed.
+The steps are the run's own plan (`recall.step_plan.plan_steps`, the list `recall.experiment.run_steps` executes).
+A run records what each step it trains executed, in the same fields (steps/<t>/plan.json, taken from its loaders,
+optimizer and loop), and tests/test_plan_matches_run.py checks the two agree for every method. A step 0 adopted
+from `step0=`, and a step already trained, show what their run executed.
 """
 
 from __future__ import annotations
@@ -28,15 +26,8 @@ from recall.config import section
 from recall.data.datasets import known
 from recall.data.protocol import get_convention
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
-from recall.experiment import (
-    ProtocolRun,
-    batches_per_epoch,
-    check_run_dir,
-    config_differences,
-    executed_facts,
-    step_work,
-)
-from recall.train import step_iterations, step_lr
+from recall.experiment import ProtocolRun, check_run_dir, config_differences
+from recall.step_plan import WORK, plan_steps, step0_mismatch
 
 
 @dataclass
@@ -48,8 +39,6 @@ class PlanConfig:
     eval_images_per_second: float = 600.0  # forward only: evaluation and label evaluation of replay images
 
 
-# What `run_steps` does with a step, told by the files of the run directory: (trains it, evaluates it).
-WORK = {"train": (True, True), "evaluate": (False, True), "done": (False, False), "adopt step0": (False, False)}
 STATE_TEXT = {"train": "train", "evaluate": "eval only", "done": "done", "adopt step0": "from step0="}
 UNKNOWN_TEXT = {"iterations": "training (images unknown)", "extra_training": "the method's extra training (images unknown)",
                 "eval_images": "evaluation (validation images unknown)"}
@@ -98,44 +87,16 @@ def image_index(run: ProtocolRun, split: str) -> dict[str, frozenset[int]]:
                          write_cache=False, progress=True)
 
 
-def iterations(run: ProtocolRun, step: int, images: int | None, batch: int, train_cfg=None) -> int | None:
-    """Iterations of `step` (train.step_iterations) under the run's training settings (or `train_cfg`): None when
-    they depend on an unknown number of images."""
-    train_cfg = run.train_cfg if train_cfg is None else train_cfg
-    if train_cfg.iters_per_class is None and images is None:
-        return None
-    batches = 0 if images is None else batches_per_epoch(images, batch)
-    return step_iterations(train_cfg, run.context(step, None), batches)
-
-
-def step_state(run: ProtocolRun, step: int, restarts: bool = False) -> str:
-    """What `run_steps` would do with `step` (experiment.step_work, a key of WORK); `restarts`: the run directory is
-    moved aside first (nothing in it counts)."""
-    if restarts:
-        return "adopt step0" if step == 0 and run.cfg.step0 else "train"
-    return step_work(run, step)
-
-
-def step0_status(run: ProtocolRun) -> dict | None:
+def step0_status(run: ProtocolRun, train_classes: dict | None) -> dict | None:
     """The shared step-0 run a run would start from (`step0=`), checked as ProtocolRun.adopt_step0 checks it."""
     if not run.cfg.step0:
         return None
     ckpt = Path(run.cfg.step0) / "steps" / "0" / "model.pt"
     status = {"dir": str(run.cfg.step0), "exists": ckpt.is_file(), "mismatch": []}
     if status["exists"]:
-        meta, mine = torch.load(ckpt, map_location="cpu", weights_only=True)["meta"], run.meta(0)
-        status["mismatch"] = [f"{k}: {meta.get(k)!r} (needs {mine[k]!r})" for k in ("task", "setting", "backbone", "seed")
-                              if meta.get(k) != mine[k]]
+        meta = torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]
+        status["mismatch"] = step0_mismatch(run, meta, train_classes)
     return status
-
-
-def adopted(run: ProtocolRun, record: dict) -> dict:
-    """A step-0 the run adopts (`step0=`) is what the shared run executed (its steps/0/plan.json, which the run
-    copies), not what this run's method would have trained (e.g. joint's images in the disjoint setting)."""
-    executed = executed_facts(Path(str(run.cfg.step0)) / "steps" / "0" / "plan.json")
-    if record["state"] != "adopt step0" or executed is None:
-        return record
-    return {**executed, "state": "adopt step0"}
 
 
 def run_dir_status(run: ProtocolRun, cfg: DictConfig, last: int) -> dict:
@@ -173,7 +134,6 @@ def build_plan(cfg: DictConfig) -> dict:
     """The whole plan as plain data (what `--json` prints)."""
     run = ProtocolRun(cfg)
     check_run_dir(run.run_dir, cfg)  # a run_dir the run would refuse (not a run's, /, a file...) is refused here
-    names = run.class_names
     assume = section(cfg.plan, PlanConfig)
     t = run.train_cfg
     last = run.last_step
@@ -184,21 +144,8 @@ def build_plan(cfg: DictConfig) -> dict:
     val_classes = (image_index(run, cfg.dataset.val_split)
                    if data["prepared"] and convention.eval_images != "all" else None)
     run_dir = run_dir_status(run, cfg, last)
-    steps = []
     stream = run.method.stream(run)
-    for step in range(last + 1):
-        n_current, n_extra = stream.split(step, t.batch_size)
-        images = None if train_classes is None else len(run.train_ids(train_classes, step))
-        record = {"step": step, "classes": [names[c] for c in run.task[step]],
-                  "state": step_state(run, step, run_dir["restarts"]), "images": images, "batch": [n_current, n_extra],
-                  "iterations": iterations(run, step, images, n_current),
-                  "lr": step_lr(t, step),
-                  "eval_images": (len(run.eval_ids(val_classes, step))
-                                  if val_classes is not None else val_count)}
-        record.update(stream.facts(step))
-        record.update(run.method.plan_step(run, step, images,
-                                           lambda n, batch, cfg=None, s=step: iterations(run, s, n, batch, cfg)))
-        steps.append(adopted(run, record))
+    steps = plan_steps(run, train_classes, val_classes, val_count, restarts=run_dir["restarts"])
     to_train = [s["step"] for s in steps if s["state"] == "train" and s["step"] >= 1]
     inputs = stream.plan_inputs(last, to_train)
     plan = {
@@ -217,7 +164,7 @@ def build_plan(cfg: DictConfig) -> dict:
                   "eval_batch_size": t.eval_batch_size},
         "steps": steps,
         "method_inputs": inputs,
-        "checkpoints": {"step0": step0_status(run), "run_dir": run_dir},
+        "checkpoints": {"step0": step0_status(run, train_classes), "run_dir": run_dir},
     }
     plan["estimate"] = estimate(plan, (inputs or {}).get("eval_images", 0), assume)
     return plan

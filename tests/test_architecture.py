@@ -189,8 +189,8 @@ def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_module_of_the_package_imports_itself_back():
-    """No import circle in recall/, lazy imports (inside functions) included: a method gets the training loop
-    from the run (`RunServices.fit`), the pool's hashing lives in the leakage guard, ReplayError in errors.py."""
+    """No import circle in recall/, lazy imports (inside functions) included: a method asks the run to train its
+    extra model (`Method.extra_model`: data, not a call into the loop), the pool's hashing lives in the leakage guard, ReplayError in errors.py."""
     graph = import_graph()
     assert len(graph) > 60 and "recall.replay.leakage" in graph["recall.replay.pool"]
     assert import_circles(graph) == []
@@ -266,7 +266,7 @@ def test_a_real_dataset_is_its_module_its_registry_line_and_its_config():
 
 
 # ---------------------------------------------------------------------------------------------- the core's shape
-RUNNER = ("experiment.py", "train.py", "plan.py", "tune.py", "run_figures.py")  # what calls a method's hooks
+RUNNER = ("experiment.py", "step_plan.py", "train.py", "plan.py", "tune.py", "run_figures.py")  # what calls a method's hooks
 METHOD_ATTRIBUTES = ("name", "data", "needs_previous_model", "classifier_init")  # what the runner reads, not calls
 
 
@@ -278,7 +278,7 @@ def _is_method(node: ast.AST) -> bool:
 
 def test_the_runner_calls_at_most_ten_hooks_of_a_method():
     """The interface between the core and a method is `recall.methods.base.HOOKS`: describe, inputs, stream, prepare,
-    before_step, after_step, plan_step, rewrite_targets, loss. The runner, the loop, the dry-run, the tuner and the
+    before_step, extra_model, rewrite_targets, loss. The runner, the loop, the dry-run, the tuner and the
     figures call nothing else of a method (its stream's interface is `Stream`'s), and `Method` has no other public
     method than these and `options` (what `describe` reports)."""
     from recall.methods.base import HOOKS, Method
@@ -305,7 +305,7 @@ def test_the_runner_calls_at_most_ten_hooks_of_a_method():
                 on_stream.add(node.attr)
     assert called == set(HOOKS), called
     assert read <= set(METHOD_ATTRIBUTES), read
-    assert on_stream == {"split", "batches", "statistics", "figures", "facts", "plan_inputs"}, on_stream
+    assert on_stream == {"split", "batches", "statistics", "figures", "remember", "facts", "plan_inputs"}, on_stream
     assert all(callable(getattr(Stream, name)) for name in on_stream)
 
 
@@ -319,7 +319,7 @@ def test_a_replay_method_holds_its_policy_and_its_stream_the_data_flow():
     assert {m: t for m, t in replay.items() if t} == {}
     assert graph["recall.methods.replay"] == {"recall.errors", "recall.methods.base", "recall.replay.stream"}
     assert "recall.replay.stream" in graph["recall.methods.base"]  # a method returns its stream
-    source = (PACKAGE_DIR / "methods" / "replay.py").read_text()
+    source = (PACKAGE_DIR / "methods" / "replay.py").read_text() + (PACKAGE_DIR / "methods" / "recall.py").read_text()
     for io in ("open(", "read_text", "write_text", "write_json", "write_bytes", "DataLoader", "load_checkpoint", "sha256",
                "content_id", "mkdir", "torch.save"):
         assert io not in source, io

@@ -110,13 +110,32 @@ def test_step0_run_matches_its_plan(shared, setting, capsys, monkeypatch):
 def test_run_matches_its_plan(shared, method, setting, capsys):
     shared.step0(setting, capsys)
     run_dir = shared.tmp / f"{method}_{setting}"
+    adopts = not (method == "joint" and setting != "overlapped")  # joint selects other step-0 images there
     args = [*shared.base(setting, run_dir), f"method={method.split('+')[0]}", *METHODS[method],
             *([f"replay.pool={shared.pool}"] if "replay=toy_gan" in METHODS[method] else []),
-            f"step0={shared.tmp / f'step0_{setting}'}", *(["last_step=1"] if method in LOSSES_ONLY else [])]
+            *([f"step0={shared.tmp / f'step0_{setting}'}"] if adopts else []),
+            *(["last_step=1"] if method in LOSSES_ONLY else [])]
     planned, executed = planned_and_executed(args, run_dir, capsys)
-    assert planned[0]["state"] == executed[0]["state"] == "adopt step0"
+    assert planned[0]["state"] == executed[0]["state"] == ("adopt step0" if adopts else "train")
     assert_same(planned, executed)
     if METHODS[method]:  # a replay: the comparison covers the replay stream (and RECALL's helper decoder)
         assert executed[1]["batch"][1] > 0 and executed[1]["extra_data"].endswith(" old")
         assert ("extra_training" in executed[1]) == (METHODS[method][0] == "replay=toy_gan"
                                                      and method.split("+")[0] == "recall")  # its helper decoders
+
+
+def test_joint_refuses_a_step_0_trained_on_other_images(shared, capsys):
+    """In the disjoint setting joint's step 0 sees every image of its classes, the shared step 0 only the images
+    without a future class: the dry-run says the shared model does not fit, and the run refuses it (exit 2, one
+    line naming both image sets) before copying anything."""
+    shared.step0("disjoint", capsys)
+    run_dir = shared.tmp / "joint_refused"
+    args = [*shared.base("disjoint", run_dir), "method=joint", f"step0={shared.tmp / 'step0_disjoint'}"]
+    capsys.readouterr()
+    assert main(["run", "--dry-run", "--json", *args]) == 0
+    mismatch = json.loads(capsys.readouterr().out)["checkpoints"]["step0"]["mismatch"]
+    assert len(mismatch) == 1 and mismatch[0].startswith("training images: ")
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this run (training images: " in err[0], err
+    assert not (run_dir / "steps" / "0").exists()

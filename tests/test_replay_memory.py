@@ -227,7 +227,7 @@ def test_a_replay_method_gives_its_pool_and_helpers_to_the_memory(hand, tmp_path
                        "replay.memory_size=2")
     run.method.inputs(run, check=True)  # no pool asked for
     assert run.method.inputs(run) == {} and run.method.describe(run)["tags"] == {"replay.stored_data": "true"}
-    assert "extra_training" not in run.method.plan_step(run, 1, 10, lambda *a, **k: 1)  # no helper decoder
+    assert run.method.extra_model(run, 1) is None  # no helper decoder
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -277,8 +277,8 @@ def test_mib_with_memory_blends_memory_batches_into_training(tmp_path, tiny_worl
     real = run.method.method.loss
     run.method.method.loss = lambda outputs, targets, images, ctx: (sizes.append((ctx.step, len(images))),
                                                                      real(outputs, targets, images, ctx))[1]
-    run.train(0)
-    run.train(1)
+    run.train(0, run.plan()[0])
+    run.train(1, run.plan()[1])
     current = len(run.train_loader(1, torch.Generator(), batch_size=4).dataset)
     assert {n for step, n in sizes if step == 1} == {min(current, 4) + 4}
     assert read_memory(memory_dir(run, 0), 0) is not None

@@ -406,15 +406,17 @@ def test_a_helper_trains_at_its_own_rate_and_budget(world, tmp_path):
     assert run.method.helper_train_config(run.train_cfg).iters_per_class is None
 
 
-def test_after_step_trains_and_saves_the_helper_on_the_step_s_images_in_its_label_space(world, tmp_path):
-    """after_step(1) of 2-1-1: the helper trains on step 1's loader with class 3 as its output 1 and every other
-    class void, keeps the step-0 encoder (frozen), and is saved with what it labels; no helper at steps 0 and 2."""
+def test_the_run_trains_and_saves_the_helper_on_the_step_s_images_in_its_label_space(world, tmp_path):
+    """RECALL's extra model of step 1 of 2-1-1: the run trains it on step 1's loader with class 3 as its output 1
+    and every other class void, it keeps the step-0 encoder (frozen), and it is saved with what it labels; no
+    helper at steps 0 and 2."""
     run = recall_run(world, tmp_path, protocol="2-1-1")
     loaders = spy(run, "train_loader")
     for step in (0, 2):
-        run.method.after_step(run, step, torch.Generator().manual_seed(0))
+        assert run.method.extra_model(run, step) is None
+        run.train_extra_model(step, torch.Generator().manual_seed(0))
     assert loaders == [] and not list(run.run_dir.rglob("helper.pt"))
-    run.method.after_step(run, 1, torch.Generator().manual_seed(0))
+    run.train_extra_model(1, torch.Generator().manual_seed(0))
     assert [args[0] for args in loaders] == [1]
     helper, meta = load_checkpoint(run.step_dir(1) / "helper.pt", run.model_cfg)
     assert meta["classes_per_step"] == [1] and meta["helper_for"] == [3]
@@ -426,51 +428,57 @@ def test_after_step_trains_and_saves_the_helper_on_the_step_s_images_in_its_labe
 
 
 @pytest.mark.parametrize("setting", ["overlapped", "disjoint"])
-def test_after_step_hands_the_helper_its_label_map_generator_and_step(world, tmp_path, monkeypatch, setting):
+def test_the_helper_gets_its_label_map_the_step_s_generator_and_a_step_of_its_own(world, tmp_path, monkeypatch,
+                                                                                  setting):
     """Step 1 of 1-2-1 learns classes 2 and 3: the helper's loader maps them to outputs 1 and 2 (background 0, the
-    rest void), draws from the run's generator, and the helper trains as a fresh step of its own classes, in the
-    run's setting."""
+    rest void), draws from the step's generator, and the helper trains through the run's loop as a fresh step of
+    its own classes, in the run's setting, with the helper's learning rate."""
+    import recall.experiment as experiment
+
     run = recall_run(world, tmp_path, f"setting={setting}", protocol="1-2-1")
-    maps, contexts = [], []
-    real_loader = run.train_loader
+    maps, trained = [], []
+    real_loader, real_train = run.train_loader, experiment.train_step
 
     def recorded(step, generator, batch_size=None, label_map=None):
         maps.append((step, generator, label_map))
         return real_loader(step, generator, batch_size=batch_size, label_map=label_map)
 
-    real_fit = run.fit
-    run.fit = lambda *args, **kw: contexts.append(args[3]) or real_fit(*args, **kw)  # the helper trains through the run's loop
+    def train_step(model, method, loader, ctx, cfg, *args, **kw):
+        trained.append((ctx, cfg))
+        return real_train(model, method, loader, ctx, cfg, *args, **kw)
+
+    monkeypatch.setattr(experiment, "train_step", train_step)
     run.train_loader = recorded
     generator = torch.Generator().manual_seed(0)
-    run.method.after_step(run, 1, generator)
+    run.train_extra_model(1, generator)
     (step, drawn_from, label_map), = maps
     expected = torch.full((256,), 255, dtype=torch.long)
     expected[0], expected[2], expected[3] = 0, 1, 2
     assert step == 1 and drawn_from is generator
     assert label_map.dtype == torch.long and torch.equal(label_map, expected)
-    ctx, = contexts
+    (ctx, cfg), = trained
     assert (ctx.step, ctx.task, ctx.new_classes, ctx.old_classes, ctx.setting, ctx.prev_model) == (
         1, [[1], [2, 3], [4]], [2, 3], [], setting, None)
+    assert cfg.lr_incremental == pytest.approx(run.train_cfg.lr_incremental * run.method.helper_lr_factor)
 
 
 # --------------------------------------------------------------------------------------------- recall run --dry-run
-def test_plan_step_names_the_old_classes_and_recall_s_helper_training(world, tmp_path):
+def test_the_plan_names_the_old_classes_and_recall_s_helper_training(world, tmp_path):
+    from recall.step_plan import batches_per_epoch, plan_steps
+
     run = recall_run(world, tmp_path, protocol="2-1-1")
-    calls = []
-
-    def iterations(images, batch, cfg):
-        calls.append((images, batch, cfg.lr_incremental))
-        return 42
-
-    plan = lambda run, step: {**run.method.stream(run).facts(step), **run.method.plan_step(run, step, 3, iterations)}
-    assert plan(run, 0) == {}
-    assert plan(run, 1) == {
-        "extra_data": "2 old", "extra_training": {"what": "helper decoder", "batch": 4, "iterations": 42,
-                                                  "lr": pytest.approx(run.train_cfg.lr_incremental * 0.4)}}
-    assert calls == [(3, 4, pytest.approx(run.train_cfg.lr_incremental * 0.4))]
-    assert plan(run, 2) == {"extra_data": "3 old"}
+    train = run.classes_of("train")
+    method_facts = lambda run: [{k: v for k, v in s.items() if k.startswith("extra_")}
+                                for s in plan_steps(run, train, None)]
+    images = len(run.train_ids(train, 1))
+    helper = run.method.helper_train_config(run.train_cfg)
+    assert method_facts(run) == [
+        {}, {"extra_data": "2 old", "extra_training": {
+            "what": "helper decoder", "batch": 4, "iterations": helper.epochs_incremental * batches_per_epoch(images, 4),
+            "lr": pytest.approx(run.train_cfg.lr_incremental * 0.4)}},
+        {"extra_data": "3 old"}]
     quiet = recall_run(world, tmp_path / "q", "method.replay_ratio=0", protocol="2-1-1")
-    assert plan(quiet, 1) == {}
+    assert method_facts(quiet) == [{}, {}, {}]
 
 
 def test_plan_inputs_of_a_complete_pool_count_the_images_left_to_label(world, tmp_path):

@@ -111,7 +111,7 @@ def test_each_training_batch_of_a_recall_step_holds_the_configured_replay_sample
     run = replay_run(world, tmp_path, "method.replay_ratio=0.75")
     current = spy(run.method, "rewrite_targets")
     blended = spy(run.method, "loss")
-    run.train(1)
+    run.train(1, run.plan()[1])
     assert [len(images) for images, _, _ in current] == [1, 1, 1]  # t2, t3, t4: the images of classes 3 and 4
     replay = [targets[len(images):] for (_, targets, *_), (images, *_) in zip(blended, current)]
     assert [len(r) for r in replay] == [3, 3, 3]

@@ -1,5 +1,5 @@
 """The hooks a continual-learning method plugs into a protocol run (recall/experiment.py) and the one training
-loop (recall/train.py): nine, `HOOKS`, which the runner, the loop and the dry-run call by name.
+loop (recall/train.py): eight, `HOOKS`, which the runner, the loop and the dry-run call by name.
 
 **The loop** calls, per step, `prepare` (which parameters train, and how the model is put in training mode: a frozen
 encoder stays in eval mode), then per batch `rewrite_targets` and `loss`.
@@ -14,19 +14,22 @@ encoder stays in eval mode), then per batch `rewrite_targets` and `loss`.
   dry-run. A method of the current step's images alone has the empty stream; a replay method says its policy
   (which classes, which labeller, which ratio) and its stream owns the data flow (pool -> checks -> labels ->
   loader -> statistics);
-* `before_step` (work before a step's training: PLOP's thresholds) and `after_step` (work after a step's training,
-  before its checkpoint: RECALL's helper decoders), and `plan_step` (that extra work in `recall run --dry-run`).
+* `before_step` (work before a step's training: PLOP's thresholds) and `extra_model` (a model the method trains
+  at a step besides the step's own: RECALL's helper decoders). `extra_model` says what to train, as data
+  (`ExtraModel`): the run plans it (`recall run --dry-run` counts its iterations from it), trains it with its loop
+  after the step's model and saves it in the step's directory; the method does no I/O and imports no loop.
 
 Each gets the run (`RunServices`): the runner has no branch on which method runs. What a step executed beyond the
-loop's own facts a method notes through the run (`run.record`, e.g. the classes its replay stream replays;
-`run.fit(what=)` for extra training), in steps/<t>/plan.json, which the suite compares with the dry-run.
+loop's own facts a method notes through the run (`run.record`, e.g. the classes its replay stream replays), in
+steps/<t>/plan.json, which the suite compares with the dry-run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +39,7 @@ from recall.data.classes import IGNORE_INDEX
 from recall.replay.stream import Stream
 
 # the hooks the runner, the loop and the dry-run call (tests/test_architecture.py checks that they call no other)
-HOOKS = ("describe", "inputs", "stream", "prepare", "before_step", "after_step", "plan_step", "rewrite_targets",
-         "loss")
+HOOKS = ("describe", "inputs", "stream", "prepare", "before_step", "extra_model", "rewrite_targets", "loss")
 
 
 @dataclass
@@ -66,6 +68,8 @@ class RunServices(Protocol):
     train_cfg: object  # recall.train.TrainConfig
 
     def step_dir(self, step: int) -> Path: ...
+    def trained_model(self, step: int) -> nn.Module:
+        """The model `step` trained (its saved checkpoint), e.g. the step-0 encoder a helper decoder keeps."""
     def context(self, step: int, prev_model: nn.Module | None) -> StepContext: ...
     def device(self) -> torch.device: ...
     def classes_of(self, split: str) -> dict[str, frozenset[int]]: ...
@@ -73,10 +77,6 @@ class RunServices(Protocol):
         """The training images of `step` as the run selects them (its setting; partitioned: its seed)."""
     def train_loader(self, step: int, generator: torch.Generator, batch_size: int | None = None,
                      label_map: torch.Tensor | None = None) -> torch.utils.data.DataLoader: ...
-    def fit(self, model: nn.Module, method: Method, loader: torch.utils.data.DataLoader, ctx: StepContext,
-            train_cfg: object, what: str = "extra training") -> list[float]:
-        """Train `model` with the run's loop (recall.train.train_step), e.g. a method's helper model; recorded with
-        the step as its `extra_training` (`what`, batch, iterations, lr)."""
     def record(self, key: str, value) -> None:
         """A fact of the step being trained, recorded in its steps/<t>/plan.json as the dry-run lists it (e.g.
         `extra_data`: the classes a replay stream replays)."""
@@ -124,15 +124,10 @@ class Method:
         a method that draws from it, or from the global RNG, changes the step's shuffles and augmentations; PLOP
         draws from copies."""
 
-    def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
-        """Work after training `step`, before its checkpoint is written (which marks the step done)."""
-
-    def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
-        """This method's own work of a step in `recall run --dry-run` (its stream's facts come from the stream):
-        {"extra_training": {"what", "iterations", "batch", "lr"}} for training besides the step's own.
-        `iterations(n, batch, train_cfg=None)` counts the step's iterations over n images (under other training
-        settings)."""
-        return {}
+    def extra_model(self, run: RunServices, step: int) -> ExtraModel | None:
+        """A model to train at `step` besides the step's own (`ExtraModel`), or None. Cheap: the dry-run asks it
+        of every step (its `build` is called only when the run trains it)."""
+        return None
 
     # ------------------------------------------------------------------ the loop
     def prepare(self, model: nn.Module, ctx: StepContext) -> Preparation:
@@ -148,6 +143,25 @@ class Method:
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, images: torch.Tensor,
              ctx: StepContext) -> torch.Tensor:
         return F.cross_entropy(outputs["out"], targets, ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class ExtraModel:
+    """A model a method trains at a step besides the step's own, e.g. RECALL's helper decoder. After the step's
+    model has trained, the run builds it (`build()`), trains it with the run's loop (`recall.train.train_step`:
+    `method`'s hooks, `ctx`, `train_cfg`) on the step's training images read through `label_map` (composed after
+    the step's own label map: its label space), drawing from the step's generator, and saves it as
+    steps/<t>/`file` with `meta`. The step records it as its `extra_training` (`what`, batch, iterations, lr), as
+    the dry-run lists it from the same object."""
+
+    what: str  # in the dry-run's table and the step's plan.json, e.g. "helper decoder"
+    file: str  # its checkpoint in the step's directory, e.g. "helper.pt"
+    build: Callable[[], nn.Module]  # the untrained model (called by the run only)
+    method: Method  # its hooks in the loop: which parameters train, its loss
+    ctx: StepContext
+    train_cfg: Any  # recall.train.TrainConfig: its learning rate and budget
+    label_map: torch.Tensor  # (256,) long: the step's labels -> the model's outputs (255: void)
+    meta: dict = field(default_factory=dict)  # saved with its checkpoint
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from recall.errors import UserError
-from recall.methods.base import Method, Preparation, RunServices, StepContext
+from recall.methods.base import ExtraModel, Method, Preparation, RunServices, StepContext
 from recall.methods.replay import ReplayMethod
 from recall.replay.memory import MemoryStream
 
@@ -55,15 +55,9 @@ class MemoryReplay(Method):
     def before_step(self, run: RunServices, step: int, ctx: StepContext, generator: torch.Generator) -> None:
         self.method.before_step(run, step, ctx, generator)  # e.g. PLOP's thresholds (a replay method has none)
 
-    def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
-        """The wrapped method's work (not a replay method's helpers: stored labels need none), then the memory of
-        this step (`MemoryStream.remember`)."""
-        if not self.replaces:
-            self.method.after_step(run, step, generator)
-        self.stream(run).remember(step)
-
-    def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
-        return {} if self.replaces else self.method.plan_step(run, step, images, iterations)
+    def extra_model(self, run: RunServices, step: int) -> ExtraModel | None:
+        """The wrapped method's (not a replay method's helpers: stored labels need none)."""
+        return None if self.replaces else self.method.extra_model(run, step)
 
     # ------------------------------------------------------------------ the loop: the wrapped method's
     def prepare(self, model: nn.Module, ctx: StepContext) -> Preparation:

@@ -6,7 +6,7 @@ flow):
 
 * **label evaluation by helper decoders**: the pool images of step-0 classes are labelled by the step-0 model; a
   class added at step k by a *helper decoder* trained at step k on the frozen step-0 encoder for background +
-  step k's classes (`after_step`, written to `steps/<k>/helper.pt`);
+  step k's classes (`extra_model`: the run trains it and writes `steps/<k>/helper.pt`);
 * **background inpainting** (`rewrite_targets`): background (and, as the original, 255) in the current ground
   truth takes the previous model's prediction where its confidence is at least tau;
 * incremental steps train the decoder only (`freeze_encoder`).
@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-from recall import distributed
 from recall.labeling import inpaint_background
-from recall.methods.base import RunServices, StepContext
+from recall.methods.base import ExtraModel, RunServices, StepContext
 from recall.methods.finetune import FineTuning
 from recall.methods.replay import ReplayMethod
 from recall.data.classes import IGNORE_INDEX, PADDING
 from recall.errors import UserError
-from recall.model import SegmentationModel, load_checkpoint, save_checkpoint
+from recall.model import SegmentationModel
 
 HELPER_INITS = ("random", "step0")
 
@@ -78,7 +77,7 @@ class Recall(ReplayMethod):
     def helper_model(self, run: RunServices, step: int) -> SegmentationModel:
         """The untrained helper of `step`: the step-0 encoder (frozen in training) and a decoder for background and
         the step's classes, random (the authors': a fresh decoder) or the step-0 head (`helper_init=step0`)."""
-        step0, _ = load_checkpoint(run.step_dir(0) / "model.pt", run.model_cfg)
+        step0 = run.trained_model(0)
         helper = SegmentationModel(run.model_cfg, [len(run.task[step])])
         helper.encoder.load_state_dict(step0.encoder.state_dict())
         if self.helper_init == "step0":
@@ -93,23 +92,22 @@ class Recall(ReplayMethod):
         return replace(t, lr_incremental=t.lr_incremental * self.helper_lr_factor,
                        lr_end=t.lr_end * self.helper_lr_factor, **budget)
 
-    def after_step(self, run: RunServices, step: int, generator: torch.Generator) -> None:
+    def extra_model(self, run: RunServices, step: int) -> ExtraModel | None:
         """The helper decoder of step `step`: the frozen step-0 encoder + a decoder for background and the step's
-        classes, trained on the step's data. It labels the replay images of those classes later."""
+        classes (outputs 0, 1, 2, ... in the step's order; every other class void), trained on the step's data as a
+        step of its own classes, saved as steps/<step>/helper.pt. It labels the replay images of those classes
+        later."""
         if not self.needs_helper(run, step):
-            return
-        helper = self.helper_model(run, step)
+            return None
         remap = torch.full((256,), 255, dtype=torch.long)
         remap[0] = 0
         for i, c in enumerate(run.task[step]):
             remap[c] = 1 + i
         ctx = StepContext(step=step, task=run.task, new_classes=list(run.task[step]), old_classes=[],
                           setting=run.setting)
-        run.fit(helper, FineTuning(freeze_encoder=True), run.train_loader(step, generator, label_map=remap), ctx,
-                self.helper_train_config(run.train_cfg), what="helper decoder")
-        if distributed.is_main():
-            save_checkpoint(helper, run.step_dir(step) / "helper.pt",
-                            {"classes_per_step": [len(run.task[step])], "helper_for": run.task[step]})
+        return ExtraModel("helper decoder", "helper.pt", lambda: self.helper_model(run, step),
+                          FineTuning(freeze_encoder=True), ctx, self.helper_train_config(run.train_cfg), remap,
+                          {"classes_per_step": [len(run.task[step])], "helper_for": run.task[step]})
 
     # ------------------------------------------------------------------ the loop
     def rewrite_targets(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -121,11 +119,3 @@ class Recall(ReplayMethod):
             targets = torch.where(targets == PADDING, torch.full_like(targets, IGNORE_INDEX), targets)
         return inpaint_background(targets, prev_logits, self.inpaint_threshold, self.inpaint_ignore or
                                   self.inpaint_padding)
-
-    # ------------------------------------------------------------------ recall run --dry-run
-    def plan_step(self, run: RunServices, step: int, images: int | None, iterations) -> dict:
-        if not self.needs_helper(run, step):
-            return {}
-        batch, helper = run.train_cfg.batch_size, self.helper_train_config(run.train_cfg)  # the step's own images
-        return {"extra_training": {"what": "helper decoder", "batch": batch,
-                                   "iterations": iterations(images, batch, helper), "lr": helper.lr_incremental}}

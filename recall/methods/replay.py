@@ -10,8 +10,9 @@ A `ReplayMethod` says what it replays and leaves the data flow to its replay str
 * which ratio: `replay_ratio` of every batch of an incremental step; and how labels are kept (`label_threshold`,
   `min_labelled`, `labels`, `label_space`).
 
-A subclass says which model labels a class group (`labeller`) and may add work after a step (`after_step`). The
-method reads and writes no file itself.
+A subclass says which model labels a class group (`labeller`) and may ask for a model of its own at a step
+(`extra_model`: RECALL's helper decoders, trained and saved by the run). The method reads and writes no file
+itself.
 """
 
 from __future__ import annotations

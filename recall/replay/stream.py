@@ -118,6 +118,10 @@ class Stream:
         """Figures of the replay at `step`, written under `out`; returns their paths."""
         return []
 
+    def remember(self, step: int) -> None:
+        """What the stream keeps of `step` once it has trained, before its checkpoint marks it done (stored
+        exemplars: `recall.replay.memory.MemoryStream`)."""
+
     # ------------------------------------------------------------------ recall run --dry-run
     def facts(self, step: int) -> dict:
         """The replay's facts of `step` in the dry-run plan ({"extra_data": text}), as a trained step records them
