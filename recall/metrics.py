@@ -223,7 +223,8 @@ def mean_forgetting(per_class: Mapping[str, float | None], classes: Iterable[str
 class Summary:
     """One number of a step's result record (metrics.json `steps[i]`), defined once: the report, the study's tables,
     MLflow and `recall tune` read it from `SUMMARIES`. An mIoU summary is read from the record's `miou`; a derived one
-    is computed from the record by `compute`. Adding a derived number is one function and one `SUMMARIES` line."""
+    is computed from the record by `compute`. Adding a derived number is one function and one `SUMMARIES` line: the
+    report shows it too unless its line says `report=False`."""
 
     name: str        # metrics.json / report / study key
     label: str       # column title in the study's tables
@@ -231,6 +232,7 @@ class Summary:
     direction: str   # "maximize" | "minimize": the Optuna direction when it is `tune.objective`
     compute: Callable[[Mapping], float | None] | None = None  # None: result["miou"][name]
     legend: str = ""  # its name in the figures' legends and bars, where it differs from `label`
+    report: bool = True  # a column of the report (reports/summary.md/csv/json), in registry order
 
     @property
     def figure_label(self) -> str:
@@ -260,9 +262,11 @@ SUMMARIES: dict[str, Summary] = {s.name: s for s in (
     Summary("new", "new", "miou/new", "maximize"),
     Summary("all", "all", "miou/all", "maximize", legend="all (with bg)"),
     Summary("all_no_bg", "all (no bg)", "miou/all_no_bg", "maximize"),
-    Summary("old", "old (with bg)", "miou/old", "maximize"),
-    Summary("hmean", "hmean", "miou/hmean", "maximize", _hmean_old_new),
-    Summary("forgetting_mean", "forgetting (old)", "forgetting/mean", "minimize", _forgetting_old),
+    # report=False: the demo's report shows the four above (reports/summary.json is DVC's metrics of the demo and
+    # keeps its bytes); a number registered later is a column of the report unless its line says report=False
+    Summary("old", "old (with bg)", "miou/old", "maximize", report=False),
+    Summary("hmean", "hmean", "miou/hmean", "maximize", _hmean_old_new, report=False),
+    Summary("forgetting_mean", "forgetting (old)", "forgetting/mean", "minimize", _forgetting_old, report=False),
 )}
 
 
@@ -271,7 +275,7 @@ OLD = "old_no_bg"  # "the old classes": what the papers' orderings and the study
 ALL = "all"  # every class seen, with background: the reference lines (joint, MiB) of the report's bars
 OLD_NEW = (OLD, "new")  # the trade-off: the old classes kept, the new ones learnt
 HEADLINE = (*OLD_NEW, ALL)  # the three numbers every table, figure and run note shows, in this order
-REPORT_METRICS = (*HEADLINE, "all_no_bg")  # the report's columns (reports/summary.md/csv/json)
+# the report's columns are no group: each Summary's `report` field chooses them (report_metrics(), below)
 CURVE_METRICS = ("all", "old", "new", "all_no_bg", "old_no_bg")  # a run's curve.csv columns after "step"
 OLD_AND_ALL = (OLD, ALL)  # the report's two curve panels, the step-0 models' table: old classes, every class
 MULTI_OBJECTIVES = {"old_new": OLD_NEW}  # tune.objective names of several numbers (a Pareto front)
@@ -285,6 +289,13 @@ LABEL_QUALITY = {"replay_labels/iou_step0_classes": "label_iou_step0", "replay_l
 
 def derived_summaries() -> list[Summary]:
     return [s for s in SUMMARIES.values() if s.derived]
+
+
+def report_metrics() -> tuple[str, ...]:
+    """The report's columns (reports/summary.md/csv/json): the registered numbers with `report`, in registry order
+    (old_no_bg, new, all, all_no_bg, then any number registered later). Read when the report is written, so that
+    a registry line is all a new column takes."""
+    return tuple(s.name for s in SUMMARIES.values() if s.report)
 
 
 def derived(result: Mapping) -> dict[str, float | None]:

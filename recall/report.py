@@ -13,19 +13,23 @@ import matplotlib
 
 from recall.atomic import write_json, write_text
 from recall.figures import save_figure
-from recall.metrics import ALL, HEADLINE, LABEL_QUALITY, OLD_AND_ALL, REPORT_METRICS, SUMMARIES
+from recall.metrics import ALL, HEADLINE, LABEL_QUALITY, OLD_AND_ALL, SUMMARIES, report_metrics
 from recall.replay.leakage import STORED_DATA_SOURCES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 KEY = ("protocol", "setting", "method", "replay")
-METRICS = REPORT_METRICS  # its columns, from recall.metrics.SUMMARIES
 METHOD_ORDER = ("ft", "lwf", "ilt", "mib", "recall", "joint")  # the paper's table order; others follow by name
-COLUMNS = (*KEY, "options", "seeds", "steps", *METRICS)
 STORED_MARK = "†"  # a run replaying stored training images of earlier steps (replay=memory): not private
 STORED_NOTE = (f"{STORED_MARK} replays stored training images of earlier steps (replay=memory, as SSUL-M): the "
                "real-image bound, which breaks the privacy rule the other sources keep.")
+
+
+def columns() -> tuple[str, ...]:
+    """The table's columns: the row's key, then the registry's report columns (recall.metrics.report_metrics), read
+    now so that a number registered after import is one of them."""
+    return (*KEY, "options", "seeds", "steps", *report_metrics())
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
@@ -66,7 +70,7 @@ def rows(runs: list[dict]) -> list[dict]:
         members = groups[key]
         row = {**dict(zip(KEY, key)), "options": key[-1], "seeds": ",".join(str(r.get("seed", "")) for r in members),
                "steps": len(members[0]["steps"])}
-        for m in METRICS:
+        for m in report_metrics():
             values = [SUMMARIES[m].value(r["final"]) for r in members]
             values = [v for v in values if v is not None]
             row[m] = statistics.fmean(values) if values else None
@@ -86,15 +90,16 @@ def _fmt(row: dict, column: str) -> str:
         return "–"
     if column == "replay" and stored_data(value):
         return f"{value} {STORED_MARK}"
-    if column in METRICS:
+    if column in SUMMARIES:  # a registered number: mean ± std
         std = row.get(f"{column}_std")
         return f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
     return str(value)
 
 
 def markdown_table(table: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row, c) for c in COLUMNS) + " |" for row in table]
+    names = columns()
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(_fmt(row, c) for c in names) + " |" for row in table]
     note = ["", STORED_NOTE] if any(stored_data(row["replay"]) for row in table) else []
     return "\n".join(lines + note) + "\n"
 
@@ -197,13 +202,14 @@ def write_report(run_dirs: list[Path], out: Path) -> list[dict]:
                "old = step-0 classes without background; new = classes added later; all = every class, with "
                "background (all_no_bg: without). Mean ± std over seeds where several ran.\n\n" + markdown_table(table)
                + label_section(labels))
-    fields = [*COLUMNS, *(f"{m}_std" for m in METRICS)]
+    numbers = report_metrics()
+    fields = [*columns(), *(f"{m}_std" for m in numbers)]
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
     write_text(out / "summary.csv", buffer.getvalue())
-    summary = {r["dir"].name: {**{k: SUMMARIES[k].value(r["final"]) for k in METRICS}, **label_quality(r["final"])}
+    summary = {r["dir"].name: {**{k: SUMMARIES[k].value(r["final"]) for k in numbers}, **label_quality(r["final"])}
                for r in runs}
     write_json(out / "summary.json", summary)
     plot_curves(runs, out / "curves.png")

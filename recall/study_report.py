@@ -23,14 +23,16 @@ from pathlib import Path
 from recall.atomic import write_json
 from recall.data.protocol import steps
 from recall.figures import save_figure
-from recall.metrics import HEADLINE, OLD, OLD_AND_ALL, OLD_NEW, SUMMARIES, derived, derived_summaries, summarize
-from recall.report import METRICS, REPLAY_BARS, plt
+from recall.metrics import (HEADLINE, OLD, OLD_AND_ALL, OLD_NEW, SUMMARIES, derived, derived_summaries, report_metrics,
+                            summarize)
+from recall.report import REPLAY_BARS, plt
 from recall.study import base_of, load
 
 
 def study_metrics() -> tuple[str, ...]:
-    """The numbers of each study cell: the report's mIoUs and every derived number of recall.metrics.SUMMARIES."""
-    return (*METRICS, *(s.name for s in derived_summaries()))
+    """The numbers of each study cell: the report's mIoUs and every derived number of recall.metrics.SUMMARIES (a
+    derived number the report shows too is named once, with the derived ones)."""
+    return (*(m for m in report_metrics() if not SUMMARIES[m].derived), *(s.name for s in derived_summaries()))
 
 
 def table_metrics() -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Metric names are defined once, in recall.metrics: a step's numbers (`SUMMARIES`: name, table label, MLflow key,
 Optuna direction, and for a derived number the function computing it) and the groups the outputs show them in
-(HEADLINE, REPORT_METRICS, CURVE_METRICS, ...). Adding a derived number is one function and one registry line; no
-other module of the package spells a registered name."""
+(HEADLINE, CURVE_METRICS, ...; the report's columns: each Summary's `report`). Adding a derived number is one
+function and one registry line; no other module of the package spells a registered name."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ def test_a_registered_number_reaches_the_logged_metrics_the_study_and_tune(with_
     logged = tracking.step_metrics(result)  # the dict recall logs to MLflow after each step
     assert logged["miou/gap"] == pytest.approx(0.4) and list(logged)[-1] == "miou/gap"
     assert study_report.study_metrics()[-1] == "gap" and study_report.table_metrics()[-1] == "gap"
+    assert study_report.study_metrics().count("gap") == 1  # a report column too, named once
     # tune: an objective of its own, in its own direction
     (tmp_path / "steps" / "0").mkdir(parents=True)
     (tmp_path / "steps" / "0" / "model.pt").write_bytes(b"")
@@ -119,23 +120,39 @@ def test_a_registered_number_reaches_the_logged_metrics_the_study_and_tune(with_
     assert tune.final_values(result, "gap") == [pytest.approx(0.4)]
 
 
-def test_the_report_shows_a_registered_number_named_in_its_columns(with_gap, monkeypatch, tmp_path: Path):
-    """reports/summary.* show REPORT_METRICS (their columns, unchanged by registering a number); naming the new
-    number there is what puts it in the report's rows, its markdown, CSV and JSON."""
+DEMO_COLUMNS = ("old_no_bg", "new", "all", "all_no_bg")  # the demo's report (reports/summary.json), in this order
+
+
+def test_the_report_shows_the_demos_columns():
+    """The registry chooses the report's columns (`report`, in registry order): the demo's four, so that
+    reports/summary.* keep their bytes; old (with bg), hmean and forgetting stay out."""
+    assert metrics.report_metrics() == DEMO_COLUMNS
+
+
+def test_a_registered_number_is_a_column_of_the_report(with_gap, tmp_path: Path):
+    """The function and its registry line (the fixture) are all it takes: the report's rows, its markdown, CSV and
+    JSON show the new number after the demo's columns, computed from each run's record by the Summary."""
     from recall import report
 
-    monkeypatch.setattr(report, "METRICS", (*metrics.REPORT_METRICS, "gap"))
-    monkeypatch.setattr(report, "COLUMNS", (*report.COLUMNS, "gap"))
+    assert metrics.report_metrics() == (*DEMO_COLUMNS, "gap")
     table = report.write_report([_run(tmp_path, "r0", 0.6, 0.2), _run(tmp_path, "r1", 0.7, 0.2)], tmp_path / "out")
     assert table[0]["gap"] == pytest.approx(0.45) and table[0]["gap_std"] == pytest.approx(0.0707, abs=1e-4)
-    assert "| gap |" in (tmp_path / "out" / "summary.md").read_text()
+    lines = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    header = lines.index("| " + " | ".join(report.columns()) + " |")
+    assert lines[header].endswith("| all_no_bg | gap |") and lines[header + 2].endswith("| 0.450 ± 0.071 |")
     with (tmp_path / "out" / "summary.csv").open() as f:
-        assert float(next(csv.DictReader(f))["gap"]) == pytest.approx(0.45)
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["r1"]["gap"] == pytest.approx(0.5)
+        reader = csv.DictReader(f)
+        first = next(reader)
+    assert reader.fieldnames == [*report.KEY, "options", "seeds", "steps", *DEMO_COLUMNS, "gap",
+                                 *(f"{m}_std" for m in (*DEMO_COLUMNS, "gap"))]
+    assert float(first["gap"]) == pytest.approx(0.45) and float(first["gap_std"]) == pytest.approx(0.0707, abs=1e-4)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["r1"]) == [*DEMO_COLUMNS, "gap"] and summary["r1"]["gap"] == pytest.approx(0.5)
+    assert summary["r0"]["gap"] == pytest.approx(0.4)
 
 
 def test_the_groups_name_registered_numbers():
-    groups = (metrics.HEADLINE, metrics.REPORT_METRICS, metrics.CURVE_METRICS, metrics.OLD_AND_ALL, metrics.OLD_NEW,
+    groups = (metrics.HEADLINE, metrics.report_metrics(), metrics.CURVE_METRICS, metrics.OLD_AND_ALL, metrics.OLD_NEW,
               (metrics.OLD, metrics.ALL, metrics.DEFAULT_OBJECTIVE), *metrics.MULTI_OBJECTIVES.values())
     assert all(name in metrics.SUMMARIES for group in groups for name in group)
     assert set(metrics.CURVE_METRICS) == set(metrics.summarize([0.5, 0.5], [1], []))  # curve.csv: every mIoU
