@@ -44,7 +44,7 @@ SCOPE = ["recall.metrics.*", "recall.data.protocol.*", "recall.labeling.*", "rec
          "recall.replay.stream.*",
          *(f"{_RUN}{f}__mutmut_*" for f in ("_dataset_kwargs", "classes_of", "train_ids", "check_no_earlier_images",
                                             "train_loader", "loader_options", "eval_loader", "context", "model_for",
-                                            "evaluate", "result")),
+                                            "train_extra_model", "evaluate", "result")),
          *(f"recall.train.x_{f}__mutmut_*" for f in ("blend", "iters_per_class", "step_iterations",
                                                        "train_one_epoch"))]
 SAMPLE = "1"  # the sample: mutants whose number ends in this digit
