@@ -153,7 +153,8 @@ def build_plan(cfg: DictConfig) -> dict:
                 "replay": str(cfg.replay.name), "seed": int(cfg.seed), "convention": convention.name,
                 "last_step": last, "steps_in_protocol": len(run.task)},
         "dataset": data,
-        "model": {"backbone": run.model_cfg.backbone, "output_stride": run.model_cfg.output_stride,
+        "model": {"backbone": run.model_cfg.backbone, "head": run.model_cfg.head,
+                  "output_stride": run.model_cfg.output_stride,
                   "frozen_bn": run.model_cfg.frozen_bn, "head_channels": run.model_cfg.head_channels,
                   "aspp_rates": list(run.model_cfg.aspp_rates), "pretrained_file": run.model_cfg.pretrained_file},
         "train": {"batch_size": t.batch_size, "current_per_batch": stream.split(1, t.batch_size)[0],
@@ -225,9 +226,11 @@ def format_plan(plan: dict) -> str:
         row("dataset", f"{d['name']} at {d['root']}: NOT PREPARED (missing: {'; '.join(d['missing'])}); training "
                        "images per step are unknown")
         row("", f"prepare it with: {d['prepare']}")
+    head = (f"ASPP head, rates {m['aspp_rates']} x {m['head_channels']} channels, 1x1 classifiers"
+            if m["head"] == "aspp" else f"DeepLab-v2 classifiers, rates {m['aspp_rates']}")
     row("model", f"{m['backbone']}, output stride {m['output_stride']}, "
-                 f"{'frozen' if m['frozen_bn'] else 'trained'} batch norm, ASPP rates {m['aspp_rates']} x "
-                 f"{m['head_channels']} channels, backbone weights {m['pretrained_file'] or 'none (random init)'}")
+                 f"{'frozen' if m['frozen_bn'] else 'trained'} batch norm, {head}, backbone weights "
+                 f"{m['pretrained_file'] or 'none (random init)'}")
     split = (f" ({t['current_per_batch']} current + {t['extra_per_batch']} from the method in incremental steps)"
              if t["extra_per_batch"] else "")
     length = (f"{t['iters_per_class']} iterations per class learnt" if t["iters_per_class"] is not None else

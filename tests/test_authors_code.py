@@ -64,14 +64,15 @@ def test_label_evaluation_takes_the_argmax_over_all_outputs_or_only_background_a
 
 
 def test_helpers_start_from_a_fresh_decoder_with_the_authors_learning_rate(tmp_path):
-    from recall.model import ModelConfig, SegmentationModel, save_checkpoint
+    from recall.model import ModelConfig, SegmentationModel, load_checkpoint, save_checkpoint
 
     cfg = ModelConfig(head_channels=16)
     step0 = SegmentationModel(cfg, [15])
     torch.nn.init.constant_(step0.head.project[0].weight, 0.5)
     save_checkpoint(step0, tmp_path / "steps" / "0" / "model.pt", {"classes_per_step": [15]})
     run = SimpleNamespace(model_cfg=cfg, task=[list(range(1, 16)), [16], [17]],
-                          step_dir=lambda k: tmp_path / "steps" / str(k))
+                          step_dir=lambda k: tmp_path / "steps" / str(k),
+                          trained_model=lambda k: load_checkpoint(tmp_path / "steps" / str(k) / "model.pt", cfg)[0])
     recall = build_method("recall")
     helper = recall.helper_model(run, 1)
     assert all(torch.equal(a, b) for a, b in zip(helper.encoder.state_dict().values(),

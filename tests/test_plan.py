@@ -168,6 +168,21 @@ def test_existing_run_dir_is_resumed_and_counted_as_done(toy, tmp_path):
     assert [s["state"] for s in restart["steps"]] == ["train", "train"]
 
 
+def test_a_finished_step_is_planned_as_it_ran(toy, tmp_path):
+    """A step trained (or adopted) already shows the facts its run recorded (steps/<t>/plan.json), not what this
+    configuration would train now; the fields it did not record (eval_images before its evaluation) are planned."""
+    cfg = compose([f"dataset.root={toy}", "protocol=15-5", "method=ft", f"run_dir={tmp_path / 'run'}"])
+    run = ProtocolRun(cfg)
+    check_same_config(run.run_dir / "steps" / "config.yaml", ProtocolRun(cfg))
+    run.step_dir(0).mkdir(parents=True)
+    (run.step_dir(0) / "model.pt").write_bytes(b"")
+    recorded = {"step": 0, "classes": ["x"], "state": "adopt step0", "images": 7, "batch": [3, 0], "iterations": 5,
+                "lr": 0.5}
+    (run.step_dir(0) / "plan.json").write_text(json.dumps(recorded))
+    step0 = build_plan(cfg)["steps"][0]
+    assert step0 == {**recorded, "state": "evaluate", "eval_images": 24}
+
+
 def test_step0_checkpoint_is_checked(toy, tmp_path):
     shared = ProtocolRun(compose([f"dataset.root={toy}", "protocol=15-5", f"run_dir={tmp_path / 'step0'}"]))
     shared.step_dir(0).mkdir(parents=True)
@@ -192,9 +207,12 @@ def test_dry_run_through_the_cli_writes_nothing(toy, tmp_path, monkeypatch, caps
     assert listing(tmp_path) == before
     assert "nothing is trained or written" in text and "pottedplant" in text
     assert "toy_gan pool pools/toy_gan: needs 60 per class x 19 old classes = 1,140 images; not built yet" in text
-    assert main(["run", "--dry-run", "--json", "dataset.root=toy", "protocol=19-1"]) == 0
+    assert "batch norm, DeepLab-v2 classifiers, rates [2, 4, 6], backbone weights" in " ".join(text.split())
+    assert main(["run", "--dry-run", "--json", "dataset.root=toy", "protocol=19-1", "model.head=aspp"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert [len(s["classes"]) for s in plan["steps"]] == [19, 1]
+    assert [len(s["classes"]) for s in plan["steps"]] == [19, 1] and plan["model"]["head"] == "aspp"
+    assert main(["run", "--dry-run", "dataset.root=toy", "protocol=19-1", "model.head=aspp"]) == 0
+    assert "ASPP head, rates [2, 4, 6] x 64 channels, 1x1 classifiers" in " ".join(capsys.readouterr().out.split())
     assert listing(tmp_path) == before
 
 
