@@ -67,7 +67,8 @@ from recall.model import (
 from recall.ownership import RUN_PLACE, Marker, claim, read_marker, write_marker
 from recall.provenance import code_id, content_id, dvc_hash
 from recall.run_figures import write_figures
-from recall.step_plan import drops_last, executed_facts, images_id, plan_steps, step0_mismatch, step_work
+from recall.step_plan import (drops_last, executed_facts, images_id, plan_steps, step0_meta, step0_mismatch,
+                              step_work)
 from recall.timing import phase
 from recall.train import TrainConfig, evaluate, finite_weights, train_step
 
@@ -246,15 +247,20 @@ class ProtocolRun:
         prev.eval().requires_grad_(False)
         return model, prev
 
-    def adopt_step0(self, source: Path) -> None:
-        """Start from a shared step-0 run (DVC's `step0` stage) after checking it fits this protocol: its task,
-        setting, backbone and seed, and the images its step 0 trained on (`recall.step_plan.step0_mismatch`)."""
-        src = source / "steps" / "0"
-        meta = torch.load(src / "model.pt", map_location="cpu", weights_only=True)["meta"]
-        wrong = step0_mismatch(self, meta, self.classes_of(self.cfg.dataset.train_split))
+    def check_step0(self, source: Path) -> None:
+        """Refuse a shared step-0 run (DVC's `step0` stage) that does not fit this protocol: its task, setting,
+        backbone and seed, and the images its step 0 trained on (`recall.step_plan.step0_mismatch`)."""
+        meta = step0_meta(source)
+        executed = executed_facts(source / "steps" / "0" / "plan.json")
+        wrong = step0_mismatch(self, meta, self.classes_of(self.cfg.dataset.train_split), executed)
         if wrong:
             raise ValueError(f"step0={source} does not fit this run ({'; '.join(wrong)}); train a matching step-0 "
                              "model (recall run last_step=0 ... with this run's method and setting) or drop step0=")
+
+    def adopt_step0(self, source: Path) -> None:
+        """Start from a shared step-0 run after checking it fits this protocol (`check_step0`)."""
+        src = source / "steps" / "0"
+        self.check_step0(source)
         load_checkpoint(src / "model.pt", self.model_cfg)  # another model's weights: one line, before any copy
         dst = self.step_dir(0)
         dst.mkdir(parents=True, exist_ok=True)
@@ -267,8 +273,9 @@ class ProtocolRun:
         os.replace(dst / "model.pt.tmp", dst / "model.pt")  # model.pt last: it marks the step as done
 
     def train(self, step: int, plan: dict) -> None:
-        """Train `step` as `plan` (recall.step_plan) says: its batch split, then the method's extra model; record
-        what it executed (steps/<t>/plan.json), then save its checkpoint, which marks it done."""
+        """Train `step` with the current-step samples per batch its `plan` (recall.step_plan) says, then the method's
+        extra model (`train_extra_model`); record what it executed (steps/<t>/plan.json), then save its checkpoint,
+        which marks it done."""
         # one process: seed*1000+step. Under torchrun, rank r adds r*7919 to the seed of its augmentations and
         # replay draws (DDP copies rank 0's initial weights to all; the shard shuffle has its own shared seed).
         seed = int(self.cfg.seed) * 1000 + step + distributed.rank() * 7919
@@ -490,6 +497,8 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
             for split in (cfg.dataset.train_split, cfg.dataset.val_split):
                 run.classes_of(split)  # the pre-flight: every image and mask of the split readable, sizes matching
             if distributed.is_main():
+                if cfg.step0 and not (run.step_dir(0) / "model.pt").exists():  # refused before anything is written
+                    run.check_step0(Path(cfg.step0))
                 check_same_config(run.run_dir / "steps" / "config.yaml", run)
     if tracker is not None:
         tags = {"protocol": str(cfg.protocol.name), "setting": run.setting, "method": run.method.name,
@@ -548,7 +557,9 @@ def run_steps(run: ProtocolRun, tracker=None, on_step: Callable[[dict], None] | 
     """Execute the run's plan (recall.step_plan.plan_steps): train (or resume) and evaluate every step; returns the
     per-step result records."""
     results: list[dict] = []
-    for plan in run.plan():
+    plans = run.plan()
+    distributed.barrier()  # every process decides from the files as they were before any of them changes one
+    for plan in plans:
         step = plan["step"]
         if plan["state"] == "adopt step0":
             with distributed.main_first():

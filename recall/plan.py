@@ -19,15 +19,15 @@ import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from recall.config import section
 from recall.data.datasets import known
 from recall.data.protocol import get_convention
 from recall.data.voc import DatasetError, image_classes, read_split, split_file
+from recall.errors import UserError
 from recall.experiment import ProtocolRun, check_run_dir, config_differences
-from recall.step_plan import WORK, plan_steps, step0_mismatch
+from recall.step_plan import WORK, executed_facts, plan_steps, step0_meta, step0_mismatch
 
 
 @dataclass
@@ -94,8 +94,13 @@ def step0_status(run: ProtocolRun, train_classes: dict | None) -> dict | None:
     ckpt = Path(run.cfg.step0) / "steps" / "0" / "model.pt"
     status = {"dir": str(run.cfg.step0), "exists": ckpt.is_file(), "mismatch": []}
     if status["exists"]:
-        meta = torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]
-        status["mismatch"] = step0_mismatch(run, meta, train_classes)
+        try:
+            meta = step0_meta(Path(run.cfg.step0))
+        except UserError as error:
+            status["mismatch"] = [str(error)]
+            return status
+        executed = executed_facts(ckpt.with_name("plan.json"))
+        status["mismatch"] = step0_mismatch(run, meta, train_classes, executed)
     return status
 
 

@@ -14,9 +14,10 @@ A step's plan is plain data, the fields a trained step records of itself in step
                      decoders): {what, batch, iterations, lr}
 
 `run` is always the run a plan is for (a `recall.experiment.ProtocolRun`, which imports this module). The runner
-executes the plan (its state, its batch split, the method's extra model) and records what it executed
-from its loaders, optimizer and loop, never from this module; tests/test_plan_matches_run.py compares the two for
-every method. A step the run has already trained (or adopted) is planned as it was: its recorded facts.
+executes the plan (its state, its current-step samples per batch) and records what it executed from its loaders,
+optimizer and loop (the loader's batch is the plan's, and its rule for a last partial batch is `drops_last` here; the
+rest is measured); tests/test_plan_matches_run.py compares the two for every method. A step the run has already
+trained (or adopted) is planned as it was: its recorded facts.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 from pathlib import Path
 
+import torch
+
+from recall.errors import UserError
 from recall.train import step_iterations, step_lr
 
 # What `run_steps` does with a step, told by the files of the run directory: (trains it, evaluates it).
@@ -68,18 +73,44 @@ def images_id(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-def step0_mismatch(run, meta: dict, train_classes: dict | None) -> list[str]:
+def step0_meta(source: Path) -> dict:
+    """The meta of the shared step-0 checkpoint of `step0=source`; a missing or unreadable one (truncated, not a
+    checkpoint) is a UserError naming it."""
+    path = Path(source) / "steps" / "0" / "model.pt"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"step0={source}: no step-0 checkpoint {path}; train it first (recall run last_step=0 "
+                        "run_dir=... with this run's protocol, setting and seed) or drop step0=") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as error:
+        raise UserError(f"step0={source}: {path} is not a readable checkpoint ({type(error).__name__}); train the "
+                        "step-0 run again (recall run last_step=0 ...) or drop step0=") from None
+    meta = blob.get("meta") if isinstance(blob, dict) else None
+    if not isinstance(meta, dict):
+        raise UserError(f"step0={source}: {path} has no meta (not a checkpoint of recall run); train the step-0 run "
+                        "again (recall run last_step=0 ...) or drop step0=")
+    return meta
+
+
+def step0_mismatch(run, meta: dict, train_classes: dict | None, executed: dict | None = None) -> list[str]:
     """How a shared step-0 model (its checkpoint's `meta`) does not fit `run`: "<key>: <its> (needs <ours>)" for each
     of STEP0_KEYS, and its training images when this run would select others for step 0 (e.g. joint, which sees
-    every image of its classes, against a step 0 of the disjoint setting); a model saved before its images were
-    recorded is compared without them."""
+    every image of its classes, against a step 0 of the disjoint setting). A model saved before its images were
+    recorded is compared by the number of images its run recorded (`executed`: its steps/0/plan.json), if any."""
     mine = run.meta(0)
     wrong = [f"{k}: {meta.get(k)!r} (needs {mine[k]!r})" for k in STEP0_KEYS if meta.get(k) != mine[k]]
-    if train_classes is not None and meta.get("images_id") is not None:
-        ours = images_id(run.train_ids(train_classes, 0))
-        if meta["images_id"] != ours:
-            wrong.append(f"training images: {meta['images_id']} (needs {ours}: this run's method and setting select "
-                         "other step-0 images)")
+    if train_classes is None:
+        return wrong
+    ours = run.train_ids(train_classes, 0)
+    theirs = (executed or {}).get("images")
+    if meta.get("images_id") is not None:
+        if meta["images_id"] != images_id(ours):
+            count = f"{theirs} images, " if isinstance(theirs, int) else ""
+            wrong.append(f"training images: {count}id {meta['images_id']} (needs {len(ours)} images, id "
+                         f"{images_id(ours)}: this run's method and setting select other step-0 images)")
+    elif isinstance(theirs, int) and theirs != len(ours):
+        wrong.append(f"training images: {theirs} (needs {len(ours)}: this run's method and setting select other "
+                     "step-0 images)")
     return wrong
 
 

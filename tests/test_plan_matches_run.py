@@ -139,3 +139,52 @@ def test_joint_refuses_a_step_0_trained_on_other_images(shared, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit this run (training images: " in err[0], err
     assert not (run_dir / "steps" / "0").exists()
+
+
+def test_a_refused_step_0_leaves_the_run_directory_unwritten(shared, capsys):
+    """The adoption check runs before the run writes its configuration: after the refusal, the command the error
+    suggests (the same run without step0=) runs in the same run_dir."""
+    shared.step0("disjoint", capsys)
+    run_dir = shared.tmp / "joint_refused_then_own"
+    args = [*shared.base("disjoint", run_dir), "method=joint", "last_step=0"]
+    assert main(["run", *args, f"step0={shared.tmp / 'step0_disjoint'}"]) == 2
+    assert not (run_dir / "steps" / "config.yaml").exists()
+    capsys.readouterr()
+    assert main(["run", *args]) == 0
+
+
+def test_a_step_0_saved_before_its_images_were_recorded_is_checked_by_their_number(shared, capsys, tmp_path):
+    """A shared step 0 without `images_id` (saved by an older version) is compared by the image count its run
+    recorded (steps/0/plan.json)."""
+    import shutil
+
+    import torch
+
+    shared.step0("disjoint", capsys)
+    old = tmp_path / "step0_old"
+    shutil.copytree(shared.tmp / "step0_disjoint", old)
+    blob = torch.load(old / "steps" / "0" / "model.pt", weights_only=True)
+    del blob["meta"]["images_id"]
+    torch.save(blob, old / "steps" / "0" / "model.pt")
+    args = [*shared.base("disjoint", tmp_path / "run"), "method=joint", f"step0={old}"]
+    capsys.readouterr()
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this run (training images: " in err[0], err
+
+
+def test_an_unreadable_step_0_is_one_line(shared, capsys, tmp_path):
+    import shutil
+
+    shared.step0("disjoint", capsys)
+    broken = tmp_path / "step0_broken"
+    shutil.copytree(shared.tmp / "step0_disjoint", broken)
+    ckpt = broken / "steps" / "0" / "model.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    args = [*shared.base("disjoint", tmp_path / "run"), "method=ft", f"step0={broken}"]
+    capsys.readouterr()
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a readable checkpoint" in err[0], err
+    assert main(["run", "--dry-run", "--json", *args]) == 0
+    assert "is not a readable checkpoint" in json.loads(capsys.readouterr().out)["checkpoints"]["step0"]["mismatch"][0]

@@ -115,7 +115,8 @@ class Method:
 
     def stream(self, run: RunServices) -> Stream:
         """The run's replay stream: what the loop blends into the batches of a step besides its own images (its
-        `split`, `batches`, `statistics`, `figures`, `facts`), and its pool and labels; none by default."""
+        `split`, `batches`, `statistics`, `figures`, what it keeps of a trained step (`remember`), `facts`), and its
+        pool and labels; none by default."""
         return Stream()
 
     def before_step(self, run: RunServices, step: int, ctx: StepContext, generator: torch.Generator) -> None:

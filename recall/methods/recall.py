@@ -28,6 +28,7 @@ from recall.errors import UserError
 from recall.model import SegmentationModel
 
 HELPER_INITS = ("random", "step0")
+HELPER_FILE = "helper.pt"  # a helper decoder's checkpoint in its step's directory
 
 
 class Recall(ReplayMethod):
@@ -60,7 +61,7 @@ class Recall(ReplayMethod):
         decoder (background, then step k's classes in order)."""
         if k == 0:
             return run.step_dir(0) / "model.pt", [0, *run.task[0]]
-        return run.step_dir(k) / "helper.pt", [0, *run.task[k]]
+        return run.step_dir(k) / HELPER_FILE, [0, *run.task[k]]
 
     def inputs(self, run: RunServices, check: bool = False) -> dict[str, Path]:
         if check and self.helper_init == "step0" and run.model_cfg.head != "aspp":
@@ -105,7 +106,7 @@ class Recall(ReplayMethod):
             remap[c] = 1 + i
         ctx = StepContext(step=step, task=run.task, new_classes=list(run.task[step]), old_classes=[],
                           setting=run.setting)
-        return ExtraModel("helper decoder", "helper.pt", lambda: self.helper_model(run, step),
+        return ExtraModel("helper decoder", HELPER_FILE, lambda: self.helper_model(run, step),
                           FineTuning(freeze_encoder=True), ctx, self.helper_train_config(run.train_cfg), remap,
                           {"classes_per_step": [len(run.task[step])], "helper_for": run.task[step]})
 

@@ -1,0 +1,82 @@
+"""A method's extra model (`Method.extra_model`) in a run: the order of a step's files when it has one, the memory
+handing a wrapped method's on, and the plan a run starts with drawing no random number and writing nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+import recall.experiment as experiment
+from hand_world import make_world, protocol_run, recall_run
+from recall.methods.base import ExtraModel, Method
+from recall.methods.finetune import FineTuning
+from recall.methods.memory import MemoryReplay
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("hand_world"))
+
+
+def test_the_extra_model_is_saved_before_the_record_and_the_checkpoint_that_mark_the_step(world, tmp_path,
+                                                                                           monkeypatch):
+    """Step 1 of 2-1-1 trains RECALL's helper: helper.pt, then plan.json (with its extra_training), then model.pt
+    (the marker of a trained step), each written when the ones it certifies are on disk."""
+    run = recall_run(world, tmp_path, protocol="2-1-1")
+    written = []
+    save, write = experiment.save_checkpoint, experiment.write_json
+
+    def save_checkpoint(model, path, meta):
+        written.append((path.name, {p.name for p in path.parent.iterdir()} if path.parent.exists() else set()))
+        save(model, path, meta)
+
+    def write_json(path, payload, **kw):
+        written.append((path.name, {p.name for p in path.parent.iterdir()} if path.parent.exists() else set()))
+        write(path, payload, **kw)
+
+    monkeypatch.setattr(experiment, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(experiment, "write_json", write_json)
+    run.train(1, run.plan()[1])
+    names = [name for name, _ in written]
+    assert names == ["helper.pt", "plan.json", "model.pt"], names
+    on_disk = dict(written)
+    assert "helper.pt" in on_disk["plan.json"] and {"helper.pt", "plan.json"} <= on_disk["model.pt"]
+    assert "model.pt" not in on_disk["plan.json"]
+
+
+class WithExtra(Method):
+    """A method of the step's own images that asks for an extra model at step 1 (none has one yet)."""
+    name = "with_extra"
+
+    def extra_model(self, run, step):
+        if step != 1:
+            return None
+        return ExtraModel("probe", "probe.pt", lambda: None, FineTuning(), None, run.train_cfg, None)
+
+
+def test_the_memory_hands_on_the_extra_model_of_a_method_it_does_not_replace(world, tmp_path):
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", "method=ft", "replay=memory", "replay.memory_size=2")
+    wrapped = MemoryReplay(WithExtra(), memory_size=2)
+    extra = wrapped.extra_model(run, 1)
+    assert extra is not None and extra.what == "probe" and extra.file == "probe.pt"
+    assert wrapped.extra_model(run, 0) is None and wrapped.extra_model(run, 2) is None
+
+
+def test_the_plan_a_run_starts_with_draws_no_random_number_and_writes_nothing(world, tmp_path):
+    """run_steps computes the plan before step 0: after the pre-flight (which writes the image caches) it leaves the
+    global RNGs and the run directory as they were, for a method with an extra model and a replay stream."""
+    import random
+
+    import numpy as np
+    import torch
+
+    run = recall_run(world, tmp_path, protocol="2-1-1")
+    for split in (run.cfg.dataset.train_split, run.cfg.dataset.val_split):
+        run.classes_of(split)  # the pre-flight
+    listing = lambda: sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    files, states = listing(), (torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    plans = run.plan()
+    assert [p["state"] for p in plans][1:] == ["train", "train"]
+    assert "extra_training" in plans[1] and "extra_training" not in plans[2]
+    assert listing() == files
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
