@@ -3,13 +3,18 @@ handing a wrapped method's on, and the plan a run starts with drawing no random 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 import recall.experiment as experiment
 from hand_world import make_world, protocol_run, recall_run
-from recall.methods.base import ExtraModel, Method
+from recall.methods.base import ExtraModel, Method, StepContext
 from recall.methods.finetune import FineTuning
 from recall.methods.memory import MemoryReplay
+from recall.model import SegmentationModel, load_checkpoint
+from recall.step_plan import batches_per_epoch
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +85,36 @@ def test_the_plan_a_run_starts_with_draws_no_random_number_and_writes_nothing(wo
     assert listing() == files
     assert torch.equal(torch.random.get_rng_state(), states[0])
     assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
+
+
+class Probe(Method):
+    """A method of the step's own images asking, at step 1, for a model of its own: one output per class of the
+    step, trained at a batch of its own (2, the run's is 4), saved as probe.pt."""
+    name = "probe"
+
+    def extra_model(self, run, step):
+        if step != 1:
+            return None
+        label_map = torch.full((256,), 255, dtype=torch.long)
+        label_map[0] = 0
+        label_map[run.task[1][0]] = 1
+        ctx = StepContext(step=1, task=run.task, new_classes=list(run.task[1]), old_classes=[], setting=run.setting)
+        return ExtraModel("probe", "probe.pt", lambda: SegmentationModel(run.model_cfg, [1]), FineTuning(), ctx,
+                          replace(run.train_cfg, batch_size=2, lr_incremental=0.02), label_map, {"classes_per_step": [1], "probe_of": 1})
+
+
+def test_the_run_trains_an_extra_model_at_its_own_batch_records_and_saves_it(world, tmp_path):
+    """`ExtraModel` as any method may ask for it: the run trains it at its train_cfg's batch (not the run's), records
+    it as the step's `extra_training` (what, batch, iterations, lr read from its optimizer) and saves it with its
+    meta in the step's directory; a step without one trains and records nothing."""
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", "method=ft")
+    run.method = Probe()
+    run.executed = {}
+    run.train_extra_model(2, torch.Generator().manual_seed(0))
+    assert run.executed == {} and not (run.step_dir(2) / "probe.pt").exists()
+    run.train_extra_model(1, torch.Generator().manual_seed(0))
+    images = len(run.train_ids(run.classes_of("train"), 1))
+    assert run.executed == {"extra_training": {"what": "probe", "batch": 2, "lr": pytest.approx(0.02),
+                                               "iterations": batches_per_epoch(images, 2)}}  # one epoch
+    _, meta = load_checkpoint(run.step_dir(1) / "probe.pt", run.model_cfg)
+    assert meta == {"classes_per_step": [1], "probe_of": 1}

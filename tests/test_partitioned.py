@@ -6,6 +6,7 @@ A whole toy run in this setting is in test_cli (it trains: not a fast test)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +218,10 @@ def test_partitioned_is_a_setting():
 
 
 def test_the_seed_is_required():
-    with pytest.raises(ProtocolError, match=r"partitioned setting draws each image's step at random: pass its seed"):
+    with pytest.raises(ProtocolError) as error:
         select_train_images(IMAGES, TASK, 0, "partitioned")
+    assert str(error.value) == ("the partitioned setting draws each image's step at random: pass its seed "
+                                "(select_train_images(..., seed=<the run's seed>))")
     assert issubclass(ProtocolError, UserError)
     assert select_train_images(IMAGES, TASK, 0, "disjoint") == select_train_images(IMAGES, TASK, 0, "disjoint", seed=5)
 
@@ -270,8 +273,12 @@ def test_the_privacy_check_refuses_an_image_of_an_earlier_partition(toy, tmp_pat
     classes = image_classes(toy, read_split(toy, "train"), progress=False)
     run = ProtocolRun(compose(toy_overrides(toy, tmp_path)))
     split = partition(classes, VOC, 0)
-    with pytest.raises(RuntimeError, match="privacy violation: step 2 would read 1 images of earlier steps"):
+    with pytest.raises(RuntimeError) as error:
         run.check_no_earlier_images(classes, 2, [*split[2], split[1][0]])
+    assert str(error.value) == f"privacy violation: step 2 would read 1 images of earlier steps (e.g. {[split[1][0]]})"
+    earlier = sorted([*split[0], *split[1]])[:5]  # the message names the first three, sorted
+    with pytest.raises(RuntimeError, match=rf"would read 5 images of earlier steps \(e\.g\. {re.escape(str(earlier[:3]))}\)$"):
+        run.check_no_earlier_images(classes, 2, [*split[2], *earlier])
 
 
 def test_the_toy_plan_counts_the_partition_and_evaluates_on_the_whole_val_set(toy, tmp_path):
@@ -315,3 +322,15 @@ def test_the_dry_run_plans_the_partitioned_setting(tmp_path, capsys, experiment,
                  "method=mib", RANDOM_INIT, f"dataset.root={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}"]) == 0
     assert " · partitioned · method mib" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_step_without_images_says_why_and_in_the_partitioned_setting_to_try_another_seed(toy, tmp_path):
+    for setting, hint in (("partitioned", " (the partitioned setting gives each image to one step: on a small "
+                                          "dataset a step may draw none; try another seed)"), ("disjoint", "")):
+        run = ProtocolRun(compose([f"dataset.root={toy}", "protocol=15-1x5", f"setting={setting}", "method=ft",
+                                   f"run_dir={tmp_path / setting}"]))
+        run.train_ids = lambda classes, step: []
+        with pytest.raises(UserError) as error:
+            run.train_loader(1, torch.Generator())
+        assert str(error.value) == (f"step 1 of 15-1x5 ({setting}) has no training image in {toy}; check "
+                                    f"dataset.root and the protocol{hint}")

@@ -560,3 +560,51 @@ def test_every_replay_method_labels_a_group_with_a_model_of_the_step_that_learnt
         assert checkpoint.parent == run.step_dir(k) and checkpoint.suffix == ".pt"
         assert channels[0] == 0 and set(run.task[k]) <= set(channels) <= {0, *range(1, 2 + k + 1)}
         assert len(channels) == len(set(channels)) and channels[1:] == sorted(channels[1:])
+
+
+# --------------------------------------------------------------------------------------------- the stream's checks
+def test_without_check_the_inputs_are_named_not_checked(world, tmp_path):
+    """`inputs(run)` (provenance, the dry-run, MLflow tags) names what a replay run reads without checking it: a pool
+    that is not there yet is named; `inputs(run, check=True)` (before step 0) refuses it."""
+    missing = tmp_path / "no_pool"
+    for method in ("recall", "pseudo_replay"):
+        run = protocol_run(world, tmp_path / method, "protocol=2-2", f"method={method}", "replay=folder",
+                           f"replay.pool={missing}")
+        assert run.method.inputs(run) == {"replay_pool": missing}
+        with pytest.raises(UserError, match="replay pool"):
+            run.method.inputs(run, check=True)
+
+
+def test_a_pool_of_another_source_is_refused_unless_asked_for(world, tmp_path):
+    from recall.ownership import Marker, write_marker
+
+    pool = tmp_path / "pool"
+    shutil.copytree(world.pool.root, pool)
+    write_marker(pool, Marker("pool", "recall pool", {"source": "toy_web"}))
+    run = recall_run(world, tmp_path / "run", pool=pool)
+    with pytest.raises(UserError) as error:
+        run.method.inputs(run, check=True)
+    assert str(error.value) == (f"replay pool {pool} holds images of source toy_web, not folder: pass replay=toy_web, "
+                                "or replay.pool= a pool of folder (`recall pool replay=folder`), or "
+                                "+replay.any_source=true to replay it as it is")
+    with open_dict(run.cfg):
+        run.cfg.replay.any_source = True
+    with pytest.raises(UserError, match=r"^replay pool .* is not complete \(no pool.json"):  # its source is let be
+        run.method.inputs(run, check=True)
+
+
+def label_scores(cfg, records, labels_dir) -> dict:
+    """A stand-in of a simulation's label scorer (`replay.truth.labels`): class 1 learnt at step 0, 3 later."""
+    return {1: {"iou": 0.5, "empty": 0.0}, 3: {"iou": 0.25, "empty": 1.0}}
+
+
+def test_the_label_quality_is_averaged_over_the_step0_classes_and_the_later_ones(world, tmp_path):
+    run = recall_run(world, tmp_path, protocol="2-1-1")
+    with open_dict(run.cfg):
+        run.cfg.replay.truth = {"labels": "test_replay_method:label_scores"}
+    names = run.class_names
+    quality = run.method.stream(run).label_quality(SimpleNamespace(records=[], labels_dir=tmp_path))
+    assert quality == {f"replay_labels/iou/{names[1]}": 0.5, f"replay_labels/empty/{names[1]}": 0.0,
+                       f"replay_labels/iou/{names[3]}": 0.25, f"replay_labels/empty/{names[3]}": 1.0,
+                       "replay_labels/iou_step0_classes": 0.5, "replay_labels/empty_step0_classes": 0.0,
+                       "replay_labels/iou_later_classes": 0.25, "replay_labels/empty_later_classes": 1.0}

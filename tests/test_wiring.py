@@ -21,6 +21,7 @@ from hand_world import (POOL_SHARES, SIDE, VAL, labelled_pixels, make_world, pro
                         spy)
 from recall.data.classes import IGNORE_INDEX, PADDING
 from recall.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from recall.errors import Diverged
 from recall.methods import StepContext, build_method
 from recall.model import ModelConfig, SegmentationModel
 from recall.train import TrainConfig, make_optimizer, train_one_epoch, train_step
@@ -260,6 +261,35 @@ def test_one_epoch_called_alone_trains_the_model_itself_in_full_precision():
     assert len(losses) == 2 and all(outputs["out"].dtype == torch.float32 for outputs, *_ in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert isinstance(mean, float) and mean > 0
+
+
+def test_one_epoch_alone_prepares_the_step_stops_after_its_iterations_and_names_the_step_it_diverged_in():
+    """train_one_epoch without `prepared`: the method's `prepare` sees the step (a frozen encoder stays in eval mode
+    after step 0); with `iterations` it stops after that many batches (a budget in iterations: a partial pass); a
+    gradient that is not finite stops it with the error that names the step."""
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(head_channels=16), [1, 2])
+    method = build_method("ft", freeze_encoder=True)
+    ctx = StepContext(step=1, task=[[1], [2, 3]], new_classes=[2, 3], old_classes=[1], prev_model=None,
+                      setting="overlapped")
+    loader = DataLoader(TensorDataset(torch.randn(6, 3, SIDE, SIDE), torch.randint(0, 4, (6, SIDE, SIDE))),
+                        batch_size=2)  # three batches
+    optimizer, scheduler = make_optimizer(list(model.decoder_parameters()), 0.01, TrainConfig(), total_iters=3)
+    losses = spy(method, "loss")
+    train_one_epoch(model, method, loader, optimizer, scheduler, ctx, iterations=1)
+    assert len(losses) == 1 and scheduler.last_epoch == 1
+    assert model.training and not model.encoder.training
+
+    class GradientNaN(type(method)):
+        """A finite loss whose gradient is not: sqrt at 0 (its derivative there is infinite, times 0)."""
+
+        def loss(self, outputs, targets, images, ctx):
+            return super().loss(outputs, targets, images, ctx) + torch.sqrt((outputs["out"].sum() * 0).abs())
+
+    with pytest.raises(Diverged, match=r"^step 1 pass, batch 1: a gradient is not finite .* nothing of step 1 was "
+                                       r"saved"):
+        train_one_epoch(model, GradientNaN(freeze_encoder=True), loader, optimizer, scheduler, ctx,
+                        desc="step 1 pass")
 
 
 @pytest.mark.parametrize("method, keeps_previous", [("ft", False), ("mib", True)])
