@@ -567,7 +567,7 @@ def test_without_check_the_inputs_are_named_not_checked(world, tmp_path):
     """`inputs(run)` (provenance, the dry-run, MLflow tags) names what a replay run reads without checking it: a pool
     that is not there yet is named; `inputs(run, check=True)` (before step 0) refuses it."""
     missing = tmp_path / "no_pool"
-    for method in ("recall", "pseudo_replay"):
+    for method in sorted(name for name, cls in METHODS.items() if issubclass(cls, ReplayMethod)):  # RECALL's own too
         run = protocol_run(world, tmp_path / method, "protocol=2-2", f"method={method}", "replay=folder",
                            f"replay.pool={missing}")
         assert run.method.inputs(run) == {"replay_pool": missing}
