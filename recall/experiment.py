@@ -497,7 +497,7 @@ def _run_locked(run: ProtocolRun, cfg: DictConfig, tracker, figures: bool, on_st
             for split in (cfg.dataset.train_split, cfg.dataset.val_split):
                 run.classes_of(split)  # the pre-flight: every image and mask of the split readable, sizes matching
             if distributed.is_main():
-                if cfg.step0 and not (run.step_dir(0) / "model.pt").exists():  # refused before anything is written
+                if step_work(run, 0) == "adopt step0":  # a step 0 that does not fit: refused before anything is written
                     run.check_step0(Path(cfg.step0))
                 check_same_config(run.run_dir / "steps" / "config.yaml", run)
     if tracker is not None:
