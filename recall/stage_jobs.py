@@ -15,8 +15,11 @@ demo's two-thread pretraining) runs with no other. With `--order` (stage-name pr
 prefix run as a group, a group after the one before it has finished. A failed command is reported with its log
 (`<dvc file dir>/logs/<stage, @ as _>.log`) and not committed; without `--order` the stages downstream of it are
 not started (with `--order` the next group starts anyway); the others go on. Stages of other DVC files that a
-stage reads must be up to date (`dvc repro` them first). Afterwards `dvc repro <dvc file>` finds the rest up to
-date (or runs what failed, with its error in the terminal). Interrupted, it stops the commands it started.
+stage reads must be up to date (`dvc repro` them first). DVC works from the root of the project that holds the
+file: the study (study/.dvc) is a DVC project of its own, and a file it reads from the top project that is not
+there (the demo's data/toy) is named before anything starts. Afterwards `dvc repro <dvc file>` (for the study:
+`dvc --cd study repro`) finds the rest up to date (or runs what failed, with its error in the terminal).
+Interrupted, it stops the commands it started.
 
     python -m recall.stage_jobs study/dvc.yaml --executor slurm --slurm-gpus 1 --slurm-time 600
 
@@ -42,6 +45,29 @@ from tqdm import tqdm
 from recall.errors import UserError
 
 
+def project_of(dvc_file: Path) -> Path:
+    """The DVC project `dvc_file` belongs to: the nearest directory above it holding `.dvc` (the study, study/.dvc,
+    is a project of its own, so that the demo's `dvc repro` does not load its stages and its large dvc.lock)."""
+    dvc_file = dvc_file.resolve()
+    if not dvc_file.is_file():
+        raise UserError(f"{dvc_file}: no such file (give a pipeline's dvc.yaml, e.g. dvc.yaml or study/dvc.yaml)")
+    project = next((d for d in dvc_file.parents if (d / ".dvc").is_dir()), None)
+    if project is None:
+        raise UserError(f"{dvc_file}: not inside a DVC project (no .dvc directory above it): `dvc init` one first")
+    return project
+
+
+def check_inputs(dvc_file: Path, stages: list) -> None:
+    """Refuses `stages` (DVC's) when they read a file from outside their project that is not there: DVC cannot make
+    it from this project (the study reads the demo's data/toy, which the demo's `toyworld` stage makes)."""
+    missing = sorted({str(dep.fs_path) for stage in stages for dep in stage.deps
+                      if not dep.is_in_repo and dep.protocol == "local" and not dep.exists})
+    if missing:
+        raise UserError(f"{dvc_file}: its stages read files outside their DVC project ({os.getcwd()}) that are "
+                        f"not there: {', '.join(missing)}; make them first with the project that makes them (the "
+                        "demo's data/toy: `dvc repro toyworld` at the top)")
+
+
 def _stages_of(repo, dvc_file: Path) -> list:
     """The stages `dvc_file` defines (a foreach's items one by one), in the file's order."""
     return [stage for stage in repo.index.stages if Path(stage.path).resolve() == dvc_file.resolve() and stage.cmd]
@@ -58,8 +84,9 @@ def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
     from dvc.repo import Repo
 
     with Repo(".") as repo, repo.lock:
-        return [_command(stage) for stage in _stages_of(repo, dvc_file)
-                if stage.name.split("@")[0] == prefix and stage.status()]
+        stages = [stage for stage in _stages_of(repo, dvc_file) if stage.name.split("@")[0] == prefix]
+        check_inputs(dvc_file, stages)
+        return [_command(stage) for stage in stages if stage.status()]
 
 
 def pipeline(dvc_file: Path, targets: tuple[str, ...] = ()) -> tuple[list[tuple], dict[str, set[str]], dict[str, int]]:
@@ -85,6 +112,7 @@ def pipeline(dvc_file: Path, targets: tuple[str, ...] = ()) -> tuple[list[tuple]
             wanted = {s.addressing for s in stages if s.name in targets or s.name.split("@")[0] in targets}
             wanted |= set().union(*(upstream[a] for a in wanted))
             stages = [s for s in stages if s.addressing in wanted]
+        check_inputs(dvc_file, stages)
         return [_command(stage) for stage in stages], upstream, downstream
 
 
@@ -366,25 +394,29 @@ def main(argv: list[str] | None = None) -> int:
                        help="let jobs open sqlite files (tracking.uri, tune.storage): only on a local filesystem")
     args = parser.parse_args(argv)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    logs = args.dvc_file.parent / "logs"
-    logs.mkdir(exist_ok=True)
     started, all_done, all_failed, not_started = time.perf_counter(), [], [], []
     try:
+        # DVC works from the root of the project that holds the file (as `dvc --cd <root>`): its stages' addressing,
+        # `dvc commit`, DVC_ROOT
+        dvc_file = args.dvc_file.resolve()
+        os.chdir(project_of(dvc_file))
+        logs = dvc_file.parent / "logs"
+        logs.mkdir(exist_ok=True)
         executor = _executor(args, logs, env)
         if args.order is None:
-            all_done, all_failed, not_started = run_dag(args.dvc_file, args.jobs, logs, env, tuple(args.alone),
+            all_done, all_failed, not_started = run_dag(dvc_file, args.jobs, logs, env, tuple(args.alone),
                                                         executor, tuple(args.targets))
         elif args.targets:
             raise UserError("--targets picks stages of the DAG: give it without --order")
+        for prefix in args.order or []:
+            group = stale_stages(dvc_file, prefix)
+            print(f"{prefix}: {len(group)} stale stage(s), {args.jobs} at a time", flush=True)
+            done, failed = run_group(group, args.jobs, logs, env)
+            all_done += done
+            all_failed += failed
     except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    for prefix in args.order or []:
-        group = stale_stages(args.dvc_file, prefix)
-        print(f"{prefix}: {len(group)} stale stage(s), {args.jobs} at a time", flush=True)
-        done, failed = run_group(group, args.jobs, logs, env)
-        all_done += done
-        all_failed += failed
     minutes = (time.perf_counter() - started) / 60
     print(f"{len(all_done)} stage(s) run and committed, {len(all_failed)} failed, in {minutes:.0f} min"
           + (f": {', '.join(all_failed)}" if all_failed else "")

@@ -202,3 +202,51 @@ def test_an_ended_stage_not_yet_committed_is_stopped_and_reported_when_interrupt
     with pytest.raises(KeyboardInterrupt):
         stage_jobs.run_dag(Path("dvc.yaml"), 1, tmp_path, {}, executor=Interrupted(1, tmp_path, {}))
     assert "a: finished, not committed: `dvc commit a` records it" in capsys.readouterr().out
+
+
+def test_a_pipeline_in_a_dvc_project_of_its_own_reads_the_top_project_and_is_not_in_its_index(tmp_path):
+    """As study/ is: a DVC project of its own (`dvc init --subdir`, the top cache) whose stage runs at the top
+    (`cd .. && ...`) and names the top's output and code as `../<path>`. The top `dvc repro` does not load its
+    stages; stage_jobs, called from the top, refuses it while that output is missing (naming it, exit 2), then runs
+    and commits it there (DVC's run cache included, which refuses a working directory outside the project); an
+    edit to the code it reads outside its project makes it stale, and plain `dvc --cd sub repro` runs it again."""
+    from dvc.repo import Repo
+
+    project, env = _project(tmp_path)
+    sub = project / "sub"
+    sub.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--subdir", "-q"], cwd=sub, env=env, check=True)
+    (sub / ".dvc" / "config").write_text("[cache]\n    dir = ../../.dvc/cache\n")
+    use = {"cmd": "cd .. && python make.py use a", "deps": ["../make.py", "../out/base_a.txt"],
+           "outs": ["../sub/out/use_a.txt"]}
+    (sub / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"use": use}}, sort_keys=False))
+    (project / "make.py").write_text(MAKE.replace('f"out/{kind}_{item}.txt"',
+                                                  'f"sub/out/{kind}_{item}.txt" if kind == "use" else '
+                                                  'f"out/{kind}_{item}.txt"'))
+    (sub / "out").mkdir()
+    with Repo(str(project)) as top:
+        assert {stage.name for stage in top.index.stages if stage.cmd} == {
+            "base@a", "base@b", "run@a", "run@b", "run@bad", "report"}, "the top project loads the sub-project"
+
+    refused = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "sub/dvc.yaml"], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"that are not there: {project / 'out' / 'base_a.txt'};" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (sub / "dvc.lock").exists()
+
+    subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--targets", "base@a"], cwd=project,
+                   env=env, check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "sub/dvc.yaml"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 stage(s) run and committed, 0 failed" in done.stdout, done.stdout + done.stderr
+    assert (sub / "out" / "use_a.txt").read_text() == "use a use\n"  # DVC_STAGE: the sub-project's addressing
+    assert (sub / "logs" / "use.log").is_file() and _stale(sub, env) == set()
+    assert "use" in yaml.safe_load((sub / "dvc.lock").read_text())["stages"]
+    assert "use" not in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert not (sub / ".dvc" / "cache").exists(), "the sub-project commits to the top project's cache"
+    (project / "make.py").write_text((project / "make.py").read_text() + "# edited\n")
+    assert "use" in _stale(sub, env), "a code edit outside the sub-project leaves its stage up to date"
+    again = subprocess.run([sys.executable, "-m", "dvc", "--cd", "sub", "repro"], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Running stage 'use'" in again.stdout, again.stdout + again.stderr
+    assert _stale(sub, env) == set()
