@@ -50,26 +50,38 @@ class Resources:
 LAUNCHER_KEYS = ("experiment", "launcher")  # the overrides that can change the launcher section
 
 
+def commands_of(cmd, wdir: Path) -> list[tuple[list[str], Path]]:
+    """A stage's command (a string or a list) as its simple commands, each the words and the directory it runs in:
+    `cd DIR && ...` moves the ones after it (the study's stages run at the top: `cd .. && python -m ...`)."""
+    found = []
+    for command in [cmd] if isinstance(cmd, str) else list(cmd):
+        where = wdir
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            if len(words) == 2 and words[0] == "cd":
+                where = where / words[1]
+            elif words:
+                found.append((words, where))
+    return found
+
+
 def launcher_command(cmd, wdir: Path) -> tuple[str | None, tuple[str, ...]] | None:
     """Of a stage's command that composes recall's configuration (`python -m recall... [--params FILE] key=value
     ...`): the params file it reads and its overrides that can change the `launcher` section (`experiment=`,
     `launcher=`, `launcher.*`); None for any other command (the first recall command of a list counts)."""
-    commands = [cmd] if isinstance(cmd, str) else list(cmd)
-    for command in commands:
-        for part in command.split("&&"):
-            words = shlex.split(part)
-            if not any(w == "-m" and m.split(".")[0] == "recall" for w, m in zip(words, words[1:])):
-                continue
-            params, overrides = None, []
-            for i, word in enumerate(words):
-                if word == "--params" and i + 1 < len(words):
-                    params = str((wdir / words[i + 1]).resolve())
-                elif word.startswith("--params="):
-                    params = str((wdir / word.partition("=")[2]).resolve())
-                elif "=" in word and not word.startswith("-") and \
-                        word.lstrip("+").partition("=")[0].split(".")[0] in LAUNCHER_KEYS:
-                    overrides.append(word)
-            return params, tuple(overrides)
+    for words, where in commands_of(cmd, wdir):
+        if not any(w == "-m" and m.split(".")[0] == "recall" for w, m in zip(words, words[1:])):
+            continue
+        params, overrides = None, []
+        for i, word in enumerate(words):
+            if word == "--params" and i + 1 < len(words):
+                params = str((where / words[i + 1]).resolve())
+            elif word.startswith("--params="):
+                params = str((where / word.partition("=")[2]).resolve())
+            elif "=" in word and not word.startswith("-") and \
+                    word.lstrip("+").partition("=")[0].split(".")[0] in LAUNCHER_KEYS:
+                overrides.append(word)
+        return params, tuple(overrides)
     return None
 
 
@@ -144,20 +156,20 @@ def partitions() -> list[str]:
 def sqlite_stores(cmd: str, wdir: Path) -> list[str]:
     """The sqlite URIs a stage's command opens: `tracking.uri` and `tune.storage` of the params file it names
     (`--params FILE`), overridden by its own `key=value` arguments."""
-    words = shlex.split(cmd) if isinstance(cmd, str) else [w for c in cmd for w in shlex.split(c)]
     values = {}
-    for i, word in enumerate(words[:-1]):
-        if word == "--params" and (wdir / words[i + 1]).is_file():
-            params = yaml.safe_load((wdir / words[i + 1]).read_text()) or {}
-            for key in STORES:
-                section, _, name = key.partition(".")
-                value = (params.get(section) or {}).get(name)
-                if value:
-                    values[key] = str(value)
-    for word in words:
-        key, eq, value = word.partition("=")
-        if eq and key.lstrip("+") in STORES:
-            values[key.lstrip("+")] = value
+    for words, where in commands_of(cmd, wdir):
+        for i, word in enumerate(words[:-1]):
+            if word == "--params" and (where / words[i + 1]).is_file():
+                params = yaml.safe_load((where / words[i + 1]).read_text()) or {}
+                for key in STORES:
+                    section, _, name = key.partition(".")
+                    value = (params.get(section) or {}).get(name)
+                    if value:
+                        values[key] = str(value)
+        for word in words:
+            key, eq, value = word.partition("=")
+            if eq and key.lstrip("+") in STORES:
+                values[key.lstrip("+")] = value
     return [value for value in values.values() if value.startswith("sqlite:")]
 
 

@@ -59,6 +59,9 @@ def test_only_the_overrides_that_can_change_the_launcher_are_composed_once_each(
         (str(ROOT / "params.yaml"), ("experiment=paper_voc", "+launcher.cpus=2"))
     assert launcher_command(["echo hi", "python -m recall.sim.toyworld out launcher.gpus=0"], ROOT) == \
         (None, ("launcher.gpus=0",))
+    # the study's stages run at the top (`cd ..` from study/, their DVC project): the top's params.yaml, not the
+    # study's tables beside its dvc.yaml
+    assert launcher_command("cd .. && " + RUN.format("a"), ROOT / "study") == (str(ROOT / "params.yaml"), ())
     _launcher.cache_clear()
     for key in "abcdef":  # a study's runs differ in run_dir, seed, ...: one composition
         stage_resources(f"run@{key}", RUN.format(key) + f" seed={len(key)}", ROOT)

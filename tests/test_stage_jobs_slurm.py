@@ -340,6 +340,10 @@ def test_a_sqlite_store_is_found_in_the_params_file_and_the_overrides(tmp_path):
         == []
     assert sqlite_stores("python -m recall tune tune.storage=sqlite:///optuna.db", tmp_path) == ["sqlite:///optuna.db"]
     assert sqlite_stores("python make.py base a", tmp_path) == []
+    (tmp_path / "study").mkdir()  # a stage of the study's DVC project, run at the top
+    (tmp_path / "study" / "params.yaml").write_text("tracking:\n  uri: null\n")
+    assert sqlite_stores("cd .. && python -m recall.stages.run --params params.yaml", tmp_path / "study") == \
+        ["sqlite:///mlflow.db"]
 
 
 def test_a_controller_that_stops_answering_mid_way_fails_no_job(monkeypatch):
