@@ -122,11 +122,15 @@ def test_ui_prints_the_runs_table_in_the_model_training_view(pipeline, capsys, t
     assert "make demo" in capsys.readouterr().out and not missing.exists(), "read-only: never creates a store"
 
 
-def test_dvc_stage_is_the_source_under_dvc_repro(monkeypatch):
+def test_dvc_stage_is_the_source_under_dvc_repro(monkeypatch, tmp_path):
     from recall.tracking import source_tags
 
     monkeypatch.setenv("DVC_STAGE", "step0@15-overlapped")  # what `dvc repro` sets for a stage's command
     assert source_tags("recall run")["mlflow.source.name"] == "dvc.yaml:step0@15-overlapped"
+    monkeypatch.chdir(tmp_path)  # a stage of the study's DVC project, whose commands run at the top
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "study"))
+    monkeypatch.setenv("DVC_STAGE", "run@pretrained_15-5_mib_s0")
+    assert source_tags("recall run")["mlflow.source.name"] == "study/dvc.yaml:run@pretrained_15-5_mib_s0"
     monkeypatch.delenv("DVC_STAGE")
     assert source_tags("recall tune")["mlflow.source.name"] == "recall tune"
 
