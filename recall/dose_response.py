@@ -192,7 +192,7 @@ def study_report(study: dict, root: Path = Path(".")) -> tuple[dict, dict[float,
                                     f"{protocol}, seed {seed}); add it to the variants or drop it from the section")
                 run_dir = root / "study" / "runs" / key
                 if not (run_dir / "metrics.json").is_file():
-                    raise UserError(f"{run_dir}: not finished (no metrics.json); run `dvc repro study/dvc.yaml`")
+                    raise UserError(f"{run_dir}: not finished (no metrics.json); run `dvc --cd study repro`")
                 records.setdefault(protocol, {}).setdefault(name, {})[str(seed)] = scored(run_dir)
     class_map = {}
     for seed in seeds:

@@ -21,7 +21,9 @@ from recall.generated import rewrite_lists
 from recall.provenance import PACKAGE_DIR, import_closure
 
 ROOT = PACKAGE_DIR.parent
-DVC_FILES = ("dvc.yaml", "tune/dvc.yaml", "study/dvc.yaml")
+# each pipeline file and what its deps put before a path from the top: the study is a DVC project of its own
+# (study/.dvc), whose stages name the top's files as `../<path>`
+DVC_FILES = {"dvc.yaml": "", "tune/dvc.yaml": "", "study/dvc.yaml": "../"}
 MARKER = re.compile(r"^(?P<indent>\s*)# code of (?P<entry>[\w.]+) \(generated: python -m recall\.pipeline\)\s*$")
 
 
@@ -49,16 +51,17 @@ def code_deps(entry: str) -> list[str]:
     return [p.relative_to(ROOT).as_posix() for p in deps]
 
 
-def rewrite(text: str) -> str:
+def rewrite(text: str, top: str = "") -> str:
     """`text` (a dvc.yaml) with every marker's code deps regenerated; the lines after a marker that name files under
-    recall/ are replaced."""
-    return rewrite_lists(text, lambda line: (found := MARKER.match(line)) and found["entry"], "recall", code_deps)
+    recall/ are replaced. ``top``: what the file's deps put before a path from the top (DVC_FILES)."""
+    return rewrite_lists(text, lambda line: (found := MARKER.match(line)) and found["entry"], f"{top}recall",
+                         lambda entry: [f"{top}{path}" for path in code_deps(entry)])
 
 
 def stale_files(root: Path = ROOT) -> list[Path]:
     """The dvc.yaml files whose generated code deps are out of date."""
-    return [root / name for name in DVC_FILES
-            if (root / name).is_file() and rewrite((root / name).read_text()) != (root / name).read_text()]
+    return [root / name for name, top in DVC_FILES.items()
+            if (root / name).is_file() and rewrite((root / name).read_text(), top) != (root / name).read_text()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path.relative_to(ROOT)}: code deps out of date; run `python -m recall.pipeline`", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
-        path.write_text(rewrite(path.read_text()))
+        path.write_text(rewrite(path.read_text(), DVC_FILES[path.relative_to(ROOT).as_posix()]))
         print(f"{path.relative_to(ROOT)}: code deps regenerated")
     return 0
 

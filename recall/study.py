@@ -1,4 +1,4 @@
-"""The multi-seed study behind docs/results.md: a DVC pipeline of its own (study/dvc.yaml), apart from the demo.
+"""The multi-seed study behind docs/results.md: a DVC project of its own (study/dvc.yaml), apart from the demo.
 
 study/spec.yaml says what runs: seeds, protocols, setting, the *variants* compared (each a list of `recall run`
 overrides: a method, a replay source, options), the *worlds* they run in (overrides too, e.g. the from-scratch
@@ -244,13 +244,13 @@ def dose_inputs(spec: dict, tables: dict) -> list[str]:
 
 
 def with_dose_inputs(dvc_text: str, inputs: list[str]) -> str:
-    """study/dvc.yaml's text with the list after DOSE_MARKER replaced by `inputs` (every `- study/...` line right after
-    the marker is generated). A spec with a dose_response section needs the marker: an error says so."""
+    """study/dvc.yaml's text with the list after DOSE_MARKER replaced by `inputs` (every `- ../study/...` line right
+    after the marker is generated). A spec with a dose_response section needs the marker: an error says so."""
     if inputs and not any(line.strip() == DOSE_MARKER for line in dvc_text.splitlines()):
         raise ValueError(f"study/dvc.yaml: the dose_response stage's deps lack the line `{DOSE_MARKER}` after which "
                          "`python -m recall.study` writes what it reads")
-    return rewrite_lists(dvc_text, lambda line: DOSE_MARKER if line.strip() == DOSE_MARKER else None, "study/",
-                         lambda _: inputs)
+    return rewrite_lists(dvc_text, lambda line: DOSE_MARKER if line.strip() == DOSE_MARKER else None, "../study/",
+                         lambda _: [f"../{path}" for path in inputs])  # study/ is a DVC project: the top is ../
 
 
 def render(spec: dict) -> str:

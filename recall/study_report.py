@@ -94,7 +94,7 @@ def study_cells(study: dict, root: Path = Path(".")) -> dict:
     missing = [key for key, _ in tables if not (root / "study" / "runs" / key / "metrics.json").is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} study runs are not finished (e.g. {', '.join(missing[:3])}): run "
-                                "`dvc repro study/dvc.yaml` first")
+                                "`dvc --cd study repro` first")
     protocols_of: dict[str, set[str]] = {}
     for item in study["runs"].values():
         protocols_of.setdefault(item["world"], set()).add(item["protocol"])

@@ -22,6 +22,28 @@ def test_study_tables_are_current():
         "run `python -m recall.study` after editing study/spec.yaml"
 
 
+def test_the_study_is_a_dvc_project_of_its_own_that_the_demo_does_not_load():
+    """The demo's `dvc repro` parses every dvc.yaml and dvc.lock of its project: the study (hundreds of stages, each
+    listing its code closure) is a DVC project of its own, study/.dvc, committing to the top's cache. Each of its
+    stages works from study/ (DVC refuses to commit a stage whose working directory lies outside its project) and
+    runs its command at the top; every path it names is the top's, as `../<path>`."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as top:
+        assert not [s for s in top.index.stages if (ROOT / "study") in Path(s.path).parents]
+        assert Path(top.cache.local.path).resolve() == (ROOT / ".dvc" / "cache" / "files" / "md5").resolve()
+    with Repo(str(ROOT / "study")) as project:
+        assert Path(project.root_dir) == ROOT / "study"
+        assert Path(project.cache.local.path).resolve() == (ROOT / ".dvc" / "cache" / "files" / "md5").resolve()
+        stages = [s for s in project.index.stages if s.cmd]
+        assert {s.name.split("@")[0] for s in stages} == {"pretrain", "standin", "classmap", "pool", "step0", "run",
+                                                          "joint", "dose_response", "report"}
+        for stage in stages:
+            assert Path(stage.wdir) == ROOT / "study" and stage.cmd.startswith("cd .. && python -m recall."), stage
+            paths = [d.def_path for d in stage.deps] + [o.def_path for o in stage.outs]
+            assert all(p.startswith("../") for p in paths), (stage.name, [p for p in paths if p[:3] != "../"])
+
+
 SOURCES = {"toy_gan": ["replay.mapping={chain}/toy_gan_mapping.json", "replay.source.seed={seed}"],
            "web": ["replay.source.standin.seed={seed}"]}
 SPEC = {"seeds": [0, 1], "protocols": ["15-5", "10-2x5"], "joint": True, "chain": {"sources": SOURCES},
