@@ -50,7 +50,8 @@ def project_of(dvc_file: Path) -> Path:
     is a project of its own, so that the demo's `dvc repro` does not load its stages and its large dvc.lock)."""
     dvc_file = dvc_file.resolve()
     if not dvc_file.is_file():
-        raise UserError(f"{dvc_file}: no such file (give a pipeline's dvc.yaml, e.g. dvc.yaml or study/dvc.yaml)")
+        what = "a directory" if dvc_file.is_dir() else "no such file"
+        raise UserError(f"{dvc_file}: {what} (give a pipeline's dvc.yaml, e.g. dvc.yaml or study/dvc.yaml)")
     project = next((d for d in dvc_file.parents if (d / ".dvc").is_dir()), None)
     if project is None:
         raise UserError(f"{dvc_file}: not inside a DVC project (no .dvc directory above it): `dvc init` one first")

@@ -250,3 +250,18 @@ def test_a_pipeline_in_a_dvc_project_of_its_own_reads_the_top_project_and_is_not
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Running stage 'use'" in again.stdout, again.stdout + again.stderr
     assert _stale(sub, env) == set()
+
+
+def test_a_file_that_is_no_pipeline_of_a_dvc_project_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from recall.stage_jobs import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "loose.yaml").write_text("stages: {}\n")
+    for argv, said in ((["missing/dvc.yaml"], "missing/dvc.yaml: no such file"),
+                       (["study"], "study: a directory"),
+                       (["loose.yaml"], "loose.yaml: not inside a DVC project (no .dvc directory above it)")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "study" / "logs").exists()
