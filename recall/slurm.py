@@ -195,10 +195,12 @@ class Slurm:
     queues = True  # a stage is handed over once the stages it reads are finished *or queued*
     interval = 2.0
 
-    def __init__(self, logs: Path, env: dict, options: dict, missing_outputs, commit, allow_sqlite: bool = False):
+    def __init__(self, logs: Path, env: dict, options: dict, missing_outputs, commit, allow_sqlite: bool = False,
+                 dvc_cli=lambda: "dvc"):
         """``options``: the `--slurm-*` options given (a Resources field -> value; None: from the stage's config).
         ``missing_outputs(addressing)`` lists a stage's outputs that are not there, ``commit(addressing, env)``
-        `dvc commit`s it (True once done): recall.stage_jobs' own, the same for both executors."""
+        `dvc commit`s it (True once done): recall.stage_jobs' own, the same for both executors; ``dvc_cli()``: the
+        `dvc` command a message suggests (`dvc --cd study` for the study's project)."""
         self.partitions = partitions()
         partition = options.get("partition")
         if partition is not None and partition not in self.partitions:
@@ -210,7 +212,7 @@ class Slurm:
         self.state_file = self.folder / "jobs.json"
         self.env, self.options, self.allow_sqlite = env, options, allow_sqlite
         self.resources: dict[str, Resources] = {}  # each stage's, resolved by `check`
-        self.missing_outputs, self.commit = missing_outputs, commit
+        self.missing_outputs, self.commit, self.dvc_cli = missing_outputs, commit, dvc_cli
         self.executor = submitit.SlurmExecutor(folder=self.folder)
         self.recorded = self._read_state()
         self.attached: set[str] = set()
@@ -344,7 +346,7 @@ class Slurm:
             if self.commit(addressing, self.env):
                 return True
             tqdm.write(f"{addressing}: ran, but `dvc commit` failed (another DVC command holding the repository's "
-                       f"lock?); run `dvc commit {addressing}` when it is free")
+                       f"lock?); run `{self.dvc_cli()} commit {addressing}` when it is free")
             return False
         finally:  # forgotten once handled (killed before: the next call re-attaches and commits it)
             self._record(addressing, None)

@@ -44,6 +44,22 @@ from tqdm import tqdm
 
 from recall.errors import UserError
 
+# where the command was started: DVC works from the project's root (main), paths and the `dvc` commands that
+# messages suggest are shown from here
+INVOKED_FROM = Path.cwd()
+
+
+def shown(path) -> str:
+    """A path as the user, in the directory the command was started from, types it."""
+    return os.path.relpath(path, INVOKED_FROM)
+
+
+def dvc_cli() -> str:
+    """`dvc`, or `dvc --cd <project>` when the project DVC works from is not where the command was started (the
+    study's: `dvc --cd study`)."""
+    project = Path.cwd()
+    return "dvc" if project == INVOKED_FROM.resolve() else f"dvc --cd {shown(project)}"
+
 
 def project_of(dvc_file: Path) -> Path:
     """The DVC project `dvc_file` belongs to: the nearest directory above it holding `.dvc` (the study, study/.dvc,
@@ -58,15 +74,20 @@ def project_of(dvc_file: Path) -> Path:
     return project
 
 
-def check_inputs(dvc_file: Path, stages: list) -> None:
-    """Refuses `stages` (DVC's) when they read a file from outside their project that is not there: DVC cannot make
-    it from this project (the study reads the demo's data/toy, which the demo's `toyworld` stage makes)."""
-    missing = sorted({str(dep.fs_path) for stage in stages for dep in stage.deps
-                      if not dep.is_in_repo and dep.protocol == "local" and not dep.exists})
+def check_inputs(repo, dvc_file: Path, stages: list) -> None:
+    """Refuses `stages` (DVC's) when they read a file from outside their project that is not there and that no stage
+    of the project makes (the study's report reads ../docs/dose_response.json, which its dose_response stage
+    makes): DVC cannot make it from this project (the study reads the demo's data/toy, which the demo's `toyworld`
+    stage makes)."""
+    made = [Path(out.fs_path) for stage in repo.index.stages for out in stage.outs]
+    made_here = lambda path: any(path == out or out in path.parents for out in made)  # noqa: E731
+    missing = sorted({shown(dep.fs_path) for stage in stages for dep in stage.deps
+                      if not dep.is_in_repo and dep.protocol == "local" and not dep.exists
+                      and not made_here(Path(dep.fs_path))})
     if missing:
-        raise UserError(f"{dvc_file}: its stages read files outside their DVC project ({os.getcwd()}) that are "
-                        f"not there: {', '.join(missing)}; make them first with the project that makes them (the "
-                        "demo's data/toy: `dvc repro toyworld` at the top)")
+        raise UserError(f"{shown(dvc_file)}: its stages read files outside their DVC project ({shown(Path.cwd())}) "
+                        f"that are not there: {', '.join(missing)}; make them first with the project that makes them "
+                        "(the demo's data/toy: `dvc repro toyworld` at the top)")
 
 
 def _stages_of(repo, dvc_file: Path) -> list:
@@ -86,7 +107,7 @@ def stale_stages(dvc_file: Path, prefix: str) -> list[tuple]:
 
     with Repo(".") as repo, repo.lock:
         stages = [stage for stage in _stages_of(repo, dvc_file) if stage.name.split("@")[0] == prefix]
-        check_inputs(dvc_file, stages)
+        check_inputs(repo, dvc_file, stages)
         return [_command(stage) for stage in stages if stage.status()]
 
 
@@ -108,12 +129,12 @@ def pipeline(dvc_file: Path, targets: tuple[str, ...] = ()) -> tuple[list[tuple]
         if targets:
             unknown = [t for t in targets if not any(t in (s.name, s.name.split("@")[0]) for s in stages)]
             if unknown:
-                raise UserError(f"--targets {' '.join(unknown)}: no such stage in {dvc_file} (give a stage's name, "
-                                "`name@key`, or a foreach's name; `dvc stage list` lists them)")
+                raise UserError(f"--targets {' '.join(unknown)}: no such stage in {shown(dvc_file)} (give a stage's "
+                                f"name, `name@key`, or a foreach's name; `{dvc_cli()} stage list` lists them)")
             wanted = {s.addressing for s in stages if s.name in targets or s.name.split("@")[0] in targets}
             wanted |= set().union(*(upstream[a] for a in wanted))
             stages = [s for s in stages if s.addressing in wanted]
-        check_inputs(dvc_file, stages)
+        check_inputs(repo, dvc_file, stages)
         return [_command(stage) for stage in stages], upstream, downstream
 
 
@@ -146,7 +167,7 @@ def missing_outputs(addressing: str) -> list[str]:
 
     with Repo(".") as repo:
         (stage,) = repo.stage.collect(addressing)
-        return [os.path.relpath(out.fs_path) for out in stage.outs if not out.exists]
+        return [shown(out.fs_path) for out in stage.outs if not out.exists]
 
 
 COMMIT_TRIES = 5
@@ -188,7 +209,7 @@ def finish(addressing: str, running: dict, env: dict) -> bool:
     if commit(addressing, env):
         return True
     tqdm.write(f"{addressing}: ran, but `dvc commit` failed {COMMIT_TRIES} times (another DVC command holding the "
-               f"repository's lock?); run `dvc commit {addressing}` when it is free")
+               f"repository's lock?); run `{dvc_cli()} commit {addressing}` when it is free")
     return False
 
 
@@ -308,7 +329,7 @@ def stop(running: dict, report_finished: bool = True) -> None:
             process.wait()
             tqdm.write(f"{addressing}: stopped, not committed")
         elif process.returncode == 0 and report_finished:
-            tqdm.write(f"{addressing}: finished, not committed: `dvc commit {addressing}` records it")
+            tqdm.write(f"{addressing}: finished, not committed: `{dvc_cli()} commit {addressing}` records it")
         handle.close()
 
 
@@ -365,7 +386,7 @@ def _executor(args, logs: Path, env: dict):
 
     options = {"cpus": args.slurm_cpus, "mem_gb": args.slurm_mem, "time_min": args.slurm_time,
                "gpus": args.slurm_gpus, "partition": args.slurm_partition}  # None: the stage's launcher section
-    return Slurm(logs, env, options, missing_outputs, commit, allow_sqlite=args.allow_sqlite)
+    return Slurm(logs, env, options, missing_outputs, commit, allow_sqlite=args.allow_sqlite, dvc_cli=dvc_cli)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +416,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="let jobs open sqlite files (tracking.uri, tune.storage): only on a local filesystem")
     args = parser.parse_args(argv)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    started, all_done, all_failed, not_started = time.perf_counter(), [], [], []
+    started = time.perf_counter()
+    global INVOKED_FROM
+    INVOKED_FROM = Path.cwd()
+    try:
+        return _main(args, parser.prog, env, started)
+    finally:
+        os.chdir(INVOKED_FROM)  # an in-process caller keeps its working directory
+
+
+def _main(args, prog: str, env: dict, started: float) -> int:
+    all_done, all_failed, not_started, executor = [], [], [], None
     try:
         # DVC works from the root of the project that holds the file (as `dvc --cd <root>`): its stages' addressing,
         # `dvc commit`, DVC_ROOT
@@ -416,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             all_done += done
             all_failed += failed
     except UserError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     minutes = (time.perf_counter() - started) / 60
     print(f"{len(all_done)} stage(s) run and committed, {len(all_failed)} failed, in {minutes:.0f} min"
@@ -425,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if executor is not None:
         print(executor.summary())
         if executor.errors:
-            print(f"{parser.prog}: error: " + "; ".join(executor.errors), file=sys.stderr)
+            print(f"{prog}: error: " + "; ".join(executor.errors), file=sys.stderr)
             return 2
     return 1 if all_failed else 0
 

@@ -217,9 +217,13 @@ def test_a_pipeline_in_a_dvc_project_of_its_own_reads_the_top_project_and_is_not
     sub.mkdir()
     subprocess.run([sys.executable, "-m", "dvc", "init", "--subdir", "-q"], cwd=sub, env=env, check=True)
     (sub / ".dvc" / "config").write_text("[cache]\n    dir = ../../.dvc/cache\n")
-    use = {"cmd": "cd .. && python make.py use a", "deps": ["../make.py", "../out/base_a.txt"],
+    # a file outside the sub-project that one of its own stages makes is no missing input (the study's report reads
+    # ../docs/dose_response.json, which its dose_response stage makes)
+    note = {"cmd": "cd .. && mkdir -p docs && echo note > docs/note.txt",
+            "outs": [{"../docs/note.txt": {"cache": False}}]}
+    use = {"cmd": "cd .. && python make.py use a", "deps": ["../make.py", "../out/base_a.txt", "../docs/note.txt"],
            "outs": ["../sub/out/use_a.txt"]}
-    (sub / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"use": use}}, sort_keys=False))
+    (sub / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"note": note, "use": use}}, sort_keys=False))
     (project / "make.py").write_text(MAKE.replace('f"out/{kind}_{item}.txt"',
                                                   'f"sub/out/{kind}_{item}.txt" if kind == "use" else '
                                                   'f"out/{kind}_{item}.txt"'))
@@ -231,17 +235,21 @@ def test_a_pipeline_in_a_dvc_project_of_its_own_reads_the_top_project_and_is_not
     refused = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "sub/dvc.yaml"], cwd=project, env=env,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert f"that are not there: {project / 'out' / 'base_a.txt'};" in refused.stderr, refused.stderr
+    assert "sub/dvc.yaml: its stages read files outside their DVC project (sub) that are not there: " \
+        "out/base_a.txt; make them first" in refused.stderr, refused.stderr  # paths as typed where it was started
     assert "Traceback" not in refused.stderr and not (sub / "dvc.lock").exists()
+    unknown = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "sub/dvc.yaml", "--targets", "nope"],
+                             cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "`dvc --cd sub stage list` lists them" in unknown.stderr, unknown.stderr
 
     subprocess.run([sys.executable, "-m", "recall.stage_jobs", "dvc.yaml", "--targets", "base@a"], cwd=project,
                    env=env, check=True, capture_output=True, timeout=300)
     done = subprocess.run([sys.executable, "-m", "recall.stage_jobs", "sub/dvc.yaml"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "1 stage(s) run and committed, 0 failed" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "2 stage(s) run and committed, 0 failed" in done.stdout, done.stdout + done.stderr
     assert (sub / "out" / "use_a.txt").read_text() == "use a use\n"  # DVC_STAGE: the sub-project's addressing
     assert (sub / "logs" / "use.log").is_file() and _stale(sub, env) == set()
-    assert "use" in yaml.safe_load((sub / "dvc.lock").read_text())["stages"]
+    assert {"note", "use"} <= set(yaml.safe_load((sub / "dvc.lock").read_text())["stages"])
     assert "use" not in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert not (sub / ".dvc" / "cache").exists(), "the sub-project commits to the top project's cache"
     (project / "make.py").write_text((project / "make.py").read_text() + "# edited\n")
