@@ -253,6 +253,17 @@ def with_dose_inputs(dvc_text: str, inputs: list[str]) -> str:
                          lambda _: [f"../{path}" for path in inputs])  # study/ is a DVC project: the top is ../
 
 
+def check_dataset_root(params_file: Path) -> None:
+    """The study's stages name the dataset as `../${dataset.root}` (study/ is a DVC project of its own, whose paths
+    are the top's with `../` in front): an absolute dataset.root in the top's params.yaml would name a path that is
+    not there."""
+    params = yaml.safe_load(params_file.read_text()) if params_file.is_file() else None
+    root = ((params or {}).get("dataset") or {}).get("root")
+    if root and Path(str(root)).is_absolute():
+        raise ValueError(f"{params_file}: dataset.root={root} is absolute, but the study's stages read it as "
+                         "../${dataset.root} (study/dvc.yaml): give it relative to the top, e.g. data/voc")
+
+
 def render(spec: dict) -> str:
     """study/params.yaml for `spec`: its expansion."""
     return HEADER + yaml.safe_dump(expand(spec), sort_keys=False, width=120)
@@ -274,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = yaml.safe_load(args.spec.read_text())
         if not isinstance(spec, dict):
             raise ValueError("not a mapping of seeds, protocols, worlds, variants, ...")
+        check_dataset_root(args.spec.resolve().parent.parent / "params.yaml")
         pipeline = args.spec.with_name("dvc.yaml")
         files = {args.spec.with_name(TABLES_FILE.name): render(spec)}
         if pipeline.is_file():

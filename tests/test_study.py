@@ -44,6 +44,18 @@ def test_the_study_is_a_dvc_project_of_its_own_that_the_demo_does_not_load():
             assert all(p.startswith("../") for p in paths), (stage.name, [p for p in paths if p[:3] != "../"])
 
 
+def test_an_absolute_dataset_root_is_refused_for_the_study(tmp_path, capsys):
+    """The study's stages read `../${dataset.root}` (paths from the top, seen from study/): an absolute root in the
+    top's params.yaml is one line, exit 2, nothing written."""
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "spec.yaml").write_text((ROOT / "study" / "spec.yaml").read_text())
+    (tmp_path / "params.yaml").write_text("dataset:\n  root: /mnt/voc\n")
+    assert study.main(["--spec", str(tmp_path / "study" / "spec.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.root=/mnt/voc is absolute" in err and "e.g. data/voc" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["spec.yaml"]
+
+
 SOURCES = {"toy_gan": ["replay.mapping={chain}/toy_gan_mapping.json", "replay.source.seed={seed}"],
            "web": ["replay.source.standin.seed={seed}"]}
 SPEC = {"seeds": [0, 1], "protocols": ["15-5", "10-2x5"], "joint": True, "chain": {"sources": SOURCES},
