@@ -61,8 +61,9 @@ def _git(*args: str) -> str | None:
 def source_tags(command: str) -> dict[str, str]:
     """MLflow's source tags (the runs table's Source and Version columns) and our `git_commit` (with -dirty).
     Under `dvc repro` the source is the stage (DVC sets DVC_STAGE), e.g. `dvc.yaml:step0@15-overlapped`, which
-    `dvc repro` accepts as is, or `study/dvc.yaml:run@...` for the study's DVC project (its root, DVC_ROOT, from
-    where the command runs: the top); else the command, e.g. `recall run`. The remote URL is left out (it may hold a
+    `dvc repro` accepts as is, or `study/dvc.yaml:run@...` for the study's DVC project (from its root, DVC_ROOT, and
+    the top, where the command runs; `dvc --cd study repro run@...` runs it again); else the command, e.g.
+    `recall run`. The remote URL is left out (it may hold a
     token)."""
     from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW_SOURCE_NAME,
                                           MLFLOW_SOURCE_TYPE)
