@@ -50,8 +50,9 @@ INVOKED_FROM = Path.cwd()
 
 
 def shown(path) -> str:
-    """A path as the user, in the directory the command was started from, types it."""
-    return os.path.relpath(path, INVOKED_FROM)
+    """A path as the user, in the directory the command was started from, types it (whole when it lies elsewhere)."""
+    relative = os.path.relpath(path, INVOKED_FROM)
+    return str(Path(path).resolve()) if relative.startswith("..") else relative
 
 
 def dvc_cli() -> str:
@@ -67,10 +68,14 @@ def project_of(dvc_file: Path) -> Path:
     dvc_file = dvc_file.resolve()
     if not dvc_file.is_file():
         what = "a directory" if dvc_file.is_dir() else "no such file"
-        raise UserError(f"{dvc_file}: {what} (give a pipeline's dvc.yaml, e.g. dvc.yaml or study/dvc.yaml)")
+        raise UserError(f"{shown(dvc_file)}: {what} (give a pipeline's dvc.yaml, e.g. dvc.yaml or study/dvc.yaml)")
+    if dvc_file.name != "dvc.yaml":
+        raise UserError(f"{shown(dvc_file)}: not a dvc.yaml (DVC reads a pipeline's stages only from files of that "
+                        "name; e.g. dvc.yaml or study/dvc.yaml)")
     project = next((d for d in dvc_file.parents if (d / ".dvc").is_dir()), None)
     if project is None:
-        raise UserError(f"{dvc_file}: not inside a DVC project (no .dvc directory above it): `dvc init` one first")
+        raise UserError(f"{shown(dvc_file)}: not inside a DVC project (no .dvc directory above it): `dvc init` one "
+                        "first")
     return project
 
 

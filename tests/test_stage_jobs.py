@@ -265,11 +265,14 @@ def test_a_file_that_is_no_pipeline_of_a_dvc_project_is_one_line_and_exit_2(tmp_
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "study").mkdir()
-    (tmp_path / "loose.yaml").write_text("stages: {}\n")
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "study" / "params.yaml").write_text("runs: {}\n")
     for argv, said in ((["missing/dvc.yaml"], "missing/dvc.yaml: no such file"),
                        (["study"], "study: a directory"),
-                       (["loose.yaml"], "loose.yaml: not inside a DVC project (no .dvc directory above it)")):
+                       (["study/params.yaml"], "study/params.yaml: not a dvc.yaml"),
+                       (["loose/dvc.yaml"], "loose/dvc.yaml: not inside a DVC project (no .dvc directory above it)")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "study" / "logs").exists()
+    assert not [p for p in tmp_path.rglob("logs")], "a refusal writes nothing"
