@@ -219,9 +219,9 @@ def test_a_pipeline_in_a_dvc_project_of_its_own_reads_the_top_project_and_is_not
     (sub / ".dvc" / "config").write_text("[cache]\n    dir = ../../.dvc/cache\n")
     # a file outside the sub-project that one of its own stages makes is no missing input (the study's report reads
     # ../docs/dose_response.json, which its dose_response stage makes)
-    note = {"cmd": "cd .. && mkdir -p docs && echo note > docs/note.txt",
-            "outs": [{"../docs/note.txt": {"cache": False}}]}
-    use = {"cmd": "cd .. && python make.py use a", "deps": ["../make.py", "../out/base_a.txt", "../docs/note.txt"],
+    note = {"cmd": "cd .. && mkdir -p shared && echo note > shared/note.txt",
+            "outs": [{"../shared/note.txt": {"cache": False}}]}
+    use = {"cmd": "cd .. && python make.py use a", "deps": ["../make.py", "../out/base_a.txt", "../shared/note.txt"],
            "outs": ["../sub/out/use_a.txt"]}
     (sub / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"note": note, "use": use}}, sort_keys=False))
     (project / "make.py").write_text(MAKE.replace('f"out/{kind}_{item}.txt"',
