@@ -66,6 +66,24 @@ def test_the_memory_hands_on_the_extra_model_of_a_method_it_does_not_replace(wor
     assert wrapped.extra_model(run, 0) is None and wrapped.extra_model(run, 2) is None
 
 
+def test_the_memory_drops_the_extra_model_of_a_replay_method_it_replaces(world, tmp_path):
+    """RECALL's helper decoders label its pool's images; the memory's stored images carry their labels, so a RECALL
+    under replay=memory trains none (and the memory keeps RECALL's own replay ratio)."""
+    from recall.methods import build_method, for_source
+
+    run = protocol_run(world, tmp_path, "protocol=2-1-1", "method=ft", "replay=memory", "replay.memory_size=2")
+    recall = build_method("recall")
+    wrapped = for_source(recall, {"name": "memory", "memory_size": 2, "replay_ratio": 0.25})
+    assert isinstance(wrapped, MemoryReplay) and wrapped.replaces and wrapped.source == "memory"
+    assert wrapped.replay_ratio == recall.replay_ratio
+    assert all(wrapped.extra_model(run, step) is None for step in (0, 1, 2))
+    assert for_source(FineTuning(), {"name": "toy_gan"}).name == "ft"  # a pool source leaves the method as it is
+    assert MemoryReplay(FineTuning()).source == "memory"  # built by hand: the run source's name (MLflow, the plan)
+    with pytest.raises(Exception, match=r"replay.replay_ratio=1.5: must be in \(0, 1\) \(share of memory samples "
+                                        r"per batch; SSUL replaces half of every batch: 0.5\)$"):
+        MemoryReplay(FineTuning(), replay_ratio=1.5)
+
+
 def test_the_plan_a_run_starts_with_draws_no_random_number_and_writes_nothing(world, tmp_path):
     """run_steps computes the plan before step 0: after the pre-flight (which writes the image caches) it leaves the
     global RNGs and the run directory as they were, for a method with an extra model and a replay stream."""

@@ -265,3 +265,12 @@ def test_a_derived_number_is_one_function_and_one_registry_line(monkeypatch) -> 
     assert tune.directions("gap") == ("minimize",) and tune.objective_names("gap") == ["miou_gap"]
     assert tune.step_value(result, "gap") == pytest.approx(0.4)
     assert tune.final_values(result, "gap") == [pytest.approx(0.4)]
+
+
+def test_a_summary_reads_its_miou_or_computes_its_derived_number() -> None:
+    from recall.metrics import SUMMARIES
+
+    result = {"miou": {"all": 0.5, "old_no_bg": 0.6, "new": 0.3}}
+    assert SUMMARIES["all"].value(result) == 0.5 and not SUMMARIES["all"].derived
+    assert SUMMARIES["new"].value(result) == 0.3
+    assert SUMMARIES["hmean"].derived and SUMMARIES["hmean"].value(result) == pytest.approx(2 * 0.6 * 0.3 / 0.9)

@@ -95,6 +95,8 @@ def test_local_pod_loss_by_hand():
     got = local_pod(old, new, [0.01, 0.0005], [1, 2, 4], schedule)
     assert got.item() == pytest.approx(pod_loss_by_hand(old, new, [0.01, 0.0005], [1, 2, 4], schedule), rel=1e-10)
     assert local_pod(old, [o.clone() for o in old], [0.01, 0.0005], [1, 2, 4]).item() == 0
+    unscheduled = pod_loss_by_hand(old, new, [0.01, 0.0005], [1, 2, 4], 1.0)
+    assert local_pod(old, new, [0.01, 0.0005], [1, 2, 4]).item() == pytest.approx(unscheduled, rel=1e-10)  # default
 
 
 def test_local_pod_gradient_is_finite_when_the_models_agree():
@@ -344,6 +346,11 @@ def test_plop_loss_is_the_weighted_ce_plus_local_pod():
     expected = weighted_cross_entropy(outputs["out"], labels, adaptive_factor(confident, background)) + \
         local_pod(maps_old, maps_new, factors, [1, 2, 4], math.sqrt(5 / 1))
     assert torch.allclose(method.loss(outputs, targets, images, ctx), expected)
+    plain = PLOP(classif_adaptive_factor=False)  # every image's cross-entropy weighs 1
+    plain._thresholds[1] = method._thresholds[1]
+    expected = weighted_cross_entropy(outputs["out"], labels, torch.ones(2)) + \
+        local_pod(maps_old, maps_new, factors, [1, 2, 4], math.sqrt(5 / 1))
+    assert torch.allclose(plain.loss(outputs, targets, images, ctx), expected)
 
 
 def test_recall_run_method_plop_on_the_tiny_world(tmp_path, tiny_world):
