@@ -254,9 +254,11 @@ def test_dvc_yaml_run_stages_persist_their_checkpoints():
     """Every stage (of the demo and of the study) that runs `recall run` keeps its checkpoints (persist) and restarts
     on a change."""
     checked = 0
-    for dvc_file, top in (("dvc.yaml", ""), ("study/dvc.yaml", "../")):
+    from recall.pipeline import DVC_FILES  # each file's prefix of a path from the top (the study's: ../)
+
+    for dvc_file in ("dvc.yaml", "study/dvc.yaml"):
         stages = yaml.safe_load((ROOT / dvc_file).read_text())["stages"]
-        checked += _check_persisted(stages, top)
+        checked += _check_persisted(stages, DVC_FILES[dvc_file])
     assert checked >= 7  # step0, run, replay_run, joint; the study's step0, run, joint
 
 
